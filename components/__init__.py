@@ -1,0 +1,1 @@
+"""Component resources and the pure models they are built from."""

@@ -1,0 +1,606 @@
+"""The stack configuration: one typed model, validated in one place.
+
+`load_config(raw, stack=..., project=..., region=...)` turns the project's config
+namespace (a plain dict, as in `Pulumi.<stack>.yaml`) into a `StackConfig`, or raises
+`ConfigError` listing every problem as `key.path: value -> what is allowed`. Nothing in
+this module imports Pulumi, so the program calls it before it registers any resource
+and the tests, the offline plan and the rehearsal use the very same model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILES = ("minimal", "ha")
+ROLES = ("lb", "web", "app", "data", "slurm", "monitoring")
+ARCHS = ("x86_64", "arm64")
+NETWORKS = ("external", "internal", "management")
+NAT_MODES = ("per_az", "single")
+AMI_RE = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+SERVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
+PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+DOMAIN_RE = re.compile(r"^(?=.{1,200}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+# Ports that may not be given to a portal service: they belong to other daemons on the
+# same hosts (nginx 8080, exporters, HAProxy stats, DB writer, Redis, Slurm, ...).
+RESERVED_PORTS = {22, 80, 443, 514, 2049, 3000, 3306, 4444, 4567, 4568, 6379, 6817, 6818,
+                  6819, 8080, 8404, 9090, 9093, 9100, 9104, 9115, 9121, 9200, 26379}
+
+_TYPES_FILE = Path(__file__).parent / "data" / "instance_types.json"
+INSTANCE_TYPES: dict[str, dict[str, Any]] = json.loads(_TYPES_FILE.read_text())
+
+
+class ConfigError(ValueError):
+    """Invalid stack configuration. `problems` holds one line per invalid key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "invalid stack configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+@dataclass(frozen=True)
+class RoleSizing:
+    """Default size of a role's hosts and the smallest they can run on."""
+
+    instance_type: dict[str, str]  # per architecture
+    root_gb: int
+    data_gb: int  # 0 = no separate data volume (the role keeps no state on the host)
+    min_vcpus: int
+    min_memory_mib: int
+    min_root_gb: int
+    min_data_gb: int = 0
+
+
+# Defaults reproduce the plan's sizing: LB 4 vCPU / 8 GiB / 100 GB, app 8 / 16 / 200,
+# data 4 / 16 / 500 GB SSD (gp3). Slurm controllers and the monitoring host are not
+# sized by the plan; they get the smallest general-purpose size that runs them well.
+SIZING: dict[str, RoleSizing] = {
+    "lb": RoleSizing({"x86_64": "c7i.xlarge", "arm64": "c7g.xlarge"}, 100, 0, 2, 4096, 30),
+    "web": RoleSizing({"x86_64": "c7i.xlarge", "arm64": "c7g.xlarge"}, 100, 0, 2, 4096, 30),
+    "app": RoleSizing({"x86_64": "c7i.2xlarge", "arm64": "c7g.2xlarge"}, 200, 0, 2, 8192, 50),
+    "data": RoleSizing({"x86_64": "m7i.xlarge", "arm64": "m7g.xlarge"}, 50, 500, 2, 8192, 30, 100),
+    "slurm": RoleSizing({"x86_64": "m7i.large", "arm64": "m7g.large"}, 100, 0, 2, 4096, 30),
+    "monitoring": RoleSizing({"x86_64": "m7i.large", "arm64": "m7g.large"}, 50, 100, 2, 4096, 30, 50),
+}
+
+# ------------------------------------------------------------------- host groups
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How a profile lays out one kind of host.
+
+    name: host name prefix (lb-1, app-2, ...); roles: the roles every host of the group
+    runs; first_host_extra: roles only the first host also runs (minimal profile);
+    network: the subnet role; sizing_role: the role whose sizing and overrides apply;
+    counts: allowed host counts; spread: AZs the group must cover when it has more than
+    one host; az_offset: where placement starts, staggered between groups so the
+    primaries (active LB, first Galera node and Redis master, primary controller) do
+    not share one AZ; ip_base: host part of the first address in each subnet.
+    """
+
+    name: str
+    roles: tuple[str, ...]
+    network: str
+    sizing_role: str
+    default_count: int
+    min_count: int
+    max_count: int
+    spread: int
+    az_offset: int
+    ip_base: int
+    first_host_extra: tuple[str, ...] = ()
+    odd_count: bool = False
+
+
+PROFILE_GROUPS: dict[str, tuple[GroupSpec, ...]] = {
+    # The plan's 4 servers: LB+web (external), app+Slurm controller+monitoring, an app
+    # replica, data (internal).
+    "minimal": (
+        GroupSpec("lb", ("lb", "web"), "external", "lb", 1, 1, 1, 1, 0, 10),
+        GroupSpec("app", ("app",), "internal", "app", 2, 1, 50, 1, 0, 64,
+                  first_host_extra=("slurm", "monitoring")),
+        GroupSpec("data", ("data",), "internal", "data", 1, 1, 1, 1, 1, 30),
+    ),
+    # The plan's recommended layout, corrected: Galera needs 3 voters, the Slurm
+    # controllers and the monitoring/log host get hosts of their own.
+    "ha": (
+        GroupSpec("lb", ("lb",), "external", "lb", 2, 2, 2, 2, 0, 10),
+        GroupSpec("app", ("web", "app"), "internal", "app", 3, 2, 300, 2, 0, 64),
+        GroupSpec("data", ("data",), "internal", "data", 3, 3, 9, 3, 1, 30, odd_count=True),
+        GroupSpec("slurm", ("slurm",), "internal", "slurm", 2, 2, 2, 2, 2, 20),
+        GroupSpec("mon", ("monitoring",), "management", "monitoring", 1, 1, 1, 1, 2, 10),
+    ),
+}
+
+
+# --------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A portal service behind the LB: one backend, one systemd unit per port."""
+
+    name: str
+    ports: tuple[int, ...]
+    health: str
+    path_beg: str | None = None
+    websocket: bool = False
+    balance: str = "roundrobin"
+    sticky: bool = False
+    db: str = ""
+
+
+DEFAULT_SERVICES: tuple[ServiceConfig, ...] = (
+    ServiceConfig("api", (5010,), "/api/health", path_beg="/api", balance="leastconn", db="portal_api"),
+    ServiceConfig("auth", (4430, 4431), "/auth/health", path_beg="/auth", db="portal_auth"),
+    ServiceConfig("ws", (5011,), "/ws/health", websocket=True, sticky=True, db="portal_ws"),
+    ServiceConfig("cae", (5000, 5001), "/health", path_beg="/cae", db="portal_cae"),
+)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    spec: GroupSpec
+    count: int
+    instance_type: str
+    arch: str
+    root_gb: int
+    data_gb: int
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    vpc_cidr: str
+    azs: tuple[str, ...]
+    subnets: dict[str, tuple[str, ...]]  # network -> one CIDR per AZ (same order as azs)
+    nat_gateways: str
+    ssh_from_management: bool
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    cluster_name: str
+    nodes: tuple[dict[str, Any], ...]
+    partitions: tuple[dict[str, Any], ...]
+    srun_port_range: str
+    ctld_timeout: int
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    project: str
+    stack: str
+    region: str
+    profile: str
+    phase: int
+    network: NetworkConfig
+    onprem_cidrs: tuple[str, ...]
+    amis: dict[str, str]
+    groups: tuple[GroupConfig, ...]
+    services: tuple[ServiceConfig, ...]
+    domain: str
+    require_tls_config: bool
+    tls_configured: bool
+    slack_channel: str
+    backup_retention_days: int
+    slurm: SlurmConfig
+    app_artifact: dict[str, str] | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ssm_path(self) -> str:
+        return f"/{self.project}/{self.stack}"
+
+    def group(self, name: str) -> GroupConfig:
+        for g in self.groups:
+            if g.spec.name == name:
+                return g
+        raise KeyError(name)
+
+
+# ------------------------------------------------------------------ validation
+
+_KNOWN_TOP = {
+    "profile", "phase", "network", "onprem_cidrs", "ami", "roles", "services", "domain",
+    "tls", "alerts", "backup", "slurm", "app", "tags",
+}
+# Secret keys live in the same namespace; they are read as Pulumi secrets, not here.
+SECRET_KEYS = {
+    "tls_cert", "tls_key", "slack_webhook_url", "redis_password", "mariadb_root_password",
+    "mariadb_app_password", "mariadb_slurm_password", "galera_sst_password",
+    "clustercheck_password", "munge_key", "grafana_admin_password",
+}
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, value: Any, allowed: str) -> None:
+        self.items.append(f"{key}: {json.dumps(value, default=str)} -> {allowed}")
+
+
+def _as_dict(p: _Problems, key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        p.add(key, value, "a mapping")
+        return {}
+    return value
+
+
+def _unknown_keys(p: _Problems, key: str, value: dict[str, Any], allowed: set[str]) -> None:
+    for k in sorted(set(value) - allowed):
+        p.add(f"{key}.{k}" if key else k, value[k], "unknown key; allowed: " + ", ".join(sorted(allowed)))
+
+
+def _int(p: _Problems, key: str, value: Any, lo: int, hi: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        else:
+            p.add(key, value, f"an integer from {lo} to {hi}")
+            return None
+    if not lo <= value <= hi:
+        p.add(key, value, f"an integer from {lo} to {hi}")
+        return None
+    return int(value)
+
+
+def _network(p: _Problems, key: str, value: Any, lo: int = 16, hi: int = 28) -> ipaddress.IPv4Network | None:
+    try:
+        net = ipaddress.IPv4Network(str(value), strict=True)
+    except ValueError:
+        p.add(key, value, "an IPv4 network in CIDR form with no host bits set, e.g. 10.40.0.0/16")
+        return None
+    if not lo <= net.prefixlen <= hi:
+        p.add(key, value, f"a prefix length from /{lo} to /{hi} (AWS limits)")
+        return None
+    return net
+
+
+def derive_subnets(vpc: ipaddress.IPv4Network, n_azs: int, prefix: int) -> dict[str, tuple[str, ...]] | None:
+    """The default address plan: one block of 8 AZ slots per network, in order.
+
+    10.40.0.0/16 with /24 subnets gives external 10.40.0-2.0/24, internal
+    10.40.8-10.0/24, management 10.40.16-18.0/24 for three AZs.
+    """
+    stride = 8
+    if prefix < vpc.prefixlen or 2 ** (prefix - vpc.prefixlen) < stride * len(NETWORKS):
+        return None
+    subs = list(vpc.subnets(new_prefix=prefix))
+    return {
+        net: tuple(str(subs[i * stride + a]) for a in range(n_azs))
+        for i, net in enumerate(NETWORKS)
+    }
+
+
+def _validate_network(p: _Problems, raw: dict[str, Any], profile: str) -> NetworkConfig | None:
+    net = _as_dict(p, "network", raw.get("network"))
+    _unknown_keys(p, "network", net, {"vpc_cidr", "azs", "nat_gateways", "subnet_prefix",
+                                      "address_plan", "ssh_from_management"})
+    vpc = _network(p, "network.vpc_cidr", net.get("vpc_cidr", "10.40.0.0/16"))
+    azs_raw = net.get("azs")
+    azs: tuple[str, ...] = ()
+    if not isinstance(azs_raw, list) or not azs_raw or not all(isinstance(a, str) for a in azs_raw):
+        p.add("network.azs", azs_raw, "a non-empty list of availability zone names, e.g. [ap-northeast-2a]")
+    elif len(set(azs_raw)) != len(azs_raw):
+        p.add("network.azs", azs_raw, "distinct availability zones")
+    elif len(azs_raw) > 8:
+        p.add("network.azs", azs_raw, "at most 8 availability zones")
+    else:
+        azs = tuple(azs_raw)
+    nat = net.get("nat_gateways", "per_az" if profile == "ha" else "single")
+    if nat not in NAT_MODES:
+        p.add("network.nat_gateways", nat, "one of " + ", ".join(NAT_MODES))
+    ssh = net.get("ssh_from_management", False)
+    if not isinstance(ssh, bool):
+        p.add("network.ssh_from_management", ssh, "true or false")
+    prefix = _int(p, "network.subnet_prefix", net.get("subnet_prefix", 24), 16, 28)
+    if vpc is None or not azs or prefix is None:
+        return None
+
+    plan_raw = net.get("address_plan")
+    subnets: dict[str, tuple[str, ...]] = {}
+    if plan_raw is None:
+        derived = derive_subnets(vpc, len(azs), prefix)
+        if derived is None:
+            p.add("network.vpc_cidr", str(vpc),
+                  f"a network large enough for 3 networks x 8 AZ slots of /{prefix} subnets "
+                  f"(/{prefix - 5} or larger), or set network.subnet_prefix / network.address_plan")
+            return None
+        subnets = derived
+    else:
+        plan = _as_dict(p, "network.address_plan", plan_raw)
+        _unknown_keys(p, "network.address_plan", plan, set(NETWORKS))
+        seen: list[tuple[str, ipaddress.IPv4Network]] = []
+        for name in NETWORKS:
+            key = f"network.address_plan.{name}"
+            cidrs = plan.get(name)
+            if not isinstance(cidrs, list) or len(cidrs) != len(azs):
+                p.add(key, cidrs, f"a list of {len(azs)} CIDRs, one per AZ in network.azs order")
+                continue
+            ok: list[str] = []
+            for i, c in enumerate(cidrs):
+                sub = _network(p, f"{key}[{i}]", c, 16, 28)
+                if sub is None:
+                    continue
+                if not sub.subnet_of(vpc):
+                    p.add(f"{key}[{i}]", c, f"a subnet inside network.vpc_cidr {vpc}")
+                    continue
+                for other_key, other in seen:
+                    if sub.overlaps(other):
+                        p.add(f"{key}[{i}]", c, f"a subnet that does not overlap {other_key} {other}")
+                seen.append((f"{key}[{i}]", sub))
+                ok.append(str(sub))
+            subnets[name] = tuple(ok)
+        if any(len(v) != len(azs) for v in subnets.values()) or len(subnets) != len(NETWORKS):
+            return None
+    return NetworkConfig(str(vpc), azs, subnets, nat, bool(ssh))
+
+
+def _validate_groups(
+    p: _Problems, raw: dict[str, Any], profile: str, amis: dict[str, str], n_azs: int
+) -> tuple[GroupConfig, ...]:
+    roles_raw = _as_dict(p, "roles", raw.get("roles"))
+    specs = PROFILE_GROUPS[profile]
+    by_sizing_role = {s.sizing_role: s for s in specs}
+    for role in sorted(roles_raw):
+        if role not in ROLES:
+            p.add(f"roles.{role}", roles_raw[role], "a role: " + ", ".join(ROLES))
+        elif role not in by_sizing_role:
+            host = next(s for s in specs if role in s.roles or role in s.first_host_extra)
+            p.add(f"roles.{role}", roles_raw[role],
+                  f"no override: in profile {profile} the {role} role runs on the "
+                  f"{host.name} hosts; set roles.{host.sizing_role} instead")
+    groups: list[GroupConfig] = []
+    for spec in specs:
+        key = f"roles.{spec.sizing_role}"
+        ov = _as_dict(p, key, roles_raw.get(spec.sizing_role))
+        _unknown_keys(p, key, ov, {"count", "instance_type", "root_gb", "data_gb", "arch"})
+        sizing = SIZING[spec.sizing_role]
+        count = spec.default_count
+        if "count" in ov:
+            c = _int(p, f"{key}.count", ov["count"], 0, 10_000)
+            if c is not None and not spec.min_count <= c <= spec.max_count:
+                allowed = (f"exactly {spec.min_count}" if spec.min_count == spec.max_count
+                           else f"{spec.min_count} to {spec.max_count}")
+                p.add(f"{key}.count", c, f"{allowed} in profile {profile}")
+            elif c is not None and spec.odd_count and c % 2 == 0:
+                p.add(f"{key}.count", c,
+                      "an odd count of 3 or more: Galera needs a majority of voters to survive a node loss")
+            elif c is not None:
+                count = c
+        arch = ov.get("arch", "x86_64")
+        if arch not in ARCHS:
+            p.add(f"{key}.arch", arch, "one of " + ", ".join(ARCHS))
+            arch = "x86_64"
+        elif arch not in amis:
+            p.add("ami", amis, f"a pinned AMI id for architecture {arch} (used by {key})")
+        itype = ov.get("instance_type", sizing.instance_type[arch])
+        roles_here = spec.roles + spec.first_host_extra
+        min_vcpu = max(SIZING[r].min_vcpus for r in roles_here)
+        min_mem = max(SIZING[r].min_memory_mib for r in roles_here)
+        info = INSTANCE_TYPES.get(itype) if isinstance(itype, str) else None
+        if info is None:
+            p.add(f"{key}.instance_type", itype, "a current-generation EC2 instance type, e.g. " + sizing.instance_type[arch])
+        elif arch not in info["archs"]:
+            p.add(f"{key}.instance_type", itype,
+                  f"an instance type for architecture {arch} (it supports {', '.join(info['archs'])})")
+        elif info["vcpus"] < min_vcpu or info["memory_mib"] < min_mem:
+            p.add(f"{key}.instance_type", itype,
+                  f"at least {min_vcpu} vCPU and {min_mem // 1024} GiB for {'+'.join(roles_here)} "
+                  f"(it has {info['vcpus']} vCPU, {info['memory_mib'] / 1024:g} GiB)")
+        root = _int(p, f"{key}.root_gb", ov.get("root_gb", sizing.root_gb), sizing.min_root_gb, 16384)
+        data = sizing.data_gb
+        if "data_gb" in ov:
+            if sizing.data_gb == 0:
+                p.add(f"{key}.data_gb", ov["data_gb"], f"not set: the {spec.sizing_role} role keeps no state on its hosts")
+            else:
+                d = _int(p, f"{key}.data_gb", ov["data_gb"], sizing.min_data_gb, 16384)
+                data = d if d is not None else data
+        if count > 1 and n_azs and n_azs < min(spec.spread, count):
+            p.add("network.azs", f"{n_azs} AZs",
+                  f"at least {min(spec.spread, count)} AZs for {count} {spec.name} hosts "
+                  f"({'+'.join(spec.roles)} must survive the loss of one AZ)")
+        groups.append(GroupConfig(spec, count, str(itype), arch, root or sizing.root_gb, data))
+    return tuple(groups)
+
+
+def _validate_services(p: _Problems, raw: Any) -> tuple[ServiceConfig, ...]:
+    if raw is None:
+        return DEFAULT_SERVICES
+    if not isinstance(raw, list) or not raw:
+        p.add("services", raw, "a non-empty list of portal services")
+        return DEFAULT_SERVICES
+    out: list[ServiceConfig] = []
+    ports_seen: dict[int, str] = {}
+    names: set[str] = set()
+    ws_count = 0
+    for i, s in enumerate(raw):
+        key = f"services[{i}]"
+        s = _as_dict(p, key, s)
+        _unknown_keys(p, key, s, {"name", "ports", "health", "path_beg", "websocket", "balance", "sticky", "db"})
+        name = s.get("name")
+        if not isinstance(name, str) or not SERVICE_NAME_RE.match(name) or name in names:
+            p.add(f"{key}.name", name, "a unique lowercase name of 2-16 letters/digits")
+            continue
+        names.add(name)
+        ports = s.get("ports")
+        if not isinstance(ports, list) or not ports:
+            p.add(f"{key}.ports", ports, "a non-empty list of TCP ports")
+            continue
+        good_ports: list[int] = []
+        for j, port in enumerate(ports):
+            pv = _int(p, f"{key}.ports[{j}]", port, 1024, 65535)
+            if pv is None:
+                continue
+            if pv in RESERVED_PORTS:
+                p.add(f"{key}.ports[{j}]", pv, "a port not used by another daemon (reserved: "
+                      + ", ".join(str(x) for x in sorted(RESERVED_PORTS)) + ")")
+            elif pv in ports_seen:
+                p.add(f"{key}.ports[{j}]", pv, f"a port not already used by service {ports_seen[pv]}")
+            else:
+                ports_seen[pv] = name
+                good_ports.append(pv)
+        health = s.get("health")
+        if not isinstance(health, str) or not PATH_RE.match(health):
+            p.add(f"{key}.health", health, "an absolute URL path such as /api/health")
+            continue
+        ws = s.get("websocket", False)
+        path_beg = s.get("path_beg")
+        if ws is True:
+            ws_count += 1
+        elif not isinstance(path_beg, str) or not PATH_RE.match(path_beg) or path_beg == "/":
+            p.add(f"{key}.path_beg", path_beg, "a URL path prefix such as /api (the default route goes to nginx)")
+            continue
+        balance = s.get("balance", "roundrobin")
+        if balance not in ("roundrobin", "leastconn"):
+            p.add(f"{key}.balance", balance, "roundrobin or leastconn")
+        db = s.get("db", f"portal_{name}")
+        if not isinstance(db, str) or not re.match(r"^[a-z][a-z0-9_]{0,63}$", db):
+            p.add(f"{key}.db", db, "a MariaDB database name (lowercase letters, digits, _)")
+        out.append(ServiceConfig(name, tuple(good_ports), health, path_beg if not ws else None,
+                                 bool(ws), str(balance), bool(s.get("sticky", bool(ws))), str(db)))
+    if ws_count > 1:
+        p.add("services", [s.name for s in out if s.websocket], "at most one websocket service")
+    return tuple(out)
+
+
+def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
+    s = _as_dict(p, "slurm", raw)
+    _unknown_keys(p, "slurm", s, {"cluster_name", "nodes", "partitions", "srun_port_range", "ctld_timeout"})
+    name = s.get("cluster_name", "hpc")
+    if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]{0,39}$", name):
+        p.add("slurm.cluster_name", name, "a lowercase Slurm cluster name")
+    rng = str(s.get("srun_port_range", "60001-63000"))
+    m = re.match(r"^(\d+)-(\d+)$", rng)
+    if not m or not 1024 < int(m.group(1)) < int(m.group(2)) <= 65535:
+        p.add("slurm.srun_port_range", rng, "a port range LOW-HIGH above 1024, e.g. 60001-63000")
+    timeout = _int(p, "slurm.ctld_timeout", s.get("ctld_timeout", 30), 10, 300) or 30
+    nodes, parts = s.get("nodes", []), s.get("partitions", [])
+    for key, items, first in (("slurm.nodes", nodes, "NodeName"), ("slurm.partitions", parts, "PartitionName")):
+        if not isinstance(items, list) or not all(isinstance(n, dict) and first in n for n in items):
+            p.add(key, items, f"a list of mappings of slurm.conf keys, each with {first}")
+    return SlurmConfig(str(name), tuple(nodes if isinstance(nodes, list) else ()),
+                       tuple(parts if isinstance(parts, list) else ()), rng, timeout)
+
+
+def load_config(
+    raw: dict[str, Any],
+    *,
+    stack: str,
+    project: str,
+    region: str,
+    configured_secrets: frozenset[str] = frozenset(),
+) -> StackConfig:
+    """Validate the project's config namespace. Raises ConfigError listing every problem."""
+    p = _Problems()
+    for k in sorted(set(raw) - _KNOWN_TOP - SECRET_KEYS):
+        p.add(k, raw[k], "unknown key; allowed: " + ", ".join(sorted(_KNOWN_TOP)))
+    profile = raw.get("profile")
+    if profile not in PROFILES:
+        p.add("profile", profile, "one of " + ", ".join(PROFILES))
+        raise ConfigError(p.items)
+    phase = _int(p, "phase", raw.get("phase", 6), 1, 6) or 6
+    if profile == "minimal" and phase != 6:
+        p.add("phase", phase, "6 (a minimal stack combines roles of several phases on one host and deploys whole)")
+
+    ami_raw = _as_dict(p, "ami", raw.get("ami"))
+    amis: dict[str, str] = {}
+    for arch, ami in sorted(ami_raw.items()):
+        if arch not in ARCHS:
+            p.add(f"ami.{arch}", ami, "an architecture key: " + ", ".join(ARCHS))
+        elif not isinstance(ami, str) or not AMI_RE.match(ami):
+            p.add(f"ami.{arch}", ami, "a pinned AMI id (ami- and 8 or 17 hex digits); print Canonical's "
+                  "current Ubuntu 24.04 id with `make ami-latest`")
+        else:
+            amis[arch] = ami
+
+    network = _validate_network(p, raw, profile)
+    n_azs = len(network.azs) if network else 0
+    groups = _validate_groups(p, raw, profile, amis, n_azs)
+
+    onprem: list[str] = []
+    op_raw = raw.get("onprem_cidrs", [])
+    if not isinstance(op_raw, list):
+        p.add("onprem_cidrs", op_raw, "a list of CIDRs (empty when there is no on-prem network)")
+        op_raw = []
+    for i, c in enumerate(op_raw):
+        n = _network(p, f"onprem_cidrs[{i}]", c, 8, 32)
+        if n is None:
+            continue
+        if network and n.overlaps(ipaddress.IPv4Network(network.vpc_cidr)):
+            p.add("network.vpc_cidr", network.vpc_cidr,
+                  f"a VPC range that does not overlap onprem_cidrs[{i}] {n} (routes to it would be unreachable)")
+        onprem.append(str(n))
+
+    domain = raw.get("domain", f"{project}.internal")
+    if not isinstance(domain, str) or not DOMAIN_RE.match(domain):
+        p.add("domain", domain, "a DNS name for the private zone, e.g. hpc-portal.internal")
+
+    tls = _as_dict(p, "tls", raw.get("tls"))
+    _unknown_keys(p, "tls", tls, {"require_configured"})
+    require_tls = tls.get("require_configured", stack == "prod")
+    if not isinstance(require_tls, bool):
+        p.add("tls.require_configured", require_tls, "true or false")
+        require_tls = True
+    tls_configured = {"tls_cert", "tls_key"} <= configured_secrets
+    if require_tls and not tls_configured:
+        p.add("tls_cert", None, "secret config tls_cert and tls_key (PEM) for this stack: "
+              "`pulumi config set --secret tls_cert < cert.pem` (self-signed certificates are for non-prod stacks)")
+
+    alerts = _as_dict(p, "alerts", raw.get("alerts"))
+    _unknown_keys(p, "alerts", alerts, {"slack_channel"})
+    channel = alerts.get("slack_channel", "#alerts")
+    if not isinstance(channel, str) or not channel.startswith("#"):
+        p.add("alerts.slack_channel", channel, "a Slack channel name starting with #")
+
+    backup = _as_dict(p, "backup", raw.get("backup"))
+    _unknown_keys(p, "backup", backup, {"retention_days"})
+    retention = _int(p, "backup.retention_days", backup.get("retention_days", 14), 1, 3650) or 14
+
+    app = raw.get("app")
+    artifact: dict[str, str] | None = None
+    if app is not None:
+        app_d = _as_dict(p, "app", app)
+        _unknown_keys(p, "app", app_d, {"artifact"})
+        art = app_d.get("artifact")
+        if art is not None:
+            art = _as_dict(p, "app.artifact", art)
+            kind = art.get("kind")
+            if kind == "efs" and isinstance(art.get("path"), str) and art["path"].startswith("/dist/"):
+                artifact = {"kind": "efs", "path": art["path"]}
+            elif kind == "git" and isinstance(art.get("url"), str) and isinstance(art.get("ref"), str):
+                artifact = {"kind": "git", "url": art["url"], "ref": art["ref"]}
+            else:
+                p.add("app.artifact", art, "{kind: efs, path: /dist/...} or {kind: git, url: ..., ref: ...}")
+
+    tags_raw = _as_dict(p, "tags", raw.get("tags"))
+    tags = {str(k): str(v) for k, v in sorted(tags_raw.items())}
+
+    services = _validate_services(p, raw.get("services"))
+    slurm = _validate_slurm(p, raw.get("slurm"))
+
+    if p.items or network is None:
+        if not p.items:
+            p.add("network", raw.get("network"), "a valid network section")
+        raise ConfigError(p.items)
+    return StackConfig(
+        project=project, stack=stack, region=region, profile=str(profile), phase=phase,
+        network=network, onprem_cidrs=tuple(onprem), amis=amis, groups=groups,
+        services=services, domain=str(domain), require_tls_config=bool(require_tls),
+        tls_configured=tls_configured, slack_channel=str(channel),
+        backup_retention_days=retention, slurm=slurm, app_artifact=artifact, tags=tags,
+    )

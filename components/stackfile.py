@@ -1,0 +1,35 @@
+"""Read a `Pulumi.<stack>.yaml` the way the Pulumi CLI hands it to the program.
+
+Used by the tests, the offline plan and the rehearsal to run the real program for a
+stack without the CLI. Secure values (`secure: v1:...`) count as configured secrets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_name() -> str:
+    return str(yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["name"])
+
+
+def stack_files() -> dict[str, Path]:
+    return {p.name[len("Pulumi."):-len(".yaml")]: p for p in sorted(ROOT.glob("Pulumi.*.yaml"))}
+
+
+def read_stack(stack: str, path: Path | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Return (full config {ns:key: value}, secret keys) of a stack file."""
+    path = path or ROOT / f"Pulumi.{stack}.yaml"
+    doc = yaml.safe_load(path.read_text()) or {}
+    config: dict[str, Any] = dict(doc.get("config") or {})
+    secrets = {k for k, v in config.items() if isinstance(v, dict) and set(v) == {"secure"}}
+    return config, secrets
+
+
+def namespace(config: dict[str, Any], ns: str) -> dict[str, Any]:
+    return {k.split(":", 1)[1]: v for k, v in config.items() if k.split(":", 1)[0] == ns}
