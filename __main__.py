@@ -1,0 +1,47 @@
+"""The HPC portal's HA layout on AWS: read and validate the stack config, build the
+components in order, export the outputs that feed the next phase of the migration."""
+
+import json
+import os
+
+import pulumi
+from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
+
+from components.config import load_config
+from components.portal import deploy
+from components.topology import build_topology
+
+project = pulumi.get_project()
+stack = pulumi.get_stack()
+config = pulumi.Config(project)
+
+
+def _project_config() -> tuple[dict, frozenset]:
+    """Every key of the project's namespace (so a typo is reported, not ignored), and
+    which of them hold secrets (their values are read only as Pulumi secrets)."""
+    raw, secret = {}, set()
+    for full_key, value in sorted({**get_config_env(), **CONFIG.get()}.items()):
+        ns, _, key = full_key.partition(":")
+        if ns != project:
+            continue
+        if is_config_secret(full_key):
+            secret.add(key)
+            continue
+        try:
+            raw[key] = json.loads(value)
+        except (TypeError, ValueError):
+            raw[key] = value
+    return raw, frozenset(secret)
+
+
+# Validate everything before a single resource is registered.
+raw, configured_secrets = _project_config()
+cfg = load_config(raw, stack=stack, project=project, region=pulumi.Config("aws").require("region"),
+                  configured_secrets=configured_secrets)
+topo = build_topology(cfg)
+
+# HPC_ROLL_HOST names the one stateful host that may take a template or AMI change in
+# this run (see tools/rolling.py); unset, stateful hosts keep what they run.
+outputs = deploy(cfg, topo, config, roll_host=os.environ.get("HPC_ROLL_HOST") or None)
+for name, value in outputs.items():
+    pulumi.export(name, value)

@@ -1,0 +1,1 @@
+"""Pure rendering of each host's user-data from plain values (no Pulumi imports)."""

@@ -1,0 +1,141 @@
+"""Build each host's plain render context for `cloud_init/` from the config model, the
+topology and the few values only known once AWS created them (EFS name, EIP allocation,
+bucket names). Pure: no Pulumi here; the Server component resolves the Outputs first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import StackConfig
+from .topology import Host, Topology
+
+# EFS directories, and which roles mount each (the NFS client mounts subdirectories;
+# the access points are for clients that use amazon-efs-utils, which Ubuntu lacks).
+EFS_MOUNTS = (
+    ("data", "/data", ("app", "web")),
+    ("dist", "/dist", ("app", "web")),
+    ("slurm", "/slurm", ("slurm",)),
+)
+
+SECRET_NAMES = (
+    "redis_password", "mariadb_root_password", "mariadb_app_password",
+    "mariadb_slurm_password", "galera_sst_password", "clustercheck_password",
+    "munge_key", "grafana_admin_password", "tls_pem", "slack_webhook_url",
+)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """Values AWS assigns at creation, resolved before rendering."""
+
+    efs_dns_name: str
+    efs_access_points: dict[str, str]
+    eip_allocation_id: str
+    eip_public_ip: str
+    bundle_bucket: str
+    backup_bucket: str
+    aws_endpoint_url: str | None = None
+
+
+def _brief(h: Host) -> dict[str, Any]:
+    return {"name": h.name, "ip": h.ip}
+
+
+def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) -> dict[str, Any]:
+    d = cfg.domain
+    by_name = {h.name: h for h in topo.hosts}
+    data_hosts = [by_name[n] for n in topo.role_hosts["data"]]
+    lb_hosts = [by_name[n] for n in topo.role_hosts["lb"]]
+    ctl_hosts = [by_name[n] for n in topo.role_hosts["slurm"]]
+    mon = by_name[topo.role_hosts["monitoring"][0]]
+    redis_master = by_name[topo.primaries["redis_master"]]
+    mounts = [
+        {"name": n, "path": p, "ap": dep.efs_access_points.get(n, "")}
+        for n, p, roles in EFS_MOUNTS
+        if any(r in host.roles for r in roles)
+    ]
+    data_volume = None
+    if host.data_gb:
+        mount = "/var/lib/hpc-data"
+        data_volume = {"device": "/dev/sdf", "mount": mount, "size_gb": host.data_gb}
+    services = [
+        {
+            "name": s.name, "ports": list(s.ports), "route": {"path_beg": s.path_beg, "websocket": s.websocket},
+            "health": s.health, "balance": s.balance, "sticky": s.sticky, "websocket": s.websocket, "db": s.db,
+        }
+        for s in cfg.services
+    ]
+    databases = sorted({s.db for s in cfg.services}) + ["slurm_acct_db"]
+    return {
+        "project": cfg.project,
+        "stack": cfg.stack,
+        "region": cfg.region,
+        "profile": cfg.profile,
+        "domain": d,
+        "ssm_path": cfg.ssm_path,
+        "vpc_cidr": cfg.network.vpc_cidr,
+        "host": {
+            "name": host.name, "fqdn": f"{host.name}.{d}", "ip": host.ip, "az": host.az,
+            "network": host.network, "roles": list(host.roles), "ordinal": host.ordinal,
+            "arch": host.arch, "instance_type": host.instance_type, "data_volume": data_volume,
+            "nic": "ens5",
+        },
+        "hosts": [
+            {"name": h.name, "fqdn": f"{h.name}.{d}", "ip": h.ip, "az": h.az, "network": h.network,
+             "roles": list(h.roles), "ordinal": h.ordinal}
+            for h in sorted(topo.hosts, key=lambda h: h.name)
+        ],
+        "role_hosts": {r: list(v) for r, v in topo.role_hosts.items()},
+        "endpoints": dict(topo.endpoints),
+        "loghost": {"name": f"loghost.{d}", "ip": mon.ip, "port": 514},
+        "efs": {"dns_name": dep.efs_dns_name, "mounts": mounts},
+        "vip": {"allocation_id": dep.eip_allocation_id, "public_ip": dep.eip_public_ip},
+        "services": services,
+        "web": {"port": 8080, "dist_root": "/dist", "health": "/health"},
+        "app": {"artifact": cfg.app_artifact},
+        "lb": {
+            "peers": [_brief(h) for h in lb_hosts],
+            "priority": 101 if host.name == topo.primaries["active_lb"] else 100,
+            "stats_port": 8404,
+            "vrrp_router_id": 51,
+        },
+        "galera": {
+            "cluster_name": "hpc_cluster",
+            "bootstrap_host": topo.primaries["galera_bootstrap"],
+            "nodes": [_brief(h) for h in data_hosts],
+            "writer_port": 3306,
+            "clustercheck_port": 9200,
+            "databases": databases,
+            "bootstrap_marker": f"{cfg.ssm_path}/galera/bootstrapped",
+        },
+        "redis": {
+            "master_name": "mymaster",
+            "quorum": 2 if len(data_hosts) >= 3 else 1,
+            "initial_master": _brief(redis_master),
+            "nodes": [_brief(h) for h in data_hosts],
+            "port": 6379,
+            "sentinel_port": 26379,
+        },
+        "slurm": {
+            "cluster_name": cfg.slurm.cluster_name,
+            "controllers": [_brief(h) for h in ctl_hosts],
+            "slurmdbd_host": _brief(ctl_hosts[0]),
+            "state_dir": "/slurm/state",
+            "nodes": [dict(n) for n in cfg.slurm.nodes],
+            "partitions": [dict(p) for p in cfg.slurm.partitions],
+            "srun_port_range": cfg.slurm.srun_port_range,
+            "ctld_timeout": cfg.slurm.ctld_timeout,
+        },
+        "monitoring": {
+            "host": _brief(mon),
+            "slack_channel": cfg.slack_channel,
+            "runbook_base": "https://github.com/hpc-center/hpc-portal-infra/blob/main/docs/runbooks",
+            "expected_galera_size": len(data_hosts),
+        },
+        "backup": {"bucket": dep.backup_bucket, "retention_days": cfg.backup_retention_days},
+        "bundle": {"bucket": dep.bundle_bucket, "key": f"{cfg.stack}/{host.name}/bundle.tar.gz"},
+        "secrets": {"path": f"{cfg.ssm_path}/secrets", "names": list(SECRET_NAMES)},
+        "aws_endpoint_url": dep.aws_endpoint_url,
+    }

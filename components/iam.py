@@ -1,0 +1,140 @@
+"""Instance roles with least privilege, one per host group.
+
+Every host: SSM core (Session Manager, send-command) plus reading only its stack's
+parameters and its own bundle object. LB hosts may move only the stack's EIP onto their
+own network interfaces. Data hosts also create the Galera bootstrap marker and write
+their own backup object. No `*` in any action or resource of these policies, except the
+EC2 Describe actions that AWS only grants on every resource.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from .config import StackConfig
+
+SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
+def policy_document(
+    *,
+    partition: str,
+    region: str,
+    account: str,
+    ssm_path: str,
+    bundle_bucket: str,
+    bundle_keys: list[str],
+    roles: tuple[str, ...],
+    eip_allocation_id: str | None = None,
+    lb_eni_ids: list[str] | None = None,
+    backup_bucket: str | None = None,
+    backup_keys: list[str] | None = None,
+) -> str:
+    """The inline policy of one host group as JSON (pure, so tests can read it)."""
+    param = f"arn:{partition}:ssm:{region}:{account}:parameter{ssm_path}"
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "ReadStackSecrets",
+            "Effect": "Allow",
+            # GetParametersByPath is authorised on the path itself.
+            "Action": ["ssm:GetParametersByPath", "ssm:GetParameter", "ssm:GetParameters"],
+            "Resource": [f"{param}/secrets"] + [f"{param}/secrets/{n}" for n in _secret_names()],
+        },
+        {
+            "Sid": "ReadOwnBundle",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject"],
+            "Resource": sorted(f"arn:{partition}:s3:::{bundle_bucket}/{k}" for k in bundle_keys),
+        },
+    ]
+    if "lb" in roles and eip_allocation_id and lb_eni_ids:
+        statements += [
+            {
+                "Sid": "MoveTheStackEip",
+                "Effect": "Allow",
+                "Action": ["ec2:AssociateAddress"],
+                "Resource": [f"arn:{partition}:ec2:{region}:{account}:elastic-ip/{eip_allocation_id}"]
+                + sorted(f"arn:{partition}:ec2:{region}:{account}:network-interface/{e}" for e in lb_eni_ids),
+            },
+            {
+                "Sid": "DescribeOnly",
+                "Effect": "Allow",
+                # Describe actions have no resource-level permissions in EC2.
+                "Action": ["ec2:DescribeAddresses", "ec2:DescribeNetworkInterfaces"],
+                "Resource": "*",
+            },
+        ]
+    if "data" in roles:
+        marker = f"{param}/galera/bootstrapped"
+        statements.append({
+            "Sid": "GaleraBootstrapMarker",
+            "Effect": "Allow",
+            "Action": ["ssm:PutParameter", "ssm:GetParameter"],
+            "Resource": [marker],
+        })
+        if backup_bucket and backup_keys:
+            statements += [
+                {
+                    "Sid": "WriteOwnBackups",
+                    "Effect": "Allow",
+                    "Action": ["s3:PutObject", "s3:GetObject", "s3:GetObjectVersion"],
+                    "Resource": sorted(f"arn:{partition}:s3:::{backup_bucket}/{k}" for k in backup_keys),
+                },
+                {
+                    "Sid": "ListBackups",
+                    "Effect": "Allow",
+                    "Action": ["s3:ListBucket", "s3:ListBucketVersions"],
+                    "Resource": [f"arn:{partition}:s3:::{backup_bucket}"],
+                },
+            ]
+    return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
+
+
+def _secret_names() -> list[str]:
+    from .hostctx import SECRET_NAMES
+
+    return sorted(SECRET_NAMES)
+
+
+class HostRole(pulumi.ComponentResource):
+    """The instance role and profile shared by the hosts of one group."""
+
+    def __init__(self, name: str, cfg: StackConfig, roles: tuple[str, ...], host_names: list[str],
+                 bundle_bucket: pulumi.Output[str], backup_bucket: pulumi.Output[str],
+                 eip_allocation_id: pulumi.Output[str] | None, lb_eni_ids: list[pulumi.Output[str]],
+                 partition: pulumi.Output[str], account: pulumi.Output[str], tags: dict[str, str],
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("hpc:iam:HostRole", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        self.role = aws.iam.Role(
+            f"{name}-role",
+            assume_role_policy=json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                               "Principal": {"Service": "ec2.amazonaws.com"}}],
+            }),
+            description=f"{cfg.project} {cfg.stack} {'+'.join(roles)} hosts",
+            tags={**tags, "Role": "+".join(roles)},
+            opts=child,
+        )
+        role_child = pulumi.ResourceOptions(parent=self.role)
+        aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=self.role.name, policy_arn=SSM_CORE,
+                                     opts=role_child)
+        bundle_keys = [f"{cfg.stack}/{h}/bundle.tar.gz" for h in host_names]
+        backup_keys = [f"mariadb/{h}/latest.xbstream.gz" for h in host_names]
+        eip = eip_allocation_id if eip_allocation_id is not None else pulumi.Output.from_input("")
+        doc = pulumi.Output.all(partition, account, bundle_bucket, backup_bucket, eip,
+                                pulumi.Output.all(*lb_eni_ids)).apply(
+            lambda v: policy_document(
+                partition=v[0], region=cfg.region, account=v[1], ssm_path=cfg.ssm_path,
+                bundle_bucket=v[2], bundle_keys=bundle_keys, roles=roles,
+                eip_allocation_id=v[4] or None, lb_eni_ids=list(v[5]),
+                backup_bucket=v[3], backup_keys=backup_keys,
+            ))
+        self.policy = aws.iam.RolePolicy(f"{name}-policy", role=self.role.id, policy=doc, opts=role_child)
+        self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, tags=tags, opts=child)
+        self.register_outputs({"role_arn": self.role.arn})

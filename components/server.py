@@ -1,0 +1,131 @@
+"""EC2 hosts: a persistent network interface with the plan's fixed address, the
+instance (Ubuntu 24.04 from the pinned AMI, IMDSv2 only, encrypted gp3 root, automatic
+recovery) and, where the role keeps state, a protected encrypted data volume.
+
+How template changes reach hosts (Pulumi updates resources in parallel, so a change to
+every Galera node's user-data must never stop them together):
+- stateful roles (lb, data, slurm, monitoring) ignore user-data and AMI changes; the
+  rolling command (`tools/rolling.py`) re-applies the new files one host at a time,
+  waiting for each to be healthy/Synced, or replaces one host at a time by running
+  `pulumi up` with HPC_ROLL_HOST=<host> (only that host then takes the change);
+- web/app hosts are replaced on change (delete-before-replace, so the replacement takes
+  over the same interface and address), each after the previous one: host N depends on
+  host N-1, so Pulumi replaces them one at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from .topology import Host
+
+STATEFUL_ROLES = ("lb", "data", "slurm", "monitoring")
+DATA_DEVICE = "/dev/sdf"
+
+
+def is_stateful(host: Host) -> bool:
+    return any(r in STATEFUL_ROLES for r in host.roles)
+
+
+class HostInterface(pulumi.ComponentResource):
+    """The host's primary network interface: it keeps the fixed private address and the
+    security groups when the instance is replaced."""
+
+    def __init__(self, name: str, host: Host, subnet_id: pulumi.Input[str],
+                 security_group_ids: list[pulumi.Output[str]], tags: dict[str, str],
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("hpc:server:HostInterface", name, None, opts)
+        self.eni = aws.ec2.NetworkInterface(
+            f"{name}-eni",
+            subnet_id=subnet_id,
+            private_ips=[host.ip],
+            security_groups=security_group_ids,
+            description=f"{host.name} primary interface ({'+'.join(host.roles)})",
+            tags={**tags, "Name": host.name, "Role": "+".join(host.roles)},
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.register_outputs({"id": self.eni.id})
+
+
+@dataclass
+class ServerArgs:
+    host: Host
+    ami: str
+    eni_id: pulumi.Input[str]
+    instance_profile: pulumi.Input[str]
+    user_data_gz: pulumi.Output[bytes]
+    tags: dict[str, str]
+    roll_host: str | None = None  # the one stateful host allowed to take a change now
+    after: list[pulumi.Resource] | None = None  # replace only after these
+
+
+class Server(pulumi.ComponentResource):
+    instance: aws.ec2.Instance
+    data_volume: aws.ebs.Volume | None
+
+    def __init__(self, name: str, args: ServerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("hpc:server:Server", name, None, opts)
+        h = args.host
+        stateful = is_stateful(h)
+        tags = {**args.tags, "Name": h.name, "Role": "+".join(h.roles), "Phase": str(h.phase)}
+
+        if stateful and args.roll_host != h.name:
+            ignore = ["user_data_base64", "ami"]
+        else:
+            ignore = []
+        self.instance = aws.ec2.Instance(
+            f"{name}-instance",
+            ami=args.ami,
+            instance_type=h.instance_type,
+            primary_network_interface={"network_interface_id": args.eni_id},
+            iam_instance_profile=args.instance_profile,
+            metadata_options={
+                "http_endpoint": "enabled",
+                "http_tokens": "required",  # IMDSv2 only
+                "http_put_response_hop_limit": 1,
+                "instance_metadata_tags": "disabled",
+            },
+            root_block_device={
+                "volume_type": "gp3",
+                "volume_size": h.root_gb,
+                "encrypted": True,
+                "delete_on_termination": True,
+                "tags": {**tags, "Name": f"{h.name}-root"},
+            },
+            maintenance_options={"auto_recovery": "default"},  # EC2 simplified automatic recovery
+            disable_api_termination="data" in h.roles,
+            user_data_base64=args.user_data_gz.apply(lambda b: base64.b64encode(b).decode()),
+            user_data_replace_on_change=not stateful,
+            tags=tags,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                delete_before_replace=True,  # the replacement takes over the same interface
+                ignore_changes=ignore,
+                depends_on=args.after or [],
+            ),
+        )
+
+        self.data_volume = None
+        if h.data_gb:
+            self.data_volume = aws.ebs.Volume(
+                f"{name}-data",
+                availability_zone=h.az,
+                size=h.data_gb,
+                type="gp3",
+                encrypted=True,
+                tags={**tags, "Name": f"{h.name}-data", "Snapshot": "hpc-data", "Stack": args.tags.get("Stack", "")},
+                opts=pulumi.ResourceOptions(parent=self, protect=True),
+            )
+            aws.ec2.VolumeAttachment(
+                f"{name}-data-attach",
+                device_name=DATA_DEVICE,
+                volume_id=self.data_volume.id,
+                instance_id=self.instance.id,
+                stop_instance_before_detaching=True,
+                opts=pulumi.ResourceOptions(parent=self.instance),
+            )
+        self.register_outputs({"instance_id": self.instance.id, "private_ip": h.ip})
