@@ -1,0 +1,1 @@
+"""Make the repository root importable (components/, cloud_init/, tests/)."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: cached runs of the real program per stack file, and a tally that
+makes a test fail when its checks never ran (an empty loop proves nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from components.stackfile import stack_files
+from tests.harness import ProgramRun, run_stack
+
+STACKS = sorted(stack_files())
+_RUNS: dict[tuple[str, bool], ProgramRun] = {}
+
+
+def program_run(stack: str, preview: bool = False) -> ProgramRun:
+    key = (stack, preview)
+    if key not in _RUNS:
+        _RUNS[key] = run_stack(stack, preview=preview)
+    return _RUNS[key]
+
+
+@pytest.fixture(params=STACKS)
+def stack_run(request: pytest.FixtureRequest) -> ProgramRun:
+    """The program run (update mode) of every Pulumi.<stack>.yaml in the repository."""
+    return program_run(request.param)
+
+
+@pytest.fixture
+def prod() -> ProgramRun:
+    return program_run("prod")
+
+
+@pytest.fixture
+def dev() -> ProgramRun:
+    return program_run("dev")
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.count = 0
+        self.minimum = 1
+
+    def check(self, condition: Any, message: str = "") -> None:
+        self.count += 1
+        assert condition, message
+
+    def expect(self, minimum: int) -> None:
+        self.minimum = minimum
+
+
+@pytest.fixture
+def tally() -> Iterator[Tally]:
+    t = Tally()
+    yield t
+    assert t.count >= t.minimum, f"only {t.count} checks ran, expected at least {t.minimum}"

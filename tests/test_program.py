@@ -1,0 +1,261 @@
+"""The resource graph of every stack, from the real __main__.py under strict mocks."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from components.stackfile import stack_files
+from tests.conftest import program_run
+from tests.harness import TEST_SECRETS, ProgramRun
+
+STATEFUL = {"lb", "data", "slurm", "monitoring"}
+
+
+def instances(run: ProgramRun) -> dict[str, dict]:
+    out = {}
+    for r in run.of_type("aws:ec2/instance:Instance"):
+        out[r.inputs["tags"]["Name"]] = r
+    return out
+
+
+def user_data(res) -> bytes:
+    return gzip.decompress(base64.b64decode(res.inputs["userDataBase64"]))
+
+
+def test_every_stack_file_runs_in_preview_and_update_mode(tally):
+    stacks = sorted(stack_files())
+    tally.expect(2 * len(stacks) * 2)
+    assert {"dev", "prod"} <= set(stacks)
+    for stack in stacks:
+        for preview in (True, False):
+            run = program_run(stack, preview)
+            tally.check(len(run.of_type("aws:ec2/instance:Instance")) >= 4, f"{stack} preview={preview}")
+            tally.check(run.outputs["hosts"], f"{stack} preview={preview} exports hosts")
+
+
+def test_prod_has_the_ha_layout(prod, tally):
+    hosts = prod.outputs["hosts"]
+    counts = Counter(r for h in hosts.values() for r in h["roles"])
+    tally.check(counts == {"lb": 2, "web": 3, "app": 3, "data": 3, "slurm": 2, "monitoring": 1}, counts)
+    tally.check(len(instances(prod)) == 11)
+    tally.check(all(set(h["roles"]) == {"web", "app"} for n, h in hosts.items() if n.startswith("app-")),
+                "web and app run together on the web/app hosts")
+
+
+def test_dev_has_the_plans_four_servers(dev, tally):
+    hosts = dev.outputs["hosts"]
+    tally.check(sorted(hosts) == ["app-1", "app-2", "data-1", "lb-1"], sorted(hosts))
+    tally.check(hosts["lb-1"]["roles"] == ["lb", "web"] and hosts["lb-1"]["network"] == "external")
+    tally.check(hosts["app-1"]["roles"] == ["app", "slurm", "monitoring"])
+    tally.check(hosts["app-2"]["roles"] == ["app"] and hosts["data-1"]["roles"] == ["data"])
+    tally.check(all(hosts[n]["network"] == "internal" for n in ("app-1", "app-2", "data-1")))
+
+
+def test_multi_node_roles_span_azs_and_primaries_are_staggered(stack_run, tally):
+    hosts = stack_run.outputs["hosts"]
+    by_role: dict[str, set[str]] = {}
+    members: dict[str, int] = Counter()
+    for h in hosts.values():
+        for r in h["roles"]:
+            by_role.setdefault(r, set()).add(h["az"])
+            members[r] += 1
+    for role, azs in by_role.items():
+        if members[role] > 1:
+            tally.check(len(azs) >= 2, f"{stack_run.stack}: {role} hosts all in {azs}")
+    if stack_run.stack == "prod":
+        tally.check(len(by_role["data"]) == 3, "Galera spans three AZs in prod")
+        prim = stack_run.outputs["primaries"]
+        azs = {k: hosts[v]["az"] for k, v in prim.items()}
+        tally.check(len({azs["active_lb"], azs["galera_bootstrap"], azs["slurm_primary"]}) == 3, azs)
+    prim = stack_run.outputs["primaries"]
+    tally.check(len({hosts[v]["az"] for v in prim.values()}) >= 2 or len(set(h["az"] for h in hosts.values())) == 1,
+                "no AZ holds every primary")
+
+
+def test_instances_require_imdsv2_encrypted_gp3_and_auto_recovery(stack_run, tally):
+    tally.expect(5)
+    for name, r in instances(stack_run).items():
+        mo = r.inputs["metadataOptions"]
+        tally.check(mo["httpTokens"] == "required" and mo["httpPutResponseHopLimit"] == 1, name)
+        rb = r.inputs["rootBlockDevice"]
+        tally.check(rb["encrypted"] is True and rb["volumeType"] == "gp3", name)
+        tally.check(r.inputs["maintenanceOptions"]["autoRecovery"] == "default", name)
+        tally.check(r.inputs["ami"].startswith("ami-"), name)
+        tally.check(set(r.inputs["tags"]) >= {"Name", "Role", "Stack", "Phase"}, name)
+
+
+def test_fixed_addresses_live_on_persistent_interfaces(stack_run, tally):
+    enis = {r.inputs["tags"]["Name"]: r for r in stack_run.of_type("aws:ec2/networkInterface:NetworkInterface")}
+    for name, h in stack_run.outputs["hosts"].items():
+        tally.check(enis[name].inputs["privateIps"] == [h["private_ip"]], name)
+        inst = instances(stack_run)[name]
+        tally.check(inst.inputs["primaryNetworkInterface"]["networkInterfaceId"] == enis[name].id, name)
+        tally.check(inst.opts["delete_before_replace"] is True, f"{name}: replacement reuses the interface")
+
+
+def test_stateful_hosts_ignore_template_changes_and_web_app_hosts_roll_one_at_a_time(stack_run, tally):
+    insts = instances(stack_run)
+    for name, r in insts.items():
+        roles = set(stack_run.outputs["hosts"][name]["roles"])
+        if roles & STATEFUL:
+            tally.check(set(r.opts["ignore_changes"]) == {"user_data_base64", "ami"}, f"{name} {r.opts}")
+            tally.check(r.inputs["userDataReplaceOnChange"] is False, name)
+        else:
+            tally.check(r.opts["ignore_changes"] == [], name)
+            tally.check(r.inputs["userDataReplaceOnChange"] is True, name)
+    # each web/app host after the first waits for the previous one
+    app_only = sorted(n for n, h in stack_run.outputs["hosts"].items() if not set(h["roles"]) & STATEFUL)
+    for prev, cur in zip(app_only, app_only[1:], strict=False):
+        tally.check(insts[cur].opts["depends_on"] == [f"{stack_run.stack}-{prev}-instance"], (cur, insts[cur].opts))
+
+
+def test_roll_host_lets_exactly_one_stateful_host_take_a_change(tally):
+    from tests.harness import run_stack
+
+    run = run_stack("prod", env={"HPC_ROLL_HOST": "data-2"})
+    for name, r in instances(run).items():
+        tally.check((r.opts["ignore_changes"] == []) == (name == "data-2" or name.startswith("app-")), name)
+
+
+def test_data_hosts_have_protected_encrypted_data_volumes_and_termination_protection(stack_run, tally):
+    vols = {r.inputs["tags"]["Name"]: r for r in stack_run.of_type("aws:ebs/volume:Volume")}
+    for name, h in stack_run.outputs["hosts"].items():
+        inst = instances(stack_run)[name]
+        if "data" in h["roles"]:
+            tally.check(vols[f"{name}-data"].opts["protect"] and vols[f"{name}-data"].inputs["encrypted"], name)
+            tally.check(vols[f"{name}-data"].inputs["size"] == 500 and vols[f"{name}-data"].inputs["type"] == "gp3")
+            tally.check(inst.inputs["disableApiTermination"] is True, name)
+        else:
+            tally.check(inst.inputs["disableApiTermination"] is False, name)
+
+
+def test_stateful_resources_are_protected(stack_run, tally):
+    for typ in ("aws:efs/fileSystem:FileSystem", "aws:ssm/parameter:Parameter", "aws:ebs/volume:Volume",
+                "random:index/randomPassword:RandomPassword", "random:index/randomBytes:RandomBytes"):
+        found = stack_run.of_type(typ)
+        tally.check(found, f"no {typ}")
+        for r in found:
+            tally.check(r.opts["protect"], f"{r.name} is not protected")
+    backups = [r for r in stack_run.of_type("aws:s3/bucket:Bucket") if r.name.endswith("-backups")]
+    tally.check(len(backups) == 1 and backups[0].opts["protect"])
+    vip = [r for r in stack_run.of_type("aws:ec2/eip:Eip") if r.name.endswith("-vip")]
+    tally.check(len(vip) == 1 and vip[0].opts["protect"])
+
+
+def test_storage_is_encrypted_and_efs_has_one_mount_target_per_az(stack_run, tally):
+    efs = stack_run.of_type("aws:efs/fileSystem:FileSystem")
+    tally.check(len(efs) == 1 and efs[0].inputs["encrypted"] is True)
+    mts = stack_run.of_type("aws:efs/mountTarget:MountTarget")
+    subnets = {r.id: r.inputs["availabilityZone"] for r in stack_run.of_type("aws:ec2/subnet:Subnet")}
+    azs = [subnets[m.inputs["subnetId"]] for m in mts]
+    tally.check(sorted(azs) == sorted(set(azs)) and len(azs) == len(set(subnets.values())), azs)
+    aps = {r.inputs["rootDirectory"]["path"] for r in stack_run.of_type("aws:efs/accessPoint:AccessPoint")}
+    tally.check(aps == {"/data", "/dist", "/slurm"}, aps)
+    tally.check(stack_run.of_type("aws:efs/backupPolicy:BackupPolicy")[0].inputs["backupPolicy"]["status"] == "ENABLED")
+    sse = stack_run.of_type("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration")
+    pab = stack_run.of_type("aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
+    tally.check(len(sse) == 2 and len(pab) == 2)
+    tally.check(all(all(p.inputs[k] for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
+                                                "restrictPublicBuckets")) for p in pab))
+    lc = stack_run.of_type("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration")
+    tally.check(len(lc) == 1 and lc[0].inputs["rules"][0]["noncurrentVersionExpiration"]["noncurrentDays"] > 0)
+    dlm = stack_run.of_type("aws:dlm/lifecyclePolicy:LifecyclePolicy")
+    tally.check(len(dlm) == 1 and dlm[0].inputs["policyDetails"]["targetTags"]["Snapshot"] == "hpc-data")
+
+
+def test_the_vip_is_allocated_but_never_associated_by_the_program(stack_run, tally):
+    tally.check(not [r for r in stack_run.resources if "eipAssociation" in r.type], "managed EIP association")
+    insts = instances(stack_run)
+    tally.check(all("associatePublicIpAddress" not in r.inputs for r in insts.values()))
+    tally.check(stack_run.outputs["vip"]["public_ip"].count(".") == 3)
+
+
+def test_network_has_three_subnet_roles_per_az_nat_and_endpoints(stack_run, tally):
+    subnets = stack_run.of_type("aws:ec2/subnet:Subnet")
+    azs = sorted({s.inputs["availabilityZone"] for s in subnets})
+    by_net = Counter(s.inputs["tags"]["Network"] for s in subnets)
+    tally.check(by_net == {"external": len(azs), "internal": len(azs), "management": len(azs)}, by_net)
+    vpc = stack_run.of_type("aws:ec2/vpc:Vpc")[0]
+    tally.check(vpc.inputs["enableDnsHostnames"] is True and vpc.inputs["enableDnsSupport"] is True)
+    nats = stack_run.of_type("aws:ec2/natGateway:NatGateway")
+    tally.check(len(nats) == (len(azs) if stack_run.stack == "prod" else 1), len(nats))
+    eps = {r.inputs["serviceName"].rsplit(".", 1)[1]: r.inputs["vpcEndpointType"]
+           for r in stack_run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")}
+    tally.check(eps == {"ssm": "Interface", "ssmmessages": "Interface", "ec2messages": "Interface",
+                        "ec2": "Interface", "s3": "Gateway"}, eps)
+    zone = stack_run.of_type("aws:route53/zone:Zone")
+    tally.check(len(zone) == 1 and zone[0].inputs["vpcs"], "private zone attached to the VPC")
+    records = {r.inputs["name"]: r.inputs["records"] for r in stack_run.of_type("aws:route53/record:Record")}
+    tally.check(records == {k: [v] for k, v in stack_run.outputs["endpoints"].items()})
+    for alias in ("galera-1", "sentinel-1", "slurmctld-1", "slurmdbd", "loghost", "prometheus"):
+        tally.check(any(n.startswith(alias + ".") for n in records), alias)
+
+
+def test_user_data_is_gzipped_cloud_config_within_16kb_and_identical_across_runs(stack_run, tally):
+    from tests.harness import run_stack
+
+    again = {n: r.inputs["userDataBase64"] for n, r in instances(run_stack(stack_run.stack)).items()}
+    for name, r in instances(stack_run).items():
+        raw = base64.b64decode(r.inputs["userDataBase64"])
+        tally.check(len(raw) <= 16 * 1024, f"{name}: {len(raw)} bytes")
+        tally.check(user_data(r).startswith(b"#cloud-config\n"), name)
+        tally.check(again[name] == r.inputs["userDataBase64"], f"{name}: user-data differs between runs")
+
+
+def secret_values(run: ProgramRun) -> list[str]:
+    vals = [r.outputs["result"] for r in run.of_type("random:index/randomPassword:RandomPassword")]
+    vals += [r.outputs["base64"][:40] for r in run.of_type("random:index/randomBytes:RandomBytes")]
+    vals += [v.splitlines()[1] for v in TEST_SECRETS.values()]
+    vals += [r.outputs["privateKeyPem"].splitlines()[1] for r in run.of_type("tls:index/privateKey:PrivateKey")]
+    return vals
+
+
+def test_no_secret_reaches_user_data_bundles_or_plain_outputs(stack_run, tally):
+    secrets = secret_values(stack_run)
+    tally.expect(len(secrets) * 3)
+    blobs = {n: user_data(r).decode() for n, r in instances(stack_run).items()}
+    for o in stack_run.of_type("aws:s3/bucketObjectv2:BucketObjectv2"):
+        blobs[o.name] = gzip.decompress(base64.b64decode(o.inputs["contentBase64"])).decode("latin-1")
+    outputs = json.dumps(stack_run.outputs)
+    for s in secrets:
+        tally.check(all(s not in b for b in blobs.values()), "a secret value is in user-data or a bundle")
+        tally.check(s not in outputs, "a secret value is in a stack output")
+        params = [p for p in stack_run.of_type("aws:ssm/parameter:Parameter") if s in str(p.inputs["value"])]
+        tally.check(all(p.inputs["type"] == "SecureString" for p in params))
+    tally.check(all(p.inputs["name"].startswith(f"/hpc-portal/{stack_run.stack}/secrets/")
+                    for p in stack_run.of_type("aws:ssm/parameter:Parameter")))
+
+
+def test_outputs_are_the_contract_for_the_next_phase(stack_run, tally):
+    o = stack_run.outputs
+    for key in ("vip", "hosts", "role_hosts", "network", "efs", "secrets", "endpoints", "inventory", "env_files",
+                "primaries", "buckets"):
+        tally.check(o.get(key), f"output {key} missing or empty")
+    tally.check(set(o["network"]["security_groups"]) >= {"lb", "web", "app", "data", "slurm", "monitoring", "efs"})
+    tally.check(set(o["network"]["subnets"]) == {"external", "internal", "management"})
+    tally.check(o["efs"]["dns_name"].startswith(o["efs"]["id"]))
+    tally.check(o["secrets"]["path"] == f"/hpc-portal/{stack_run.stack}/secrets")
+    import yaml
+
+    inv = yaml.safe_load(o["inventory"])
+    tally.check(set(inv["all"]["hosts"]) == set(o["hosts"]))
+    tally.check(set(inv["all"]["children"]["data"]["hosts"]) == set(o["role_hosts"]["data"]))
+
+
+def test_every_resource_has_a_parent_component_except_the_vip(stack_run, tally):
+    for r in stack_run.resources:
+        if r.type.startswith("hpc:") or r.name.endswith("-vip"):
+            continue
+        tally.check(r.parent is not None, f"{r.type} {r.name} has no parent")
+
+
+@pytest.mark.parametrize("stack", ["prod", "dev"])
+def test_invokes_are_only_the_known_ones(stack, tally):
+    run = program_run(stack)
+    tokens = {t for t, _ in run.calls}
+    tally.check(tokens <= {"aws:index/getCallerIdentity:getCallerIdentity", "aws:index/getPartition:getPartition"}, tokens)
