@@ -1,0 +1,50 @@
+# The two commands of a fresh machine:  make rehearse   and   make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK ?= prod
+
+.PHONY: help venv deps test test-fast lint typecheck rehearse plan ami-latest bench clean
+
+help:
+	@echo "make rehearse      offline plan of STACK=$(STACK): every host with roles, AZ, subnet, IP, type"
+	@echo "make test          venv + Debian checkers + lint + types + the whole test suite"
+	@echo "make plan STACK=x  the offline plan of one stack"
+	@echo "make ami-latest    Canonical's current Ubuntu 24.04 AMI ids (needs AWS credentials)"
+	@echo "make bench         time the program under mocks and the unit suite"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+deps:
+	./tools/install-debian-deps.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	$(VENV)/bin/mypy components cloud_init
+
+test: venv deps lint typecheck
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not daemons"
+
+rehearse plan: venv
+	$(PY) tools/plan.py --stack $(STACK)
+
+REGION ?= ap-northeast-2
+ami-latest: venv
+	$(PY) tools/ami_latest.py --region $(REGION)
+
+bench: venv
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache
