@@ -1,0 +1,395 @@
+"""hpc-eip-takeover moves the portal's Elastic IP to the keepalived master.
+
+EC2 is moto (mock_aws in-process; ThreadedMotoServer for the endpoint override), the
+instance metadata service is a small IMDSv2 stand-in on 127.0.0.1 that, like AWS with
+http_tokens=required, answers nothing without a session token. The script's own main()
+runs against both, as keepalived's notify_master would run it.
+"""
+
+from __future__ import annotations
+
+import ast
+import http.server
+import importlib.machinery
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+from moto.server import ThreadedMotoServer
+
+SCRIPT = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts" / "hpc-eip-takeover"
+REGION = "ap-northeast-2"
+TOKEN = "fake-imds-session-token"
+
+
+# ---- the IMDSv2 stand-in --------------------------------------------------------------
+
+class FakeImds:
+    """Answers like IMDS with tokens required; `instance` says which instance asks."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, dict[str, str]] = {}
+        self.current = ""
+        self.token_enabled = True
+        self.log: list[tuple[str, str, bool]] = []  # (method, path, carried the token)
+        imds = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: str = "") -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self) -> None:
+                imds.log.append(("PUT", self.path, False))
+                if self.path != "/latest/api/token":
+                    return self._send(404)
+                if not imds.token_enabled:
+                    return self._send(403)
+                if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._send(400)
+                self._send(200, TOKEN)
+
+            def do_GET(self) -> None:
+                has_token = self.headers.get("X-aws-ec2-metadata-token") == TOKEN
+                imds.log.append(("GET", self.path, has_token))
+                if not has_token:
+                    return self._send(401)
+                inst = imds.instances[imds.current]
+                prefix = "/latest/meta-data/"
+                paths = {
+                    "instance-id": inst["instance_id"],
+                    "mac": inst["mac"],
+                    f"network/interfaces/macs/{inst['mac']}/interface-id": inst["eni"],
+                }
+                key = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                if key not in paths:
+                    return self._send(404)
+                self._send(200, paths[key])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---- fixtures -------------------------------------------------------------------------
+
+def load_script() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("hpc_eip_takeover", str(SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in cloud_init/scripts
+    try:
+        loader.exec_module(mod)
+    finally:
+        sys.dont_write_bytecode = saved
+    return mod
+
+
+@pytest.fixture
+def imds() -> Iterator[FakeImds]:
+    fake = FakeImds()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds) -> ModuleType:
+    """The script as a module, pointed at the fake IMDS, sleeping recorded instead of done."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": REGION, "HPC_IMDS_URL": imds.url,
+                 "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items():  # fast moto start; any AMI id is accepted
+        monkeypatch.setenv(k, v)
+    for k in ("HPC_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    mod = load_script()
+    mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
+    mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
+    mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")
+    mod.sleeps = []
+    mod._sleep = mod.sleeps.append
+    return mod
+
+
+def make_world(ec2: Any, imds: FakeImds) -> dict[str, Any]:
+    """A VPC with two load balancer instances (A, B) and an unassociated Elastic IP."""
+    vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.40.0.0/24")["Subnet"]["SubnetId"]
+    image = "ami-12c6146b"
+    world: dict[str, Any] = {}
+    for name in ("A", "B"):
+        inst = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=subnet,
+                                 InstanceType="c7i.xlarge")["Instances"][0]
+        nic = inst["NetworkInterfaces"][0]
+        imds.instances[name] = {"instance_id": inst["InstanceId"], "mac": nic["MacAddress"],
+                                "eni": nic["NetworkInterfaceId"]}
+        world[name] = nic["NetworkInterfaceId"]
+    world["alloc"] = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    return world
+
+
+def write_config(tmp: Path, alloc: str, **extra: str) -> Path:
+    cfg = tmp / "eip.json"
+    cfg.write_text(json.dumps({"allocation_id": alloc, "region": REGION, "public_ip": "203.0.113.10", **extra}))
+    return cfg
+
+
+def eip_eni(ec2: Any, alloc: str) -> str | None:
+    """The interface the EIP is on, None when unassociated (moto answers "" for that)."""
+    return ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0].get("NetworkInterfaceId") or None
+
+
+def assoc_id(ec2: Any, alloc: str) -> str | None:
+    return ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0].get("AssociationId") or None
+
+
+@pytest.fixture
+def aws(takeover: ModuleType, imds: FakeImds, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        world = make_world(ec2, imds)
+        world["ec2"] = ec2
+        world["cfg"] = write_config(tmp_path, world["alloc"])
+        world["state"] = tmp_path / "run" / "vrrp-state"
+        yield world
+
+
+def run(takeover: ModuleType, aws: dict[str, Any], *args: str) -> int:
+    return takeover.main([*args, "--config", str(aws["cfg"]), "--state-file", str(aws["state"])])
+
+
+# ---- moving the address ---------------------------------------------------------------
+
+def test_the_eip_follows_the_master_from_a_to_b_and_back(takeover: ModuleType, imds: FakeImds,
+                                                         aws: dict[str, Any]) -> None:
+    ec2, alloc = aws["ec2"], aws["alloc"]
+    assert eip_eni(ec2, alloc) is None
+    for who in ("A", "B", "A"):
+        imds.current = who
+        assert run(takeover, aws, "--reason", "master") == 0
+        assert eip_eni(ec2, alloc) == aws[who]
+        assert aws["state"].read_text().strip() == "MASTER"
+    assert takeover.sleeps == []
+
+
+def test_an_eip_already_here_is_not_reassociated(takeover: ModuleType, imds: FakeImds,
+                                                 aws: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    imds.current = "B"
+    assert run(takeover, aws, "--reason", "master") == 0
+    first = assoc_id(aws["ec2"], aws["alloc"])
+    assert first
+    assert run(takeover, aws, "--reason", "master") == 0
+    assert assoc_id(aws["ec2"], aws["alloc"]) == first
+    assert "already on" in capsys.readouterr().err
+
+
+def _fail_calls(takeover: ModuleType, monkeypatch: pytest.MonkeyPatch, code: str, times: int) -> list[str]:
+    """Make the script's AssociateAddress calls fail `times` times with `code`."""
+    calls: list[str] = []
+    real_client = takeover.ec2_client
+
+    def client(region: str, endpoint: str | None) -> Any:
+        c = real_client(region, endpoint)
+
+        def before_call(**kwargs: Any) -> None:
+            calls.append("AssociateAddress")
+            if len(calls) <= times:
+                raise ClientError({"Error": {"Code": code, "Message": "injected"}}, "AssociateAddress")
+
+        c.meta.events.register("before-call.ec2.AssociateAddress", before_call)
+        return c
+
+    monkeypatch.setattr(takeover, "ec2_client", client)
+    return calls
+
+
+def test_a_transient_api_failure_is_retried_with_backoff(takeover: ModuleType, imds: FakeImds,
+                                                         aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fail_calls(takeover, monkeypatch, "RequestLimitExceeded", times=2)
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "master") == 0
+    assert eip_eni(aws["ec2"], aws["alloc"]) == aws["A"]
+    assert len(calls) == 3
+    assert takeover.sleeps == [1.0, 2.0]
+
+
+def test_retries_are_bounded_and_end_in_exit_code_3(takeover: ModuleType, imds: FakeImds,
+                                                    aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fail_calls(takeover, monkeypatch, "RequestLimitExceeded", times=100)
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "master") == 3
+    assert eip_eni(aws["ec2"], aws["alloc"]) is None
+    assert len(calls) == takeover.API_ATTEMPTS == 6
+    assert takeover.sleeps == [1.0, 2.0, 4.0, 8.0, 8.0]
+
+
+def test_a_permanent_api_error_is_not_retried(takeover: ModuleType, imds: FakeImds,
+                                              aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fail_calls(takeover, monkeypatch, "UnauthorizedOperation", times=100)
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "master") == 3
+    assert len(calls) == 1 and takeover.sleeps == []
+
+
+# ---- IMDSv2 ---------------------------------------------------------------------------
+
+def test_the_imds_stand_in_refuses_requests_without_a_token(imds: FakeImds) -> None:
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{imds.url}/latest/meta-data/instance-id", timeout=2)
+    assert e.value.code == 401
+
+
+def test_every_metadata_request_carries_the_session_token(takeover: ModuleType, imds: FakeImds,
+                                                          aws: dict[str, Any]) -> None:
+    imds.current = "B"
+    assert run(takeover, aws, "--reason", "master") == 0
+    gets = [entry for entry in imds.log if entry[0] == "GET"]
+    assert len(gets) == 3
+    assert all(has_token for _, _, has_token in gets)
+    assert imds.log[0][:2] == ("PUT", "/latest/api/token")
+
+
+def test_without_a_token_nothing_moves_and_exit_code_is_2(takeover: ModuleType, imds: FakeImds,
+                                                          aws: dict[str, Any]) -> None:
+    imds.current = "A"
+    imds.token_enabled = False
+    assert run(takeover, aws, "--reason", "master") == 2
+    assert eip_eni(aws["ec2"], aws["alloc"]) is None
+    assert [m for m, _, _ in imds.log] == ["PUT"]  # no IMDSv1 fallback
+
+
+# ---- modes ----------------------------------------------------------------------------
+
+def test_backup_fault_and_stop_record_the_state_and_leave_the_eip(takeover: ModuleType, imds: FakeImds,
+                                                                  aws: dict[str, Any]) -> None:
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "master") == 0
+    imds.log.clear()
+    imds.current = "B"
+    for reason in ("backup", "fault", "stop"):
+        assert run(takeover, aws, "--reason", reason) == 0
+        assert aws["state"].read_text().strip() == reason.upper()
+    assert imds.log == []
+    assert eip_eni(aws["ec2"], aws["alloc"]) == aws["A"]
+
+
+def test_boot_associates_only_on_the_master_unless_forced(takeover: ModuleType, imds: FakeImds,
+                                                          aws: dict[str, Any]) -> None:
+    ec2, alloc = aws["ec2"], aws["alloc"]
+    imds.current = "A"
+    assert run(takeover, aws, "--boot") == 0  # no state yet (keepalived has not decided)
+    assert eip_eni(ec2, alloc) is None and imds.log == []
+    aws["state"].parent.mkdir(parents=True, exist_ok=True)
+    aws["state"].write_text("BACKUP\n")
+    assert run(takeover, aws, "--boot") == 0
+    assert eip_eni(ec2, alloc) is None
+    assert run(takeover, aws, "--boot", "--force") == 0
+    assert eip_eni(ec2, alloc) == aws["A"]
+    imds.current = "B"
+    aws["state"].write_text("MASTER\n")
+    assert run(takeover, aws, "--boot") == 0
+    assert eip_eni(ec2, alloc) == aws["B"]
+
+
+def test_configuration_and_usage_errors_exit_1(takeover: ModuleType, aws: dict[str, Any], tmp_path: Path) -> None:
+    assert takeover.main(["--reason", "master", "--config", str(tmp_path / "missing.json"),
+                          "--state-file", str(aws["state"])]) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"region": REGION}))
+    assert takeover.main(["--reason", "master", "--config", str(bad), "--state-file", str(aws["state"])]) == 1
+    assert takeover.main(["--reason", "sideways"]) == 1
+    assert takeover.main(["--boot", "--reason", "master"]) == 1
+
+
+# ---- endpoint and IMDS overrides (the rehearsal) ---------------------------------------
+
+@pytest.mark.parametrize("via", ["env", "file", "eip.json"])
+def test_endpoint_and_imds_overrides_reach_a_moto_server(takeover: ModuleType, imds: FakeImds, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, via: str) -> None:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+        world = make_world(ec2, imds)
+        extra = {}
+        if via == "env":
+            monkeypatch.setenv("HPC_AWS_ENDPOINT_URL", endpoint)
+        elif via == "file":
+            Path(takeover.AWS_ENDPOINT_FILE).write_text(endpoint + "\n")
+            Path(takeover.IMDS_URL_FILE).write_text(imds.url + "\n")
+            monkeypatch.delenv("HPC_IMDS_URL")
+        else:
+            extra["aws_endpoint_url"] = endpoint
+        cfg = write_config(tmp_path, world["alloc"], **extra)
+        imds.current = "B"
+        assert takeover.main(["--reason", "master", "--config", str(cfg),
+                              "--state-file", str(tmp_path / "state")]) == 0
+        assert eip_eni(ec2, world["alloc"]) == world["B"]
+        assert any(m == "GET" for m, _, _ in imds.log)
+    finally:
+        server.stop()
+
+
+def test_steps_are_logged_to_syslog(takeover: ModuleType, aws: dict[str, Any], tmp_path: Path) -> None:
+    sock_path = tmp_path / "log.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(2)
+    takeover.SYSLOG_SOCKET = str(sock_path)
+    try:
+        assert run(takeover, aws, "--reason", "backup") == 0
+        messages = [sock.recv(4096).decode() for _ in range(2)]
+    finally:
+        sock.close()
+    assert all("hpc-eip-takeover[" in m for m in messages)
+    assert any("BACKUP" in m for m in messages)
+    assert messages[0].startswith("<30>")  # daemon.info
+
+
+# ---- the script file ------------------------------------------------------------------
+
+def test_the_script_is_an_executable_python3_file_using_stdlib_and_boto3_only() -> None:
+    text = SCRIPT.read_text()
+    assert text.startswith("#!/usr/bin/python3\n")
+    assert os.access(SCRIPT, os.X_OK)
+    modules = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module.split(".")[0])
+    assert modules, "no imports found"
+    assert modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--boot" in r.stdout
+    compile(text, str(SCRIPT), "exec")
+    broken = subprocess.run([sys.executable, "-c", "import ast,sys; ast.parse(sys.stdin.read())"],
+                            input=text.replace("def main(", "def main((", 1), capture_output=True, text=True)
+    assert broken.returncode != 0

@@ -1,0 +1,889 @@
+"""The load balancer tier (HAProxy + keepalived on lb hosts) and the DB writer path
+(a local HAProxy on every MariaDB client), checked by the tools that read the files.
+
+Config checks run in throw-away namespaces (tests/nsrun.py) with a private /etc/hosts,
+so nothing resolves a real name or binds a real address. Two live checks start the
+rendered HAProxy configs in a namespace against stand-in backends: the portal routes
+and retry policy, and the DB writer's failover between Galera nodes.
+
+This module doubles as the driver that runs inside those namespaces
+(`python tests/test_tier_lb.py live-lb|live-dbwriter SPEC.json`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import socketserver
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO / "cloud_init" / "templates"
+SCRIPTS = REPO / "cloud_init" / "scripts"
+CHECK_SCRIPT = SCRIPTS / "hpc-check-haproxy"
+TAKEOVER_SCRIPT = SCRIPTS / "hpc-eip-takeover"
+CERT_PATH = "/etc/haproxy/certs/portal.pem"
+DB_CLIENT_ROLES = {"app", "slurm", "data"}
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+IP_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+
+
+# --------------------------------------------------------------------------------------
+# Driver code that runs inside a namespace (no pytest, no project imports needed).
+# --------------------------------------------------------------------------------------
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited {proc.returncode}: {proc.communicate()[0]}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class _Threaded(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _live_lb(spec: dict[str, Any]) -> dict[str, Any]:
+    """Portal HAProxy against stand-in app/web servers: which port answers each request."""
+    hits: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def make_handler(ip: str, port: int):  # type: ignore[no-untyped-def]
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    # Complete the handshake, say who answered, and hang up.
+                    key = self.headers.get("Sec-WebSocket-Key", "")
+                    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+                    self.send_response(101)
+                    self.send_header("Upgrade", "websocket")
+                    self.send_header("Connection", "Upgrade")
+                    self.send_header("Sec-WebSocket-Accept", accept)
+                    self.send_header("X-Backend", f"{ip}:{port}")
+                    self.end_headers()
+                    self.close_connection = True
+                    return
+                if self.path.startswith("/api/drop"):
+                    # Close without a response: HAProxy sees an empty response.
+                    with lock:
+                        hits[self.command] = hits.get(self.command, 0) + 1
+                    self.close_connection = True
+                    return
+                body = json.dumps({
+                    "ip": ip, "port": port, "path": self.path, "method": self.command,
+                    "xff": self.headers.get("X-Forwarded-For"),
+                    "xfp": self.headers.get("X-Forwarded-Proto"),
+                }).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = do_OPTIONS = _answer
+
+        return Handler
+
+    servers = []
+    for ip, port in spec["backends"]:
+        srv = _Threaded((ip, port), make_handler(ip, port))
+        threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(srv)
+
+    stats_port = spec["stats_port"]
+    proc = subprocess.Popen(["haproxy", "-db", "-f", spec["haproxy_cfg"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: dict[str, Any] = {}
+    try:
+        _wait_port("127.0.0.1", stats_port, proc)
+        _wait_port("127.0.0.1", 443, proc)
+        out["check_script_up"] = subprocess.run([spec["check_script"], str(stats_port)]).returncode
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+
+        def https(method: str, path: str, headers: dict[str, str] | None = None,
+                  body: bytes | None = None) -> dict[str, Any]:
+            c = http.client.HTTPSConnection("127.0.0.1", 443, context=tls, timeout=10)
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            data = r.read()
+            c.close()
+            res: dict[str, Any] = {"status": r.status, "set_cookie": r.getheader("Set-Cookie")}
+            if r.status == 200:
+                res.update(json.loads(data))
+            if r.status == 101:
+                ws_ip, ws_port = r.getheader("X-Backend", ":").rsplit(":", 1)
+                res.update(ip=ws_ip, port=int(ws_port))
+            return res
+
+        out["routes"] = {p: https("GET", p) for p in spec["paths"]}
+        out["post_api"] = https("POST", "/api/submit", {"Content-Type": "text/plain"}, b"x")
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
+        first = https("GET", "/socket", upgrade)
+        out["ws_first"] = first
+        cookie = (first.get("set_cookie") or "").split(";")[0]
+        out["ws_sticky"] = [https("GET", "/socket", {**upgrade, "Cookie": cookie})["port"] for _ in range(6)]
+        out["ws_sticky_ips"] = [https("GET", "/socket", {**upgrade, "Cookie": cookie})["ip"] for _ in range(6)]
+        out["drop_get"] = https("GET", "/api/drop")["status"]
+        out["drop_get_hits"] = hits.get("GET", 0)
+        out["drop_post"] = https("POST", "/api/drop", {"Content-Type": "text/plain"}, b"x")["status"]
+        out["drop_post_hits"] = hits.get("POST", 0)
+
+        c = http.client.HTTPConnection("127.0.0.1", 80, timeout=5)
+        c.request("GET", "/some/page?q=1")
+        r = c.getresponse()
+        r.read()
+        out["http_redirect"] = {"status": r.status, "location": r.getheader("Location")}
+        c.request("GET", "/.well-known/acme-challenge/token")
+        r = c.getresponse()
+        out["acme"] = {"status": r.status, **(json.loads(r.read()) if r.status == 200 else {})}
+        c.close()
+
+        c = http.client.HTTPConnection("127.0.0.1", stats_port, timeout=5)
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        metrics = r.read().decode()
+        out["metrics_status"] = r.status
+        out["metrics_backend_up"] = sorted({
+            m.group(1) for m in re.finditer(r'^haproxy_backend_status\{proxy="([^"]+)",state="UP"\} 1', metrics, re.M)})
+        c.close()
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=10)
+        out["haproxy_log"] = log[-3000:]
+        for srv in servers:
+            srv.shutdown()
+    out["check_script_down"] = subprocess.run([spec["check_script"], str(stats_port)]).returncode
+    return out
+
+
+def _live_dbwriter(spec: dict[str, Any]) -> dict[str, Any]:
+    """DB writer HAProxy against stand-in Galera nodes: one writer, failover, failback."""
+    health = {name: 200 for name, _ in spec["nodes"]}
+
+    def check_handler(name: str):  # type: ignore[no-untyped-def]
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                code = health[name]
+                body = b"Galera node is synced.\n" if code == 200 else b"Galera node is not synced.\n"
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def db_handler(name: str):  # type: ignore[no-untyped-def]
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:  # greet with the node name, then hold the session
+                self.request.sendall(f"{name}\n".encode())
+                try:
+                    while self.request.recv(1024):
+                        pass
+                except OSError:
+                    pass
+
+        return Handler
+
+    class TcpThreaded(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    servers: list[socketserver.BaseServer] = []
+    for name, ip in spec["nodes"]:
+        for srv in (_Threaded((ip, spec["check_port"]), check_handler(name)),
+                    TcpThreaded((ip, spec["node_port"]), db_handler(name))):
+            threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+            servers.append(srv)
+
+    def connect() -> tuple[socket.socket, str]:
+        s = socket.create_connection(("127.0.0.1", spec["writer_port"]), timeout=5)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            buf += chunk
+        return s, buf.decode().strip()
+
+    def closed_by_peer(s: socket.socket, wait: float) -> bool:
+        s.settimeout(wait)
+        try:
+            return s.recv(64) == b""
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    def wait_for_writer(want: str, timeout: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            s, got = connect()
+            s.close()
+            if got == want:
+                return time.monotonic() - start
+            time.sleep(0.25)
+        raise AssertionError(f"writer did not become {want} within {timeout} s")
+
+    proc = subprocess.Popen(["haproxy", "-db", "-f", spec["cfg"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    names = [n for n, _ in spec["nodes"]]
+    out: dict[str, Any] = {}
+    try:
+        _wait_port("127.0.0.1", spec["writer_port"], proc)
+        writers = []
+        held = []
+        for _ in range(5):
+            s, got = connect()
+            writers.append(got)
+            held.append(s)
+        out["initial_writers"] = writers
+        # The preferred writer fails its clustercheck: new sessions go to the next node,
+        # existing ones are cut (on-marked-down shutdown-sessions).
+        health[names[0]] = 503
+        out["failover_s"] = wait_for_writer(names[1], 15)
+        out["old_sessions_cut"] = all(closed_by_peer(s, 2) for s in held)
+        backup_sessions = [connect() for _ in range(3)]
+        out["during_failover"] = [n for _, n in backup_sessions]
+        # The preferred writer is Synced again: writes return to it and the sessions
+        # still on the backup are closed (on-marked-up shutdown-backup-sessions).
+        health[names[0]] = 200
+        out["failback_s"] = wait_for_writer(names[0], 15)
+        out["backup_sessions_cut"] = all(closed_by_peer(s, 2) for s, _ in backup_sessions)
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=10)
+        out["haproxy_log"] = log[-3000:]
+        for srv in servers:
+            srv.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    _mode, _spec_path = sys.argv[1], sys.argv[2]
+    with open(_spec_path) as _f:
+        _spec = json.load(_f)
+    _result = {"live-lb": _live_lb, "live-dbwriter": _live_dbwriter}[_mode](_spec)
+    print(json.dumps(_result))
+    sys.exit(0)
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from cloud_init.templating import render_template  # noqa: E402
+from tests.contexts import contexts  # noqa: E402
+from tests.nsrun import can_isolate, run_isolated  # noqa: E402
+
+needs_ns = pytest.mark.skipif(not can_isolate(), reason="needs root and unshare (namespaces)")
+
+STACKS = ("prod", "dev")
+ALL_CTX = {stack: contexts(stack) for stack in STACKS}
+LB_HOSTS = [(s, n) for s in STACKS for n, c in ALL_CTX[s].items() if "lb" in c["host"]["roles"]]
+DB_CLIENTS = [(s, n) for s in STACKS for n, c in ALL_CTX[s].items() if DB_CLIENT_ROLES & set(c["host"]["roles"])]
+
+
+def ctx_of(stack: str, name: str) -> dict[str, Any]:
+    return ALL_CTX[stack][name]
+
+
+def hosts_file(ctx: dict[str, Any]) -> dict[str, str]:
+    entries = {h["name"]: h["ip"] for h in ctx["hosts"]}
+    entries.update(ctx["endpoints"])
+    return entries
+
+
+def sections(cfg: str) -> dict[str, list[str]]:
+    """HAProxy config -> {"frontend fe_https": [directive lines], ...} (comments dropped)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for raw in cfg.splitlines():
+        line = raw.split("#", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = " ".join(line.split())
+            out[current] = []
+        else:
+            assert current is not None, f"directive outside a section: {raw!r}"
+            out[current].append(" ".join(line.split()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def haproxy_etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in /etc/haproxy with a throw-away self-signed certificate at certs/portal.pem."""
+    d = tmp_path_factory.mktemp("etc-haproxy")
+    (d / "certs").mkdir()
+    key, crt = d / "key.pem", d / "crt.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=portal.test", "-keyout", str(key), "-out", str(crt)],
+                   check=True, capture_output=True)
+    pem = d / "certs" / "portal.pem"
+    pem.write_text(crt.read_text() + key.read_text())
+    pem.chmod(0o600)
+    key.unlink()
+    crt.unlink()
+    return d
+
+
+def haproxy_check(etc: Path, cfg_text: str, ctx: dict[str, Any],
+                  name: str = "haproxy.cfg") -> subprocess.CompletedProcess[str]:
+    (etc / name).write_text(cfg_text)
+    return run_isolated(["haproxy", "-c", "-f", f"/etc/haproxy/{name}"], hosts=hosts_file(ctx),
+                        hostname=ctx["host"]["name"], binds={str(etc): "/etc/haproxy"})
+
+
+# ---- inventory ------------------------------------------------------------------------
+
+def test_the_stacks_have_the_hosts_these_checks_cover() -> None:
+    assert sorted(LB_HOSTS) == [("dev", "lb-1"), ("prod", "lb-1"), ("prod", "lb-2")]
+    assert "web" in ctx_of("dev", "lb-1")["host"]["roles"]
+    # prod: app-1..3, data-1..3, slurm-1..2; dev: app-1 (app+slurm), app-2, data-1
+    assert len([h for h in DB_CLIENTS if h[0] == "prod"]) == 8
+    assert len([h for h in DB_CLIENTS if h[0] == "dev"]) == 3
+
+
+# ---- haproxy.cfg ----------------------------------------------------------------------
+
+@needs_ns
+@pytest.mark.parametrize(("stack", "host"), LB_HOSTS)
+def test_haproxy_cfg_passes_haproxy_check(haproxy_etc: Path, stack: str, host: str) -> None:
+    ctx = ctx_of(stack, host)
+    r = haproxy_check(haproxy_etc, render_template("lb/haproxy.cfg", ctx), ctx)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Configuration file is valid" in r.stdout
+    assert "[WARNING]" not in r.stderr and "[ALERT]" not in r.stderr, r.stderr
+
+
+@needs_ns
+def test_haproxy_check_rejects_a_broken_haproxy_cfg(haproxy_etc: Path) -> None:
+    ctx = ctx_of("prod", "lb-1")
+    good = render_template("lb/haproxy.cfg", ctx)
+    broken = good.replace("balance leastconn", "balance fastest-please", 1)
+    assert broken != good
+    r = haproxy_check(haproxy_etc, broken, ctx, name="broken.cfg")
+    assert r.returncode != 0
+    assert "balance only supports" in r.stderr, r.stderr
+
+
+@needs_ns
+def test_haproxy_check_fails_without_the_certificate(tmp_path: Path) -> None:
+    """The PEM is really read from /etc/haproxy/certs/portal.pem, so boot must install it."""
+    ctx = ctx_of("prod", "lb-1")
+    r = haproxy_check(tmp_path, render_template("lb/haproxy.cfg", ctx), ctx)
+    assert r.returncode != 0
+    assert "portal.pem" in r.stderr
+
+
+def test_haproxy_cfg_routes_every_service_path_and_port() -> None:
+    checked = 0
+    for stack, host in LB_HOSTS:
+        ctx = ctx_of(stack, host)
+        secs = sections(render_template("lb/haproxy.cfg", ctx))
+        https = secs["frontend fe_https"]
+        by_name = {h["name"]: h for h in ctx["hosts"]}
+        app_hosts = [by_name[n] for n in ctx["role_hosts"]["app"]]
+        web_hosts = [by_name[n] for n in ctx["role_hosts"]["web"]]
+        assert app_hosts and web_hosts
+        use_backend = [line for line in https if line.startswith("use_backend ")]
+        assert len(use_backend) == len(ctx["services"])
+        for svc in ctx["services"]:
+            name = svc["name"]
+            route = svc["route"]
+            acl = f"route_{name}"
+            if route.get("path_beg"):
+                assert f"acl {acl} path {route['path_beg']}" in https
+                assert f"acl {acl} path_beg {route['path_beg']}/" in https
+            if route.get("websocket"):
+                assert f"acl {acl} hdr(Upgrade) -i websocket" in https
+                # websocket upgrades are routed before any path rule
+                assert use_backend[0] == f"use_backend be_{name} if {acl}"
+            assert f"use_backend be_{name} if {acl}" in https
+            be = secs[f"backend be_{name}"]
+            assert f"balance {svc['balance']}" in be
+            assert f"option httpchk GET {svc['health']}" in be
+            assert "http-check expect status 200" in be
+            servers = [line for line in be if line.startswith("server ")]
+            expected = {(h["ip"], p) for h in app_hosts for p in svc["ports"]}
+            got = {(line.split()[2].rsplit(":", 1)[0], int(line.split()[2].rsplit(":", 1)[1])) for line in servers}
+            assert got == expected, (name, got)
+            assert len(servers) == len(expected)
+            assert all(" check" in line for line in servers)
+            if svc["sticky"]:
+                assert "cookie SRV insert indirect nocache" in be
+                assert all(re.search(r" cookie \S+", line) for line in servers)
+            if svc["websocket"]:
+                assert "timeout tunnel 1h" in be
+            checked += len(servers)
+        assert "default_backend be_web" in https
+        assert "timeout client-fin 30s" in https
+        assert f"bind :443 ssl crt {CERT_PATH} alpn h2,http/1.1" in https
+        assert "http-request set-header X-Forwarded-Proto https" in https
+        web = secs["backend be_web"]
+        assert f"option httpchk GET {ctx['web']['health']}" in web
+        assert {line.split()[2] for line in web if line.startswith("server ")} == {
+            f"{h['ip']}:{ctx['web']['port']}" for h in web_hosts}
+    assert checked > 0
+
+
+def test_haproxy_cfg_uses_ip_addresses_only() -> None:
+    checked = 0
+    for stack, host in LB_HOSTS:
+        secs = sections(render_template("lb/haproxy.cfg", ctx_of(stack, host)))
+        for name, lines in secs.items():
+            for line in lines:
+                if line.startswith("server "):
+                    addr = line.split()[2].rsplit(":", 1)[0]
+                    assert IP_RE.match(addr), (name, line)
+                    checked += 1
+        assert "default-server inter 2s fall 3 rise 2 init-addr last,libc,none" in secs["defaults"]
+    assert checked > 0
+
+
+def test_only_idempotent_requests_are_retried_after_they_were_sent() -> None:
+    secs = sections(render_template("lb/haproxy.cfg", ctx_of("prod", "lb-1")))
+    d = secs["defaults"]
+    assert "retries 3" in d and "option redispatch" in d
+    assert "retry-on conn-failure empty-response response-timeout" in d
+    assert "option forwardfor" in d
+    backends = [k for k in secs if k.startswith("backend ")]
+    assert len(backends) == len(ctx_of("prod", "lb-1")["services"]) + 1
+    for b in backends:
+        assert "http-request disable-l7-retry if !METH_GET !METH_HEAD" in secs[b], b
+
+
+def test_plain_http_redirects_to_https_and_metrics_are_exported() -> None:
+    ctx = ctx_of("prod", "lb-1")
+    secs = sections(render_template("lb/haproxy.cfg", ctx))
+    http_fe = secs["frontend fe_http"]
+    assert "bind :80" in http_fe
+    assert "http-request redirect scheme https code 301 unless acme_challenge" in http_fe
+    stats = secs["frontend fe_stats"]
+    assert f"bind :{ctx['lb']['stats_port']}" in stats
+    assert "http-request use-service prometheus-exporter if { path /metrics }" in stats
+    assert "monitor-uri /healthz" in stats
+
+
+def test_the_checker_haproxy_has_the_prometheus_exporter() -> None:
+    """Debian 12's 2.6 (the checker) and Ubuntu 24.04's 2.8 are built with it."""
+    vv = subprocess.run(["haproxy", "-vv"], capture_output=True, text=True, check=True).stdout
+    assert "prometheus-exporter" in vv
+
+
+def test_no_secret_in_lb_or_dbwriter_files() -> None:
+    checked = 0
+    for stack in STACKS:
+        for ctx in ALL_CTX[stack].values():
+            roles = set(ctx["host"]["roles"])
+            rels = []
+            if "lb" in roles:
+                rels += ["lb/haproxy.cfg", "lb/keepalived.conf", "lb/eip.json", "lb/60-hpc-lb.conf"]
+            if roles & DB_CLIENT_ROLES:
+                rels += ["dbwriter/dbwriter.cfg", "dbwriter/hpc-dbwriter.service"]
+            for rel in rels:
+                text = render_template(rel, ctx)
+                assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text, rel
+                assert not re.search(r"auth_pass|password|requirepass", text, re.I), rel
+                checked += 1
+    assert checked > 0
+
+
+# ---- live: the rendered portal HAProxy routes real requests ---------------------------
+
+def _run_driver(mode: str, spec: dict[str, Any], tmp: Path, *, extra_ips: list[str],
+                binds: dict[str, str], hosts: dict[str, str]) -> dict[str, Any]:
+    spec_file = tmp / f"{mode}.json"
+    spec_file.write_text(json.dumps(spec))
+    # A private /run (tmpfs) so the stats sockets and pid files stay in the namespace.
+    run_dirs = " ".join(f"/run/{d}" for d in ("haproxy", "hpc-dbwriter"))
+    script = (f"mount -t tmpfs tmpfs /run && mkdir -p {run_dirs} && "
+              f"exec {sys.executable} {Path(__file__)} {mode} {spec_file}")
+    r = run_isolated(["bash", "-c", script], hosts=hosts, extra_ips=extra_ips, binds=binds,
+                     timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@needs_ns
+def test_live_portal_haproxy_routes_requests_and_retries_only_idempotent_ones(
+        haproxy_etc: Path, tmp_path: Path) -> None:
+    ctx = ctx_of("prod", "lb-1")
+    (haproxy_etc / "haproxy.cfg").write_text(render_template("lb/haproxy.cfg", ctx))
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    shutil.copy2(CHECK_SCRIPT, sbin / "hpc-check-haproxy")
+    by_name = {h["name"]: h for h in ctx["hosts"]}
+    app_ips = [by_name[n]["ip"] for n in ctx["role_hosts"]["app"]]
+    web_ips = [by_name[n]["ip"] for n in ctx["role_hosts"]["web"]]
+    backends = {(ip, p) for ip in app_ips for s in ctx["services"] for p in s["ports"]}
+    backends |= {(ip, ctx["web"]["port"]) for ip in web_ips}
+    paths = ["/api", "/api/jobs", "/apix", "/auth/login", "/cae/run", "/", "/index.html"]
+    spec = {"backends": sorted(backends), "haproxy_cfg": "/etc/haproxy/haproxy.cfg",
+            "stats_port": ctx["lb"]["stats_port"], "check_script": str(sbin / "hpc-check-haproxy"),
+            "paths": paths}
+    out = _run_driver("live-lb", spec, tmp_path, extra_ips=sorted(set(app_ips + web_ips)),
+                      binds={str(haproxy_etc): "/etc/haproxy"}, hosts=hosts_file(ctx))
+    log = out["haproxy_log"]
+    ports = {s["name"]: set(s["ports"]) for s in ctx["services"]}
+    routes = out["routes"]
+    assert all(r["status"] == 200 for r in routes.values()), (routes, log)
+    assert routes["/api"]["port"] in ports["api"]
+    assert routes["/api/jobs"]["port"] in ports["api"]
+    assert routes["/apix"]["port"] == ctx["web"]["port"]  # a prefix match is on whole segments
+    assert routes["/auth/login"]["port"] in ports["auth"]
+    assert routes["/cae/run"]["port"] in ports["cae"]
+    assert routes["/"]["port"] == ctx["web"]["port"]
+    assert routes["/index.html"]["port"] == ctx["web"]["port"]
+    assert routes["/api/jobs"]["xfp"] == "https"
+    assert routes["/api/jobs"]["xff"] == "127.0.0.1"
+    assert out["post_api"]["status"] == 200 and out["post_api"]["port"] in ports["api"]
+    # websocket upgrade -> ws backend, pinned by the SRV cookie
+    assert out["ws_first"]["status"] == 101
+    assert out["ws_first"]["port"] in ports["ws"]
+    assert (out["ws_first"]["set_cookie"] or "").startswith("SRV=")
+    assert set(out["ws_sticky_ips"]) == {out["ws_first"]["ip"]}
+    # a GET whose server closed without answering is retried, a POST is not
+    assert out["drop_get"] == 502 and out["drop_get_hits"] > 1
+    assert out["drop_post"] == 502 and out["drop_post_hits"] == 1
+    assert out["http_redirect"] == {"status": 301, "location": "https://127.0.0.1/some/page?q=1"}
+    assert out["acme"]["status"] == 200 and out["acme"]["port"] == ctx["web"]["port"]
+    assert out["metrics_status"] == 200
+    assert {"be_web", "be_api", "be_auth", "be_ws", "be_cae"} <= set(out["metrics_backend_up"])
+    # keepalived's check follows HAProxy: up while it runs, failing once it stopped
+    assert out["check_script_up"] == 0
+    assert out["check_script_down"] == 1
+
+
+# ---- keepalived.conf ------------------------------------------------------------------
+
+def _keepalived_test(tmp: Path, conf_text: str, ctx: dict[str, Any], *, make_nic: bool = True,
+                     with_scripts: bool = True) -> subprocess.CompletedProcess[str]:
+    conf = tmp / "keepalived.conf"
+    conf.write_text(conf_text)
+    sbin = tmp / "sbin"
+    sbin.mkdir(exist_ok=True)
+    if with_scripts:
+        for script in (CHECK_SCRIPT, TAKEOVER_SCRIPT):
+            shutil.copy2(script, sbin / script.name)
+            (sbin / script.name).chmod(0o755)
+    nic = ctx["host"].get("nic", "ens5")
+    steps = []
+    if make_nic:
+        steps += [f"ip link add {nic} type veth peer name {nic}p", f"ip link set {nic} up",
+                  f"ip addr add {ctx['host']['ip']}/24 dev {nic}"]
+    steps.append(f"exec keepalived -t -l -f {conf}")
+    return run_isolated(["bash", "-c", " && ".join(steps)], hosts=hosts_file(ctx),
+                        hostname=ctx["host"]["name"], binds={str(sbin): "/usr/local/sbin"})
+
+
+@needs_ns
+@pytest.mark.parametrize(("stack", "host"), LB_HOSTS)
+def test_keepalived_conf_passes_keepalived_config_test(tmp_path: Path, stack: str, host: str) -> None:
+    ctx = ctx_of(stack, host)
+    r = _keepalived_test(tmp_path, render_template("lb/keepalived.conf", ctx), ctx)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+@needs_ns
+def test_keepalived_config_test_rejects_a_syntax_error(tmp_path: Path) -> None:
+    ctx = ctx_of("prod", "lb-1")
+    good = render_template("lb/keepalived.conf", ctx)
+    broken = good.replace("    nopreempt\n", "    nopreempt\n    priority_of_doom 7\n", 1)
+    assert broken != good
+    r = _keepalived_test(tmp_path, broken, ctx)
+    assert r.returncode != 0
+    assert "priority_of_doom" in r.stdout + r.stderr
+
+
+@needs_ns
+def test_keepalived_config_test_needs_the_interface_and_the_check_script(tmp_path: Path) -> None:
+    """Proves the positive checks above really check the NIC name and the script path."""
+    ctx = ctx_of("prod", "lb-2")
+    text = render_template("lb/keepalived.conf", ctx)
+    (tmp_path / "a").mkdir()
+    no_nic = _keepalived_test(tmp_path / "a", text, ctx, make_nic=False)
+    assert no_nic.returncode != 0
+    assert "ens5" in no_nic.stdout + no_nic.stderr
+    (tmp_path / "b").mkdir()
+    no_script = _keepalived_test(tmp_path / "b", text, ctx, with_scripts=False)
+    assert no_script.returncode != 0
+    assert "chk_haproxy" in no_script.stdout + no_script.stderr
+
+
+def test_keepalived_conf_follows_the_vrrp_rules() -> None:
+    checked = 0
+    for stack, host in LB_HOSTS:
+        ctx = ctx_of(stack, host)
+        text = render_template("lb/keepalived.conf", ctx)
+        body = "\n".join(" ".join(line.split("#", 1)[0].split()) for line in text.splitlines())
+        for needed in ("enable_script_security", "script_user root", "state BACKUP", "nopreempt",
+                       "advert_int 1", "interval 2", "fall 2", "rise 2",
+                       'script "/usr/local/sbin/hpc-check-haproxy 8404"',
+                       'notify_master "/usr/local/sbin/hpc-eip-takeover --reason master"',
+                       f"priority {ctx['lb']['priority']}", f"virtual_router_id {ctx['lb']['vrrp_router_id']}",
+                       f"interface {ctx['host']['nic']}"):
+            assert re.search(rf"^{re.escape(needed)}$", body, re.M), (host, needed)
+        assert "authentication" not in body and "auth_pass" not in body
+        assert ctx["vip"]["public_ip"] not in text  # the EIP moves by API, never as a VRRP address
+        peers = [p["ip"] for p in ctx["lb"]["peers"] if p["ip"] != ctx["host"]["ip"]]
+        if peers:
+            assert f"unicast_src_ip {ctx['host']['ip']}" in body
+            block = re.search(r"unicast_peer \{\n(.*?)\n\}", body, re.S)
+            assert block and block.group(1).split() == peers
+        else:
+            assert "unicast_peer" not in body
+        checked += 1
+    assert checked == len(LB_HOSTS) > 0
+    prios = {ctx_of("prod", h)["lb"]["priority"] for h in ("lb-1", "lb-2")}
+    assert prios == {101, 100}
+
+
+# ---- sysctl, eip.json -----------------------------------------------------------------
+
+@needs_ns
+def test_sysctl_file_applies_and_a_bad_key_is_rejected(tmp_path: Path) -> None:
+    good = tmp_path / "60-hpc-lb.conf"
+    good.write_text(render_template("lb/60-hpc-lb.conf", ctx_of("prod", "lb-1")))
+    r = run_isolated(["bash", "-c", f"sysctl -p {good} && sysctl -n net.ipv4.ip_nonlocal_bind"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "1"
+    bad = tmp_path / "bad.conf"
+    bad.write_text(good.read_text().replace("ip_nonlocal_bind", "ip_nonlocal_bnid"))
+    r = run_isolated(["sysctl", "-p", str(bad)])
+    assert r.returncode != 0
+
+
+def test_eip_json_names_the_allocation_and_region() -> None:
+    for stack, host in LB_HOSTS:
+        ctx = ctx_of(stack, host)
+        data = json.loads(render_template("lb/eip.json", ctx))
+        assert data["allocation_id"] == ctx["vip"]["allocation_id"]
+        assert data["region"] == ctx["region"]
+        assert "aws_endpoint_url" not in data  # None on AWS
+    rehearsal = {**ctx_of("dev", "lb-1"), "aws_endpoint_url": "http://10.99.0.1:5000"}
+    assert json.loads(render_template("lb/eip.json", rehearsal))["aws_endpoint_url"] == "http://10.99.0.1:5000"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(render_template("lb/eip.json", ctx_of("prod", "lb-1"))[:-5])
+
+
+# ---- hpc-check-haproxy ----------------------------------------------------------------
+
+def test_check_script_passes_bash_n_and_shellcheck() -> None:
+    assert subprocess.run(["bash", "-n", str(CHECK_SCRIPT)]).returncode == 0
+    r = subprocess.run(["shellcheck", str(CHECK_SCRIPT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    bad = subprocess.run(["shellcheck", "-"], input='#!/bin/bash\nrm $1\nif [ x ]; then\n',
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert os.stat(CHECK_SCRIPT).st_mode & stat.S_IXUSR
+
+
+def test_check_script_follows_the_healthz_answer() -> None:
+    status = {"code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    srv = _Threaded(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        def run(*args: str) -> int:
+            return subprocess.run([str(CHECK_SCRIPT), *args], capture_output=True).returncode
+        assert run(str(port)) == 0
+        status["code"] = 503
+        assert run(str(port)) == 1
+        assert run("8O") == 2
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert run(str(port)) == 1  # nothing listening
+
+
+# ---- DB writer ------------------------------------------------------------------------
+
+@needs_ns
+@pytest.mark.parametrize(("stack", "host"), DB_CLIENTS)
+def test_dbwriter_cfg_passes_haproxy_check(haproxy_etc: Path, stack: str, host: str) -> None:
+    ctx = ctx_of(stack, host)
+    r = haproxy_check(haproxy_etc, render_template("dbwriter/dbwriter.cfg", ctx), ctx, name="dbwriter.cfg")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[WARNING]" not in r.stderr and "[ALERT]" not in r.stderr, r.stderr
+
+
+@needs_ns
+def test_haproxy_check_rejects_a_broken_dbwriter_cfg(haproxy_etc: Path) -> None:
+    ctx = ctx_of("prod", "slurm-1")
+    good = render_template("dbwriter/dbwriter.cfg", ctx)
+    broken = good.replace("on-marked-down shutdown-sessions", "on-marked-down shutdown-everything", 1)
+    assert broken != good
+    r = haproxy_check(haproxy_etc, broken, ctx, name="dbwriter-broken.cfg")
+    assert r.returncode != 0
+
+
+def test_dbwriter_has_one_writer_and_the_rest_backup() -> None:
+    checked = 0
+    for stack, host in DB_CLIENTS:
+        ctx = ctx_of(stack, host)
+        g = ctx["galera"]
+        secs = sections(render_template("dbwriter/dbwriter.cfg", ctx))
+        lst = secs["listen galera_writer"]
+        assert f"bind 127.0.0.1:{g['writer_port']}" in lst
+        assert "option httpchk GET /" in lst and "http-check expect status 200" in lst
+        assert (f"default-server port {g['clustercheck_port']} inter 2s fall 3 rise 2 "
+                "on-marked-down shutdown-sessions") in lst
+        servers = [line.split() for line in lst if line.startswith("server ")]
+        assert [s[1] for s in servers] == [n["name"] for n in g["nodes"]]
+        assert [s[2] for s in servers] == [f"{n['ip']}:3306" for n in g["nodes"]]
+        assert "backup" not in servers[0]
+        assert all(s[-1] == "backup" for s in servers[1:])
+        checked += 1
+    assert checked == len(DB_CLIENTS) > 0
+    assert len(ctx_of("dev", "app-1")["galera"]["nodes"]) == 1  # the minimal stack: one server
+
+
+@needs_ns
+def test_live_dbwriter_fails_over_and_back_with_one_writer(haproxy_etc: Path, tmp_path: Path) -> None:
+    ctx = ctx_of("prod", "app-1")
+    g = ctx["galera"]
+    (haproxy_etc / "dbwriter.cfg").write_text(render_template("dbwriter/dbwriter.cfg", ctx))
+    nodes = [(n["name"], n["ip"]) for n in g["nodes"]]
+    spec = {"nodes": nodes, "cfg": "/etc/haproxy/dbwriter.cfg", "writer_port": g["writer_port"],
+            "check_port": g["clustercheck_port"], "node_port": 3306}
+    out = _run_driver("live-dbwriter", spec, tmp_path, extra_ips=[ip for _, ip in nodes],
+                      binds={str(haproxy_etc): "/etc/haproxy"}, hosts=hosts_file(ctx))
+    first, second = nodes[0][0], nodes[1][0]
+    assert out["initial_writers"] == [first] * 5, out["haproxy_log"]
+    assert out["old_sessions_cut"] is True
+    assert out["during_failover"] == [second] * 3
+    assert out["failover_s"] < 10  # fall 3 x inter 2 s
+    assert out["backup_sessions_cut"] is True
+    assert out["failback_s"] < 10  # rise 2 x inter 2 s
+
+
+def test_dbwriter_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    checked = 0
+    for stack, host in DB_CLIENTS[:1] + [h for h in DB_CLIENTS if h[0] == "dev"][:1]:
+        unit = tmp_path / "hpc-dbwriter.service"
+        unit.write_text(render_template("dbwriter/hpc-dbwriter.service", ctx_of(stack, host)))
+        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip() == "", r.stderr
+        text = unit.read_text()
+        assert "-f $CONFIG" in text and 'CONFIG=/etc/haproxy/dbwriter.cfg' in text
+        checked += 1
+    assert checked == 2
+    bad = tmp_path / "hpc-dbwriter-bad.service"
+    bad.write_text(unit.read_text().replace("ExecStart=/usr/sbin/haproxy", "ExecStart=usr/sbin/haproxy"))
+    r = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0
+
+
+# ---- manifests ------------------------------------------------------------------------
+
+def _manifest(tier: str) -> dict[str, Any]:
+    return yaml.safe_load((TEMPLATES / tier / "manifest.yaml").read_text())
+
+
+def test_manifests_list_every_file_and_render_it_for_every_host_that_gets_it() -> None:
+    rendered = 0
+    for tier in ("lb", "dbwriter"):
+        m = _manifest(tier)
+        listed = set()
+        for f in m["files"]:
+            assert set(f) >= {"dest", "mode", "owner", "roles", "check", "secret_placeholders"}, f
+            assert ("src" in f) != ("script" in f), f
+            assert f["secret_placeholders"] is False
+            if "src" in f:
+                assert (TEMPLATES / f["src"]).is_file(), f
+                listed.add(f["src"])
+                for stack in STACKS:
+                    for ctx in ALL_CTX[stack].values():
+                        if set(f["roles"]) & set(ctx["host"]["roles"]):
+                            render_template(f["src"], ctx)
+                            rendered += 1
+            else:
+                path = SCRIPTS / f["script"]
+                assert path.is_file() and os.access(path, os.X_OK), f
+                assert f["mode"] == "0755"
+        on_disk = {f"{tier}/{p.name}" for p in (TEMPLATES / tier).iterdir() if p.name != "manifest.yaml"}
+        assert on_disk == listed, on_disk ^ listed
+        for c in m["commands"]:
+            assert isinstance(c["run"], list) and all(isinstance(a, str) for a in c["run"]), c
+        assert {c["order"] for c in m["commands"]} == {"lb": {50}, "dbwriter": {40}}[tier]
+    assert rendered > 0
+
+
+def test_manifest_paths_match_what_the_configs_and_scripts_expect() -> None:
+    lb = _manifest("lb")
+    dests = {f.get("src") or f["script"]: f["dest"] for f in lb["files"]}
+    ka = render_template("lb/keepalived.conf", ctx_of("prod", "lb-1"))
+    assert dests["hpc-check-haproxy"] in ka and dests["hpc-eip-takeover"] in ka
+    assert dests["lb/eip.json"] == "/etc/hpc/eip.json"
+    assert "/etc/hpc/eip.json" in TAKEOVER_SCRIPT.read_text()
+    assert dests["lb/60-hpc-lb.conf"] == "/etc/sysctl.d/60-hpc-lb.conf"
+    runs = [c["run"] for c in lb["commands"]]
+    install = next(r for r in runs if r[0] == "install")
+    assert install[-2:] == ["/run/hpc/secrets/tls_pem", CERT_PATH]
+    assert ["/usr/local/sbin/hpc-eip-takeover", "--boot"] == runs[-1]
+    # dbwriter hosts turn off the stock haproxy.service unless the lb config is there
+    db = _manifest("dbwriter")
+    marker_cmd = next(c["run"][-1] for c in db["commands"] if "grep" in c["run"][-1])
+    marker = re.search(r"'\^(.*?)'", marker_cmd).group(1)  # type: ignore[union-attr]
+    assert render_template("lb/haproxy.cfg", ctx_of("prod", "lb-1")).startswith(marker)
+    assert {f["dest"] for f in db["files"]} == {"/etc/haproxy/dbwriter.cfg", "/etc/systemd/system/hpc-dbwriter.service"}
+    assert all(set(f["roles"]) == DB_CLIENT_ROLES for f in db["files"])
+
+
+def test_rendering_is_repeatable() -> None:
+    ctx = ctx_of("prod", "lb-2")
+    for rel in ("lb/haproxy.cfg", "lb/keepalived.conf", "lb/eip.json", "dbwriter/dbwriter.cfg"):
+        assert render_template(rel, ctx) == render_template(rel, json.loads(json.dumps(ctx)))
