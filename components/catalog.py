@@ -46,10 +46,10 @@ PORTS: dict[str, tuple[str, int, int]] = {
     "vrrp": ("112", 0, 0),
 }
 # Ports that come from the stack config rather than the table.
-CONFIG_PORTS = ("portal", "srun")
+CONFIG_PORTS = ("portal", "srun", "vnc")
 
 GROUPS = ROLES + ("efs", "endpoints")
-CIDR_ALIASES = ("internet", "management_net", "onprem")
+CIDR_ALIASES = ("internet", "management_net", "onprem", "onprem_compute")
 
 
 @dataclass(frozen=True, order=True)
@@ -100,6 +100,11 @@ def _port_ranges(cfg: StackConfig, name: str) -> list[tuple[str, int, int]]:
     if name == "srun":
         lo, hi = (int(x) for x in cfg.slurm.srun_port_range.split("-"))
         return [("tcp", lo, hi)]
+    if name == "vnc":
+        if cfg.hybrid is None:
+            return []
+        lo, hi = (int(x) for x in cfg.hybrid.vnc_ports.split("-"))
+        return [("tcp", lo, hi)]
     return [PORTS[name]]
 
 
@@ -110,6 +115,8 @@ def cidrs_for(cfg: StackConfig, alias: str) -> list[str]:
         return list(cfg.network.subnets["management"])
     if alias == "onprem":
         return list(cfg.onprem_cidrs)
+    if alias == "onprem_compute":
+        return list(cfg.hybrid.compute_cidrs) if cfg.hybrid else []
     raise KeyError(alias)
 
 

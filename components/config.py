@@ -178,6 +178,33 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class HybridConfig:
+    """Connectivity to the center's on-prem network (Slurm compute nodes, old server)."""
+
+    mode: str  # vpn | tgw
+    customer_gateway_ip: str | None
+    bgp_asn: int | None  # None: static routes for onprem_cidrs
+    transit_gateway_id: str | None
+    compute_cidrs: tuple[str, ...]
+    vnc_ports: str
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    enabled: bool
+    timeout_s: int
+
+
+@dataclass(frozen=True)
+class CutoverConfig:
+    zone_id: str
+    record_name: str
+    ttl: int
+    target: str  # vip | old
+    old_server_ip: str
+
+
+@dataclass(frozen=True)
 class StackConfig:
     project: str
     stack: str
@@ -197,6 +224,9 @@ class StackConfig:
     slurm: SlurmConfig
     app_artifact: dict[str, str] | None
     tags: dict[str, str] = field(default_factory=dict)
+    hybrid: HybridConfig | None = None
+    gates: GatesConfig = GatesConfig(False, 900)
+    cutover: CutoverConfig | None = None
 
     @property
     def ssm_path(self) -> str:
@@ -213,7 +243,7 @@ class StackConfig:
 
 _KNOWN_TOP = {
     "profile", "phase", "network", "onprem_cidrs", "ami", "roles", "services", "domain",
-    "tls", "alerts", "backup", "slurm", "app", "tags",
+    "tls", "alerts", "backup", "slurm", "app", "tags", "hybrid", "gates", "cutover",
 }
 # Secret keys live in the same namespace; they are read as Pulumi secrets, not here.
 SECRET_KEYS = {
@@ -497,6 +527,97 @@ def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
                        tuple(parts if isinstance(parts, list) else ()), rng, timeout)
 
 
+def _port_range(p: _Problems, key: str, value: Any, example: str) -> str:
+    rng = str(value)
+    m = re.match(r"^(\d+)-(\d+)$", rng)
+    if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
+        p.add(key, value, f"a port range LOW-HIGH from 1024 to 65535, e.g. {example}")
+    return rng
+
+
+def _validate_hybrid(p: _Problems, raw: Any, onprem: list[str]) -> HybridConfig | None:
+    if raw is None:
+        if onprem:
+            p.add("hybrid", None, "a hybrid section (mode: vpn or tgw) to route onprem_cidrs; see README 'Hybrid'")
+        return None
+    h = _as_dict(p, "hybrid", raw)
+    _unknown_keys(p, "hybrid", h, {"mode", "customer_gateway_ip", "bgp_asn", "transit_gateway_id",
+                                    "compute_cidrs", "vnc_ports"})
+    if not onprem:
+        p.add("hybrid", raw, "no hybrid section while onprem_cidrs is empty (there is nothing to route)")
+        return None
+    mode = h.get("mode")
+    cgw = h.get("customer_gateway_ip")
+    asn = h.get("bgp_asn")
+    tgw = h.get("transit_gateway_id")
+    if mode not in ("vpn", "tgw"):
+        p.add("hybrid.mode", mode, "vpn (Site-to-Site VPN) or tgw (an existing transit gateway)")
+    elif mode == "vpn":
+        try:
+            ip = ipaddress.IPv4Address(str(cgw))
+            rfc1918 = any(ip in ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+            if rfc1918 or ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast:
+                raise ValueError
+        except ValueError:
+            p.add("hybrid.customer_gateway_ip", cgw, "the on-prem VPN device's public IPv4 address")
+        if asn is not None:
+            _int(p, "hybrid.bgp_asn", asn, 1, 4294967294)
+    elif not isinstance(tgw, str) or not re.match(r"^tgw-[0-9a-f]{8,17}$", tgw):
+        p.add("hybrid.transit_gateway_id", tgw, "an existing transit gateway id, e.g. tgw-0123456789abcdef0")
+    compute_raw = h.get("compute_cidrs", onprem)
+    compute: list[str] = []
+    if not isinstance(compute_raw, list) or not compute_raw:
+        p.add("hybrid.compute_cidrs", compute_raw, "a non-empty list of CIDRs inside onprem_cidrs")
+    else:
+        nets = [ipaddress.IPv4Network(c) for c in onprem]
+        for i, c in enumerate(compute_raw):
+            n = _network(p, f"hybrid.compute_cidrs[{i}]", c, 8, 32)
+            if n is not None and not any(n.subnet_of(o) for o in nets):
+                p.add(f"hybrid.compute_cidrs[{i}]", c, "a network inside one of onprem_cidrs")
+            elif n is not None:
+                compute.append(str(n))
+    vnc = _port_range(p, "hybrid.vnc_ports", h.get("vnc_ports", "5900-5999"), "5900-5999")
+    return HybridConfig(str(mode), str(cgw) if mode == "vpn" else None,
+                        int(asn) if isinstance(asn, int) and mode == "vpn" else None,
+                        str(tgw) if mode == "tgw" else None, tuple(compute), vnc)
+
+
+def _validate_gates(p: _Problems, raw: Any) -> GatesConfig:
+    g = _as_dict(p, "gates", raw)
+    _unknown_keys(p, "gates", g, {"enabled", "timeout_s"})
+    enabled = g.get("enabled", False)
+    if not isinstance(enabled, bool):
+        p.add("gates.enabled", enabled, "true or false")
+        enabled = False
+    timeout = _int(p, "gates.timeout_s", g.get("timeout_s", 900), 60, 7200) or 900
+    return GatesConfig(bool(enabled), timeout)
+
+
+def _validate_cutover(p: _Problems, raw: Any, phase: int) -> CutoverConfig | None:
+    if raw is None:
+        return None
+    c = _as_dict(p, "cutover", raw)
+    _unknown_keys(p, "cutover", c, {"zone_id", "record_name", "ttl", "target", "old_server_ip"})
+    zone = c.get("zone_id")
+    if not isinstance(zone, str) or not re.match(r"^Z[A-Z0-9]{5,31}$", zone):
+        p.add("cutover.zone_id", zone, "the public Route53 hosted zone id of the portal's name, e.g. Z0123456789ABC")
+    name = c.get("record_name")
+    if not isinstance(name, str) or not DOMAIN_RE.match(name.lower().rstrip(".")):
+        p.add("cutover.record_name", name, "the portal's DNS name, e.g. portal.example.ac.kr")
+    ttl = _int(p, "cutover.ttl", c.get("ttl", 60), 30, 86400) or 60
+    target = c.get("target", "vip")
+    if target not in ("vip", "old"):
+        p.add("cutover.target", target, "vip (the new portal) or old (rollback to the old server)")
+    old = c.get("old_server_ip")
+    try:
+        ipaddress.IPv4Address(str(old))
+    except ValueError:
+        p.add("cutover.old_server_ip", old, "the old server's public IPv4 address (the rollback target)")
+    if phase < 6:
+        p.add("cutover", raw, "only at phase 6 (set phase 6 to switch DNS)")
+    return CutoverConfig(str(zone), str(name), ttl, str(target), str(old))
+
+
 def load_config(
     raw: dict[str, Any],
     *,
@@ -592,6 +713,9 @@ def load_config(
 
     services = _validate_services(p, raw.get("services"))
     slurm = _validate_slurm(p, raw.get("slurm"))
+    hybrid = _validate_hybrid(p, raw.get("hybrid"), onprem)
+    gates = _validate_gates(p, raw.get("gates"))
+    cutover = _validate_cutover(p, raw.get("cutover"), phase)
 
     if p.items or network is None:
         if not p.items:
@@ -603,4 +727,5 @@ def load_config(
         services=services, domain=str(domain), require_tls_config=bool(require_tls),
         tls_configured=tls_configured, slack_channel=str(channel),
         backup_retention_days=retention, slurm=slurm, app_artifact=artifact, tags=tags,
+        hybrid=hybrid, gates=gates, cutover=cutover,
     )

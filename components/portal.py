@@ -13,7 +13,9 @@ import yaml
 from cloud_init.render import RenderedHost, render_host, render_summary
 
 from .config import StackConfig
+from .gates import ReadinessGate
 from .hostctx import Deployed, host_context
+from .hybrid import Hybrid
 from .iam import HostRole
 from .network import Endpoints, Network, NetworkArgs
 from .secrets import Secrets
@@ -52,6 +54,8 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
     partition = aws.get_partition_output()
 
     network = Network(cfg.stack, NetworkArgs(cfg, topo, tags))
+    if cfg.hybrid is not None:
+        Hybrid(f"{cfg.stack}-hybrid", cfg, network, tags)
     sgs = SecurityGroups(f"{cfg.stack}-sg", cfg, network.vpc.id, tags)
     Endpoints(f"{cfg.stack}-vpce", cfg, network, sgs.groups["endpoints"].id)
     storage = Storage(f"{cfg.stack}-storage", cfg,
@@ -102,7 +106,8 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
             partition.partition, identity.account_id, tags)
 
     servers: dict[str, Server] = {}
-    previous_in_group: dict[str, Server] = {}
+    gates: dict[str, ReadinessGate] = {}
+    previous_in_group: dict[str, str] = {}
     for h in hosts:
         name = h.name
         aws.s3.BucketObjectv2(
@@ -117,7 +122,9 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
         after: list[pulumi.Resource] = []
         prev = previous_in_group.get(h.group)
         if prev is not None and not any(r in ("lb", "data", "slurm", "monitoring") for r in h.roles):
-            after = [prev.instance]  # web/app hosts are replaced one after the other
+            # web/app hosts are replaced one after the other: after the previous host's
+            # readiness gate passed, or at least after it exists when gates are off
+            after = [gates[prev].command] if prev in gates else [servers[prev].instance]
         servers[name] = Server(f"{cfg.stack}-{name}", ServerArgs(
             host=h,
             ami=cfg.amis[h.arch],
@@ -128,7 +135,20 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
             roll_host=roll_host,
             after=after,
         ))
-        previous_in_group[h.group] = servers[name]
+        previous_in_group[h.group] = name
+        if cfg.gates.enabled:
+            gates[name] = ReadinessGate(
+                f"{cfg.stack}-{name}-gate", cfg, h, servers[name].instance.id,
+                rendered.apply(_user_data_sha_of(name)),
+                opts=pulumi.ResourceOptions(parent=servers[name]))
+
+    cutover: dict[str, Any] | None = None
+    if cfg.cutover is not None and vip is not None:
+        c = cfg.cutover
+        value = vip.public_ip if c.target == "vip" else pulumi.Output.from_input(c.old_server_ip)
+        aws.route53.Record(f"{cfg.stack}-cutover", zone_id=c.zone_id, name=c.record_name, type="A", ttl=c.ttl,
+                           records=[value])
+        cutover = {"name": c.record_name, "target": c.target, "ttl": c.ttl, "value": value}
 
     by_name = {h.name: h for h in hosts}
     outputs: dict[str, Any] = {
@@ -167,6 +187,8 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
             n: rh.file(ENV_FILE).content.decode() for n, rh in sorted(r.items())
             if any(f.path == ENV_FILE for f in rh.files)}),
         "rendered": rendered.apply(lambda r: {n: render_summary(rh) for n, rh in sorted(r.items())}),
+        "cutover": cutover,
+        "gates": sorted(gates),
     }
     return outputs
 
@@ -177,6 +199,12 @@ def _bundle_of(name: str) -> Callable[[dict[str, RenderedHost]], str]:
 
 def _user_data_of(name: str) -> Callable[[dict[str, RenderedHost]], bytes]:
     return lambda r: r[name].user_data
+
+
+def _user_data_sha_of(name: str) -> Callable[[dict[str, RenderedHost]], str]:
+    import hashlib
+
+    return lambda r: hashlib.sha256(r[name].user_data).hexdigest()
 
 
 def _b64(b: bytes) -> str:
