@@ -8,6 +8,7 @@ the instances, e.g. when the operator's machine cannot reach SSM).
 from __future__ import annotations
 
 import shlex
+
 import pulumi
 import pulumi_command as command
 

@@ -5,9 +5,10 @@ recovery) and, where the role keeps state, a protected encrypted data volume.
 How template changes reach hosts (Pulumi updates resources in parallel, so a change to
 every Galera node's user-data must never stop them together):
 - stateful roles (lb, data, slurm, monitoring) ignore user-data and AMI changes; the
-  rolling command (`tools/rolling.py`) re-applies the new files one host at a time,
-  waiting for each to be healthy/Synced, or replaces one host at a time by running
-  `pulumi up` with HPC_ROLL_HOST=<host> (only that host then takes the change);
+  rolling command (`tools/rolling.py`) replaces them one host at a time by running
+  `pulumi up` with HPC_ROLL_HOST=<host> (only that host then takes the change, and loses
+  its termination protection for the replacement), waiting for each to be
+  healthy/Synced before the next (a stop/start would not re-run cloud-init);
 - web/app hosts are replaced on change (delete-before-replace, so the replacement takes
   over the same interface and address), each after the previous one: host N depends on
   host N-1, so Pulumi replaces them one at a time.
@@ -97,7 +98,9 @@ class Server(pulumi.ComponentResource):
                 "tags": {**tags, "Name": f"{h.name}-root"},
             },
             maintenance_options={"auto_recovery": "default"},  # EC2 simplified automatic recovery
-            disable_api_termination="data" in h.roles,
+            # Termination protection would block the rolling replacement of a data host:
+            # it is lifted only for the host named by HPC_ROLL_HOST (tools/rolling.py).
+            disable_api_termination="data" in h.roles and args.roll_host != h.name,
             user_data_base64=args.user_data_gz.apply(lambda b: base64.b64encode(b).decode()),
             user_data_replace_on_change=not stateful,
             tags=tags,

@@ -131,6 +131,8 @@ RESOURCE_TYPES: dict[str, tuple[str, Computed]] = {
     "aws:ec2/vpnConnectionRoute:VpnConnectionRoute": ("vpnroute", _none),
     "aws:ec2transitgateway/vpcAttachment:VpcAttachment": ("tgw-attach", _none),
     "aws:ec2/route:Route": ("r", _none),
+    "aws:route53/healthCheck:HealthCheck": ("hc", _none),
+    "aws:cloudwatch/metricAlarm:MetricAlarm": ("alarm", _arn("cloudwatch", "alarm")),
     "command:local:Command": ("cmd", lambda n, i: {"stdout": "ready", "stderr": ""}),
     "random:index/randomPassword:RandomPassword": ("none", _password),
     "random:index/randomBytes:RandomBytes": ("none", _bytes),

@@ -77,7 +77,7 @@ def test_gates_wait_for_each_host_and_chain_web_app_replacements(tally):
     run = run_stack("prod", overrides={"gates": {"enabled": True, "timeout_s": 600}})
     cmds = {r.name: r for r in run.of_type("command:local:Command")}
     tally.check(len(cmds) == 11)
-    for name, c in cmds.items():
+    for c in cmds.values():
         tally.check(c.inputs["create"].startswith("python3 tools/gate.py --region ap-northeast-2 --host "), c.inputs)
         tally.check("--timeout 600" in c.inputs["create"] and len(c.inputs["triggers"]) == 2)
     insts = {r.inputs["tags"]["Name"]: r for r in run.of_type("aws:ec2/instance:Instance")}
