@@ -6,11 +6,12 @@ set -euo pipefail
 
 PACKAGES=(
   haproxy keepalived nginx-light rsyslog
-  prometheus prometheus-alertmanager
+  prometheus prometheus-alertmanager prometheus-blackbox-exporter prometheus-node-exporter
   mariadb-server mariadb-backup galera-4 socat
   redis-server redis-sentinel
   slurmctld slurmdbd slurm-client munge
-  shellcheck cloud-init nftables iproute2 util-linux openssl perl
+  shellcheck cloud-init nftables iproute2 util-linux bsdutils openssl perl
+  systemd logrotate graphviz curl python3-boto3
 )
 
 missing=()

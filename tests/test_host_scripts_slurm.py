@@ -1,0 +1,431 @@
+"""Host scripts of the Slurm tier, run for real against temporary files.
+
+- hpc-slurm-state-guard: refuses a state directory on the root filesystem, a read-only
+  or non-empty unmarked one, and an empty one unless first initialisation is allowed
+  (once per host); accepts a marked directory on its own mount.
+- hpc-slurm-metrics: turns scontrol/sinfo/squeue output (fakes on PATH) into textfile
+  metrics that promtool accepts, written atomically.
+- hpc-munge-key: decodes the secret into a 0600 key, idempotently, and refuses bad keys.
+- hpc-slurm-boot (rendered): writes slurmdbd.conf with an escaped StoragePass and starts
+  the right daemons for the host's position.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.machinery
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from cloud_init.templating import SCRIPTS, render_template
+from tests.contexts import contexts
+from tests.nsrun import can_isolate, run_isolated
+
+GUARD = SCRIPTS / "hpc-slurm-state-guard"
+METRICS = SCRIPTS / "hpc-slurm-metrics"
+MUNGE_KEY = SCRIPTS / "hpc-munge-key"
+
+
+def load_script(path: Path) -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader(path.name.replace("-", "_"), str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60, **kw)
+
+
+# ------------------------------------------------------------------ hpc-slurm-state-guard
+
+
+def mountinfo(tmp_path: Path, *mount_points: str) -> Path:
+    """A mountinfo file with the root filesystem and the given mount points (as nfs4)."""
+    lines = ["22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw"]
+    for i, mp in enumerate(mount_points, 30):
+        escaped = mp.replace(" ", "\\040")
+        lines.append(f"{i} 22 0:{i} / {escaped} rw,relatime shared:{i} - nfs4 fs-1.efs:/ rw,vers=4.1")
+    p = tmp_path / "mountinfo"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def guard(tmp_path: Path, state: Path, mounts: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, str(GUARD), "--state-dir", str(state), "--slurm-user", "",
+                "--first-init-record", str(tmp_path / "record"), "--mountinfo", str(mounts), *extra])
+
+
+def test_guard_refuses_a_state_dir_on_the_root_filesystem(tmp_path):
+    state = tmp_path / "slurm" / "state"
+    state.mkdir(parents=True)
+    (state / ".hpc-slurm-state").write_text("{}")
+    r = guard(tmp_path, state, mountinfo(tmp_path), "--allow-first-init")
+    assert r.returncode == 1 and "root filesystem" in r.stderr
+
+
+def test_guard_accepts_a_marked_state_dir_on_its_mount(tmp_path):
+    state = tmp_path / "slurm" / "state"
+    state.mkdir(parents=True)
+    (state / ".hpc-slurm-state").write_text("{}")
+    (state / "job_state").write_text("x")
+    r = guard(tmp_path, state, mountinfo(tmp_path, str(tmp_path / "slurm")))
+    assert r.returncode == 0, r.stderr
+    assert "has its marker" in r.stdout
+
+
+def test_guard_initialises_an_empty_dir_only_when_allowed_and_only_once(tmp_path):
+    state = tmp_path / "slurm" / "state"
+    state.mkdir(parents=True)
+    mounts = mountinfo(tmp_path, str(tmp_path / "slurm"))
+    r = guard(tmp_path, state, mounts)  # the backup: may not initialise
+    assert r.returncode == 1 and "may not initialise" in r.stderr
+    assert not (state / ".hpc-slurm-state").exists()
+
+    r = guard(tmp_path, state, mounts, "--allow-first-init")  # the primary, first boot
+    assert r.returncode == 0, r.stderr
+    marker = json.loads((state / ".hpc-slurm-state").read_text())
+    assert marker["state_dir"] == str(state)
+    assert (tmp_path / "record").is_file()
+
+    assert guard(tmp_path, state, mounts).returncode == 0  # now the backup may start too
+
+    # The state vanishes later (wrong access point, deleted files): refused even on the
+    # primary, because this host already initialised it once.
+    (state / ".hpc-slurm-state").unlink()
+    r = guard(tmp_path, state, mounts, "--allow-first-init")
+    assert r.returncode == 1 and "already initialised" in r.stderr
+
+
+def test_guard_creates_a_missing_state_dir_on_first_init(tmp_path):
+    (tmp_path / "slurm").mkdir()
+    state = tmp_path / "slurm" / "state"
+    r = guard(tmp_path, state, mountinfo(tmp_path, str(tmp_path / "slurm")), "--allow-first-init")
+    assert r.returncode == 0, r.stderr
+    assert (state / ".hpc-slurm-state").is_file()
+
+
+def test_guard_refuses_a_non_empty_dir_without_marker_and_a_file(tmp_path):
+    state = tmp_path / "slurm" / "state"
+    state.mkdir(parents=True)
+    (state / "job_state").write_text("someone else's")
+    mounts = mountinfo(tmp_path, str(tmp_path / "slurm"))
+    r = guard(tmp_path, state, mounts, "--allow-first-init")
+    assert r.returncode == 1 and "no marker" in r.stderr
+    other = tmp_path / "slurm" / "file"
+    other.write_text("")
+    r = guard(tmp_path, other, mounts, "--allow-first-init")
+    assert r.returncode == 1 and "not a directory" in r.stderr
+
+
+def test_guard_reads_escaped_mount_points(tmp_path):
+    state = tmp_path / "shared dir" / "state"
+    state.mkdir(parents=True)
+    (state / ".hpc-slurm-state").write_text("{}")
+    r = guard(tmp_path, state, mountinfo(tmp_path, str(tmp_path / "shared dir")))
+    assert r.returncode == 0, r.stderr
+    mod = load_script(GUARD)
+    assert mod._unescape("/a\\040b\\134c") == "/a b\\c"
+
+
+@pytest.mark.skipif(not can_isolate(), reason="needs root and unshare for namespaces")
+def test_guard_with_the_real_mount_table(tmp_path):
+    """In a mount namespace: a plain directory (on /) is refused, the same directory
+    bind-mounted is accepted, and read-only it is refused."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".hpc-slurm-state").write_text("{}")
+    g = f"{sys.executable} {GUARD} --state-dir {state} --slurm-user '' --first-init-record {tmp_path}/record"
+    script = f"""
+        {g} >/dev/null 2>&1 && echo plain=accepted || echo plain=refused
+        mount --bind {state} {state}
+        {g} >/dev/null 2>&1 && echo bound=accepted || echo bound=refused
+        mount -o remount,ro,bind {state}
+        {g} 2>&1 | grep -q read-only && echo readonly=refused || echo readonly=accepted
+    """
+    r = run_isolated(["bash", "-c", script])
+    # tmp_path may itself sit on a separate mount (a tmpfs /tmp): then "plain" is on that
+    # mount, not on /, and is accepted.
+    on_root = subprocess.run(["findmnt", "-n", "-o", "TARGET", "-T", str(tmp_path)],
+                             capture_output=True, text=True).stdout.strip() == "/"
+    assert ("plain=refused" if on_root else "plain=accepted") in r.stdout, r.stdout + r.stderr
+    assert "bound=accepted" in r.stdout and "readonly=refused" in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------- hpc-slurm-metrics
+
+PING_UP = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is DOWN\n"
+PING_DOWN = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is DOWN\n"
+SINFO = "cn001 idle\ncn001 idle\ncn002 mixed\ncn003 down*\ncn004 idle~\ncn005 drained\ncn006 allocated+\n"
+SQUEUE = "PENDING\nPENDING\nRUNNING\nCOMPLETING\n"
+
+
+def fake_bin(tmp_path: Path, ping: str, sinfo: str = SINFO, squeue: str = SQUEUE, ping_rc: int = 0) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for name, out, rc in (("scontrol", ping, ping_rc), ("sinfo", sinfo, 0), ("squeue", squeue, 0)):
+        (d / f"{name}.out").write_text(out)
+        p = d / name
+        p.write_text(f'#!/bin/sh\necho "$*" >> "{d}/{name}.calls"\ncat "{d}/{name}.out"\nexit {rc}\n')
+        p.chmod(0o755)
+    return d
+
+
+def run_metrics(tmp_path: Path, bin_dir: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / "textfile" / "slurm.prom"
+    r = run([sys.executable, str(METRICS), "--output", str(out), "--timeout", "5"],
+            env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    return r, out
+
+
+def promtool_check_metrics(text: str) -> subprocess.CompletedProcess[str]:
+    return run(["promtool", "check", "metrics"], input=text)
+
+
+def test_metrics_from_a_running_cluster(tmp_path):
+    bin_dir = fake_bin(tmp_path, PING_UP, ping_rc=1)  # scontrol ping exits 1 when one is down
+    r, out = run_metrics(tmp_path, bin_dir)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    for line in (
+        'hpc_slurm_controller_up{controller="slurm-1",position="primary"} 1',
+        'hpc_slurm_controller_up{controller="slurm-2",position="backup"} 0',
+        'hpc_slurm_nodes{state="idle"} 2',  # cn001 (listed twice: two partitions) + cn004
+        'hpc_slurm_nodes{state="mixed"} 1',
+        'hpc_slurm_nodes{state="down"} 1',
+        'hpc_slurm_nodes{state="drained"} 1',
+        'hpc_slurm_nodes{state="allocated"} 1',
+        'hpc_slurm_nodes{state="draining"} 0',
+        'hpc_slurm_jobs{state="pending"} 2',
+        'hpc_slurm_jobs{state="running"} 1',
+        'hpc_slurm_jobs{state="completing"} 1',
+        'hpc_slurm_jobs{state="suspended"} 0',
+        'hpc_slurm_collector_success{source="ping"} 1',
+        'hpc_slurm_collector_success{source="sinfo"} 1',
+        'hpc_slurm_collector_success{source="squeue"} 1',
+    ):
+        assert line in text.splitlines(), f"{line} missing in\n{text}"
+    ts = next(line for line in text.splitlines() if line.startswith("hpc_slurm_collector_last_run_timestamp_seconds "))
+    assert abs(float(ts.split()[1]) - __import__("time").time()) < 60
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["slurm.prom"], "temp file left behind"
+    assert (bin_dir / "sinfo.calls").read_text().strip() == "-h -N -o %N %T"
+    c = promtool_check_metrics(text)
+    assert c.returncode == 0, c.stdout + c.stderr
+
+
+def test_metrics_when_no_controller_answers(tmp_path):
+    bin_dir = fake_bin(tmp_path, PING_DOWN, ping_rc=1)
+    r, out = run_metrics(tmp_path, bin_dir)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert 'hpc_slurm_controller_up{controller="slurm-1",position="primary"} 0' in text
+    assert 'hpc_slurm_collector_success{source="ping"} 1' in text
+    assert 'hpc_slurm_collector_success{source="sinfo"} 0' in text
+    assert "hpc_slurm_nodes{" not in text and "hpc_slurm_jobs{" not in text
+    assert not (bin_dir / "sinfo.calls").exists(), "sinfo should not wait on a dead controller"
+    assert promtool_check_metrics(text).returncode == 0
+
+
+def test_metrics_when_scontrol_is_missing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "slurm.prom"
+    r = run([sys.executable, str(METRICS), "--output", str(out)], env={"PATH": str(empty)})
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert 'hpc_slurm_collector_success{source="ping"} 0' in text
+    assert "hpc_slurm_controller_up{" not in text
+
+
+def test_metrics_replace_the_previous_file_atomically(tmp_path):
+    bin_dir = fake_bin(tmp_path, PING_UP)
+    out = tmp_path / "textfile" / "slurm.prom"
+    out.parent.mkdir()
+    out.write_text("old\n")
+    inode = out.stat().st_ino
+    r, out = run_metrics(tmp_path, bin_dir)
+    assert r.returncode == 0
+    assert out.stat().st_ino != inode, "written in place instead of renamed over"
+    assert "old" not in out.read_text()
+
+
+def test_metrics_parsers_and_label_escaping():
+    mod = load_script(METRICS)
+    assert mod.base_state("IDLE+DRAIN") == "idle"
+    assert mod.base_state("down*") == "down"
+    assert mod.parse_ping("Slurmctld(primary) at a is UP\nnoise\n") == [("a", "primary", 1)]
+    text = mod.render([('we"ird\\', "primary", 1)], None, None, {"ping": 1}, 0.0)
+    assert 'controller="we\\"ird\\\\"' in text
+
+
+def test_promtool_rejects_broken_metrics_text():
+    """The negative twin of the format check above."""
+    r = promtool_check_metrics('hpc_slurm_jobs{state="pending" 2\n')
+    assert r.returncode != 0
+
+
+# ------------------------------------------------------------------------- hpc-munge-key
+
+
+def munge_env(tmp_path: Path, key_bytes: bytes | None = None, raw: str | None = None) -> dict[str, str]:
+    secret = tmp_path / "munge_key"
+    secret.write_text(raw if raw is not None else base64.encodebytes(key_bytes or os.urandom(1024)).decode())
+    (tmp_path / "etc-munge").mkdir(exist_ok=True)
+    log = tmp_path / "systemctl.log"
+    stub = tmp_path / "systemctl"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    stub.chmod(0o755)
+    return {"HPC_MUNGE_KEY_SECRET": str(secret), "HPC_MUNGE_KEY_FILE": str(tmp_path / "etc-munge" / "munge.key"),
+            "HPC_MUNGE_OWNER": "root:root", "HPC_SYSTEMCTL": str(stub)}
+
+
+def test_munge_key_is_written_once_and_restarts_munge_only_on_change(tmp_path):
+    key = os.urandom(1024)
+    env = munge_env(tmp_path, key)
+    r = run(["bash", str(MUNGE_KEY), "--restart"], env)
+    assert r.returncode == 0 and r.stdout.strip() == "changed", r.stderr
+    path = Path(env["HPC_MUNGE_KEY_FILE"])
+    assert path.read_bytes() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (tmp_path / "systemctl.log").read_text() == "restart munge.service\n"
+
+    mtime = path.stat().st_mtime_ns
+    r = run(["bash", str(MUNGE_KEY), "--restart"], env)
+    assert r.stdout.strip() == "unchanged" and path.stat().st_mtime_ns == mtime
+    assert (tmp_path / "systemctl.log").read_text() == "restart munge.service\n"
+
+    path.chmod(0o644)  # wrong mode is repaired
+    assert run(["bash", str(MUNGE_KEY)], env).stdout.strip() == "changed"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert list(path.parent.iterdir()) == [path], "temp file left behind"
+
+
+@pytest.mark.parametrize("raw,why", [
+    ("", "missing or empty"),
+    ("not base64 at all!!", "not valid base64"),
+    (base64.b64encode(b"short").decode(), "32 to 1024"),
+    (base64.b64encode(os.urandom(2048)).decode(), "32 to 1024"),
+])
+def test_munge_key_refuses_bad_secrets_and_keeps_the_old_key(tmp_path, raw, why):
+    env = munge_env(tmp_path, raw=raw)
+    path = Path(env["HPC_MUNGE_KEY_FILE"])
+    path.write_bytes(b"old-key" * 10)
+    r = run(["bash", str(MUNGE_KEY)], env)
+    assert r.returncode == 1 and why in r.stderr, r.stderr
+    assert path.read_bytes() == b"old-key" * 10
+    assert [p.name for p in path.parent.iterdir()] == ["munge.key"]
+
+
+# ------------------------------------------------------------------------ hpc-slurm-boot
+
+
+def boot_env(tmp_path: Path, ctx: dict[str, Any], password: str) -> tuple[Path, dict[str, str]]:
+    script = tmp_path / "hpc-slurm-boot"
+    script.write_text(render_template("slurm/hpc-slurm-boot", ctx))
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    (secrets / "mariadb_slurm_password").write_text(password + "\n")
+    (tmp_path / "etc-slurm").mkdir(exist_ok=True)
+    base = tmp_path / "slurmdbd.conf.base"
+    base.write_text(render_template("slurm/slurmdbd.conf", ctx))
+    log = tmp_path / "calls.log"
+    for name, out in (("systemctl", ""), ("munge-key", "unchanged")):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n[ -z "{out}" ] || echo {out}\n')
+        stub.chmod(0o755)
+    return script, {
+        "HPC_SECRETS_DIR": str(secrets), "HPC_SLURMDBD_BASE": str(base),
+        "HPC_SLURMDBD_CONF": str(tmp_path / "etc-slurm" / "slurmdbd.conf"), "HPC_SLURMDBD_OWNER": "root:root",
+        "HPC_SLURM_READY": str(tmp_path / "ready"), "HPC_SYSTEMCTL": str(tmp_path / "systemctl"),
+        "HPC_MUNGE_KEY_CMD": str(tmp_path / "munge-key"),
+    }
+
+
+def slurm_host(stack: str, position: str) -> dict[str, Any]:
+    ctxs = contexts(stack)
+    names = [c["name"] for c in next(iter(ctxs.values()))["slurm"]["controllers"]]
+    if position == "primary":
+        return ctxs[names[0]]
+    if position == "backup":
+        return ctxs[names[1]]
+    return next(c for n, c in sorted(ctxs.items()) if "app" in c["host"]["roles"] and n not in names)
+
+
+def test_slurmdbd_conf_gets_an_escaped_password_and_is_rewritten_only_on_change(tmp_path):
+    script, env = boot_env(tmp_path, slurm_host("prod", "primary"), "a#b\\c d")
+    r = run(["bash", str(script), "slurmdbd-conf"], env)
+    assert r.returncode == 0 and r.stdout.strip() == "changed", r.stderr
+    conf = Path(env["HPC_SLURMDBD_CONF"])
+    text = conf.read_text()
+    assert text.startswith(Path(env["HPC_SLURMDBD_BASE"]).read_text())
+    assert text.splitlines()[-1] == 'StoragePass="a\\#b\\\\c d"'
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert run(["bash", str(script), "slurmdbd-conf"], env).stdout.strip() == "unchanged"
+    (Path(env["HPC_SECRETS_DIR"]) / "mariadb_slurm_password").write_text("rotated")
+    assert run(["bash", str(script), "slurmdbd-conf"], env).stdout.strip() == "changed"
+    assert conf.read_text().splitlines()[-1] == 'StoragePass="rotated"'
+    assert sorted(p.name for p in conf.parent.iterdir()) == ["slurmdbd.conf"]
+
+
+@pytest.mark.parametrize("password", ['with"quote', "two\nlines", ""])
+def test_slurmdbd_conf_refuses_passwords_it_cannot_hold(tmp_path, password):
+    script, env = boot_env(tmp_path, slurm_host("prod", "primary"), password)
+    if not password:
+        (Path(env["HPC_SECRETS_DIR"]) / "mariadb_slurm_password").write_text("")
+    r = run(["bash", str(script), "slurmdbd-conf"], env)
+    assert r.returncode == 1, r.stdout
+    assert not Path(env["HPC_SLURMDBD_CONF"]).exists()
+    assert sorted(p.name for p in Path(env["HPC_SLURMDBD_CONF"]).parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("position,expect,absent", [
+    ("primary", ["systemctl enable slurmdbd.service", "systemctl restart slurmdbd.service",
+                 "systemctl start --no-block slurmctld.service", "systemctl enable --now hpc-slurm-metrics.timer"], []),
+    ("backup", ["systemctl start --no-block slurmctld.service"], ["slurmdbd"]),
+    ("none", ["munge-key ", "systemctl start munge.service"], ["slurmdbd", "slurmctld", "metrics"]),
+])
+def test_boot_starts_what_the_host_runs(tmp_path, position, expect, absent):
+    script, env = boot_env(tmp_path, slurm_host("prod", position), "pw")
+    r = run(["bash", str(script)], env)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls.log").read_text()
+    for line in expect:
+        assert line in calls.splitlines(), f"{line!r} not in\n{calls}"
+    for word in absent:
+        assert word not in calls, f"{word} in\n{calls}"
+    assert (tmp_path / "ready").exists() == (position != "none")
+    if position == "primary":  # the second run restarts nothing
+        (tmp_path / "calls.log").unlink()
+        assert run(["bash", str(script)], env).returncode == 0
+        assert "restart" not in (tmp_path / "calls.log").read_text()
+
+
+# ----------------------------------------------------------------------------- linters
+
+
+def test_shell_scripts_pass_shellcheck_and_python_scripts_compile():
+    r = run(["shellcheck", "-s", "bash", str(MUNGE_KEY)])
+    assert r.returncode == 0, r.stdout
+    for script in (GUARD, METRICS):
+        r = run([sys.executable, "-m", "py_compile", str(script)])
+        assert r.returncode == 0, r.stderr
+        assert script.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_shellcheck_rejects_a_broken_munge_key_script(tmp_path):
+    broken = tmp_path / "hpc-munge-key"
+    broken.write_text(MUNGE_KEY.read_text().replace('cmp -s "$tmp" "$key"', "cmp -s $tmp $key"))
+    r = run(["shellcheck", "-s", "bash", str(broken)])
+    assert r.returncode != 0 and "SC2086" in r.stdout
