@@ -226,8 +226,10 @@ def _render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]], limi
         for i, e in enumerate(doc.get("commands") or []):
             if _applies(e, roles, ctx, f"templates/{tier}/manifest.yaml commands[{i}]"):
                 run = e["run"]
-                commands.append((int(e.get("order", 50)), tier, i,
-                                 [str(x) for x in run] if isinstance(run, list) else ["sh", "-c", str(run)]))
+                argv = [str(x) for x in run] if isinstance(run, list) else ["sh", "-c", str(run)]
+                # arguments may name context values: "{{ host.data_volume.size_gb }}"
+                argv = [_ENV.from_string(a).render(**ctx) if "{{" in a else a for a in argv]
+                commands.append((int(e.get("order", 50)), tier, i, argv))
         for k, v in (doc.get("cloud_config") or {}).items():
             if k not in ALLOWED_CLOUD_CONFIG_KEYS:
                 raise ValueError(f"templates/{tier}/manifest.yaml cloud_config: unknown key {k}")
