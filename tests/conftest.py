@@ -12,13 +12,17 @@ from components.stackfile import stack_files
 from tests.harness import ProgramRun, run_stack
 
 STACKS = sorted(stack_files())
-_RUNS: dict[tuple[str, bool], ProgramRun] = {}
+_RUNS: dict[str, ProgramRun] = {}
 
 
-def program_run(stack: str, preview: bool = False) -> ProgramRun:
-    key = (stack, preview)
+def program_run(stack: str, preview: bool = False, **kwargs: Any) -> ProgramRun:
+    """A run of the real program, shared by every test that asks for the same inputs
+    (runs are deterministic; tests only read them)."""
+    import json
+
+    key = json.dumps([stack, preview, kwargs], sort_keys=True)
     if key not in _RUNS:
-        _RUNS[key] = run_stack(stack, preview=preview)
+        _RUNS[key] = run_stack(stack, preview=preview, **kwargs)
     return _RUNS[key]
 
 

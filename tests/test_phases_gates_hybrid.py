@@ -7,6 +7,7 @@ import pytest
 
 from components.catalog import expand_matrix
 from components.config import ConfigError, load_config
+from tests.conftest import program_run
 from tests.harness import ProgramFailed, run_stack
 
 CUTOVER = {"zone_id": "Z0123456789ABC", "record_name": "portal.example.ac.kr", "old_server_ip": "110.15.177.120"}
@@ -23,7 +24,7 @@ def _phase_run(phase: int):
     overrides = {"phase": phase}
     if phase == 6:
         overrides["cutover"] = CUTOVER
-    return run_stack("prod", overrides=overrides)
+    return program_run("prod", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_raising_the_phase_only_adds(phase_runs, tally):
 
 
 def test_cutover_points_at_the_vip_or_back_at_the_old_server(tally):
-    run = run_stack("prod", overrides={"cutover": {**CUTOVER, "ttl": 60}})
+    run = _phase_run(6)
     rec = [r for r in run.of_type("aws:route53/record:Record") if r.name == "prod-cutover"][0]
     tally.check(rec.inputs["records"] == [run.outputs["vip"]["public_ip"]] and rec.inputs["ttl"] == 60)
     back = run_stack("prod", overrides={"cutover": {**CUTOVER, "target": "old"}})
@@ -83,7 +84,7 @@ def test_gates_wait_for_each_host_and_chain_web_app_replacements(tally):
     insts = {r.inputs["tags"]["Name"]: r for r in run.of_type("aws:ec2/instance:Instance")}
     tally.check(insts["app-2"].opts["depends_on"] == ["prod-app-1-gate-ready"])
     tally.check(insts["app-3"].opts["depends_on"] == ["prod-app-2-gate-ready"])
-    off = run_stack("prod")
+    off = program_run("prod")
     tally.check(not off.of_type("command:local:Command"), "gates are off unless enabled")
 
 
@@ -105,7 +106,7 @@ def test_vpn_and_routes_for_onprem_cidrs(tally):
                                        "hybrid": {"mode": "tgw", "transit_gateway_id": "tgw-0123456789abcdef0"}})
     tally.check(len(tgw.of_type("aws:ec2transitgateway/vpcAttachment:VpcAttachment")) == 1)
     tally.check(all(r.inputs["transitGatewayId"] == "tgw-0123456789abcdef0" for r in tgw.of_type("aws:ec2/route:Route")))
-    tally.check(not run_stack("dev").of_type("aws:ec2/route:Route"), "no hybrid resources by default")
+    tally.check(not program_run("dev").of_type("aws:ec2/route:Route"), "no hybrid resources by default")
 
 
 def test_hybrid_matrix_cells_open_exactly_the_compute_paths(tally):

@@ -115,9 +115,7 @@ def test_stateful_hosts_ignore_template_changes_and_web_app_hosts_roll_one_at_a_
 
 
 def test_roll_host_lets_exactly_one_stateful_host_take_a_change(tally):
-    from tests.harness import run_stack
-
-    run = run_stack("prod", env={"HPC_ROLL_HOST": "data-2"})
+    run = program_run("prod", env={"HPC_ROLL_HOST": "data-2"})
     for name, r in instances(run).items():
         tally.check((r.opts["ignore_changes"] == []) == (name == "data-2" or name.startswith("app-")), name)
 
@@ -128,7 +126,10 @@ def test_data_hosts_have_protected_encrypted_data_volumes_and_termination_protec
         inst = instances(stack_run)[name]
         if "data" in h["roles"]:
             tally.check(vols[f"{name}-data"].opts["protect"] and vols[f"{name}-data"].inputs["encrypted"], name)
-            tally.check(vols[f"{name}-data"].inputs["size"] == 500 and vols[f"{name}-data"].inputs["type"] == "gp3")
+            from tests.contexts import _load
+
+            expected = _load(stack_run.stack)[0].group("data").data_gb
+            tally.check(vols[f"{name}-data"].inputs["size"] == expected and vols[f"{name}-data"].inputs["type"] == "gp3")
             tally.check(inst.inputs["disableApiTermination"] is True, name)
         else:
             tally.check(inst.inputs["disableApiTermination"] is False, name)
@@ -197,9 +198,8 @@ def test_network_has_three_subnet_roles_per_az_nat_and_endpoints(stack_run, tall
 
 
 def test_user_data_is_gzipped_cloud_config_within_16kb_and_identical_across_runs(stack_run, tally):
-    from tests.harness import run_stack
-
-    again = {n: r.inputs["userDataBase64"] for n, r in instances(run_stack(stack_run.stack)).items()}
+    # the preview run is a second, independent run of the program
+    again = {n: r.inputs["userDataBase64"] for n, r in instances(program_run(stack_run.stack, True)).items()}
     for name, r in instances(stack_run).items():
         raw = base64.b64decode(r.inputs["userDataBase64"])
         tally.check(len(raw) <= 16 * 1024, f"{name}: {len(raw)} bytes")

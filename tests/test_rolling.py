@@ -52,9 +52,9 @@ def test_a_failed_gate_stops_the_roll(tally, capsys):
 
 
 def test_roll_host_lifts_termination_protection_for_that_host_only(tally):
-    from tests.harness import run_stack
+    from tests.conftest import program_run
 
-    run = run_stack("prod", env={"HPC_ROLL_HOST": "data-2"})
+    run = program_run("prod", env={"HPC_ROLL_HOST": "data-2"})
     for r in run.of_type("aws:ec2/instance:Instance"):
         name = r.inputs["tags"]["Name"]
         if name.startswith("data-"):

@@ -71,9 +71,10 @@ def test_the_tiers_can_reach_what_they_need(prod, tally):
 
 
 def test_ssh_only_from_the_management_network_and_only_when_enabled(tally):
+    from tests.conftest import program_run
     from tests.harness import run_stack
 
-    off = created_rules(run_stack("dev"))
+    off = created_rules(program_run("dev"))
     tally.check(not any(r[4] == 22 for r in off), "SSH open by default")
     net = {"vpc_cidr": "10.41.0.0/16", "azs": ["ap-northeast-2a", "ap-northeast-2b"], "nat_gateways": "single",
            "ssh_from_management": True}
