@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= prod
 
-.PHONY: help venv deps test test-fast lint typecheck rehearse plan ami-latest bench clean
+.PHONY: help venv deps test test-fast lint typecheck rehearse plan plan-diff ami-latest bench clean
 
 help:
 	@echo "make rehearse      offline plan of STACK=$(STACK): every host with roles, AZ, subnet, IP, type"
 	@echo "make test          venv + Debian checkers + lint + types + the whole test suite"
-	@echo "make plan STACK=x  the offline plan of one stack"
+	@echo "make plan STACK=x  the offline plan of one stack (build/plan-x.json, .md, .svg)"
+	@echo "make plan-diff BASE=ref STACK=x  what the working tree changes against a git ref"
 	@echo "make ami-latest    Canonical's current Ubuntu 24.04 AMI ids (needs AWS credentials)"
 	@echo "make bench         time the program under mocks and the unit suite"
 
@@ -38,6 +39,10 @@ test-fast: venv
 
 rehearse plan: venv
 	$(PY) tools/plan.py --stack $(STACK)
+
+BASE ?= HEAD~1
+plan-diff: venv
+	$(PY) tools/plan_diff.py --base $(BASE) --stack $(STACK)
 
 REGION ?= ap-northeast-2
 ami-latest: venv

@@ -16,6 +16,7 @@ No Pulumi here: components call it from `Output.all(...).apply(...)`.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -79,10 +80,13 @@ class RenderedHost:
         return gzip.decompress(self.user_data).decode()
 
 
+@functools.lru_cache(maxsize=8)
 def load_manifests(root: Path = TEMPLATES) -> dict[str, dict[str, Any]]:
+    """Every tier's manifest (read once per process; callers must not modify it)."""
     out: dict[str, dict[str, Any]] = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for m in sorted(root.glob("*/manifest.yaml")):
-        doc = yaml.safe_load(m.read_text()) or {}
+        doc = yaml.load(m.read_text(), Loader=loader) or {}
         unknown = set(doc) - {"files", "commands", "packages", "cloud_config"}
         if unknown:
             raise ValueError(f"{m}: unknown manifest keys {sorted(unknown)}")
