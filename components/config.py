@@ -116,7 +116,9 @@ PROFILE_GROUPS: dict[str, tuple[GroupSpec, ...]] = {
     # controllers and the monitoring/log host get hosts of their own.
     "ha": (
         GroupSpec("lb", ("lb",), "external", "lb", 2, 2, 2, 2, 0, 10),
-        GroupSpec("app", ("web", "app"), "internal", "app", 3, 2, 300, 2, 0, 64),
+        # At most 400 web/app hosts: their bundle grants must fit the 9 managed IAM
+        # policies a role can take besides SSM core (components/iam.py).
+        GroupSpec("app", ("web", "app"), "internal", "app", 3, 2, 400, 2, 0, 64),
         GroupSpec("data", ("data",), "internal", "data", 3, 3, 9, 3, 1, 30, odd_count=True),
         GroupSpec("slurm", ("slurm",), "internal", "slurm", 2, 2, 2, 2, 2, 20),
         GroupSpec("mon", ("monitoring",), "management", "monitoring", 1, 1, 1, 1, 2, 10),

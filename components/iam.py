@@ -10,6 +10,7 @@ EC2 Describe actions that AWS only grants on every resource.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pulumi
@@ -26,8 +27,6 @@ def policy_document(
     region: str,
     account: str,
     ssm_path: str,
-    bundle_bucket: str,
-    bundle_keys: list[str],
     roles: tuple[str, ...],
     eip_allocation_id: str | None = None,
     lb_eni_ids: list[str] | None = None,
@@ -43,12 +42,6 @@ def policy_document(
             # GetParametersByPath is authorised on the path itself.
             "Action": ["ssm:GetParametersByPath", "ssm:GetParameter", "ssm:GetParameters"],
             "Resource": [f"{param}/secrets"] + [f"{param}/secrets/{n}" for n in _secret_names()],
-        },
-        {
-            "Sid": "ReadOwnBundle",
-            "Effect": "Allow",
-            "Action": ["s3:GetObject"],
-            "Resource": sorted(f"arn:{partition}:s3:::{bundle_bucket}/{k}" for k in bundle_keys),
         },
     ]
     if "lb" in roles and eip_allocation_id and lb_eni_ids:
@@ -94,10 +87,46 @@ def policy_document(
     return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
 
 
+def bundle_policy_document(partition: str, bundle_bucket: str, bundle_keys: list[str]) -> str:
+    """Read access to exactly these hosts' bundle objects."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "ReadOwnBundle",
+        "Effect": "Allow",
+        "Action": ["s3:GetObject"],
+        "Resource": sorted(f"arn:{partition}:s3:::{bundle_bucket}/{k}" for k in bundle_keys),
+    }]}, sort_keys=True)
+
+
+# IAM limits: a managed policy holds 6,144 characters, and a role takes 10 managed
+# policies by default. Bundle grants are split so each chunk stays under the limit even
+# with the longest bucket name S3 allows (63 characters).
+MANAGED_POLICY_LIMIT = 6144
+MAX_BUNDLE_POLICIES = 9  # plus AmazonSSMManagedInstanceCore
+
+
+def bundle_key_chunks(stack: str, host_names: list[str]) -> list[list[str]]:
+    per_key = len('"arn:aws-us-gov:s3:::') + 63 + len(f"/{stack}/") + len('/bundle.tar.gz", ')
+    overhead = 200
+    chunks: list[list[str]] = [[]]
+    size = overhead
+    for h in host_names:
+        cost = per_key + len(h)
+        if chunks[-1] and size + cost > MANAGED_POLICY_LIMIT - 300:
+            chunks.append([])
+            size = overhead
+        chunks[-1].append(h)
+        size += cost
+    return chunks
+
+
 def _secret_names() -> list[str]:
     from .hostctx import SECRET_NAMES
 
     return sorted(SECRET_NAMES)
+
+
+def _bundle_doc_for(keys: list[str]) -> Callable[[list[Any]], str]:
+    return lambda v: bundle_policy_document(v[0], v[1], keys)
 
 
 class HostRole(pulumi.ComponentResource):
@@ -124,14 +153,21 @@ class HostRole(pulumi.ComponentResource):
         role_child = pulumi.ResourceOptions(parent=self.role)
         aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=self.role.name, policy_arn=SSM_CORE,
                                      opts=role_child)
-        bundle_keys = [f"{cfg.stack}/{h}/bundle.tar.gz" for h in host_names]
+        for i, chunk in enumerate(bundle_key_chunks(cfg.stack, host_names)):
+            keys = [f"{cfg.stack}/{h}/bundle.tar.gz" for h in chunk]
+            bundle_doc = pulumi.Output.all(partition, bundle_bucket).apply(_bundle_doc_for(keys))
+            pol = aws.iam.Policy(f"{name}-bundles-{i}", policy=bundle_doc,
+                                 description=f"{cfg.project} {cfg.stack}: read the bundles of {chunk[0]}..{chunk[-1]}",
+                                 tags=tags, opts=child)
+            aws.iam.RolePolicyAttachment(f"{name}-bundles-{i}", role=self.role.name, policy_arn=pol.arn,
+                                         opts=role_child)
         backup_keys = [f"mariadb/{h}/latest.xbstream.gz" for h in host_names]
         eip = eip_allocation_id if eip_allocation_id is not None else pulumi.Output.from_input("")
         doc = pulumi.Output.all(partition, account, bundle_bucket, backup_bucket, eip,
                                 pulumi.Output.all(*lb_eni_ids)).apply(
             lambda v: policy_document(
                 partition=v[0], region=cfg.region, account=v[1], ssm_path=cfg.ssm_path,
-                bundle_bucket=v[2], bundle_keys=bundle_keys, roles=roles,
+                roles=roles,
                 eip_allocation_id=v[4] or None, lb_eni_ids=list(v[5]),
                 backup_bucket=v[3], backup_keys=backup_keys,
             ))

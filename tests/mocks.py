@@ -122,6 +122,7 @@ RESOURCE_TYPES: dict[str, tuple[str, Computed]] = {
     "aws:iam/role:Role": ("role", _iam_role),
     "aws:iam/rolePolicy:RolePolicy": ("rp", _none),
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": ("rpa", _none),
+    "aws:iam/policy:Policy": ("pol", lambda n, i: {"arn": f"arn:aws:iam::{ACCOUNT}:policy/{n}", "name": n}),
     "aws:iam/instanceProfile:InstanceProfile": ("ip", _profile),
     "aws:dlm/lifecyclePolicy:LifecyclePolicy": ("policy", _arn("dlm", "policy")),
     "aws:ssm/parameter:Parameter": ("param", _none),

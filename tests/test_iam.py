@@ -7,10 +7,12 @@ import json
 
 
 def statements(run):
-    for p in run.of_type("aws:iam/rolePolicy:RolePolicy"):
-        doc = json.loads(p.inputs["policy"])
-        for st in doc["Statement"]:
-            yield p.name, st
+    """Every statement of the program's own policies: inline and managed."""
+    for typ in ("aws:iam/rolePolicy:RolePolicy", "aws:iam/policy:Policy"):
+        for p in run.of_type(typ):
+            doc = json.loads(p.inputs["policy"])
+            for st in doc["Statement"]:
+                yield p.name, st
 
 
 def as_list(v):
@@ -60,3 +62,28 @@ def test_every_instance_role_has_ssm_core(stack_run, tally):
     tally.check(roles)
     for r in roles:
         tally.check(r.outputs["name"] in attached, r.name)
+
+
+def test_each_host_may_read_exactly_its_groups_bundles_within_iam_size_limits(tally):
+    from tests.conftest import program_run
+
+    for stack, count in (("prod", None), ("prod", 400)):
+        run = program_run(stack, overrides={"roles": {"app": {"count": count}}}) if count else program_run(stack)
+        granted: dict[str, set[str]] = {}
+        attached = {(a.inputs["role"], a.inputs["policyArn"]) for a in
+                    run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")}
+        roles = {r.name: r.outputs["name"] for r in run.of_type("aws:iam/role:Role")}
+        per_role: dict[str, int] = {}
+        for p in run.of_type("aws:iam/policy:Policy"):
+            tally.check(len(p.inputs["policy"]) <= 6144, f"{p.name}: {len(p.inputs['policy'])} chars")
+            role = roles[p.name.rsplit("-bundles-", 1)[0] + "-role"]
+            tally.check((role, p.outputs["arn"]) in attached, f"{p.name} not attached to {role}")
+            per_role[role] = per_role.get(role, 0) + 1
+            for res in json.loads(p.inputs["policy"])["Statement"][0]["Resource"]:
+                granted.setdefault(role, set()).add(res.split("/")[-2])
+        tally.check(max(per_role.values()) + 1 <= 10, per_role)  # + SSM core; IAM allows 10 by default
+        for r in run.of_type("aws:iam/rolePolicy:RolePolicy"):
+            tally.check(len(r.inputs["policy"]) <= 10240, r.name)
+        hosts = run.outputs["hosts"]
+        all_granted = set().union(*granted.values())
+        tally.check(all_granted == set(hosts), sorted(set(hosts) ^ all_granted)[:5])

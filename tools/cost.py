@@ -47,6 +47,7 @@ FREE_TYPES = {
     "aws:s3/bucketVersioning:BucketVersioning", "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
     "aws:s3/bucketObjectv2:BucketObjectv2", "aws:iam/role:Role", "aws:iam/rolePolicy:RolePolicy",
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment", "aws:iam/instanceProfile:InstanceProfile",
+    "aws:iam/policy:Policy",
     "aws:dlm/lifecyclePolicy:LifecyclePolicy", "aws:route53/record:Record", "aws:ec2/customerGateway:CustomerGateway",
     "aws:ec2/vpnGateway:VpnGateway", "aws:ec2/vpnConnectionRoute:VpnConnectionRoute",
     "random:index/randomPassword:RandomPassword", "random:index/randomBytes:RandomBytes",
