@@ -31,6 +31,14 @@ DOMAIN_RE = re.compile(r"^(?=.{1,200}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a
 RESERVED_PORTS = {22, 80, 443, 514, 2049, 3000, 3306, 4444, 4567, 4568, 6379, 6817, 6818,
                   6819, 8080, 8404, 9090, 9093, 9100, 9104, 9115, 9121, 9200, 26379}
 
+# slurm.conf keys the template sets from the topology and the stack: not overridable.
+SLURM_MANAGED_KEYS = {k.lower() for k in (
+    "ClusterName", "SlurmctldHost", "ControlMachine", "BackupController", "SlurmUser", "AuthType", "CredType",
+    "SlurmctldPort", "SlurmdPort", "SrunPortRange", "SlurmctldPidFile", "SlurmdPidFile", "SlurmdSpoolDir",
+    "SlurmctldTimeout", "StateSaveLocation", "ProctrackType", "TaskPlugin", "SelectType",
+    "AccountingStorageType", "AccountingStorageHost", "AccountingStoragePort", "JobCompType", "NodeName",
+    "PartitionName", "Include")}
+
 _TYPES_FILE = Path(__file__).parent / "data" / "instance_types.json"
 INSTANCE_TYPES: dict[str, dict[str, Any]] = json.loads(_TYPES_FILE.read_text())
 
@@ -177,6 +185,7 @@ class SlurmConfig:
     partitions: tuple[dict[str, Any], ...]
     srun_port_range: str
     ctld_timeout: int
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -512,7 +521,8 @@ def _validate_services(p: _Problems, raw: Any) -> tuple[ServiceConfig, ...]:
 
 def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
     s = _as_dict(p, "slurm", raw)
-    _unknown_keys(p, "slurm", s, {"cluster_name", "nodes", "partitions", "srun_port_range", "ctld_timeout"})
+    _unknown_keys(p, "slurm", s, {"cluster_name", "nodes", "partitions", "srun_port_range", "ctld_timeout",
+                                  "settings"})
     name = s.get("cluster_name", "hpc")
     if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]{0,39}$", name):
         p.add("slurm.cluster_name", name, "a lowercase Slurm cluster name")
@@ -525,8 +535,18 @@ def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
     for key, items, first in (("slurm.nodes", nodes, "NodeName"), ("slurm.partitions", parts, "PartitionName")):
         if not isinstance(items, list) or not all(isinstance(n, dict) and first in n for n in items):
             p.add(key, items, f"a list of mappings of slurm.conf keys, each with {first}")
+    settings_raw = _as_dict(p, "slurm.settings", s.get("settings"))
+    settings: dict[str, str] = {}
+    for k, v in sorted(settings_raw.items()):
+        if not re.match(r"^[A-Z][A-Za-z]{2,40}$", str(k)) or str(k).lower() in SLURM_MANAGED_KEYS:
+            p.add(f"slurm.settings.{k}", v, "an extra slurm.conf setting such as GresTypes; keys the stack manages "
+                  "itself (controllers, ports, state, accounting, plugins) are refused")
+        elif not isinstance(v, (str, int)) or "\n" in str(v) or str(v).strip() == "":
+            p.add(f"slurm.settings.{k}", v, "a single-line value")
+        else:
+            settings[str(k)] = str(v)
     return SlurmConfig(str(name), tuple(nodes if isinstance(nodes, list) else ()),
-                       tuple(parts if isinstance(parts, list) else ()), rng, timeout)
+                       tuple(parts if isinstance(parts, list) else ()), rng, timeout, settings)
 
 
 def _port_range(p: _Problems, key: str, value: Any, example: str) -> str:

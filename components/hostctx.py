@@ -127,6 +127,7 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
             "partitions": [dict(p) for p in cfg.slurm.partitions],
             "srun_port_range": cfg.slurm.srun_port_range,
             "ctld_timeout": cfg.slurm.ctld_timeout,
+            "settings": dict(cfg.slurm.settings),
         },
         "monitoring": {
             "host": _brief(mon),

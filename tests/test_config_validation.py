@@ -55,6 +55,9 @@ CASES = [
     ("prod-needs-tls", "prod", None, "tls_cert: null -> secret config tls_cert and tls_key"),
     ("phase-out-of-range", "prod", {"phase": 9}, "phase: 9 -> an integer from 1 to 6"),
     ("data-disk-below-min", "prod", {"roles": {"data": {"data_gb": 20}}}, "roles.data.data_gb: 20 -> an integer from 100"),
+    ("slurm-setting-managed-by-stack", "prod", {"slurm": {"settings": {"SlurmctldPort": 7000}}},
+     "slurm.settings.SlurmctldPort: 7000 -> an extra slurm.conf setting"),
+    ("too-many-app-hosts", "prod", {"roles": {"app": {"count": 401}}}, "roles.app.count: 401 -> 2 to 400 in profile ha"),
     ("too-many-app-hosts-for-subnet", "prod", {"network": {**PROD_NET, "subnet_prefix": 26}, "roles": {"app": {"count": 30}}},
      "roles.app.count: 30 -> at most"),
 ]

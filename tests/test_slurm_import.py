@@ -237,7 +237,9 @@ def test_import_writes_only_the_slurm_block(stack_dir):
     # NodeAddr from the hosts file, as a hostlist; an existing NodeAddr is kept.
     assert s["nodes"][0]["NodeAddr"] == "192.168.101.[1-16]"
     assert s["nodes"][2]["NodeAddr"] == "192.168.101.[41-44]"
-    for warning in ("GresTypes=gpu", "PriorityType, PriorityWeightFairshare", "DownNodes", "NodeSet icelake"):
+    # GresTypes is carried through slurm.settings (rendered into slurm.conf by the template)
+    assert s["settings"] == {"GresTypes": "gpu"}
+    for warning in ("PriorityType, PriorityWeightFairshare", "DownNodes", "NodeSet icelake"):
         assert warning in r.stdout, r.stdout
     # Running it again changes nothing.
     assert run("--slurm-conf", OLD, "--stack-file", path, "--old-version", "22.05.8", "--hosts-file",

@@ -523,9 +523,6 @@ def check_consistency(conf: SlurmConf, hosts: dict[str, str] | None) -> list[str
         unknown = [x for x in expand_hostlist(str(p[nodes_key])) if x not in all_names]
         if unknown:
             raise ImportError_(f"partition {p['PartitionName']} names undefined node(s) {compress_hostlist(unknown)}")
-    if conf.get("GresTypes"):
-        warnings.append(f"GresTypes={conf.get('GresTypes')} must be added to the stack's slurm.conf template "
-                        f"(and gres.conf on the nodes stays as it is)")
     for key, want in (("SlurmctldPort", "6817"), ("SlurmdPort", "6818")):
         if conf.get(key, want) != want:
             warnings.append(f"{key}={conf.get(key)} differs from the stack's {want}: the compute nodes' "
@@ -672,6 +669,9 @@ def import_into_stack(conf: SlurmConf, stack_file: Path, project: str, dry_run: 
     new = dict(current)
     new["cluster_name"] = cluster_name(conf)
     new["srun_port_range"] = rng
+    if conf.get("GresTypes"):
+        # carried through slurm.settings; gres.conf on the compute nodes stays as it is
+        new["settings"] = {**(current.get("settings") or {}), "GresTypes": conf.get("GresTypes")}
     new["nodes"] = conf.nodes
     new["partitions"] = conf.partitions
     new_text, dropped = write_stack_key(text, key, new)
