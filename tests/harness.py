@@ -8,6 +8,7 @@ offline plan (`make plan`) and the rehearsal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -141,6 +142,33 @@ def run_stack(
         secret_keys.append(f"{project}:{k}")
 
     mocks = StrictMocks()
+    # A fresh event loop per run: a run that failed must not leave tasks behind that
+    # break the next one.
+    old_loop = asyncio.get_event_loop_policy().get_event_loop() if _has_loop() else None
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return _run(stack, preview, project, flat, secret_keys, mocks, env)
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+        asyncio.set_event_loop(old_loop if old_loop is not None and not old_loop.is_closed() else None)
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _run(stack: str, preview: bool, project: str, flat: dict[str, str], secret_keys: list[str],
+         mocks: StrictMocks, env: dict[str, str] | None) -> ProgramRun:
     pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_all_config(flat, secret_keys)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=preview)
