@@ -195,7 +195,10 @@ def _run(stack: str, preview: bool, project: str, flat: dict[str, str], secret_k
     main = str(ROOT / "__main__.py")
     with _env(env):
         try:
-            _sync_await(run_pulumi_func(lambda: runpy.run_path(main, run_name="__main__")))
+            def program() -> None:
+                runpy.run_path(main, run_name="__main__")
+
+            _sync_await(run_pulumi_func(program))
         except Exception as exc:
             registered = [r for r in mocks.resources if not r.type.startswith("hpc:")]
             raise ProgramFailed(exc, registered) from exc
