@@ -26,6 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (3, 30, 300)
 BUDGETS = {3: 3.0, 300: 30.0}
+# The program's unit tests: the real __main__.py under mocks, config validation, security
+# groups, IAM, phases/gates/hybrid, rolling, the StackReference example.
+PROGRAM_SUITE = [f"tests/{n}.py" for n in (
+    "test_program", "test_config_validation", "test_security", "test_iam", "test_phases_gates_hybrid",
+    "test_rolling", "test_example_next_phase", "test_gate_script")]
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -57,8 +62,13 @@ def main() -> int:
             times = plan_time(n, args.runs, Path(tmp))
             rows.append((n, statistics.median(times), times))
             print(f"  plan, {n:>3} web/app hosts: {', '.join(f'{t:.2f}' for t in times)} s", file=sys.stderr)
+    program_suite: list[float] = []
     suite: list[float] = []
     if not args.no_suite:
+        for _ in range(args.suite_runs):
+            program_suite.append(timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                        *PROGRAM_SUITE], dict(os.environ)))
+            print(f"  program unit suite: {program_suite[-1]:.1f} s", file=sys.stderr)
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         for _ in range(args.suite_runs):
             suite.append(timed([sys.executable, "-m", "pytest", "-q", "-m", "not daemons", "-p", "no:cacheprovider"], env))
@@ -71,6 +81,9 @@ def main() -> int:
         budget = f"{BUDGETS[n]:.0f} s" if n in BUDGETS else ""
         ok = "" if n not in BUDGETS else ("  ok" if med <= BUDGETS[n] else "  OVER")
         print(f"{'plan, ' + str(n) + ' web/app hosts (' + str(n + 8) + ' total)':<32} {med:>9.2f} {med / base:>10.2f} {budget:>8}{ok}")
+    if program_suite:
+        print(f"{'program unit suite (mocks)':<36} {statistics.median(program_suite):>9.1f}              30 s  "
+              f"{'ok' if statistics.median(program_suite) <= 30 else 'over'}")
     if suite:
         print(f"{'unit suite (not daemons)':<36} {statistics.median(suite):>9.1f}")
     (n1, t1, _), (n2, t2, _) = rows[0], rows[-1]
