@@ -157,7 +157,7 @@ def test_slurm_conf_has_one_line_per_controller_and_the_contract_values():
         for want in (f"ClusterName={s['cluster_name']}", f"SlurmctldTimeout={s['ctld_timeout']}",
                      f"StateSaveLocation={s['state_dir']}", f"SrunPortRange={s['srun_port_range']}",
                      "AccountingStorageType=accounting_storage/slurmdbd",
-                     f"AccountingStorageHost={s['slurmdbd_host']['name']}", "AccountingStoragePort=6819",
+                     f"AccountingStorageHost=slurmdbd.{ctx['domain']}", "AccountingStoragePort=6819",
                      "SlurmctldPort=6817", "SlurmdPort=6818", "AuthType=auth/munge",
                      "SelectType=select/cons_tres", "JobCompType=jobcomp/none"):
             assert want in lines, f"{stack}/{name}: {want} missing"
@@ -299,6 +299,7 @@ class Controller:
     def run(self, state_dir: Path) -> subprocess.CompletedProcess[str]:
         s = self.ctx["slurm"]
         hosts = {h["name"]: h["ip"] for h in self.ctx["hosts"]}
+        hosts.update(self.ctx["endpoints"])  # the private zone's names (slurmdbd.<domain>, ...)
         # Compute nodes get addresses too: slurmctld resolves them at startup.
         for n in s["nodes"]:
             expanded = subprocess.run(["scontrol", "show", "hostnames", n["NodeName"]],
