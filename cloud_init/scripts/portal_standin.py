@@ -1,0 +1,342 @@
+#!/usr/bin/python3
+"""Stand-in portal service: what the hpc-portal-* units run when no application artifact
+is configured (installed on app hosts as /usr/local/lib/hpc/portal_standin.py).
+
+It behaves like the plan asks of the real services, so the tiers around it are exercised
+for real: one process per (service, port) from the unit's environment (PORTAL_SERVICE,
+PORT, SERVER_ID, DB_NAME, HEALTH_PATH) and /etc/hpc/portal.env.
+
+  GET  <HEALTH_PATH>            200 {"status": "healthy", "checks": {...}} or 503
+                                "unhealthy": Redis through Sentinel (PING on the master),
+                                the DB writer (SELECT 1 through 127.0.0.1:3306), Slurm (a
+                                controller accepts on 6817)
+  GET  /<prefix>/session        session in Redis (cookie `sid`, TTL 8 h), created if absent
+  POST /<prefix>/records        {"request_id", "payload"}: idempotent write to MariaDB
+                                (unique request id; a replay changes nothing) -> 200
+                                {"ok": true, "duplicate": bool}
+  GET  /<prefix>/records/<id>   200 or 404
+  POST /<prefix>/records/missing  {"ids": [...]} -> {"missing": [...], "rows", "duplicates"}
+  GET  /<prefix>/records-stats  {"rows", "distinct", "checksum"} (CHECKSUM TABLE)
+  POST /<prefix>/jobs           sbatch --wrap (Slurm client commands) -> {"job_id"}
+  GET  /<prefix>/jobs/<id>      {"job_id", "state"} from squeue/sacct/scontrol
+  anything else                 200 {"service", "server"}
+
+Needs python3-redis and python3-pymysql (Debian/Ubuntu packages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+SERVICE = os.environ.get("PORTAL_SERVICE", "api")
+PORT = int(os.environ.get("PORT", "5010"))
+SERVER_ID = os.environ.get("SERVER_ID", socket.gethostname())
+DB_NAME = os.environ.get("DB_NAME", "portal_api")
+HEALTH = os.environ.get("HEALTH_PATH", "/health")
+SESSION_TTL = 8 * 3600
+CACHE_S = 1.0
+
+
+def secret(env_name: str, file_var: str) -> str:
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    path = os.environ.get(file_var)
+    if path:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return ""
+
+
+def log(msg: str) -> None:
+    print(f"portal-standin {SERVICE}:{PORT}: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------- backends
+
+
+class Redis:
+    def __init__(self) -> None:
+        import redis
+        from redis.sentinel import Sentinel
+
+        pw = secret("REDIS_PASSWORD", "REDIS_PASSWORD_FILE")
+        spw = secret("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE") or pw
+        sentinels = []
+        for item in os.environ.get("REDIS_SENTINELS", "").split(","):
+            if item.strip():
+                host, _, port = item.strip().rpartition(":")
+                sentinels.append((host, int(port)))
+        self.sentinel = Sentinel(sentinels, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                 sentinel_kwargs={"password": spw or None, "socket_timeout": 1.0,
+                                                  "socket_connect_timeout": 1.0})
+        self.master = self.sentinel.master_for(os.environ.get("REDIS_MASTER_NAME", "mymaster"), password=pw or None,
+                                               socket_timeout=1.5, socket_connect_timeout=1.0, retry_on_timeout=False)
+        self.errors = (redis.RedisError, OSError)
+
+
+class Db:
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.password = secret("DB_PASSWORD", "DB_PASSWORD_FILE")
+        self.ready = False
+        self.lock = threading.Lock()
+
+    def conn(self) -> Any:
+        import pymysql  # type: ignore[import-untyped]
+
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = pymysql.connect(host=os.environ.get("DB_HOST", "127.0.0.1"), port=int(os.environ.get("DB_PORT", "3306")),
+                                user=os.environ.get("DB_USER", "portal"), password=self.password, database=DB_NAME,
+                                connect_timeout=2, read_timeout=5, write_timeout=5, autocommit=True)
+            self.local.c = c
+        return c
+
+    def drop(self) -> None:
+        c = getattr(self.local, "c", None)
+        self.local.c = None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def query(self, sql: str, args: Any = None) -> tuple[int, list[tuple[Any, ...]]]:
+        """One statement; a broken connection is dropped (the caller's request fails)."""
+        try:
+            self.ensure_schema()
+            with self.conn().cursor() as cur:
+                n = cur.execute(sql, args)
+                return n, list(cur.fetchall())
+        except Exception:
+            self.drop()
+            raise
+
+    def ensure_schema(self) -> None:
+        if self.ready:
+            return
+        with self.lock:
+            if self.ready:
+                return
+            with self.conn().cursor() as cur:
+                cur.execute("CREATE TABLE IF NOT EXISTS records ("
+                            " id BIGINT AUTO_INCREMENT PRIMARY KEY,"
+                            " request_id VARCHAR(64) NOT NULL,"
+                            " payload VARCHAR(255) NOT NULL,"
+                            " server_id VARCHAR(64) NOT NULL,"
+                            " created TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
+                            " UNIQUE KEY uq_request (request_id)) ENGINE=InnoDB")
+            self.ready = True
+
+
+REDIS: Redis | None = None
+DB = Db()
+_health_cache: dict[str, Any] = {"t": 0.0, "value": None}
+_health_lock = threading.Lock()
+
+
+def redis() -> Redis:
+    global REDIS
+    if REDIS is None:
+        REDIS = Redis()
+    return REDIS
+
+
+def check_redis() -> str:
+    try:
+        redis().master.ping()
+        return "ok"
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}"
+
+
+def check_db() -> str:
+    try:
+        DB.query("SELECT 1")
+        return "ok"
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}"
+
+
+def check_slurm() -> str:
+    hosts = [h for h in os.environ.get("SLURM_CONTROLLER_HOSTS", os.environ.get("SLURM_CONTROLLER_HOST", "")).split(",")
+             if h]
+    for h in hosts:
+        try:
+            with socket.create_connection((h, 6817), timeout=1.0):
+                return "ok"
+        except OSError:
+            continue
+    return "error: no slurmctld answers on 6817" if hosts else "error: no controller configured"
+
+
+def health() -> tuple[int, dict[str, Any]]:
+    with _health_lock:
+        if time.monotonic() - _health_cache["t"] < CACHE_S and _health_cache["value"] is not None:
+            return _health_cache["value"]
+    checks = {"redis": check_redis(), "database": check_db(), "slurm": check_slurm()}
+    ok = all(v == "ok" for v in checks.values())
+    value = (200 if ok else 503, {"status": "healthy" if ok else "unhealthy", "checks": checks,
+                                  "service": SERVICE, "server": SERVER_ID})
+    with _health_lock:
+        _health_cache.update(t=time.monotonic(), value=value)
+    return value
+
+
+def slurm(argv: list[str]) -> tuple[int, str]:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 1, str(e)
+    return cp.returncode, (cp.stdout + cp.stderr).strip()
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "hpc-portal-standin"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def reply(self, code: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        body = (json.dumps(doc) + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def body(self) -> Any:
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        return json.loads(raw or b"{}")
+
+    def path_tail(self) -> str:
+        """The path without the service's route prefix (/api/records -> /records)."""
+        path = self.path.split("?", 1)[0]
+        m = re.match(r"^/[A-Za-z0-9_-]+(/.*)$", path)
+        return m.group(1) if m else path
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == HEALTH:
+                code, doc = health()
+                return self.reply(code, doc)
+            tail = self.path_tail()
+            if tail == "/session":
+                return self.session()
+            m = re.fullmatch(r"/records/([A-Za-z0-9_.:-]{1,64})", tail)
+            if m:
+                _n, rows = DB.query("SELECT request_id FROM records WHERE request_id = %s", (m.group(1),))
+                return self.reply(200 if rows else 404, {"found": bool(rows), "server": SERVER_ID})
+            if tail == "/records-stats":
+                _n, rows = DB.query("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM records")
+                _n, ck = DB.query("CHECKSUM TABLE records")
+                return self.reply(200, {"rows": rows[0][0], "distinct": rows[0][1], "checksum": ck[0][1]})
+            m = re.fullmatch(r"/jobs/(\d+)", tail)
+            if m:
+                return self.job_state(m.group(1))
+            return self.reply(200, {"service": SERVICE, "server": SERVER_ID})
+        except Exception as e:  # noqa: BLE001 - a backend failure is a 503, never a hang
+            return self.reply(503, {"error": f"{type(e).__name__}: {e}", "server": SERVER_ID})
+
+    def do_POST(self) -> None:
+        try:
+            tail = self.path_tail()
+            req = self.body()
+            if tail == "/records":
+                rid = str(req.get("request_id", ""))
+                if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", rid):
+                    return self.reply(400, {"error": "request_id: 1-64 of [A-Za-z0-9_.:-]"})
+                n, _rows = DB.query("INSERT IGNORE INTO records (request_id, payload, server_id) VALUES (%s, %s, %s)",
+                                    (rid, str(req.get("payload", ""))[:255], SERVER_ID))
+                return self.reply(200, {"ok": True, "duplicate": n == 0, "server": SERVER_ID})
+            if tail == "/records/missing":
+                ids = [str(x) for x in req.get("ids", [])]
+                found: set[str] = set()
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    if chunk:
+                        _n, rows = DB.query("SELECT request_id FROM records WHERE request_id IN (" +
+                                            ",".join(["%s"] * len(chunk)) + ")", chunk)
+                        found |= {r[0] for r in rows}
+                _n, rows = DB.query("SELECT COUNT(*) - COUNT(DISTINCT request_id), COUNT(*) FROM records")
+                return self.reply(200, {"missing": [x for x in ids if x not in found], "duplicates": int(rows[0][0]),
+                                        "rows": int(rows[0][1])})
+            if tail == "/jobs":
+                secs = int(req.get("seconds", 600))
+                rc, out = slurm(["sbatch", "--parsable", "--job-name", str(req.get("name", "portal")), "--output",
+                                 "/dev/null", f"--wrap=sleep {secs}"])
+                if rc != 0:
+                    return self.reply(503, {"error": out})
+                return self.reply(200, {"job_id": out.split(";")[0].strip()})
+            return self.reply(404, {"error": "no such endpoint"})
+        except Exception as e:  # noqa: BLE001
+            return self.reply(503, {"error": f"{type(e).__name__}: {e}", "server": SERVER_ID})
+
+    def session(self) -> None:
+        sid = ""
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == "sid" and re.fullmatch(r"[0-9a-f]{32}", v):
+                sid = v
+        r = redis().master
+        headers = {}
+        if sid and r.expire(f"session:{sid}", SESSION_TTL):
+            data = r.get(f"session:{sid}")
+            return self.reply(200, {"session": sid, "new": False, "data": (data or b"").decode(), "server": SERVER_ID})
+        sid = uuid.uuid4().hex
+        r.set(f"session:{sid}", json.dumps({"created": time.time(), "server": SERVER_ID}), ex=SESSION_TTL)
+        headers["Set-Cookie"] = f"sid={sid}; Path=/; HttpOnly; Secure; SameSite=Lax"
+        return self.reply(200, {"session": sid, "new": True, "server": SERVER_ID}, headers)
+
+    def job_state(self, job_id: str) -> None:
+        rc, out = slurm(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        if rc == 0 and out:
+            return self.reply(200, {"job_id": job_id, "state": out.splitlines()[0]})
+        rc, out = slurm(["scontrol", "show", "job", job_id])
+        m = re.search(r"JobState=(\S+)", out)
+        if m:
+            return self.reply(200, {"job_id": job_id, "state": m.group(1)})
+        return self.reply(404, {"job_id": job_id, "error": out[-200:]})
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def main() -> int:
+    host = os.environ.get(f"BACKEND_{PORT}_HOST", "0.0.0.0")
+    srv = Server((host, PORT), Handler)
+    log(f"serving {SERVICE} on {host}:{PORT} (health {HEALTH}, database {DB_NAME})")
+    srv.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
