@@ -4,10 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= prod
 
-.PHONY: help venv deps test test-fast lint typecheck rehearse plan plan-diff ami-latest bench clean
+.PHONY: help venv deps test test-fast lint typecheck rehearse rehearse-down plan plan-diff ami-latest bench bench-rehearsal clean
 
 help:
-	@echo "make rehearse      offline plan of STACK=$(STACK): every host with roles, AZ, subnet, IP, type"
+	@echo "make rehearse      boot STACK=$(STACK) in network namespaces, drill every failover (DRILLS=lb,redis for a subset)"
+	@echo "make rehearse-down remove whatever a rehearsal left behind"
 	@echo "make test          venv + Debian checkers + lint + types + the whole test suite"
 	@echo "make plan STACK=x  the offline plan of one stack (build/plan-x.json, .md, .svg)"
 	@echo "make plan-diff BASE=ref STACK=x  what the working tree changes against a git ref"
@@ -37,8 +38,15 @@ test: venv deps lint typecheck
 test-fast: venv
 	$(PY) -m pytest -m "not daemons"
 
-rehearse plan: venv
+plan: venv
 	$(PY) tools/plan.py --stack $(STACK)
+
+rehearse: venv deps
+	$(PY) tools/plan.py --stack $(STACK) --no-diagram
+	$(PY) -m rehearsal run --stack $(STACK) $(if $(DRILLS),--drills $(DRILLS))
+
+rehearse-down: venv
+	$(PY) -m rehearsal down
 
 BASE ?= HEAD~1
 plan-diff: venv
@@ -50,6 +58,9 @@ ami-latest: venv
 
 bench: venv
 	$(PY) tools/bench.py
+
+bench-rehearsal: venv deps
+	$(PY) tools/bench_rehearsal.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,144 @@
+"""Where everything of a rehearsal sits: hosts and subnets come from the real config model
+and topology (the same `load_config` + `build_topology` the program uses); the rest are
+the rehearsal's own stand-in addresses, all inside namespaces it creates.
+
+    rh-vpc      the VPC router: one bridge per subnet (gateway .1), forwarding between
+                them, DNAT of the Elastic IP to whichever ENI holds its association
+    rh-aws      the AWS stand-ins: moto (EC2, SSM, S3) at ENDPOINT_IP:443 playing the VPC
+                interface endpoints, the instance metadata service at 169.254.169.254
+    rh-client   "the internet": the load generator, at CLIENT_IP (TEST-NET-3)
+    rh-<host>   one per EC2 host, its ENI `ens5` with the plan's private IP
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.config import StackConfig, load_config
+from components.stackfile import ROOT, namespace, project_name, read_stack
+from components.topology import Topology, build_topology
+
+AWS_NET = "10.255.0.0/24"
+AWS_GW = "10.255.0.1"
+ENDPOINT_IP = "10.255.0.2"  # moto: the VPC interface endpoints (security group "endpoints")
+EFS_IP = "10.255.0.3"  # the EFS mount targets' address (security group "efs"); nothing listens
+ENDPOINT_PORT = 443  # plain HTTP on the endpoints' port, so the security groups' https rule applies
+IMDS_IP = "169.254.169.254"
+CLIENT_NET = "203.0.113.0/30"  # the client link; the Elastic IP (.10) is routed, not on it
+CLIENT_GW = "203.0.113.1"
+CLIENT_IP = "203.0.113.2"
+EIP_PUBLIC_IP = "203.0.113.10"
+
+DEFAULT_WORKDIR = Path(os.environ.get("HPC_REHEARSAL_DIR", "/var/tmp/hpc-rehearsal"))
+LOCK_FILE = Path("/run/lock/hpc-rehearsal.lock")
+
+# Memory each host's boot-time sizing sees (/etc/hpc/memory-override.json), so three
+# MariaDB + Redis nodes and the rest fit in the rehearsal's 4 GiB.
+MEMORY_MIB = {"data": 1024, "monitoring": 1024, "default": 1024}
+
+NS_ROUTER, NS_AWS, NS_CLIENT = "rh-vpc", "rh-aws", "rh-client"
+
+
+@dataclass(frozen=True)
+class Subnet:
+    cidr: str
+    network: str  # external | internal | management
+    az: str
+    bridge: str
+
+    @property
+    def gateway(self) -> str:
+        return str(ipaddress.IPv4Network(self.cidr).network_address + 1)
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.cidr).prefixlen
+
+
+@dataclass(frozen=True)
+class RHost:
+    name: str
+    roles: tuple[str, ...]
+    ip: str
+    az: str
+    network: str
+    subnet: Subnet
+    index: int
+
+    @property
+    def ns(self) -> str:
+        return f"rh-{self.name}"
+
+    @property
+    def veth(self) -> str:  # router side; the host side is always ens5
+        return f"rhv{self.index}"
+
+    @property
+    def memory_mib(self) -> int:
+        for role in ("data", "monitoring"):
+            if role in self.roles:
+                return MEMORY_MIB[role]
+        return MEMORY_MIB["default"]
+
+
+@dataclass
+class Layout:
+    stack: str
+    cfg: StackConfig
+    topo: Topology
+    subnets: list[Subnet]
+    hosts: list[RHost]
+    workdir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def host(self, name: str) -> RHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no host {name!r} in stack {self.stack} (hosts: {', '.join(h.name for h in self.hosts)})")
+
+    def with_role(self, role: str) -> list[RHost]:
+        return [h for h in self.hosts if role in h.roles]
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [NS_ROUTER, NS_AWS, NS_CLIENT] + [h.ns for h in self.hosts]
+
+    def hostdir(self, name: str) -> Path:
+        return self.workdir / "hosts" / name
+
+    @property
+    def shared(self) -> Path:  # the EFS stand-in
+        return self.workdir / "efs"
+
+
+def load_stack(stack: str) -> tuple[StackConfig, Topology]:
+    """The stack's validated config and topology, exactly as the program builds them."""
+    config, secrets = read_stack(stack)
+    ns = namespace(config, project_name())
+    # Secrets are configured the way `pulumi config set --secret` would have them; the
+    # rehearsal creates their values itself in its SSM stand-in.
+    configured = frozenset(k.split(":", 1)[1] for k in secrets) | {"tls_cert", "tls_key"}
+    cfg = load_config(ns, stack=stack, project=project_name(), region=config.get("aws:region", "ap-northeast-2"),
+                      configured_secrets=configured)
+    return cfg, build_topology(cfg)
+
+
+def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR) -> Layout:
+    cfg, topo = load_stack(stack)
+    subnets: list[Subnet] = []
+    for network in ("external", "internal", "management"):
+        for az_index, cidr in enumerate(cfg.network.subnets[network]):
+            subnets.append(Subnet(cidr, network, cfg.network.azs[az_index], f"rhbr{len(subnets)}"))
+    by_cidr = {s.cidr: s for s in subnets}
+    hosts = [RHost(h.name, tuple(h.roles), h.ip, h.az, h.network, by_cidr[h.subnet], i)
+             for i, h in enumerate(topo.hosts)]
+    return Layout(stack, cfg, topo, subnets, hosts, workdir)
+
+
+def repo_root() -> Path:
+    return ROOT

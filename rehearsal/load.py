@@ -1,0 +1,198 @@
+"""Load through the VIP, from the client namespace ("the internet"), bounded in count and
+time. Every request is one line in the output file:
+
+    start end kind ok status request_id
+
+kinds: `write` (POST /api/records with a fresh request id: idempotent on the server),
+`session` (GET /api/session: Redis through Sentinel), `page` (GET /: nginx), `record`
+(GET /api/records/<an acknowledged id>: MariaDB through the DB writer).
+
+    python -m rehearsal.load run --url https://203.0.113.10 --out F [--rate 60] [--writes 0.3]
+                                 [--duration 600] [--max-requests 40000]
+    python -m rehearsal.load verify --url ... --ids F     read every acknowledged write back
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import queue
+import random
+import signal
+import ssl
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+TIMEOUT = 3.0
+
+
+class Conn:
+    def __init__(self, url: str):
+        u = urlparse(url)
+        self.host, self.port, self.tls = u.hostname or "", u.port or (443 if u.scheme == "https" else 80), u.scheme == "https"
+        self.ctx = ssl._create_unverified_context() if self.tls else None  # the rehearsal's self-signed certificate
+        self.c: http.client.HTTPConnection | None = None
+        self.cookie = ""
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+        if self.c is None:
+            if self.tls:
+                self.c = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ctx)
+            else:
+                self.c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        headers = {"Connection": "keep-alive"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.cookie:
+            headers["Cookie"] = self.cookie
+        try:
+            self.c.request(method, path, body=data, headers=headers)
+            r = self.c.getresponse()
+            payload = r.read()
+            sc = r.getheader("Set-Cookie")
+            if sc and sc.startswith("sid="):
+                self.cookie = sc.split(";", 1)[0]
+            if r.getheader("Connection", "").lower() == "close":
+                self.close()
+            return r.status, payload
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.c is not None:
+            try:
+                self.c.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.c = None
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tickets: queue.Queue[str] = queue.Queue(maxsize=int(args.rate * 2))
+    out = open(args.out, "a", buffering=1)
+    lock = threading.Lock()
+    acked: list[str] = []
+    counts = {"sent": 0, "skipped": 0}
+    deadline = time.monotonic() + args.duration
+
+    def worker() -> None:
+        conn = Conn(args.url)
+        while not stop.is_set():
+            try:
+                kind = tickets.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            rid = ""
+            t0 = time.time()
+            status = 0
+            try:
+                if kind == "write":
+                    rid = f"{args.tag}-{uuid.uuid4().hex[:20]}"
+                    status, body = conn.request("POST", "/api/records", {"request_id": rid, "payload": f"load {t0:.3f}"})
+                    ok = status == 200 and json.loads(body or b"{}").get("ok") is True
+                elif kind == "session":
+                    status, _b = conn.request("GET", "/api/session")
+                    ok = status == 200
+                elif kind == "record":
+                    with lock:
+                        rid = random.choice(acked[-200:]) if acked else ""
+                    if not rid:
+                        status, _b = conn.request("GET", "/")
+                    else:
+                        status, _b = conn.request("GET", f"/api/records/{rid}")
+                    ok = status == 200
+                else:
+                    status, _b = conn.request("GET", "/")
+                    ok = status == 200
+            except Exception:  # noqa: BLE001 - timeouts, resets, refused: a failed request
+                ok = False
+            t1 = time.time()
+            if ok and kind == "write":
+                with lock:
+                    acked.append(rid)
+            out.write(f"{t0:.3f} {t1:.3f} {kind} {int(ok)} {status} {rid or '-'}\n")
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
+    for t in threads:
+        t.start()
+    interval = 1.0 / args.rate
+    nxt = time.monotonic()
+    reads = ["session", "page", "record"]
+    while not stop.is_set() and time.monotonic() < deadline and counts["sent"] < args.max_requests:
+        kind = "write" if random.random() < args.writes else random.choice(reads)
+        try:
+            tickets.put_nowait(kind)
+            counts["sent"] += 1
+        except queue.Full:
+            counts["skipped"] += 1  # every worker is waiting on a timeout: the load backs off
+        nxt += interval
+        time.sleep(max(0.0, nxt - time.monotonic()))
+    stop.set()
+    for t in threads:
+        t.join(TIMEOUT + 2)
+    out.close()
+    print(json.dumps({"sent": counts["sent"], "skipped": counts["skipped"], "acked_writes": len(acked)}), flush=True)
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    with open(args.ids) as f:
+        ids = [x.strip() for x in f if x.strip()]
+    conn = Conn(args.url)
+    missing: list[str] = []
+    duplicates = rows = 0
+    for i in range(0, len(ids), 400):
+        chunk = ids[i:i + 400]
+        last: Exception | None = None
+        for _attempt in range(20):
+            try:
+                status, body = conn.request("POST", "/api/records/missing", {"ids": chunk}, timeout=15)
+                if status == 200:
+                    doc = json.loads(body)
+                    missing += doc["missing"]
+                    duplicates, rows = doc["duplicates"], doc["rows"]
+                    break
+                last = RuntimeError(f"HTTP {status}: {body[:200]!r}")
+            except Exception as e:  # noqa: BLE001
+                last = e
+            time.sleep(1)
+        else:
+            print(json.dumps({"error": f"could not verify: {last}"}))
+            return 1
+    print(json.dumps({"checked": len(ids), "missing": missing, "duplicates": duplicates, "rows": rows}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rehearsal.load")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--url", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--rate", type=float, default=60.0)
+    r.add_argument("--writes", type=float, default=0.3)
+    r.add_argument("--workers", type=int, default=24)
+    r.add_argument("--duration", type=float, default=600.0)
+    r.add_argument("--max-requests", type=int, default=60000)
+    r.add_argument("--tag", default=os.environ.get("HPC_REHEARSAL_TAG", "rh"))
+    v = sub.add_parser("verify")
+    v.add_argument("--url", required=True)
+    v.add_argument("--ids", required=True)
+    a = p.parse_args(argv)
+    return run(a) if a.cmd == "run" else verify(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Network namespaces of a rehearsal: the VPC router, the AWS stand-ins, the client, one
+per host, and each host's security groups as nftables rules in its own namespace.
+
+Security groups act per interface, also between hosts of one subnet, so the rules sit in
+each host's namespace (input = ingress, output = egress), generated from
+`components.catalog.expand_matrix`: a port the matrix forgot is dropped here as it would
+be on AWS. Dropped flows are recorded in the sets `drop_in` / `drop_out` (shown by
+`python -m rehearsal status`), so a missing rule is easy to see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Iterable, Sequence
+
+from components.catalog import Rule, expand_matrix
+
+from .layout import (
+    AWS_GW,
+    AWS_NET,
+    CLIENT_GW,
+    CLIENT_IP,
+    CLIENT_NET,
+    EFS_IP,
+    EIP_PUBLIC_IP,
+    ENDPOINT_IP,
+    IMDS_IP,
+    NS_AWS,
+    NS_CLIENT,
+    NS_ROUTER,
+    Layout,
+    RHost,
+)
+
+NFT_HOST_TABLE = "rh_sg"
+NFT_ROUTER_TABLE = "rh_router"
+
+
+class NetError(RuntimeError):
+    pass
+
+
+def sh(cmd: Sequence[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    cp = subprocess.run(list(cmd), capture_output=True, text=True, input=input)
+    if check and cp.returncode != 0:
+        raise NetError(f"{' '.join(cmd)}: {cp.stderr.strip() or cp.stdout.strip()}")
+    return cp
+
+
+def ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh(["ip"] + (["-n", ns] if ns else []) + list(args), check=check)
+
+
+def in_ns(ns: str, cmd: Sequence[str]) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{ns}", "--"] + list(cmd)
+
+
+def nft(ns: str, script: str) -> None:
+    sh(in_ns(ns, ["nft", "-f", "-"]), input=script)
+
+
+def existing_namespaces() -> list[str]:
+    cp = sh(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in cp.stdout.splitlines() if line.strip()]
+
+
+def _sysctl(ns: str, key: str, value: str) -> None:
+    sh(in_ns(ns, ["sysctl", "-q", "-w", f"{key}={value}"]))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def create(layout: Layout) -> None:
+    """Create every namespace, link and route. Raises if any exists already."""
+    leftovers = [n for n in existing_namespaces() if n in layout.namespaces]
+    if leftovers:
+        raise NetError(f"namespaces of an earlier rehearsal still exist: {', '.join(leftovers)} "
+                       "(run `make rehearse-down`)")
+    for ns in layout.namespaces:
+        sh(["ip", "netns", "add", ns])
+        ip(ns, "link", "set", "lo", "up")
+
+    # The VPC router: a bridge per subnet holding the subnet's gateway address.
+    r = NS_ROUTER
+    _sysctl(r, "net.ipv4.ip_forward", "1")
+    for s in layout.subnets:
+        ip(r, "link", "add", s.bridge, "type", "bridge")
+        ip(r, "addr", "add", f"{s.gateway}/{s.prefixlen}", "dev", s.bridge)
+        ip(r, "link", "set", s.bridge, "up")
+
+    # AWS stand-ins: endpoints (moto) and the metadata service.
+    ip(r, "link", "add", "rhaws", "type", "veth", "peer", "name", "eth0", "netns", NS_AWS)
+    ip(r, "addr", "add", f"{AWS_GW}/{ipaddress.IPv4Network(AWS_NET).prefixlen}", "dev", "rhaws")
+    ip(r, "link", "set", "rhaws", "up")
+    ip(NS_AWS, "addr", "add", f"{ENDPOINT_IP}/24", "dev", "eth0")
+    ip(NS_AWS, "addr", "add", f"{EFS_IP}/24", "dev", "eth0")
+    ip(NS_AWS, "link", "set", "eth0", "up")
+    ip(NS_AWS, "addr", "add", f"{IMDS_IP}/32", "dev", "lo")
+    ip(NS_AWS, "route", "add", "default", "via", AWS_GW)
+    ip(r, "route", "add", f"{IMDS_IP}/32", "via", ENDPOINT_IP)
+
+    # The internet side: the load generator's namespace.
+    ip(r, "link", "add", "rhcl", "type", "veth", "peer", "name", "eth0", "netns", NS_CLIENT)
+    ip(r, "addr", "add", f"{CLIENT_GW}/{ipaddress.IPv4Network(CLIENT_NET).prefixlen}", "dev", "rhcl")
+    ip(r, "link", "set", "rhcl", "up")
+    ip(NS_CLIENT, "addr", "add", f"{CLIENT_IP}/{ipaddress.IPv4Network(CLIENT_NET).prefixlen}", "dev", "eth0")
+    ip(NS_CLIENT, "link", "set", "eth0", "up")
+    ip(NS_CLIENT, "route", "add", "default", "via", CLIENT_GW)
+
+    for h in layout.hosts:
+        attach_host(layout, h)
+    nft(r, router_rules())
+
+
+def attach_host(layout: Layout, h: RHost) -> None:
+    """The host's ENI: `ens5` with its private IP in its subnet, default route to the router."""
+    ip(NS_ROUTER, "link", "add", h.veth, "type", "veth", "peer", "name", "ens5", "netns", h.ns)
+    ip(NS_ROUTER, "link", "set", h.veth, "master", h.subnet.bridge)
+    ip(NS_ROUTER, "link", "set", h.veth, "up")
+    ip(h.ns, "addr", "add", f"{h.ip}/{h.subnet.prefixlen}", "dev", "ens5")
+    ip(h.ns, "link", "set", "ens5", "up")
+    ip(h.ns, "route", "add", "default", "via", h.subnet.gateway)
+    nft(h.ns, host_rules(layout, h))
+
+
+def set_link(layout: Layout, host: str, up: bool) -> None:
+    """Cut or restore a host's link at the router (a network partition of that host)."""
+    ip(NS_ROUTER, "link", "set", layout.host(host).veth, "up" if up else "down")
+
+
+def destroy(names: Iterable[str]) -> list[str]:
+    """Delete the given namespaces (their links, bridges and nftables tables go with them)."""
+    gone = []
+    present = set(existing_namespaces())
+    for ns in names:
+        if ns in present:
+            cp = sh(["ip", "netns", "del", ns], check=False)
+            if cp.returncode == 0:
+                gone.append(ns)
+    return gone
+
+
+# ------------------------------------------------------------------------- nftables
+
+
+def router_rules() -> str:
+    """DNAT of the Elastic IP: the `eip` map holds public IP -> private IP of the ENI the
+    EC2 API says holds the association (kept current by the EIP watcher in awsd)."""
+    return f"""table ip {NFT_ROUTER_TABLE} {{
+    map eip {{
+        type ipv4_addr : ipv4_addr
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {EIP_PUBLIC_IP} dnat to ip daddr map @eip
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        # An unassociated Elastic IP answers nothing.
+        ip daddr {EIP_PUBLIC_IP} drop
+    }}
+}}
+"""
+
+
+def set_eip_target(public_ip: str, private_ip: str | None) -> None:
+    script = f"flush map ip {NFT_ROUTER_TABLE} eip\n"
+    if private_ip:
+        script += f"add element ip {NFT_ROUTER_TABLE} eip {{ {public_ip} : {private_ip} }}\n"
+    nft(NS_ROUTER, script)
+
+
+def group_addresses(layout: Layout) -> dict[str, list[str]]:
+    """Security group -> the addresses that carry it in the rehearsal."""
+    out: dict[str, list[str]] = {}
+    for role, names in layout.topo.role_hosts.items():
+        out[role] = [layout.host(n).ip for n in names]
+    out["efs"] = [EFS_IP]
+    out["endpoints"] = [ENDPOINT_IP]
+    return out
+
+
+def _peer_expr(peer: str, groups: dict[str, list[str]]) -> str | None:
+    if peer in groups:
+        addrs = groups[peer]
+        if not addrs:
+            return None
+        return "{ " + ", ".join(addrs) + " }"
+    return peer  # a CIDR
+
+
+def _rule_line(r: Rule, groups: dict[str, list[str]]) -> str | None:
+    peer = _peer_expr(r.peer, groups)
+    if peer is None:
+        return None
+    addr = f"ip saddr {peer}" if r.direction == "ingress" else f"ip daddr {peer}"
+    if peer == "0.0.0.0/0":
+        addr = ""
+    if r.protocol in ("tcp", "udp"):
+        ports = f"{r.from_port}" if r.from_port == r.to_port else f"{r.from_port}-{r.to_port}"
+        match = f"{r.protocol} dport {ports}"
+    else:
+        match = f"meta l4proto {r.protocol}"
+    return f"        {addr} {match} accept comment \"{r.port_name} {r.direction} {r.peer}\"".replace("  accept", " accept")
+
+
+def host_rules(layout: Layout, h: RHost, rules: list[Rule] | None = None) -> str:
+    """nftables for one host: its security groups (one per role), ingress and egress."""
+    rules = expand_matrix(layout.cfg) if rules is None else rules
+    groups = group_addresses(layout)
+    mine = set(h.roles)
+    ingress = [r for r in rules if r.direction == "ingress" and r.group in mine]
+    egress = [r for r in rules if r.direction == "egress" and r.group in mine]
+    lines_in = sorted({x for r in ingress if (x := _rule_line(r, groups))})
+    lines_out = sorted({x for r in egress if (x := _rule_line(r, groups))})
+    nl = "\n"
+    return f"""table inet {NFT_HOST_TABLE} {{
+    # What the security groups dropped (address . port), for `rehearsal status`.
+    set drop_in {{
+        type ipv4_addr . inet_service
+        size 1024
+        flags dynamic,timeout
+        timeout 1h
+    }}
+    set drop_out {{
+        type ipv4_addr . inet_service
+        size 1024
+        flags dynamic,timeout
+        timeout 1h
+    }}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        iif lo accept
+        ct state established,related accept
+        ct state invalid drop
+{nl.join(lines_in)}
+        meta l4proto tcp add @drop_in {{ ip saddr . tcp dport }}
+        meta l4proto udp add @drop_in {{ ip saddr . udp dport }}
+        counter
+    }}
+    chain output {{
+        type filter hook output priority filter; policy drop;
+        oif lo accept
+        ct state established,related accept
+        # Link-local AWS services are not subject to security groups: instance metadata.
+        ip daddr {IMDS_IP} tcp dport 80 accept comment "IMDS"
+{nl.join(lines_out)}
+        meta l4proto tcp add @drop_out {{ ip daddr . tcp dport }}
+        meta l4proto udp add @drop_out {{ ip daddr . udp dport }}
+        counter
+    }}
+}}
+"""
+
+
+def dropped(ns: str) -> dict[str, list[str]]:
+    """The flows a host's security groups dropped so far."""
+    out: dict[str, list[str]] = {}
+    for s in ("drop_in", "drop_out"):
+        cp = sh(in_ns(ns, ["nft", "list", "set", "inet", NFT_HOST_TABLE, s]), check=False)
+        elems: list[str] = []
+        text = cp.stdout
+        if "elements = {" in text:
+            body = text.split("elements = {", 1)[1].split("}", 1)[0]
+            for e in body.split(","):
+                e = e.strip().split(" timeout")[0].split(" expires")[0].replace(" . ", ":")
+                if e:
+                    elems.append(e)
+        out[s] = elems
+    return out

@@ -1,0 +1,306 @@
+"""Bring a rehearsal up and down: namespaces, AWS stand-ins, hosts, their first boot.
+
+Everything started is recorded in WORKDIR/state.json (pids, namespaces), so `down`
+removes it by pid and by name even after a crash; a lock file keeps two rehearsals
+from running at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import hosts as H
+from . import netns
+from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout
+
+HERE = Path(__file__).resolve().parent
+TOOLS = ["ip", "nft", "nsenter", "unshare", "setpriv", "pivot_root", "openssl", "haproxy", "keepalived", "mariadbd",
+         "redis-server", "redis-sentinel", "nginx", "rsyslogd", "prometheus", "prometheus-alertmanager"]
+STANDIN_DEST = "usr/local/lib/hpc/portal_standin.py"
+
+
+class RehearsalError(RuntimeError):
+    pass
+
+
+def say(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} rehearsal: {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ state and locking
+
+
+def state_path(workdir: Path) -> Path:
+    return workdir / "state.json"
+
+
+def read_state(workdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads(state_path(workdir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(workdir: Path, state: dict[str, Any]) -> None:
+    tmp = state_path(workdir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(state_path(workdir))
+
+
+class Lock:
+    """An exclusive lock for the whole machine: one rehearsal at a time."""
+
+    def __init__(self, path: Path = LOCK_FILE):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() if self.path.exists() else "?"
+            raise RehearsalError(f"another rehearsal is running ({holder}); wait for it or run `make rehearse-down`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        raise RehearsalError("the rehearsal needs root (namespaces, nftables, mounts): run it as root, e.g. sudo make rehearse")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise RehearsalError(f"missing tools: {', '.join(missing)} (make rehearse installs them: tools/install-debian-deps.sh)")
+    if not Path("/sys/fs/cgroup/unified/cgroup.procs").exists() and not Path("/sys/fs/cgroup/cgroup.procs").exists():
+        raise RehearsalError("no cgroup v2 hierarchy at /sys/fs/cgroup/unified")
+    if not H.CGROUP_BASE.parent.exists():
+        raise RehearsalError(f"{H.CGROUP_BASE.parent} does not exist (cgroup v2 needed for process tracking)")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def running(workdir: Path) -> bool:
+    st = read_state(workdir)
+    return bool(st) and (_alive(st.get("awsd_pid")) or any(H.alive(h) for h in st.get("hosts", {})))
+
+
+# ---------------------------------------------------------------------------- up/down
+
+
+def _python() -> str:
+    venv = HERE.parent / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def start_awsd(layout: Layout, state: dict[str, Any]) -> dict[str, Any]:
+    wd = layout.workdir
+    for f in ("deploy.json", "deploy.failed", "eip-moves.log", "awsd.sock"):
+        (wd / f).unlink(missing_ok=True)
+    log = open(wd / "awsd.log", "ab")
+    p = subprocess.Popen(["nsenter", f"--net=/run/netns/{NS_AWS}", "--", _python(), "-m", "rehearsal.awsd", str(wd),
+                          layout.stack], cwd=str(HERE.parent), stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    state["awsd_pid"] = p.pid
+    write_state(wd, state)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (wd / "deploy.json").exists():
+            return json.loads((wd / "deploy.json").read_text())
+        if (wd / "deploy.failed").exists() or p.poll() is not None:
+            raise RehearsalError(f"the AWS stand-ins failed: see {wd / 'awsd.log'}")
+        time.sleep(0.2)
+    raise RehearsalError(f"the AWS stand-ins did not come up in time: see {wd / 'awsd.log'}")
+
+
+def boot_host(layout: Layout, name: str, results: dict[str, Any]) -> None:
+    t0 = time.time()
+    try:
+        resp = H.call(layout, name, {"op": "cloud-init"}, timeout=1800)
+    except Exception as e:  # noqa: BLE001
+        resp = {"rc": 1, "error": f"{type(e).__name__}: {e}"}
+    resp["seconds"] = round(time.time() - t0, 1)
+    results[name] = resp
+
+
+def boot_phases(layout: Layout) -> list[list[str]]:
+    phases: dict[int, list[str]] = {}
+    for h in layout.topo.hosts:
+        phases.setdefault(h.phase, []).append(h.name)
+    return [phases[k] for k in sorted(phases)]
+
+
+def install_standin(layout: Layout, name: str) -> bool:
+    """The stand-in portal, until the app tier ships it as a host file."""
+    upper = layout.hostdir(name) / "upper" / STANDIN_DEST
+    upper.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE.parent / "cloud_init" / "scripts" / "portal_standin.py", upper)
+    os.chmod(upper, 0o755)
+    return True
+
+
+def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None) -> Layout:
+    preflight()
+    if running(workdir):
+        raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
+    layout = build_layout(stack, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for sub in ("hosts", "efs"):
+        if (workdir / sub).exists():
+            shutil.rmtree(workdir / sub)
+    (workdir / "efs").mkdir()
+    for n in ("slurm", "data", "dist"):
+        (workdir / "efs" / n).mkdir()
+    # A built frontend release on the EFS stand-in, the way a deploy leaves it.
+    rel = workdir / "efs" / "dist" / "releases" / "rehearsal"
+    (rel / "assets").mkdir(parents=True)
+    (rel / "index.html").write_text("<!doctype html><title>HPC portal (rehearsal)</title><script src=/assets/app.js></script>\n")
+    (rel / "assets" / "app.js").write_text("console.log('rehearsal');\n")
+    (workdir / "efs" / "dist" / "current").symlink_to("releases/rehearsal")
+    state: dict[str, Any] = {"stack": stack, "started": time.time(), "namespaces": layout.namespaces, "hosts": {},
+                             "pid": os.getpid()}
+    write_state(workdir, state)
+    say(f"stack {stack}: {len(layout.hosts)} hosts in {len(layout.subnets)} subnets; namespaces")
+    netns.create(layout)
+    say("AWS stand-ins: moto (EC2, SSM, S3) + instance metadata; deploying the stack")
+    deploy = start_awsd(layout, state)
+    state["deploy"] = {"eip": deploy["eip"], "buckets": deploy["buckets"]}
+    write_state(workdir, state)
+    names = [h.name for h in layout.hosts if not only or h.name in only]
+    for name in names:
+        h = layout.host(name)
+        H.prepare(layout, h, deploy)
+        if "app" in h.roles and not layout.cfg.app_artifact and \
+                "/" + STANDIN_DEST not in deploy["hosts"][name].get("files", []):
+            install_standin(layout, name)
+            say(f"  {name}: stand-in portal copied to /{STANDIN_DEST} (not among the rendered files yet)")
+    results: dict[str, Any] = {}
+    for phase in boot_phases(layout):
+        group = [n for n in phase if n in names]
+        if not group:
+            continue
+        for name in group:
+            state["hosts"][name] = {"unshare_pid": H.start(layout, layout.host(name))}
+            write_state(workdir, state)
+        say(f"booting {', '.join(group)} (cloud-init from the user-data in IMDS)")
+        threads = [threading.Thread(target=boot_host, args=(layout, n, results), daemon=True) for n in group]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n in group:
+            r = results[n]
+            failed = r.get("result", {}).get("failed", []) if r.get("rc") == 0 else None
+            if failed is None:
+                say(f"  {n}: cloud-init FAILED: {r.get('error')}")
+            else:
+                say(f"  {n}: {len(r['result']['write_files'])} files, {len(r['result']['runcmd'])} commands, "
+                    f"{len(failed)} failed, {r['seconds']}s")
+                for c in failed:
+                    say(f"     rc={c['rc']}: {' '.join(c['argv'])[:150]}")
+    (workdir / "boot-report.json").write_text(json.dumps(results, indent=2, default=str))
+    if not only:
+        wait_ready(layout)
+    state["booted"] = time.time()
+    write_state(workdir, state)
+    return layout
+
+
+def wait_ready(layout: Layout, timeout: float = 120) -> None:
+    """The stack serves: the Elastic IP is associated (a keepalived master claimed it) and
+    the portal answers through it from the client namespace."""
+    from .layout import EIP_PUBLIC_IP, NS_CLIENT
+
+    deadline = time.monotonic() + timeout
+    probe = ["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", "curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+             "--max-time", "3"]
+    last = ""
+    while time.monotonic() < deadline:
+        codes = [subprocess.run(probe + [f"https://{EIP_PUBLIC_IP}{p}"], capture_output=True, text=True).stdout
+                 for p in ("/api/health", "/", "/auth/health")]
+        last = " ".join(codes)
+        if all(c == "200" for c in codes):
+            say(f"the portal answers through the Elastic IP {EIP_PUBLIC_IP}")
+            return
+        time.sleep(1)
+    raise RehearsalError(f"the portal does not answer through {EIP_PUBLIC_IP} (last: {last}); "
+                         f"see {layout.workdir}/hosts/*/ctl/init.log")
+
+
+def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:
+    """Remove everything a rehearsal started, by pid and by name. Safe to repeat."""
+    st = read_state(workdir)
+    done: list[str] = []
+    for name in list(st.get("hosts", {})) or ([p.name for p in H.CGROUP_BASE.iterdir()] if H.CGROUP_BASE.exists() else []):
+        victims = H.kill(name)
+        if victims:
+            done.append(f"host {name}: killed {len(victims)} processes")
+        upid = st.get("hosts", {}).get(name, {}).get("unshare_pid")
+        if _alive(upid):
+            os.kill(upid, signal.SIGKILL)
+        H.remove_cgroups(name)
+    for key in ("load_pid", "awsd_pid"):
+        pid = st.get(key)
+        if pid and _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            done.append(f"{key.split('_')[0]}: killed pid {pid}")
+    if H.CGROUP_BASE.exists():
+        for p in H.CGROUP_BASE.iterdir():
+            if p.is_dir():
+                H.kill(p.name)
+                H.remove_cgroups(p.name)
+        try:
+            H.CGROUP_BASE.rmdir()
+        except OSError:
+            pass
+    names = st.get("namespaces") or [n for n in netns.existing_namespaces() if n.startswith("rh-")]
+    gone = netns.destroy(names)
+    if gone:
+        done.append(f"namespaces: {', '.join(gone)}")
+    # The hosts' disks (GiBs: Galera's gcache files) go; their logs (ctl/) and the
+    # reports stay for a look afterwards, until the next `up`.
+    hosts_dir = workdir / "hosts"
+    for d in hosts_dir.iterdir() if hosts_dir.is_dir() else []:
+        for sub in ("upper", "work", "volume", "root"):
+            if (d / sub).exists() and not H.alive(d.name):
+                shutil.rmtree(d / sub, ignore_errors=True)
+    if (workdir / "efs").exists():
+        shutil.rmtree(workdir / "efs", ignore_errors=True)
+    if st:
+        st["down"] = time.time()
+        st["hosts"] = {}
+        st.pop("awsd_pid", None)
+        write_state(workdir, st)
+    if not quiet:
+        for item in done:
+            say(f"down: {item}")
+    return done

@@ -1,0 +1,167 @@
+"""The rehearsal: its pure parts (fast), the security groups as nftables in real
+namespaces (fast, root), and the smoke rehearsal (boot the prod stack, drill lb, redis
+and galera under load; marked `daemons`, several minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from components.catalog import expand_matrix, load_matrix
+from rehearsal import hostinit
+from rehearsal.drills import rto_of
+from rehearsal.layout import ENDPOINT_IP, build_layout
+from rehearsal.netns import host_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft")
+
+
+# ------------------------------------------------------------------ security groups
+
+
+def test_host_rules_follow_the_matrix() -> None:
+    layout = build_layout("prod")
+    lb1, lb2 = layout.host("lb-1"), layout.host("lb-2")
+    rules = host_rules(layout, lb1)
+    assert f"ip saddr {{ {lb1.ip}, {lb2.ip} }} meta l4proto 112 accept" in rules  # VRRP between the LB pair
+    assert "tcp dport 443 accept" in rules and "policy drop" in rules
+    data = host_rules(layout, layout.host("data-1"))
+    apps = ", ".join(layout.host(n).ip for n in layout.topo.role_hosts["app"])
+    assert f"ip saddr {{ {apps} }} tcp dport 26379 accept" in data  # sentinel from the app tier
+    assert f"ip daddr {{ {ENDPOINT_IP} }} tcp dport 443 accept" in data  # SSM through the endpoints
+    # Negative: a matrix without the sentinel port gives no such rule.
+    matrix = [dict(r, ports=[p for p in r["ports"] if p != "sentinel"]) for r in load_matrix()]
+    without = host_rules(layout, layout.host("data-1"), expand_matrix(layout.cfg, matrix))
+    assert "dport 26379" not in without
+
+
+def _ns(name: str) -> None:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+
+
+@needs_root
+def test_a_port_the_matrix_forgot_is_dropped_between_hosts() -> None:
+    """app-1 reaches data-1's Sentinel with the real matrix and not without the rule; the
+    drop is recorded where `rehearsal status` shows it."""
+    layout = build_layout("prod")
+    app, data = layout.host("app-1"), layout.host("data-1")
+    tag = f"rht{os.getpid() % 10000}"
+    a, d = f"{tag}a", f"{tag}d"
+    matrix = [dict(r, ports=[p for p in r["ports"] if p != "sentinel"]) for r in load_matrix()]
+
+    def attempt(rules_app: str, rules_data: str) -> tuple[bool, str]:
+        _ns(a)
+        _ns(d)
+        try:
+            subprocess.run(["ip", "-n", a, "link", "add", "ens5", "type", "veth", "peer", "name", "ens5", "netns", d],
+                           check=True)
+            for ns, h in ((a, app), (d, data)):
+                subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+                subprocess.run(["ip", "-n", ns, "addr", "add", f"{h.ip}/32", "dev", "ens5"], check=True)
+                subprocess.run(["ip", "-n", ns, "link", "set", "ens5", "up"], check=True)
+                other = data if h is app else app
+                subprocess.run(["ip", "-n", ns, "route", "add", f"{other.ip}/32", "dev", "ens5"], check=True)
+            for ns, text in ((a, rules_app), (d, rules_data)):
+                subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "nft", "-f", "-"], input=text, text=True, check=True)
+            server = subprocess.Popen(["nsenter", f"--net=/run/netns/{d}", sys.executable, "-c",
+                                       "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+                                       f"s.bind(('{data.ip}',26379));s.listen();c,_=s.accept();c.send(b'ok')"])
+            try:
+                time.sleep(0.3)
+                cp = subprocess.run(["nsenter", f"--net=/run/netns/{a}", sys.executable, "-c",
+                                     "import socket;s=socket.create_connection"
+                                     f"(('{data.ip}',26379),timeout=1.5);print(s.recv(2).decode())"],
+                                    capture_output=True, text=True)
+                drops = subprocess.run(["nsenter", f"--net=/run/netns/{a}", "nft", "list", "set", "inet", "rh_sg",
+                                        "drop_out"], capture_output=True, text=True).stdout
+                return cp.stdout.strip() == "ok", drops
+            finally:
+                server.kill()
+                server.wait()
+        finally:
+            subprocess.run(["ip", "netns", "del", a])
+            subprocess.run(["ip", "netns", "del", d])
+
+    ok, _ = attempt(host_rules(layout, app), host_rules(layout, data))
+    assert ok, "the real matrix lets the app tier reach Sentinel"
+    ok, drops = attempt(host_rules(layout, app, expand_matrix(layout.cfg, matrix)),
+                        host_rules(layout, data, expand_matrix(layout.cfg, matrix)))
+    assert not ok, "without the sentinel rule the connection must fail"
+    assert f"{data.ip} . 26379" in drops
+
+
+# ------------------------------------------------------------------ unit files
+
+
+def test_unit_parsing_follows_systemd(tmp_path: Path) -> None:
+    unit = tmp_path / "x.service"
+    unit.write_text('[Unit]\nRequires=a.service\n[Service]\nType=notify\nEnvironment="CONFIG=/etc/x.cfg" "OPTS=-a -b"\n'
+                    "ExecStart=/usr/bin/x -f $CONFIG $OPTS ${CONFIG}.d \\\n  --flag\nRestart=always\n")
+    drop = tmp_path / "x.service.d"
+    drop.mkdir()
+    (drop / "10.conf").write_text("[Service]\nExecStart=\nExecStart=/usr/bin/y $OPTS\n")
+    u = hostinit.Unit("x.service", str(unit), [])
+    m = hostinit.Manager()
+    env = {"CONFIG": "/etc/x.cfg", "OPTS": "-a -b"}
+    argv, prefixes = m.expand(u, u.lst("ExecStart")[0], env)
+    assert argv == ["/usr/bin/x", "-f", "/etc/x.cfg", "-a", "-b", "/etc/x.cfg.d", "--flag"]
+    assert u.type == "notify" and u.get("Restart") == "always" and u.lst("Requires", "Unit") == ["a.service"]
+    with_drop = hostinit.Unit("x.service", str(unit), [str(drop / "10.conf")])
+    assert with_drop.lst("ExecStart") == ["/usr/bin/y $OPTS"]  # an empty ExecStart= resets the list
+    envfile = tmp_path / "env"
+    envfile.write_text('# c\nA=1\nB="two words"\nexport C=\'3\'\n')
+    assert hostinit.read_env_file(str(envfile)) == {"A": "1", "B": "two words", "C": "3"}
+    assert hostinit._seconds("1min 30s", 0) == 90 and hostinit._seconds("15s", 0) == 15
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def test_rto_is_the_first_of_ten_consecutive_successes() -> None:
+    t0 = 100.0
+    recs = [(t0 + i * 0.1, t0 + i * 0.1 + 0.01, "write", i >= 30 and i != 35, 200, "-") for i in range(80)]
+    # failures up to 3.0 s, one more at 3.5 s: the run of ten starts at 3.6 s
+    assert rto_of(recs, t0) == pytest.approx(3.6)
+    assert rto_of([r[:3] + (True,) + r[4:] for r in recs], t0) == 0.0
+    assert rto_of([r[:3] + (False,) + r[4:] for r in recs], t0) is None  # never recovered
+
+
+# ------------------------------------------------------------------ the smoke rehearsal
+
+
+@pytest.mark.daemons
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root")
+def test_smoke_rehearsal_lb_redis_galera() -> None:
+    """Boot the prod stack from its user-data, drill lb, redis and galera under load with
+    generous ceilings (3x each target), one Alertmanager check; everything cleaned up."""
+    with tempfile.TemporaryDirectory(prefix="rehearsal-") as tmp:
+        report = Path(tmp) / "report.json"
+        workdir = Path(tmp) / "work"
+        t0 = time.time()
+        cp = subprocess.run([sys.executable, "-m", "rehearsal", "--workdir", str(workdir), "run", "--stack", "prod",
+                             "--drills", "lb,redis,galera", "--ceiling", "3", "--alert-checks", "1",
+                             "--report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        elapsed = time.time() - t0
+        out = cp.stdout[-6000:] + cp.stderr[-3000:]
+        assert report.exists(), out
+        doc = json.loads(report.read_text())
+        drills = {d["name"]: d for d in doc["drills"]}
+        assert set(drills) == {"lb", "redis", "galera"}, out
+        for name, d in drills.items():
+            assert d["acked_writes"] >= 500, (name, d, out)
+            assert d["lost_writes"] == 0 and d["duplicates"] == 0, (name, d)
+            assert d["passed"], (name, d, out)
+        assert drills["lb"]["alert"] == "ServerDown", drills["lb"]
+        assert cp.returncode == 0, out
+        assert elapsed < 600, f"smoke rehearsal took {elapsed:.0f}s"
+        leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "rh-vpc" not in leftovers and not Path("/sys/fs/cgroup/unified/hpc-rehearsal").exists()
