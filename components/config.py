@@ -530,7 +530,9 @@ def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
     m = re.match(r"^(\d+)-(\d+)$", rng)
     if not m or not 1024 < int(m.group(1)) < int(m.group(2)) <= 65535:
         p.add("slurm.srun_port_range", rng, "a port range LOW-HIGH above 1024, e.g. 60001-63000")
-    timeout = _int(p, "slurm.ctld_timeout", s.get("ctld_timeout", 30), 10, 300) or 30
+    # 20 s: with the clients' 10 s wait on the dead primary, the portal is back within the
+    # 40 s target (SchedMD's default of 120 s would keep job submission down for minutes).
+    timeout = _int(p, "slurm.ctld_timeout", s.get("ctld_timeout", 20), 10, 300) or 20
     nodes, parts = s.get("nodes", []), s.get("partitions", [])
     for key, items, first in (("slurm.nodes", nodes, "NodeName"), ("slurm.partitions", parts, "PartitionName")):
         if not isinstance(items, list) or not all(isinstance(n, dict) and first in n for n in items):
