@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ast
 import http.server
-import importlib.machinery
-import importlib.util
 import json
 import os
 import socket
@@ -30,6 +28,8 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
+
+from tests.loadfile import load_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts" / "hpc-eip-takeover"
 REGION = "ap-northeast-2"
@@ -98,19 +98,6 @@ class FakeImds:
 
 # ---- fixtures -------------------------------------------------------------------------
 
-def load_script() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("hpc_eip_takeover", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in cloud_init/scripts
-    try:
-        loader.exec_module(mod)
-    finally:
-        sys.dont_write_bytecode = saved
-    return mod
-
-
 @pytest.fixture
 def imds() -> Iterator[FakeImds]:
     fake = FakeImds()
@@ -127,7 +114,7 @@ def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds) ->
         monkeypatch.setenv(k, v)
     for k in ("HPC_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
-    mod = load_script()
+    mod = load_file(SCRIPT)
     mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
     mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
     mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")

@@ -13,8 +13,6 @@ This module doubles as the driver that runs inside that namespace
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shlex
@@ -29,7 +27,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +40,7 @@ from moto import mock_aws  # noqa: E402
 
 from cloud_init.templating import render_template  # noqa: E402
 from tests.contexts import contexts  # noqa: E402
+from tests.loadfile import load_script  # noqa: E402
 from tests.nsrun import can_isolate, run_isolated  # noqa: E402
 
 SCRIPTS = REPO / "cloud_init" / "scripts"
@@ -55,15 +53,6 @@ SECRETS = {
     "galera_sst_password": "sst-Pw-1",
     "clustercheck_password": "mon-Pw-1",
 }
-
-
-def load_script(name: str) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(SCRIPTS / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 # --------------------------------------------------------------------------------------

@@ -3,17 +3,11 @@ the host, the check and its last output."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-spec = importlib.util.spec_from_file_location("gate", Path(__file__).resolve().parent.parent / "tools" / "gate.py")
-assert spec and spec.loader
-gate = importlib.util.module_from_spec(spec)
-sys.modules["gate"] = gate  # dataclasses look their module up while the class is built
-spec.loader.exec_module(gate)
+from tests.loadfile import load_tool
+
+gate = load_tool("gate")
 
 
 class FakeSSM:

@@ -9,8 +9,6 @@ redis-cli, ...) on PATH that record what it does.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import socket
@@ -20,7 +18,6 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import boto3
@@ -30,19 +27,11 @@ from moto import mock_aws
 
 from cloud_init.templating import render_template
 from tests.contexts import contexts
+from tests.loadfile import load_script
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts"
 REGION = "ap-northeast-2"
 PATH = "/hpc-portal/test/secrets/"
-
-
-def load_script(name: str) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(SCRIPTS / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 fetch = load_script("hpc-fetch-secrets")

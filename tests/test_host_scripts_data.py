@@ -7,15 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import http.client
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
 import stat
 import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import boto3
@@ -24,17 +21,9 @@ from moto import mock_aws
 
 from cloud_init.templating import render_template
 from tests.contexts import contexts
+from tests.loadfile import load_script
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(SCRIPTS / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 def data_ctx(stack: str = "prod", name: str = "data-1") -> dict[str, Any]:

@@ -13,35 +13,24 @@
 from __future__ import annotations
 
 import base64
-import importlib.machinery
-import importlib.util
 import json
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from cloud_init.templating import SCRIPTS, render_template
 from tests.contexts import contexts
+from tests.loadfile import load_file
 from tests.nsrun import can_isolate, run_isolated
 
 GUARD = SCRIPTS / "hpc-slurm-state-guard"
 METRICS = SCRIPTS / "hpc-slurm-metrics"
 MUNGE_KEY = SCRIPTS / "hpc-munge-key"
-
-
-def load_script(path: Path) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(path.name.replace("-", "_"), str(path))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -135,7 +124,7 @@ def test_guard_reads_escaped_mount_points(tmp_path):
     (state / ".hpc-slurm-state").write_text("{}")
     r = guard(tmp_path, state, mountinfo(tmp_path, str(tmp_path / "shared dir")))
     assert r.returncode == 0, r.stderr
-    mod = load_script(GUARD)
+    mod = load_file(GUARD)
     assert mod._unescape("/a\\040b\\134c") == "/a b\\c"
 
 
@@ -262,7 +251,7 @@ def test_metrics_replace_the_previous_file_atomically(tmp_path):
 
 
 def test_metrics_parsers_and_label_escaping():
-    mod = load_script(METRICS)
+    mod = load_file(METRICS)
     assert mod.base_state("IDLE+DRAIN") == "idle"
     assert mod.base_state("down*") == "down"
     assert mod.parse_ping("Slurmctld(primary) at a is UP\nnoise\n") == [("a", "primary", 1)]

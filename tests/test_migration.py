@@ -11,7 +11,6 @@ own counter: wsrep_last_committed rises with every replicated write, DDL include
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import random
@@ -27,22 +26,14 @@ import pymysql
 import pytest
 import yaml
 
+from tests.loadfile import load_tool
 from tests.mariadb_fixture import MariaDB, mariadb  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "migrate_sqlite.py"
 
 
-def _load_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("migrate_sqlite", TOOL)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["migrate_sqlite"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ms = _load_tool()
+ms = load_tool("migrate_sqlite")
 MAP = ms.load_map(ms.DEFAULT_MAP)
 
 KOREAN = ["홍길동", "작업이 완료되었습니다", "시뮬레이션 결과 보고서", "관리자 공지사항", "메시 생성 실패"]

@@ -4,21 +4,16 @@ with a data volume run it."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
 
 from cloud_init.render import render_host
 from tests.contexts import contexts
+from tests.loadfile import load_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts" / "hpc-mount-data"
-loader = importlib.machinery.SourceFileLoader("hpc_mount_data", str(SCRIPT))
-spec = importlib.util.spec_from_loader(loader.name, loader)
-assert spec
-mod = importlib.util.module_from_spec(spec)
-loader.exec_module(mod)
+mod = load_file(SCRIPT)
 
 GIB = 1024**3
 

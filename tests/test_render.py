@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +17,7 @@ import yaml
 
 from cloud_init.render import ALLOWED_CLOUD_CONFIG_KEYS, render_host
 from tests.contexts import contexts
+from tests.loadfile import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD_INIT = "/usr/bin/cloud-init"
@@ -51,16 +50,6 @@ def test_user_data_gzip_has_no_timestamp_and_fits_16kb(tally):
         tally.check(r.cloud_config_text().startswith("#cloud-config\n"))
 
 
-def _load_script(name: str):
-    path = ROOT / "cloud_init" / "scripts" / name
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(path))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
 def test_files_over_the_limit_go_to_a_pinned_bundle_that_the_host_fetches_and_checks(tally, monkeypatch):
     from moto import mock_aws
 
@@ -78,7 +67,7 @@ def test_files_over_the_limit_go_to_a_pinned_bundle_that_the_host_fetches_and_ch
     tally.check(inline | set(small.bundle_files) >= {f.path for f in full.files})
     tally.check(render_host(ctx, limit=4096).bundle == small.bundle, "bundle bytes not deterministic")
 
-    mod = _load_script("hpc-fetch-bundle")
+    mod = load_script("hpc-fetch-bundle")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("HPC_AWS_ENDPOINT_URL", raising=False)
@@ -105,7 +94,7 @@ def test_fetcher_refuses_archives_that_escape_the_root(tally):
     import io
     import tarfile
 
-    mod = _load_script("hpc-fetch-bundle")
+    mod = load_script("hpc-fetch-bundle")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         info = tarfile.TarInfo("../etc/evil")

@@ -3,15 +3,9 @@ only for the host being replaced, and a failed gate stops the roll."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.loadfile import load_tool
 
-spec = importlib.util.spec_from_file_location("rolling", Path(__file__).resolve().parent.parent / "tools" / "rolling.py")
-assert spec and spec.loader
-rolling = importlib.util.module_from_spec(spec)
-sys.modules["rolling"] = rolling
-spec.loader.exec_module(rolling)
+rolling = load_tool("rolling")
 
 
 def test_web_app_hosts_are_drained_replaced_gated_and_readied_in_turn(tally):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,17 +27,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.loadfile import load_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "slurm_import.py"
 FIXTURES = ROOT / "tests" / "fixtures" / "slurm"
 OLD = FIXTURES / "old-center" / "slurm.conf"
 HOSTS = FIXTURES / "old-center" / "hosts"
 
-_spec = importlib.util.spec_from_file_location("slurm_import", TOOL)
-assert _spec and _spec.loader
-si = importlib.util.module_from_spec(_spec)
-sys.modules["slurm_import"] = si
-_spec.loader.exec_module(si)
+si = load_tool("slurm_import")
 
 needs_scontrol = pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (slurm-client) is not installed")
 

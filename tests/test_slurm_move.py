@@ -22,8 +22,6 @@ slurmdbd on the Galera copy answers sacct with exactly the jobs the first one re
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import pwd
@@ -41,16 +39,14 @@ from typing import Any
 
 import pytest
 
+from tests.loadfile import load_file, load_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "slurm_move.py"
 GUARD = ROOT / "cloud_init" / "scripts" / "hpc-slurm-state-guard"
 FIXTURES = ROOT / "tests" / "fixtures" / "slurm"
 
-_spec = importlib.util.spec_from_file_location("slurm_move", TOOL)
-assert _spec and _spec.loader
-sm = importlib.util.module_from_spec(_spec)
-sys.modules["slurm_move"] = sm
-_spec.loader.exec_module(sm)
+sm = load_tool("slurm_move")
 
 is_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ownership of copied files)")
 
@@ -65,11 +61,7 @@ def run(*args: Any, prefix: list[str] | None = None, env: dict[str, str] | None 
 
 
 def test_marker_name_matches_the_state_guard():
-    loader = importlib.machinery.SourceFileLoader("hpc_slurm_state_guard", str(GUARD))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    guard = importlib.util.module_from_spec(spec)
-    loader.exec_module(guard)
+    guard = load_file(GUARD)
     assert sm.MARKER_NAME == guard.MARKER_NAME
 
 

@@ -17,8 +17,6 @@ This module doubles as the driver that runs inside the namespaces
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +28,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +40,7 @@ import yaml  # noqa: E402
 from cloud_init.render import render_host  # noqa: E402
 from cloud_init.templating import render_template  # noqa: E402
 from tests.contexts import contexts  # noqa: E402
+from tests.loadfile import load_script  # noqa: E402
 from tests.nsrun import can_isolate, run_isolated  # noqa: E402
 
 TEMPLATES = REPO / "cloud_init" / "templates"
@@ -64,15 +62,6 @@ SECRETS = {
     "clustercheck_password": "Mon-Pw-7x",
 }
 SECRET_LINE = re.compile(r"^\s*(requirepass|masterauth|wsrep_sst_auth|password|sentinel\s+auth-pass)\b", re.I | re.M)
-
-
-def load_script(name: str) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(SCRIPTS / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 # --------------------------------------------------------------------------------------
