@@ -42,6 +42,17 @@ def dev() -> ProgramRun:
     return program_run("dev")
 
 
+@pytest.fixture
+def fake_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and region for moto, and no profile or endpoint override from the
+    machine's environment leaking into a test."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "ap-northeast-2"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "HPC_AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+
+
 class Tally:
     def __init__(self) -> None:
         self.count = 0

@@ -106,14 +106,10 @@ def imds() -> Iterator[FakeImds]:
 
 
 @pytest.fixture
-def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds) -> ModuleType:
+def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds, fake_aws: None) -> ModuleType:
     """The script as a module, pointed at the fake IMDS, sleeping recorded instead of done."""
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": REGION, "HPC_IMDS_URL": imds.url,
-                 "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items():  # fast moto start; any AMI id is accepted
-        monkeypatch.setenv(k, v)
-    for k in ("HPC_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HPC_IMDS_URL", imds.url)
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # fast moto start; any AMI id is accepted
     mod = load_file(SCRIPT)
     mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
     mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")

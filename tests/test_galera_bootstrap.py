@@ -283,17 +283,6 @@ def _cfg(host: str = "data-1", **over: Any) -> dict[str, Any]:
 
 
 @pytest.fixture()
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "ap-northeast-2",
-    }.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("HPC_AWS_ENDPOINT_URL", raising=False)
-
-
-@pytest.fixture()
 def atomic_moto_ssm(monkeypatch: pytest.MonkeyPatch) -> None:
     """AWS's PutParameter is atomic; moto's in-memory backend checks and inserts in two
     Python steps. Serialise it the way the real service behaves."""
@@ -309,7 +298,7 @@ def atomic_moto_ssm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SimpleSystemManagerBackend, "put_parameter", put_parameter)
 
 
-def test_five_concurrent_starters_exactly_one_bootstraps(aws_env: None, atomic_moto_ssm: None) -> None:
+def test_five_concurrent_starters_exactly_one_bootstraps(fake_aws: None, atomic_moto_ssm: None) -> None:
     # Worst case: five processes all believe they are the designated node.
     cfg = _cfg()
     barrier = threading.Barrier(5)
@@ -338,7 +327,7 @@ def test_five_concurrent_starters_exactly_one_bootstraps(aws_env: None, atomic_m
         assert json.loads(value["Parameter"]["Value"])["host"] == "data-1"
 
 
-def test_replaced_designated_node_joins_when_the_marker_exists(aws_env: None) -> None:
+def test_replaced_designated_node_joins_when_the_marker_exists(fake_aws: None) -> None:
     cfg = _cfg()
     with mock_aws():
         ssm = boto3.client("ssm", region_name="ap-northeast-2")
@@ -356,7 +345,7 @@ def test_other_nodes_never_touch_the_marker() -> None:
         assert gs.decide(_cfg(host), NoSSM(), None) == gs.JOIN
 
 
-def test_designated_node_with_galera_history_joins(aws_env: None) -> None:
+def test_designated_node_with_galera_history_joins(fake_aws: None) -> None:
     cfg = _cfg()
     grastate = {"uuid": "cad776eb-e96d-11f1-b18c-e32a0d92434b", "seqno": "-1", "safe_to_bootstrap": "0"}
     with mock_aws():
@@ -448,7 +437,7 @@ def _secrets(tmp: Path) -> None:
         (tmp / "secrets" / k).write_text(v + "\n")
 
 
-def test_designated_node_bootstraps_once_and_provisions(tmp_path: Path, aws_env: None) -> None:
+def test_designated_node_bootstraps_once_and_provisions(tmp_path: Path, fake_aws: None) -> None:
     _secrets(tmp_path)
     cfg = _cfg()
     with mock_aws():

@@ -39,12 +39,8 @@ mount = load_script("hpc-mount-efs")
 
 
 @pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "HPC_AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+def _aws_env(fake_aws: None) -> None:
+    """Every test here talks to moto."""
 
 
 # 13 secrets: more than one page of GetParametersByPath (at most 10 per page).

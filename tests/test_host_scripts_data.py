@@ -415,14 +415,7 @@ bk = load_script("hpc-mariadb-backup")
 
 
 @pytest.fixture()
-def s3_env(monkeypatch: pytest.MonkeyPatch) -> Any:
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "ap-northeast-2",
-    }.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("HPC_AWS_ENDPOINT_URL", raising=False)
+def s3_env(fake_aws: None) -> Any:
     with mock_aws():
         yield boto3.client("s3", region_name="ap-northeast-2")
 

@@ -50,7 +50,7 @@ def test_user_data_gzip_has_no_timestamp_and_fits_16kb(tally):
         tally.check(r.cloud_config_text().startswith("#cloud-config\n"))
 
 
-def test_files_over_the_limit_go_to_a_pinned_bundle_that_the_host_fetches_and_checks(tally, monkeypatch):
+def test_files_over_the_limit_go_to_a_pinned_bundle_that_the_host_fetches_and_checks(tally, fake_aws):
     from moto import mock_aws
 
     ctx = contexts("prod")["data-1"]
@@ -68,9 +68,6 @@ def test_files_over_the_limit_go_to_a_pinned_bundle_that_the_host_fetches_and_ch
     tally.check(render_host(ctx, limit=4096).bundle == small.bundle, "bundle bytes not deterministic")
 
     mod = load_script("hpc-fetch-bundle")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("HPC_AWS_ENDPOINT_URL", raising=False)
     with mock_aws(), tempfile.TemporaryDirectory() as root:
         import boto3
 

@@ -64,6 +64,12 @@ SECRETS = {
 SECRET_LINE = re.compile(r"^\s*(requirepass|masterauth|wsrep_sst_auth|password|sentinel\s+auth-pass)\b", re.I | re.M)
 
 
+def redis_init_args(d: Path) -> list[str]:
+    """hpc-redis-init's arguments for a host laid out under d (as the driver lays it out)."""
+    return ["--template", str(d / "sentinel.conf.tmpl"), "--sentinel-conf", str(d / "sentinel.conf"),
+            "--redis-conf", str(d / "redis.conf"), "--secrets-dir", str(d / "boot" / "secrets")]
+
+
 # --------------------------------------------------------------------------------------
 # Driver that runs inside the namespace (stdlib only, plus redis-cli).
 # --------------------------------------------------------------------------------------
@@ -529,21 +535,7 @@ def _redis_node(base: Path, ctx: dict[str, Any], drop_loopback: bool) -> dict[st
     (d / "redis.conf").write_text(conf)
     (d / "sentinel.conf.tmpl").write_text(tmpl)
     init = load_script("hpc-redis-init")
-    assert (
-        init.main(
-            [
-                "--template",
-                str(d / "sentinel.conf.tmpl"),
-                "--sentinel-conf",
-                str(d / "sentinel.conf"),
-                "--redis-conf",
-                str(d / "redis.conf"),
-                "--secrets-dir",
-                str(d / "boot" / "secrets"),
-            ]
-        )
-        == 0
-    )
+    assert init.main(redis_init_args(d)) == 0
     assert (d / "redis-data").is_dir()  # created from redis.conf's dir
     redis_argv = [localize(a) for a in _exec_start(render_template("data/hpc-redis.conf", ctx))]
     return {
@@ -641,21 +633,7 @@ def test_prod_replicas_follow_the_initial_master_and_sentinels_find_each_other(t
         before = (d / "sentinel.conf").read_text()
         assert "sentinel myid" in before and before.startswith("# hpc-managed")
         assert f"sentinel monitor {spec_master_name} {fo['new_master']} 6379 2" in before  # after the failover
-        assert (
-            init.main(
-                [
-                    "--template",
-                    str(d / "sentinel.conf.tmpl"),
-                    "--sentinel-conf",
-                    str(d / "sentinel.conf"),
-                    "--redis-conf",
-                    str(d / "redis.conf"),
-                    "--secrets-dir",
-                    str(d / "boot" / "secrets"),
-                ]
-            )
-            == 0
-        )
+        assert init.main(redis_init_args(d)) == 0
         assert (d / "sentinel.conf").read_text() == before
         checked += 1
     assert checked == 3
