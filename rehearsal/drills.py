@@ -12,11 +12,12 @@ kill -9 of one daemon with its Restart= held back, or a link cut at the VPC rout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ class Drills:
             if h.ip == ip:
                 return h.name
         return None
+
+    @contextlib.contextmanager
+    def load(self, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+        """Load through the VIP for the length of the block; the generator is always stopped."""
+        p, path = self.start_load(name)
+        try:
+            yield p, path
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     def start_load(self, name: str) -> tuple[subprocess.Popen[bytes], Path]:
         path = self.out_dir / f"load-{name}.log"
@@ -271,8 +283,7 @@ class Drills:
                     kinds: tuple[str, ...], rto_target: float | None, alert_names: list[str],
                     alert_match: Callable[[dict[str, Any]], bool], extra: Callable[[Result], None] | None = None) -> Result:
         res = Result(name)
-        p, path = self.start_load(name)
-        try:
+        with self.load(name) as (p, path):
             if not self.wait_healthy(path):
                 res.notes.append("the portal was not healthy before the fault")
             time.sleep(5)
@@ -289,10 +300,6 @@ class Drills:
             restore()
             self.finish_load(p, path)
             self.tally(path, t0, res)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         self.verify(path, res)
         return self.finish(res, rto_target)
 
@@ -637,8 +644,7 @@ class Drills:
 
         state: dict[str, Any] = {}
         res = Result("galera-full")
-        p, path = self.start_load("galera-full")
-        try:
+        with self.load("galera-full") as (p, path):
             self.wait_healthy(path)
             time.sleep(5)
             t0 = time.time()
@@ -649,10 +655,6 @@ class Drills:
             res.rto_s = round(state["rto"], 1) if state["rto"] is not None else None
             self.finish_load(p, path)
             self.tally(path, t0, res)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         self.verify(path, res)
         return self.finish(res, None)
 
@@ -662,14 +664,9 @@ class Drills:
         g = json.loads((self.wd / "hosts" / first / "upper" / "etc" / "hpc" / "galera.json").read_text())
         node = g["backup"]["host"]
         g = json.loads((self.wd / "hosts" / node / "upper" / "etc" / "hpc" / "galera.json").read_text())
-        p, path = self.start_load("restore")
-        try:
+        with self.load("restore") as (p, path):
             self.wait_healthy(path)
             self.finish_load(p, path, min_acked=MIN_ACKED, max_s=240)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         self.tally(path, time.time(), res)
         pw = self.secret("mariadb_root_password")
         q = ("SELECT COUNT(*) FROM portal_api.records; CHECKSUM TABLE portal_api.records; "
@@ -802,8 +799,7 @@ class Drills:
                 return 0 if self.gate(step.host) else 1
             return 1
 
-        p, path = self.start_load("rolling")
-        try:
+        with self.load("rolling") as (p, path):
             if not self.wait_healthy(path):
                 res.notes.append("the portal was not healthy before the roll")
             time.sleep(3)
@@ -813,10 +809,6 @@ class Drills:
             res.notes.append(f"replaced {', '.join(replaced)}")
             self.finish_load(p, path)
             self.tally(path, t0, res)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         self.verify(path, res)
         res.checks["no_failed_reads"] = res.failed_reads == 0
         return self.finish(res, None)
