@@ -20,7 +20,7 @@ from .iam import HostRole
 from .network import Endpoints, Network, NetworkArgs
 from .secrets import Secrets
 from .security import SecurityGroups
-from .server import HostInterface, Server, ServerArgs
+from .server import HostInterface, Server, ServerArgs, is_stateful
 from .storage import Storage
 from .topology import ROLE_PHASE, Topology
 
@@ -121,7 +121,7 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
         )
         after: list[pulumi.Resource] = []
         prev = previous_in_group.get(h.group)
-        if prev is not None and not any(r in ("lb", "data", "slurm", "monitoring") for r in h.roles):
+        if prev is not None and not is_stateful(h):
             # web/app hosts are replaced one after the other: after the previous host's
             # readiness gate passed, or at least after it exists when gates are off
             after = [gates[prev].command] if prev in gates else [servers[prev].instance]

@@ -7,9 +7,13 @@ stack without the CLI. Secure values (`secure: v1:...`) count as configured secr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from .config import StackConfig
+    from .topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,18 @@ def read_stack(stack: str, path: Path | None = None) -> tuple[dict[str, Any], se
 
 def namespace(config: dict[str, Any], ns: str) -> dict[str, Any]:
     return {k.split(":", 1)[1]: v for k, v in config.items() if k.split(":", 1)[0] == ns}
+
+
+def load_stack(stack: str) -> tuple[StackConfig, Topology]:
+    """A stack file's validated config and topology, as the program builds them, for
+    tools that run without the CLI. Secret config counts as set (its values are not
+    readable offline); the certificate counts as configured, as prod requires."""
+    from .config import load_config
+    from .topology import build_topology
+
+    config, secrets = read_stack(stack)
+    project = project_name()
+    configured = frozenset(k.split(":", 1)[1] for k in secrets) | {"tls_cert", "tls_key"}
+    cfg = load_config(namespace(config, project), stack=stack, project=project,
+                      region=config.get("aws:region", "ap-northeast-2"), configured_secrets=configured)
+    return cfg, build_topology(cfg)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.config import StackConfig, load_config
-from components.stackfile import ROOT, namespace, project_name, read_stack
-from components.topology import Topology, build_topology
+from components.config import StackConfig
+from components.stackfile import ROOT, load_stack
+from components.topology import Topology
 
 AWS_NET = "10.255.0.0/24"
 AWS_GW = "10.255.0.1"
@@ -114,18 +114,6 @@ class Layout:
     @property
     def shared(self) -> Path:  # the EFS stand-in
         return self.workdir / "efs"
-
-
-def load_stack(stack: str) -> tuple[StackConfig, Topology]:
-    """The stack's validated config and topology, exactly as the program builds them."""
-    config, secrets = read_stack(stack)
-    ns = namespace(config, project_name())
-    # Secrets are configured the way `pulumi config set --secret` would have them; the
-    # rehearsal creates their values itself in its SSM stand-in.
-    configured = frozenset(k.split(":", 1)[1] for k in secrets) | {"tls_cert", "tls_key"}
-    cfg = load_config(ns, stack=stack, project=project_name(), region=config.get("aws:region", "ap-northeast-2"),
-                      configured_secrets=configured)
-    return cfg, build_topology(cfg)
 
 
 def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR) -> Layout:

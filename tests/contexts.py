@@ -8,10 +8,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from components.config import load_config
 from components.hostctx import Deployed, host_context
-from components.stackfile import namespace, project_name, read_stack
-from components.topology import build_topology
+from components.stackfile import load_stack
 
 # What the mocks answer for resources whose ids AWS picks (see tests/mocks.py).
 FAKE_DEPLOYED = Deployed(
@@ -25,13 +23,7 @@ FAKE_DEPLOYED = Deployed(
 )
 
 
-@functools.cache
-def _load(stack: str):  # type: ignore[no-untyped-def]
-    config, _secrets = read_stack(stack)
-    ns = namespace(config, project_name())
-    cfg = load_config(ns, stack=stack, project=project_name(), region=config.get("aws:region", "ap-northeast-2"),
-                      configured_secrets=frozenset({"tls_cert", "tls_key"}))
-    return cfg, build_topology(cfg)
+_load = functools.cache(load_stack)
 
 
 def contexts(stack: str) -> dict[str, dict[str, Any]]:

@@ -32,8 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STATEFUL = ("lb", "data", "slurm", "monitoring")
-
 
 @dataclass
 class Step:
@@ -60,16 +58,11 @@ def haproxy_cmd(state: str, host: str, services: list[tuple[str, list[int]]], we
 
 
 def plan(stack: str, role: str, only: list[str] | None = None) -> list[Step]:
-    from components.config import load_config
-    from components.stackfile import namespace, project_name, read_stack
-    from components.topology import build_topology
+    from components.server import STATEFUL_ROLES
+    from components.stackfile import load_stack, project_name
 
-    config, _ = read_stack(stack)
     project = project_name()
-    cfg = load_config(namespace(config, project), stack=stack, project=project,
-                      region=config.get("aws:region", "ap-northeast-2"),
-                      configured_secrets=frozenset({"tls_cert", "tls_key"}))
-    topo = build_topology(cfg)
+    cfg, topo = load_stack(stack)
     hosts = [h for h in topo.hosts if role in h.roles and (not only or h.name in only)]
     if not hosts:
         raise SystemExit(f"no {role} hosts in stack {stack}" + (f" among {only}" if only else ""))
@@ -81,7 +74,7 @@ def plan(stack: str, role: str, only: list[str] | None = None) -> list[Step]:
         target = urn(project, stack, h.name)
         gate = Step("gate", ["python3", "tools/gate.py", "--region", cfg.region, "--host", h.name,
                              "--instance-id", "@" + h.name, "--roles", ",".join(h.roles), "--timeout", "1200"], host=h.name)
-        if any(r in STATEFUL for r in h.roles):
+        if any(r in STATEFUL_ROLES for r in h.roles):
             env = {"HPC_ROLL_HOST": h.name}
             steps += [
                 Step("pulumi", base + ["--target", target], env, h.name),
