@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--ceiling", type=float, default=1.0, help="pass when within targets x this factor")
             s.add_argument("--alert-checks", type=int, default=None, help="check alerts for the first N drills only")
             s.add_argument("--keep", action="store_true", help="leave the rehearsal up afterwards")
+        s.add_argument("--wait", type=float, default=0.0,
+                       help="wait up to this many seconds for another rehearsal on this machine to finish")
     s = sub.add_parser("drill")
     s.add_argument("drills")
     s.add_argument("--report", type=Path, default=Path("rehearsal-report.json"))
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             return status(a.workdir)
         preflight()
         lock = Lock()
-        lock.acquire()
+        lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
                 up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None)

@@ -64,15 +64,34 @@ class Lock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0, machine_free: bool = True) -> None:
+        """Take the lock; with `wait`, wait up to that many seconds for another rehearsal
+        to finish. With `machine_free` (starting a rehearsal, not drilling one that is up),
+        also for the namespaces and cgroups of a rehearsal started where this lock file is
+        not visible (another container on this kernel): they would collide."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = self.path.read_text().strip() if self.path.exists() else "?"
-            raise RehearsalError(f"another rehearsal is running ({holder}); wait for it or run `make rehearse-down`") from None
+        deadline = time.monotonic() + wait
+        said = 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                in_use = machine_in_use() if machine_free else []
+                if not in_use:
+                    break
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                why = f"namespaces or cgroups of another rehearsal exist: {', '.join(in_use[:6])}"
+            except BlockingIOError:
+                holder = self.path.read_text().strip() if self.path.exists() else "?"
+                why = f"another rehearsal is running ({holder})"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                hint = f" after waiting {wait:.0f}s" if wait else ""
+                raise RehearsalError(f"{why}{hint}; wait for it, or if none runs, `make rehearse-down`") from None
+            if time.monotonic() - said >= 60:
+                say(f"waiting: {why}")
+                said = time.monotonic()
+            time.sleep(5)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode())
         self.fd = fd
@@ -81,6 +100,15 @@ class Lock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def machine_in_use() -> list[str]:
+    """What of a rehearsal exists on this kernel: its namespaces and its cgroups. They
+    are shared by everything on the machine even where /run/lock is not."""
+    found = [n for n in netns.existing_namespaces() if n.startswith("rh-")]
+    if H.CGROUP_BASE.is_dir():
+        found += [f"cgroup {p.name}" for p in H.CGROUP_BASE.iterdir() if p.is_dir()]
+    return found
 
 
 def preflight() -> None:

@@ -135,6 +135,35 @@ def test_rto_is_the_first_of_ten_consecutive_successes() -> None:
     assert rto_of([r[:3] + (False,) + r[4:] for r in recs], t0) is None  # never recovered
 
 
+def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rehearsals on one kernel would tear down each other's namespaces: the second
+    one refuses, naming what it found, or waits for the first with --wait."""
+    from rehearsal import stack
+
+    lock_file = tmp_path / "rehearsal.lock"
+    first = stack.Lock(lock_file)
+    first.acquire(machine_free=False)
+    with pytest.raises(stack.RehearsalError, match=r"another rehearsal is running \(pid \d+"):
+        stack.Lock(lock_file).acquire()
+    first.release()
+    # Not visible through the lock file (another container), but its namespaces are.
+    monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc", "rh-lb-1"])
+    with pytest.raises(stack.RehearsalError, match="namespaces or cgroups of another rehearsal exist: rh-vpc, rh-lb-1"):
+        stack.Lock(lock_file).acquire()
+    # A drill on the rehearsal that is up only needs the lock.
+    drill = stack.Lock(lock_file)
+    drill.acquire(machine_free=False)
+    drill.release()
+    # Waiting: the other rehearsal goes away after two polls.
+    polls = iter([["rh-vpc"], ["rh-vpc"], []])
+    monkeypatch.setattr(stack, "machine_in_use", lambda: next(polls))
+    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
+    waiter = stack.Lock(lock_file)
+    waiter.acquire(wait=60)
+    assert waiter.fd is not None
+    waiter.release()
+
+
 # ------------------------------------------------------------------ the smoke rehearsal
 
 
@@ -142,15 +171,16 @@ def test_rto_is_the_first_of_ten_consecutive_successes() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root")
 def test_smoke_rehearsal_lb_redis_galera() -> None:
     """Boot the prod stack from its user-data, drill lb, redis and galera under load with
-    generous ceilings (3x each target), one Alertmanager check; everything cleaned up."""
+    generous ceilings (3x each target), one Alertmanager check; everything cleaned up.
+    Waits for a rehearsal already running on this machine rather than colliding with it;
+    its duration is measured by tools/bench_rehearsal.py, not asserted here."""
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as tmp:
         report = Path(tmp) / "report.json"
         workdir = Path(tmp) / "work"
-        t0 = time.time()
         cp = subprocess.run([sys.executable, "-m", "rehearsal", "--workdir", str(workdir), "run", "--stack", "prod",
                              "--drills", "lb,redis,galera", "--ceiling", "3", "--alert-checks", "1",
-                             "--report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-        elapsed = time.time() - t0
+                             "--report", str(report), "--wait", "1800"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1800 + 900)
         out = cp.stdout[-6000:] + cp.stderr[-3000:]
         assert report.exists(), out
         doc = json.loads(report.read_text())
@@ -162,6 +192,5 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
             assert d["passed"], (name, d, out)
         assert drills["lb"]["alert"] == "ServerDown", drills["lb"]
         assert cp.returncode == 0, out
-        assert elapsed < 600, f"smoke rehearsal took {elapsed:.0f}s"
         leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert "rh-vpc" not in leftovers and not Path("/sys/fs/cgroup/unified/hpc-rehearsal").exists()
