@@ -747,10 +747,23 @@ class Manager:
             clean = code == 0 or (code is not None and str(code) in " ".join(u.lst("SuccessExitStatus")).split()) \
                 or code in (-signal.SIGTERM, 143) and "143" in " ".join(u.lst("SuccessExitStatus"))
             log(f"{u.name}: main process {pid} exited ({'signal ' + str(-code) if code and code < 0 else code})")
+            # systemd performs the stop operation of a service that started, also when its
+            # process died on its own: ExecStop= (no $MAINPID), the rest of the cgroup is
+            # killed, then ExecStopPost= with $SERVICE_RESULT and $EXIT_CODE/$EXIT_STATUS.
+            st.state = "deactivating"
+            tstop = min(_seconds(u.get("TimeoutStopSec"), 90.0), STOP_TIMEOUT_CAP)
+            for line in u.lst("ExecStop"):
+                self.run_sync(u, line, self.unit_env(u), tstop, "ExecStop")
             self._kill_all(u, signal.SIGTERM)
+            sig = -code if code is not None and code < 0 else 0
+            post_env = self.unit_env(u, {
+                "SERVICE_RESULT": "success" if clean else ("signal" if sig else "exit-code"),
+                "EXIT_CODE": "killed" if sig else "exited",
+                "EXIT_STATUS": signal.Signals(sig).name[3:] if sig else str(code or 0)})
+            for line in u.lst("ExecStopPost"):
+                self.run_sync(u, line, post_env, tstop, "ExecStopPost")
             st.state, st.since = ("inactive" if clean else "failed"), time.time()
             policy = u.get("Restart", "no")
-            sig = -code if code is not None and code < 0 else 0
             restart = (policy == "always" or (policy == "on-failure" and not clean)
                        or (policy == "on-abnormal" and sig and sig not in (1, 2, 13, 15))
                        or (policy == "on-abort" and sig and sig not in (1, 2, 13, 15)))

@@ -250,6 +250,25 @@ def test_metrics_replace_the_previous_file_atomically(tmp_path):
     assert "old" not in out.read_text()
 
 
+def test_local_slurmctld_state_is_written_at_once_without_asking_slurm(tmp_path):
+    """ExecStartPost/ExecStopPost record the local controller; no Slurm command runs
+    (a dead controller would make them wait)."""
+    bin_dir = fake_bin(tmp_path, PING_UP)
+    out = tmp_path / "textfile" / "slurmctld.prom"
+    for state, value in (("running", 1), ("stopped", 0)):
+        r = run([sys.executable, str(METRICS), "--slurmctld", state, "--controller", "slurm-1", "--position", "primary",
+                 "--output", str(out)], env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+        assert r.returncode == 0, r.stderr
+        text = out.read_text()
+        assert f'hpc_slurmctld_running{{controller="slurm-1",position="primary"}} {value}' in text.splitlines()
+        assert "hpc_slurm_controller_up" not in text
+        assert promtool_check_metrics(text).returncode == 0
+    assert not (bin_dir / "scontrol.calls").exists() and not (bin_dir / "sinfo.calls").exists()
+    assert [p.name for p in out.parent.iterdir()] == ["slurmctld.prom"]
+    bad = run([sys.executable, str(METRICS), "--slurmctld", "stopped", "--output", str(out)])
+    assert bad.returncode == 2 and "--slurmctld needs --controller and --position" in bad.stderr
+
+
 def test_metrics_parsers_and_label_escaping():
     mod = load_file(METRICS)
     assert mod.base_state("IDLE+DRAIN") == "idle"

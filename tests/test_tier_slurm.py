@@ -407,6 +407,7 @@ def test_broken_slurmdbd_conf_is_rejected_by_slurmdbd(state_mountpoint):
 
 UNIT_FILES = {
     "slurm/hpc-state-guard.conf": "slurmctld.service.d/hpc-state-guard.conf",
+    "slurm/hpc-liveness.conf": "slurmctld.service.d/hpc-liveness.conf",
     "slurm/hpc-restart.conf": "slurmdbd.service.d/hpc-restart.conf",
     "slurm/hpc-slurm-metrics.service": "hpc-slurm-metrics.service",
     "slurm/hpc-slurm-metrics.timer": "hpc-slurm-metrics.timer",
@@ -466,6 +467,23 @@ def test_guard_and_first_init_only_on_the_primary():
             assert f"RequiresMountsFor={ctx['slurm']['state_dir']}" in text
             assert "ExecStartPre=+/usr/local/sbin/hpc-slurm-state-guard" in text
             assert ("--allow-first-init" in text) == (i == 0), f"{stack}/{name}"
+
+
+def test_each_controller_records_its_own_slurmctld_under_the_name_scontrol_ping_uses():
+    """SlurmctldDown joins hpc_slurmctld_running with hpc_slurm_controller_up by
+    (controller, position): both must use scontrol ping's names (primary, backup)."""
+    checked = 0
+    for stack in STACKS:
+        ctls = controllers(stack)
+        for i, (name, ctx) in enumerate(ctls):
+            text = render_template("slurm/hpc-liveness.conf", ctx)
+            position = "primary" if i == 0 else ("backup" if len(ctls) == 2 else f"backup{i}")
+            for state, key in (("running", "ExecStartPost"), ("stopped", "ExecStopPost")):
+                line = (f"{key}=-+/usr/local/bin/hpc-slurm-metrics --slurmctld {state} "
+                        f"--controller {name} --position {position}")
+                assert line in text.splitlines(), f"{stack}/{name}: {line}\n{text}"
+                checked += 1
+    assert checked == 2 * sum(len(controllers(s)) for s in STACKS)
 
 
 # ------------------------------------------------------------------- boot script
