@@ -9,7 +9,8 @@ PORT, SERVER_ID, DB_NAME, HEALTH_PATH) and /etc/hpc/portal.env.
   GET  <HEALTH_PATH>            200 {"status": "healthy", "checks": {...}} or 503
                                 "unhealthy": Redis through Sentinel (PING on the master),
                                 the DB writer (SELECT 1 through 127.0.0.1:3306), Slurm (a
-                                controller accepts on 6817)
+                                controller answers `scontrol ping`, run every 15 s in the
+                                background)
   GET  /<prefix>/session        session in Redis (cookie `sid`, TTL 8 h), created if absent
   POST /<prefix>/records        {"request_id", "payload"}: idempotent write to MariaDB
                                 (unique request id; a replay changes nothing) -> 200
@@ -171,16 +172,39 @@ def check_db() -> str:
         return f"error: {type(e).__name__}"
 
 
+SLURM_CHECK_S = 15.0
+_slurm_state: dict[str, Any] = {"value": None, "t": 0.0}
+_slurm_ready = threading.Event()
+
+
+def ping_slurm() -> str:
+    """`scontrol ping`: ok when a controller answers (the backup answers in standby too).
+    A bare TCP connection would do, but slurmctld logs an error for each one that sends
+    no message: a health check every few seconds would flood its log."""
+    rc, out = slurm(["scontrol", "ping"])
+    if " is UP" in out:
+        return "ok"
+    return f"error: no slurmctld answers scontrol ping (rc {rc}: {out.strip().splitlines()[-1][-120:] if out.strip() else '-'})"
+
+
+def _watch_slurm() -> None:
+    while True:
+        value = ping_slurm()
+        _slurm_state.update(value=value, t=time.monotonic())
+        _slurm_ready.set()
+        time.sleep(SLURM_CHECK_S)
+
+
 def check_slurm() -> str:
-    hosts = [h for h in os.environ.get("SLURM_CONTROLLER_HOSTS", os.environ.get("SLURM_CONTROLLER_HOST", "")).split(",")
-             if h]
-    for h in hosts:
-        try:
-            with socket.create_connection((h, 6817), timeout=1.0):
-                return "ok"
-        except OSError:
-            continue
-    return "error: no slurmctld answers on 6817" if hosts else "error: no controller configured"
+    """The last result of the background ping (a dead primary makes scontrol wait for
+    its timeout: the health endpoint must not)."""
+    _slurm_ready.wait(5)
+    value, t = _slurm_state["value"], _slurm_state["t"]
+    if value is None:
+        return "error: Slurm not checked yet"
+    if time.monotonic() - t > 4 * SLURM_CHECK_S + 30:
+        return f"error: Slurm check stale ({time.monotonic() - t:.0f}s old)"
+    return str(value)
 
 
 def health() -> tuple[int, dict[str, Any]]:
@@ -333,6 +357,7 @@ class Server(ThreadingHTTPServer):
 def main() -> int:
     host = os.environ.get(f"BACKEND_{PORT}_HOST", "0.0.0.0")
     srv = Server((host, PORT), Handler)
+    threading.Thread(target=_watch_slurm, daemon=True, name="slurm-ping").start()
     log(f"serving {SERVICE} on {host}:{PORT} (health {HEALTH}, database {DB_NAME})")
     srv.serve_forever()
     return 0
