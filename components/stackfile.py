@@ -39,16 +39,31 @@ def namespace(config: dict[str, Any], ns: str) -> dict[str, Any]:
     return {k.split(":", 1)[1]: v for k, v in config.items() if k.split(":", 1)[0] == ns}
 
 
-def load_stack(stack: str) -> tuple[StackConfig, Topology]:
+def overlay_config(raw: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """The project keys of a stack with `overlay` laid over them: a key the overlay sets
+    replaces the stack's, except mappings, which are merged one level deep (an overlay's
+    slurm.nodes keeps the stack's slurm.cluster_name)."""
+    out = dict(raw)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_stack(stack: str, overlay: dict[str, Any] | None = None) -> tuple[StackConfig, Topology]:
     """A stack file's validated config and topology, as the program builds them, for
     tools that run without the CLI. Secret config counts as set (its values are not
-    readable offline); the certificate counts as configured, as prod requires."""
+    readable offline); the certificate counts as configured, as prod requires.
+    `overlay` (project keys) is laid over the stack's, see overlay_config."""
     from .config import load_config
     from .topology import build_topology
 
     config, secrets = read_stack(stack)
     project = project_name()
     configured = frozenset(k.split(":", 1)[1] for k in secrets) | {"tls_cert", "tls_key"}
-    cfg = load_config(namespace(config, project), stack=stack, project=project,
+    raw = overlay_config(namespace(config, project), overlay or {})
+    cfg = load_config(raw, stack=stack, project=project,
                       region=config.get("aws:region", "ap-northeast-2"), configured_secrets=configured)
     return cfg, build_topology(cfg)

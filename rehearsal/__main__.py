@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .layout import DEFAULT_WORKDIR, build_layout
 from .stack import Lock, RehearsalError, down, preflight, read_state, running, say, up
@@ -29,6 +30,8 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
     from .drills import Drills, Result, table, write_report
 
     layout = build_layout(stack, workdir)
+    onprem = read_state(workdir).get("onprem")
+    extra: dict[str, Any] = {"onprem": onprem} if onprem else {}
     d = Drills(layout, workdir, ceiling=ceiling, alert_checks=alert_checks)
     results: list[Result] = []
     for name in names:
@@ -41,10 +44,17 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
             r = Result(name, notes=[f"{type(e).__name__}: {e}"])
             results.append(r)
             say(f"drill {name}: ERROR {type(e).__name__}: {e}")
-        write_report(report, stack, results)
+        write_report(report, stack, results, extra)
     print(table(results), flush=True)
+    onprem_ok = True
+    if extra.get("onprem"):
+        o = extra["onprem"]
+        onprem_ok = bool(o["passed"])
+        failed = [c["name"] for c in o["checks"] if not c["ok"]]
+        print(f"on-prem compute path ({o['source']}): "
+              + ("all checks as expected" if onprem_ok else f"FAILED: {'; '.join(failed)}"), flush=True)
     say(f"report: {report}")
-    return 0 if results and all(r.passed for r in results) else 1
+    return 0 if results and all(r.passed for r in results) and onprem_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name)
         s.add_argument("--stack", default=os.environ.get("STACK", "prod"))
         s.add_argument("--hosts", default="", help="comma-separated subset of hosts to boot (default: all)")
+        s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
+                       help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
+                            "none: the stack as committed")
         if name == "run":
             s.add_argument("--drills", default=os.environ.get("DRILLS", ""))
             s.add_argument("--report", type=Path, default=Path("rehearsal-report.json"))
@@ -84,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem)
                 say("up; `python -m rehearsal drill lb` to drill, `python -m rehearsal down` to stop")
                 return 0
             if a.cmd == "drill":
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             t0 = time.time()
             try:
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem)
                 say(f"booted in {time.time() - t0:.0f}s; drills: {', '.join(names)}")
                 rc = do_drills(a.stack, a.workdir, names, a.report, a.ceiling, a.alert_checks)
             finally:

@@ -506,19 +506,27 @@ class Drills:
         rc, out = self.run(host, "squeue -h -o %i 2>&1", timeout=30)
         return rc == 0, {x.strip() for x in out.split() if x.strip().isdigit()}
 
+    def portal_jobs(self, *args: str) -> dict[str, Any]:
+        """Slurm jobs through the portal from the client namespace (rehearsal.load jobs)."""
+        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", "jobs",
+                             "--url", URL, *args], cwd=str(Path(__file__).resolve().parent.parent),
+                            capture_output=True, text=True, timeout=300)
+        try:
+            return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            return {"errors": [cp.stdout[-300:] + cp.stderr[-300:]]}
+
     def drill_slurm(self) -> Result:
+        from . import onprem
+
         ctl = self.layout.topo.role_hosts["slurm"]
-        primary = ctl[0]
+        primary, backup = ctl[0], ctl[1]
         client = self.layout.topo.role_hosts["app"][0]
-        jobs: set[str] = set()
-        for i in range(5):
-            rc, out = self.run(client, f"sbatch --parsable --job-name rehearsal-{i} --output /dev/null --wrap 'sleep 600'",
-                               timeout=30)
-            if rc == 0 and out.strip().split(";")[0].isdigit():
-                jobs.add(out.strip().split(";")[0])
+        doc = self.portal_jobs("submit", "--count", "5")
+        jobs = set(doc.get("job_ids", []))
         if len(jobs) != 5:
-            raise RuntimeError(f"could not queue jobs from {client}: {out.strip()[-200:]}")
-        say(f"    queued jobs {', '.join(sorted(jobs))} from {client}")
+            raise RuntimeError(f"could not queue jobs through the portal: {doc}")
+        say(f"    queued jobs {', '.join(sorted(jobs, key=int))} through the portal (POST /api/jobs on the Elastic IP)")
         state: dict[str, Any] = {}
 
         def inject() -> None:
@@ -538,6 +546,16 @@ class Drills:
                 time.sleep(1)
             res.rto_s = round(state["control"], 1) if "control" in state else None
             res.checks["jobs_intact"] = "control" in state
+            # The same jobs as the portal reports them to its users: still pending.
+            states = self.portal_jobs("states", "--ids", ",".join(sorted(jobs))).get("states", {})
+            res.checks["jobs_pending_via_portal"] = sorted(states) == sorted(jobs) and \
+                all(v == "PENDING" for v in states.values())
+            res.notes.append(f"job states through the portal: {states}")
+            if self.layout.onprem:
+                # What the compute nodes see through the VPN: the backup answers.
+                seen_site = onprem.controllers_seen_from_site(self.layout)
+                res.checks["onprem_sees_backup"] = seen_site.get(backup) == "UP" and seen_site.get(primary) == "DOWN"
+                res.notes.append(f"scontrol ping from on-prem: {seen_site}")
 
         def restore() -> None:
             H.call(self.layout, primary, {"op": "hold", "unit": "slurmctld.service", "hold": False})
@@ -548,7 +566,7 @@ class Drills:
         res.target_rto_s = TARGETS["slurm"]["rto"]
         res.checks["rto"] = res.rto_s is not None and res.rto_s <= TARGETS["slurm"]["rto"] * self.ceiling
         res.passed = all(res.checks.values())
-        self.run(client, "scancel --name=rehearsal-0 --name=rehearsal-1 2>/dev/null; scancel -u root 2>/dev/null", timeout=30)
+        self.run(client, f"scancel {' '.join(sorted(jobs))} 2>/dev/null", timeout=30)
         return res
 
     def drill_az(self) -> Result:

@@ -8,15 +8,22 @@ the rehearsal's own stand-in addresses, all inside namespaces it creates.
                 interface endpoints, the instance metadata service at 169.254.169.254
     rh-client   "the internet": the load generator, at CLIENT_IP (TEST-NET-3)
     rh-<host>   one per EC2 host, its ENI `ens5` with the plan's private IP
+    rh-vpn      the Site-to-Site VPN (virtual private gateway, tunnel, customer gateway
+                in one router): the VPC's internal and management subnets <-> on-prem
+    rh-onprem   the center's compute network: the Slurm nodes' addresses (configured,
+                slurmd not running)
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from components.config import StackConfig
 from components.stackfile import ROOT, load_stack
@@ -41,6 +48,55 @@ LOCK_FILE = Path("/run/lock/hpc-rehearsal.lock")
 MEMORY_MIB = {"data": 1024, "monitoring": 1024, "default": 1024}
 
 NS_ROUTER, NS_AWS, NS_CLIENT = "rh-vpc", "rh-aws", "rh-client"
+NS_VPN, NS_ONPREM = "rh-vpn", "rh-onprem"
+VPN_NET = "10.255.1.0/30"  # the VPC router <-> the VPN's virtual private gateway
+VGW_VPC_SIDE, VGW_VPN_SIDE = "10.255.1.1", "10.255.1.2"
+ONPREM_SITE = Path(__file__).resolve().parent / "onprem-site.yaml"
+# auto: the stack's own on-prem network, else the example site; none: only the stack's.
+ONPREM_MODES = ("auto", "none")
+
+
+@dataclass(frozen=True)
+class OnPrem:
+    """The on-prem site of a rehearsal: its networks and the compute nodes' addresses."""
+
+    source: str  # "stack" or the site file laid over the stack
+    cidrs: tuple[str, ...]
+    compute_cidrs: tuple[str, ...]
+    nodes: tuple[tuple[str, str], ...]  # (NodeName, address) for nodes with a literal address
+    vnc_ports: str
+
+    @property
+    def addresses(self) -> list[str]:
+        """Addresses on the on-prem namespace: the nodes', else one per compute network."""
+        addrs = [a for _n, a in self.nodes]
+        for c in self.compute_cidrs:
+            net = ipaddress.IPv4Network(c)
+            if not any(ipaddress.IPv4Address(a) in net for a in addrs):
+                addrs.append(str(net.network_address + 10))
+        return addrs
+
+    def gateway(self, cidr: str) -> str:
+        return str(ipaddress.IPv4Network(cidr).network_address + 1)
+
+    def cidr_of(self, addr: str) -> str:
+        return next(c for c in self.compute_cidrs if ipaddress.IPv4Address(addr) in ipaddress.IPv4Network(c))
+
+
+def onprem_of(cfg: StackConfig, source: str) -> OnPrem | None:
+    if cfg.hybrid is None:
+        return None
+    compute = cfg.hybrid.compute_cidrs
+    nodes = []
+    for n in cfg.slurm.nodes:
+        addr = str(n.get("NodeAddr", ""))
+        try:
+            ip = ipaddress.IPv4Address(addr)
+        except ValueError:
+            continue  # a name (resolved on-prem): nothing to place here
+        if any(ip in ipaddress.IPv4Network(c) for c in compute):
+            nodes.append((str(n["NodeName"]), addr))
+    return OnPrem(source, tuple(cfg.onprem_cidrs), tuple(compute), tuple(nodes), cfg.hybrid.vnc_ports)
 
 
 @dataclass(frozen=True)
@@ -93,6 +149,7 @@ class Layout:
     subnets: list[Subnet]
     hosts: list[RHost]
     workdir: Path
+    onprem: OnPrem | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def host(self, name: str) -> RHost:
@@ -106,7 +163,8 @@ class Layout:
 
     @property
     def namespaces(self) -> list[str]:
-        return [NS_ROUTER, NS_AWS, NS_CLIENT] + [h.ns for h in self.hosts]
+        return [NS_ROUTER, NS_AWS, NS_CLIENT] + ([NS_VPN, NS_ONPREM] if self.onprem else []) + \
+            [h.ns for h in self.hosts]
 
     def hostdir(self, name: str) -> Path:
         return self.workdir / "hosts" / name
@@ -116,8 +174,29 @@ class Layout:
         return self.workdir / "efs"
 
 
-def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR) -> Layout:
+def onprem_mode(workdir: Path) -> str:
+    """The on-prem choice of the rehearsal in `workdir` (recorded by `up`), else
+    $HPC_REHEARSAL_ONPREM, else auto."""
+    try:
+        mode = json.loads((workdir / "state.json").read_text()).get("onprem_mode")
+    except (OSError, ValueError):
+        mode = None
+    mode = mode or os.environ.get("HPC_REHEARSAL_ONPREM", "auto")
+    if mode not in ONPREM_MODES:
+        raise ValueError(f"HPC_REHEARSAL_ONPREM={mode!r}: one of {', '.join(ONPREM_MODES)}")
+    return str(mode)
+
+
+def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR, onprem: str | None = None) -> Layout:
+    """The stack's hosts and subnets; with onprem `auto` (the default) and a stack that
+    routes no on-prem network, the example site (onprem-site.yaml) is laid over it."""
     cfg, topo = load_stack(stack)
+    mode = onprem or onprem_mode(workdir)
+    source = "stack"
+    if cfg.hybrid is None and mode == "auto":
+        site = yaml.safe_load(ONPREM_SITE.read_text())["config"]
+        cfg, topo = load_stack(stack, overlay=site)
+        source = str(ONPREM_SITE.relative_to(ROOT))
     subnets: list[Subnet] = []
     for network in ("external", "internal", "management"):
         for az_index, cidr in enumerate(cfg.network.subnets[network]):
@@ -125,7 +204,7 @@ def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR) -> Layout:
     by_cidr = {s.cidr: s for s in subnets}
     hosts = [RHost(h.name, tuple(h.roles), h.ip, h.az, h.network, by_cidr[h.subnet], i)
              for i, h in enumerate(topo.hosts)]
-    return Layout(stack, cfg, topo, subnets, hosts, workdir)
+    return Layout(stack, cfg, topo, subnets, hosts, workdir, onprem_of(cfg, source))
 
 
 def repo_root() -> Path:

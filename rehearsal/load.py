@@ -10,6 +10,8 @@ kinds: `write` (POST /api/records with a fresh request id: idempotent on the ser
     python -m rehearsal.load run --url https://203.0.113.10 --out F [--rate 60] [--writes 0.3]
                                  [--duration 600] [--max-requests 40000]
     python -m rehearsal.load verify --url ... --ids F     read every acknowledged write back
+    python -m rehearsal.load jobs --url ... submit --count 5 | states --ids 1,2
+                                                           Slurm jobs through the portal
 """
 
 from __future__ import annotations
@@ -175,6 +177,39 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def jobs(args: argparse.Namespace) -> int:
+    """Through the portal, as a user would: `submit` queues --count jobs (POST /api/jobs)
+    and prints their ids; `states` prints each job's state (GET /api/jobs/<id>)."""
+    conn = Conn(args.url)
+    out: dict[str, Any] = {}
+    if args.action == "submit":
+        ids: list[str] = []
+        for i in range(args.count):
+            for _attempt in range(10):
+                try:
+                    status, body = conn.request("POST", "/api/jobs", {"name": f"rehearsal-{i}", "seconds": 600},
+                                                timeout=30)
+                    if status == 200:
+                        ids.append(str(json.loads(body)["job_id"]))
+                        break
+                    out.setdefault("errors", []).append(f"HTTP {status}: {body[:200]!r}")
+                except Exception as e:  # noqa: BLE001
+                    out.setdefault("errors", []).append(str(e))
+                time.sleep(1)
+        out["job_ids"] = ids
+    else:
+        states: dict[str, str] = {}
+        for job in [x for x in args.ids.split(",") if x]:
+            try:
+                status, body = conn.request("GET", f"/api/jobs/{job}", timeout=30)
+                states[job] = json.loads(body).get("state", f"HTTP {status}") if status == 200 else f"HTTP {status}"
+            except Exception as e:  # noqa: BLE001
+                states[job] = f"error: {e}"
+        out["states"] = states
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rehearsal.load")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -190,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify")
     v.add_argument("--url", required=True)
     v.add_argument("--ids", required=True)
+    j = sub.add_parser("jobs")
+    j.add_argument("--url", required=True)
+    j.add_argument("action", choices=("submit", "states"))
+    j.add_argument("--count", type=int, default=5)
+    j.add_argument("--ids", default="")
     a = p.parse_args(argv)
-    return run(a) if a.cmd == "run" else verify(a)
+    return {"run": run, "verify": verify, "jobs": jobs}[a.cmd](a)
 
 
 if __name__ == "__main__":

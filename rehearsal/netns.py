@@ -28,13 +28,19 @@ from .layout import (
     IMDS_IP,
     NS_AWS,
     NS_CLIENT,
+    NS_ONPREM,
     NS_ROUTER,
+    NS_VPN,
+    VGW_VPC_SIDE,
+    VGW_VPN_SIDE,
+    VPN_NET,
     Layout,
     RHost,
 )
 
 NFT_HOST_TABLE = "rh_sg"
 NFT_ROUTER_TABLE = "rh_router"
+NFT_VPN_TABLE = "rh_vpn"
 
 
 class NetError(RuntimeError):
@@ -109,9 +115,41 @@ def create(layout: Layout) -> None:
     ip(NS_CLIENT, "link", "set", "eth0", "up")
     ip(NS_CLIENT, "route", "add", "default", "via", CLIENT_GW)
 
+    if layout.onprem:
+        attach_onprem(layout)
     for h in layout.hosts:
         attach_host(layout, h)
-    nft(r, router_rules())
+    nft(r, router_rules(layout))
+
+
+def attach_onprem(layout: Layout) -> None:
+    """The VPN and the center's compute network behind it. The VPC router sends the
+    on-prem ranges to the virtual private gateway (its rules keep them out of the public
+    subnets, whose route table has no such route); the VPN carries only VPC <-> on-prem."""
+    o = layout.onprem
+    assert o is not None
+    r, vpn, site = NS_ROUTER, NS_VPN, NS_ONPREM
+    plen = ipaddress.IPv4Network(VPN_NET).prefixlen
+    ip(r, "link", "add", "rhvgw", "type", "veth", "peer", "name", "vgw", "netns", vpn)
+    ip(r, "addr", "add", f"{VGW_VPC_SIDE}/{plen}", "dev", "rhvgw")
+    ip(r, "link", "set", "rhvgw", "up")
+    ip(vpn, "addr", "add", f"{VGW_VPN_SIDE}/{plen}", "dev", "vgw")
+    ip(vpn, "link", "set", "vgw", "up")
+    _sysctl(vpn, "net.ipv4.ip_forward", "1")
+    for c in o.cidrs:
+        ip(r, "route", "add", c, "via", VGW_VPN_SIDE)
+    ip(vpn, "route", "add", layout.cfg.network.vpc_cidr, "via", VGW_VPC_SIDE)
+    # The customer gateway's side: one gateway address per compute network.
+    ip(vpn, "link", "add", "cgw", "type", "veth", "peer", "name", "eth0", "netns", site)
+    for c in o.compute_cidrs:
+        ip(vpn, "addr", "add", f"{o.gateway(c)}/{ipaddress.IPv4Network(c).prefixlen}", "dev", "cgw")
+    ip(vpn, "link", "set", "cgw", "up")
+    # The nodes' addresses; the first is the source of what the site sends.
+    for a in o.addresses:
+        ip(site, "addr", "add", f"{a}/{ipaddress.IPv4Network(o.cidr_of(a)).prefixlen}", "dev", "eth0")
+    ip(site, "link", "set", "eth0", "up")
+    ip(site, "route", "add", "default", "via", o.gateway(o.compute_cidrs[0]))
+    nft(vpn, vpn_rules(layout))
 
 
 def attach_host(layout: Layout, h: RHost) -> None:
@@ -145,9 +183,17 @@ def destroy(names: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------- nftables
 
 
-def router_rules() -> str:
+def router_rules(layout: Layout | None = None) -> str:
     """DNAT of the Elastic IP: the `eip` map holds public IP -> private IP of the ENI the
-    EC2 API says holds the association (kept current by the EIP watcher in awsd)."""
+    EC2 API says holds the association (kept current by the EIP watcher in awsd). With
+    an on-prem site: only the internal and management subnets' route tables have the
+    on-prem routes, so the public subnets do not reach it, nor it them."""
+    onprem = ""
+    if layout is not None and layout.onprem:
+        public = ", ".join(s.cidr for s in layout.subnets if s.network == "external")
+        site = ", ".join(layout.onprem.cidrs)
+        onprem = (f"        ip saddr {{ {public} }} ip daddr {{ {site} }} counter drop comment \"no on-prem route\"\n"
+                  f"        ip saddr {{ {site} }} ip daddr {{ {public} }} counter drop comment \"no on-prem route\"\n")
     return f"""table ip {NFT_ROUTER_TABLE} {{
     map eip {{
         type ipv4_addr : ipv4_addr
@@ -160,6 +206,22 @@ def router_rules() -> str:
         type filter hook forward priority filter; policy accept;
         # An unassociated Elastic IP answers nothing.
         ip daddr {EIP_PUBLIC_IP} drop
+{onprem}    }}
+}}
+"""
+
+
+def vpn_rules(layout: Layout) -> str:
+    """The tunnel carries the VPC's range to the on-prem ranges and back, nothing else."""
+    assert layout.onprem is not None
+    site = ", ".join(layout.onprem.cidrs)
+    vpc = layout.cfg.network.vpc_cidr
+    return f"""table ip {NFT_VPN_TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ip saddr {vpc} ip daddr {{ {site} }} counter accept
+        ip saddr {{ {site} }} ip daddr {vpc} counter accept
+        counter
     }}
 }}
 """

@@ -193,11 +193,11 @@ def install_standin(layout: Layout, name: str) -> bool:
     return True
 
 
-def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None) -> Layout:
+def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto") -> Layout:
     preflight()
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
-    layout = build_layout(stack, workdir)
+    layout = build_layout(stack, workdir, onprem=onprem)
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("hosts", "efs"):
         if (workdir / sub).exists():
@@ -212,9 +212,15 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (rel / "assets" / "app.js").write_text("console.log('rehearsal');\n")
     (workdir / "efs" / "dist" / "current").symlink_to("releases/rehearsal")
     state: dict[str, Any] = {"stack": stack, "started": time.time(), "namespaces": layout.namespaces, "hosts": {},
-                             "pid": os.getpid()}
+                             "pid": os.getpid(), "onprem_mode": onprem}
     write_state(workdir, state)
     say(f"stack {stack}: {len(layout.hosts)} hosts in {len(layout.subnets)} subnets; namespaces")
+    if layout.onprem:
+        o = layout.onprem
+        how = "the stack's own" if o.source == "stack" else \
+            f"the stack has none: the example site {o.source} is laid over it; --onprem none for the stack as committed"
+        say(f"on-prem site behind a VPN ({how}): {', '.join(o.cidrs)}, "
+            f"nodes {', '.join(n for n, _a in o.nodes) or '-'} configured, slurmd not running")
     netns.create(layout)
     say("AWS stand-ins: moto (EC2, SSM, S3) + instance metadata; deploying the stack")
     deploy = start_awsd(layout, state)
@@ -255,9 +261,29 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (workdir / "boot-report.json").write_text(json.dumps(results, indent=2, default=str))
     if not only:
         wait_ready(layout)
+        if layout.onprem:
+            state["onprem"] = check_onprem(layout)
     state["booted"] = time.time()
     write_state(workdir, state)
     return layout
+
+
+def check_onprem(layout: Layout, timeout: float = 150) -> dict[str, Any]:
+    """The compute path through the VPN (rehearsal/onprem.py), retried while the
+    controllers come up; every check is printed."""
+    from . import onprem
+
+    assert layout.onprem is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        checks = onprem.check(layout)
+        if all(c.ok for c in checks) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    say(f"on-prem compute path: {sum(c.ok for c in checks)}/{len(checks)} checks as expected")
+    for c in checks:
+        say(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.got}" + ("" if c.ok else f" (expected {c.expect})"))
+    return {"source": layout.onprem.source, "passed": all(c.ok for c in checks), "checks": onprem.as_json(checks)}
 
 
 def wait_ready(layout: Layout, timeout: float = 120) -> None:

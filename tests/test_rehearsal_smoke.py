@@ -191,6 +191,12 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
             assert d["lost_writes"] == 0 and d["duplicates"] == 0, (name, d)
             assert d["passed"], (name, d, out)
         assert drills["lb"]["alert"] == "ServerDown", drills["lb"]
+        # The compute path through the VPN to the (example) on-prem site.
+        onprem = doc["onprem"]
+        assert onprem["source"] == "rehearsal/onprem-site.yaml"
+        assert len(onprem["checks"]) >= 10 and onprem["passed"], onprem
+        names = " ".join(c["name"] for c in onprem["checks"])
+        assert "scontrol ping from 172.20.10.11" in names and "not in the matrix" in names
         assert cp.returncode == 0, out
         leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert "rh-vpc" not in leftovers and not Path("/sys/fs/cgroup/unified/hpc-rehearsal").exists()

@@ -1,0 +1,88 @@
+"""The rehearsal's on-prem site: which stacks get it, what the hosts render for it, and
+the VPN and route-table rules around it. The live compute path (scontrol ping from a
+node's address, the matrix's flows through the VPN) runs in the smoke rehearsal and the
+`slurm` drill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud_init.render import render_host
+from components.hostctx import Deployed, host_context
+from components.stackfile import overlay_config
+from rehearsal.layout import NS_ONPREM, NS_VPN, ONPREM_SITE, build_layout
+from rehearsal.netns import host_rules, router_rules, vpn_rules
+
+DEPLOYED = Deployed(efs_dns_name="fs-0.efs.example", efs_access_points={"data": "a", "dist": "b", "slurm": "c"},
+                    eip_allocation_id="eipalloc-0", eip_public_ip="203.0.113.10", bundle_bucket="bb",
+                    backup_bucket="kb", aws_endpoint_url="http://10.255.0.2:443")
+
+
+def test_overlay_replaces_keys_and_merges_mappings_one_level() -> None:
+    raw = {"profile": "ha", "slurm": {"cluster_name": "hpc", "nodes": []}, "onprem_cidrs": []}
+    out = overlay_config(raw, {"onprem_cidrs": ["172.20.0.0/16"], "slurm": {"nodes": [{"NodeName": "a"}]}})
+    assert out == {"profile": "ha", "onprem_cidrs": ["172.20.0.0/16"],
+                   "slurm": {"cluster_name": "hpc", "nodes": [{"NodeName": "a"}]}}
+    assert raw["slurm"] == {"cluster_name": "hpc", "nodes": []}, "the stack's own config is not modified"
+
+
+def test_a_stack_without_onprem_gets_the_example_site_unless_told_not_to(tmp_path: Path) -> None:
+    auto = build_layout("prod", tmp_path, onprem="auto")
+    assert auto.onprem is not None and auto.onprem.source == "rehearsal/onprem-site.yaml"
+    assert [n for n, _a in auto.onprem.nodes] == ["cn001", "cn002", "cn003", "cn004"]
+    assert auto.onprem.addresses[0] == "172.20.10.11"
+    assert NS_VPN in auto.namespaces and NS_ONPREM in auto.namespaces
+    none = build_layout("prod", tmp_path, onprem="none")
+    assert none.onprem is None and NS_VPN not in none.namespaces
+    # The site file is valid stack config for every stack (no overlap with any VPC).
+    for stack in ("dev", "budget"):
+        lay = build_layout(stack, tmp_path, onprem="auto")
+        assert lay.onprem is not None and lay.onprem.cidrs == ("172.20.0.0/16",)
+
+
+def test_the_choice_is_kept_with_the_rehearsal_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "state.json").write_text('{"onprem_mode": "none"}')
+    assert build_layout("prod", tmp_path).onprem is None
+    monkeypatch.setenv("HPC_REHEARSAL_ONPREM", "sometimes")
+    with pytest.raises(ValueError, match="HPC_REHEARSAL_ONPREM='sometimes': one of auto, none"):
+        build_layout("prod", tmp_path / "fresh")
+
+
+def test_hosts_render_the_sites_nodes_and_matrix_cells(tmp_path: Path) -> None:
+    lay = build_layout("prod", tmp_path, onprem="auto")
+    slurm1 = lay.topo.host("slurm-1")
+    files = {f.path: f for f in render_host(host_context(lay.cfg, lay.topo, slurm1, DEPLOYED)).files}
+    conf = files["/etc/slurm/slurm.conf"].content
+    conf = conf.decode() if isinstance(conf, bytes) else conf
+    assert "NodeName=cn001 NodeAddr=172.20.10.11 CPUs=4 RealMemory=15000 State=UNKNOWN" in conf
+    assert "PartitionName=compute Nodes=cn[001-004] Default=YES" in conf and "NodeName=placeholder" not in conf
+    rules = host_rules(lay, lay.host("slurm-1"))
+    assert "ip saddr 172.20.10.0/24 tcp dport 6817 accept" in rules
+    assert "ip daddr 172.20.10.0/24 tcp dport 6818 accept" in rules
+    app = host_rules(lay, lay.host("app-1"))
+    assert "ip saddr 172.20.10.0/24 tcp dport 60001-63000 accept" in app
+    assert "ip daddr 172.20.10.0/24 tcp dport 5900-5999 accept" in app
+    # Nothing toward the site on a host whose role has no cell for it.
+    assert "172.20." not in host_rules(lay, lay.host("data-1"))
+    assert "172.20." not in host_rules(lay, lay.host("lb-1"))
+
+
+def test_only_private_subnets_route_to_the_site_and_the_vpn_carries_nothing_else(tmp_path: Path) -> None:
+    lay = build_layout("prod", tmp_path, onprem="auto")
+    public = ", ".join(s.cidr for s in lay.subnets if s.network == "external")
+    rr = router_rules(lay)
+    assert f"ip saddr {{ {public} }} ip daddr {{ 172.20.0.0/16 }} counter drop" in rr
+    assert f"ip saddr {{ 172.20.0.0/16 }} ip daddr {{ {public} }} counter drop" in rr
+    internal = [s.cidr for s in lay.subnets if s.network != "external"]
+    assert all(c not in rr for c in internal)
+    vr = vpn_rules(lay)
+    assert "policy drop" in vr and "ip saddr 10.40.0.0/16 ip daddr { 172.20.0.0/16 } counter accept" in vr
+    # Without a site, the router has no such rules.
+    assert "172.20." not in router_rules(build_layout("prod", tmp_path, onprem="none"))
+
+
+def test_the_site_file_says_what_it_is() -> None:
+    text = ONPREM_SITE.read_text()
+    assert "slurmd does not run there" in text and "--onprem none" in text
