@@ -394,6 +394,40 @@ def test_recover_refuses_two_histories_and_marks_safe(tmp_path: Path) -> None:
     assert rec.mark_safe(str(d)) is False  # second run: nothing to change
 
 
+def test_mark_safe_refuses_while_mariadbd_runs_here_or_a_peer_answers(tmp_path: Path) -> None:
+    """A node that re-formed a primary component by itself must not get a second,
+    bootstrapped cluster beside it."""
+    import socket as pysocket
+
+    d = _grastate(tmp_path / "d", 7, 0)
+    listener = pysocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    cfg = {"host": "data-1", "galera_port": port, "datadir": str(d),
+           "nodes": [{"name": "data-1", "ip": "127.0.0.1"}, {"name": "data-2", "ip": "127.0.0.1"},
+                     {"name": "data-3", "ip": "127.0.0.9"}]}
+    cfg_path = tmp_path / "galera.json"
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        assert rec.peers_answering(cfg) == [f"data-2 (127.0.0.1:{port})"]
+        assert rec.main(["--config", str(cfg_path), "mark-safe"]) == 1
+        assert "safe_to_bootstrap: 0" in (d / "grastate.dat").read_text(), "must not have changed"
+        assert rec.main(["--config", str(cfg_path), "mark-safe", "--force"]) == 0
+        assert "safe_to_bootstrap: 1" in (d / "grastate.dat").read_text()
+    finally:
+        listener.close()
+    assert rec.peers_answering(cfg) == []
+    # A local mariadbd, found by its process name.
+    proc = tmp_path / "proc"
+    for pid, comm in ((12, "bash"), (345, "mariadbd"), (7, "mysqld-exporter")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "comm").write_text(comm + "\n")
+    (proc / "self").mkdir()
+    assert rec.mariadbd_pids(str(proc)) == [345]
+    assert rec.bootstrap_blockers(cfg, str(proc)) == ["mariadbd runs on this node (pid 345): stop it first"]
+
+
 def test_recover_choose_cli_names_missing_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = json.loads(render_template("data/galera.json", data_ctx()))
     (tmp_path / "galera.json").write_text(json.dumps(cfg))
