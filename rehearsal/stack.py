@@ -64,15 +64,18 @@ class Lock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, wait: float = 0.0, machine_free: bool = True) -> None:
+    def acquire(self, wait: float = 0.0, machine_free: bool = True, stale_after: float = 60.0) -> None:
         """Take the lock; with `wait`, wait up to that many seconds for another rehearsal
         to finish. With `machine_free` (starting a rehearsal, not drilling one that is up),
         also for the namespaces and cgroups of a rehearsal started where this lock file is
-        not visible (another container on this kernel): they would collide."""
+        not visible (another container on this kernel): they would collide. Namespaces
+        with no process in them for `stale_after` seconds are leftovers, not a rehearsal:
+        no use waiting for them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
         said = 0.0
+        idle_since: float | None = None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,6 +84,14 @@ class Lock:
                     break
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 why = f"namespaces or cgroups of another rehearsal exist: {', '.join(in_use[:6])}"
+                if machine_pids():
+                    idle_since = None
+                else:
+                    idle_since = time.monotonic() if idle_since is None else idle_since
+                    if time.monotonic() - idle_since >= stale_after:
+                        os.close(fd)
+                        raise RehearsalError(f"leftovers of a rehearsal that no longer runs (no process in them): "
+                                             f"{', '.join(in_use[:6])}; `make rehearse-down` removes them")
             except BlockingIOError:
                 holder = self.path.read_text().strip() if self.path.exists() else "?"
                 why = f"another rehearsal is running ({holder})"
@@ -109,6 +120,21 @@ def machine_in_use() -> list[str]:
     if H.CGROUP_BASE.is_dir():
         found += [f"cgroup {p.name}" for p in H.CGROUP_BASE.iterdir() if p.is_dir()]
     return found
+
+
+def machine_pids() -> int:
+    """How many processes live in a rehearsal's namespaces or cgroups on this kernel."""
+    n = 0
+    for ns in (x for x in netns.existing_namespaces() if x.startswith("rh-")):
+        n += len(netns.sh(["ip", "netns", "pids", ns], check=False).stdout.split())
+    if H.CGROUP_BASE.is_dir():
+        for root, _dirs, files in os.walk(H.CGROUP_BASE):
+            if "cgroup.procs" in files:
+                try:
+                    n += len(Path(root, "cgroup.procs").read_text().split())
+                except OSError:
+                    pass
+    return n
 
 
 def preflight() -> None:

@@ -148,6 +148,7 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
     first.release()
     # Not visible through the lock file (another container), but its namespaces are.
     monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc", "rh-lb-1"])
+    monkeypatch.setattr(stack, "machine_pids", lambda: 42)
     with pytest.raises(stack.RehearsalError, match="namespaces or cgroups of another rehearsal exist: rh-vpc, rh-lb-1"):
         stack.Lock(lock_file).acquire()
     # A drill on the rehearsal that is up only needs the lock.
@@ -157,11 +158,17 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
     # Waiting: the other rehearsal goes away after two polls.
     polls = iter([["rh-vpc"], ["rh-vpc"], []])
     monkeypatch.setattr(stack, "machine_in_use", lambda: next(polls))
+    monkeypatch.setattr(stack, "machine_pids", lambda: 42)
     monkeypatch.setattr(stack.time, "sleep", lambda s: None)
     waiter = stack.Lock(lock_file)
     waiter.acquire(wait=60)
     assert waiter.fd is not None
     waiter.release()
+    # Namespaces nobody runs in are leftovers: no waiting for them.
+    monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc"])
+    monkeypatch.setattr(stack, "machine_pids", lambda: 0)
+    with pytest.raises(stack.RehearsalError, match=r"leftovers of a rehearsal that no longer runs .*rehearse-down"):
+        stack.Lock(lock_file).acquire(wait=3600, stale_after=0)
 
 
 # ------------------------------------------------------------------ the smoke rehearsal
