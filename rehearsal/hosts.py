@@ -184,15 +184,21 @@ def kill(host: str, timeout: float = 10) -> list[int]:
     return victims
 
 
-def remove_cgroups(host: str) -> None:
+def remove_cgroups(host: str, timeout: float = 10) -> bool:
+    """Remove the host's cgroups, deepest first. A cgroup whose last process was just
+    killed can stay busy for a moment (EBUSY): retried until `timeout`. True when gone."""
     base = CGROUP_BASE / host
-    if not base.exists():
-        return
-    for root, _dirs, _f in sorted(os.walk(base, topdown=False), key=lambda x: -len(x[0])):
-        try:
-            os.rmdir(root)
-        except OSError:
-            pass
+    deadline = time.monotonic() + timeout
+    while base.exists():
+        for root, _dirs, _f in sorted(os.walk(base, topdown=False), key=lambda x: -len(x[0])):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+        if not base.exists() or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return not base.exists()
 
 
 def alive(host: str) -> bool:

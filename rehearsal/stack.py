@@ -118,7 +118,8 @@ def machine_in_use() -> list[str]:
     are shared by everything on the machine even where /run/lock is not."""
     found = [n for n in netns.existing_namespaces() if n.startswith("rh-")]
     if H.CGROUP_BASE.is_dir():
-        found += [f"cgroup {p.name}" for p in H.CGROUP_BASE.iterdir() if p.is_dir()]
+        # An empty cgroup holds nothing to collide with (`up` removes it).
+        found += [f"cgroup {p.name}" for p in H.CGROUP_BASE.iterdir() if p.is_dir() and H.pids(p.name)]
     return found
 
 
@@ -224,6 +225,9 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
     layout = build_layout(stack, workdir, onprem=onprem)
+    if H.CGROUP_BASE.is_dir():  # empty cgroups an earlier run could not remove in time
+        for leftover in [c.name for c in H.CGROUP_BASE.iterdir() if c.is_dir() and not H.pids(c.name)]:
+            H.remove_cgroups(leftover)
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("hosts", "efs"):
         if (workdir / sub).exists():

@@ -171,6 +171,23 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
         stack.Lock(lock_file).acquire(wait=3600, stale_after=0)
 
 
+def test_only_cgroups_with_processes_count_as_a_running_rehearsal(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cgroup left empty by a run that is gone (rmdir raced the last exit) is no
+    reason to wait; one with a process is."""
+    from rehearsal import hosts, netns, stack
+
+    (tmp_path / "mon-1" / "prometheus.service").mkdir(parents=True)
+    (tmp_path / "mon-1" / "prometheus.service" / "cgroup.procs").write_text("")
+    (tmp_path / "app-1" / "init").mkdir(parents=True)
+    (tmp_path / "app-1" / "init" / "cgroup.procs").write_text("4242\n")
+    monkeypatch.setattr(hosts, "CGROUP_BASE", tmp_path)
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: ["rh-vpc", "other-ns"])
+    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(cmd, 0, "", ""))
+    assert stack.machine_in_use() == ["rh-vpc", "cgroup app-1"]
+    assert stack.machine_pids() == 1
+
+
 # ------------------------------------------------------------------ the smoke rehearsal
 
 
