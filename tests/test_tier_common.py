@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -23,7 +22,9 @@ import pytest
 import yaml
 
 from cloud_init.templating import SCRIPTS, TEMPLATES, render_template
+from tests import hostfiles
 from tests.contexts import contexts
+from tests.hostfiles import manifest
 from tests.nsrun import can_isolate, run_isolated
 
 needs_ns = pytest.mark.skipif(not can_isolate(), reason="needs root and unshare for namespaces")
@@ -34,21 +35,8 @@ MY_TIERS = ("common", "web", "app")
 ROLES = {"all", "lb", "web", "app", "data", "slurm", "monitoring"}
 
 
-def manifest(tier: str) -> dict[str, Any]:
-    return yaml.safe_load((TEMPLATES / tier / "manifest.yaml").read_text())
-
-
 def host_files(ctx: dict[str, Any], tiers: tuple[str, ...] = MY_TIERS) -> dict[str, tuple[bytes, int]]:
-    """dest -> (content, mode) of this host's files from the given tiers' manifests."""
-    roles = set(ctx["host"]["roles"])
-    out: dict[str, tuple[bytes, int]] = {}
-    for tier in tiers:
-        for e in manifest(tier)["files"]:
-            if "all" not in e["roles"] and not roles & set(e["roles"]):
-                continue
-            data = render_template(e["src"], ctx).encode() if "src" in e else (SCRIPTS / e["script"]).read_bytes()
-            out[e["dest"]] = (data, int(e["mode"], 8))
-    return out
+    return hostfiles.host_files(ctx, tiers)
 
 
 # ---- manifests --------------------------------------------------------------------------
@@ -406,30 +394,12 @@ def test_node_exporter_rejects_a_broken_twin() -> None:
 # ---- systemd units ----------------------------------------------------------------------
 
 
-def fake_root(tmp: Path, files: dict[str, tuple[bytes, int]], executables: tuple[str, ...] = ()) -> Path:
-    """A root with the distribution's units, the host's files and stand-ins for binaries
-    the OS provides, for `systemd-analyze verify --root`."""
-    root = tmp / "root"
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for dest, (data, mode) in files.items():
-        p = root / dest.lstrip("/")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        p.chmod(mode)
-    for exe in executables:
-        p = root / exe.lstrip("/")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("#!/bin/sh\n")
-        p.chmod(0o755)
-    return root
-
-
 def verify(root: Path, *units: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=30)
+    return hostfiles.verify_units(root, list(units), timeout=30)
 
 
 def test_systemd_accepts_hpc_fetch_secrets_service(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, host_files(contexts("prod")["data-1"], ("common",)))
+    root = hostfiles.fake_root(tmp_path, host_files(contexts("prod")["data-1"], ("common",)))
     r = verify(root, "hpc-fetch-secrets.service")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     unit = (root / "etc/systemd/system/hpc-fetch-secrets.service").read_text()
@@ -441,7 +411,7 @@ def test_systemd_rejects_a_broken_twin(tmp_path: Path) -> None:
     data, mode = files["/etc/systemd/system/hpc-fetch-secrets.service"]
     files["/etc/systemd/system/hpc-fetch-secrets.service"] = (data.replace(b"Type=oneshot", b"Type=oneshots"), mode)
     del files["/usr/local/sbin/hpc-fetch-secrets"]
-    r = verify(fake_root(tmp_path, files), "hpc-fetch-secrets.service")
+    r = verify(hostfiles.fake_root(tmp_path, files), "hpc-fetch-secrets.service")
     assert r.returncode != 0
     assert "oneshots" in r.stderr and "/usr/local/sbin/hpc-fetch-secrets" in r.stderr
 

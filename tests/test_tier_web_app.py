@@ -23,11 +23,12 @@ from typing import Any
 
 import jinja2
 import pytest
-import yaml
 
 from cloud_init.render import environment_file
-from cloud_init.templating import SCRIPTS, TEMPLATES, render_template
+from cloud_init.templating import TEMPLATES, render_template
+from tests import hostfiles
 from tests.contexts import contexts
+from tests.hostfiles import manifest
 from tests.nsrun import can_isolate, run_isolated
 
 needs_ns = pytest.mark.skipif(not can_isolate(), reason="needs root and unshare for namespaces")
@@ -45,8 +46,6 @@ def test_the_stacks_have_web_and_app_hosts() -> None:
     assert len(WEB) >= 4 and len(APP) >= 4
 
 
-def manifest(tier: str) -> dict[str, Any]:
-    return yaml.safe_load((TEMPLATES / tier / "manifest.yaml").read_text())
 
 
 def with_artifact(ctx: dict[str, Any], artifact: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,29 +273,14 @@ def install_units(tmp: Path, ctx: dict[str, Any]) -> tuple[Path, subprocess.Comp
 def fake_root(tmp: Path, ctx: dict[str, Any], unit_dir: Path, executables: tuple[str, ...]) -> Path:
     """The distribution's units, the common+app files of this host, the portal units and
     stand-ins for what the OS or the artifact provides, for systemd-analyze --root."""
-    root = tmp / "root"
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    roles = set(ctx["host"]["roles"])
-    for tier in ("common", "app"):
-        for e in manifest(tier)["files"]:
-            if "all" not in e["roles"] and not roles & set(e["roles"]):
-                continue
-            p = root / e["dest"].lstrip("/")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(render_template(e["src"], ctx).encode() if "src" in e else (SCRIPTS / e["script"]).read_bytes())
-            p.chmod(int(e["mode"], 8))
+    root = hostfiles.fake_root(tmp, hostfiles.host_files(ctx, ("common", "app")), executables)
     for unit in unit_dir.iterdir():
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
-    for exe in executables:
-        p = root / exe.lstrip("/")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("#!/bin/sh\n")
-        p.chmod(0o755)
     return root
 
 
 def verify(root: Path, units: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=60)
+    return hostfiles.verify_units(root, units, timeout=60)
 
 
 def expected_units(ctx: dict[str, Any]) -> dict[str, tuple[dict[str, Any], int]]:
