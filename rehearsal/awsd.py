@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import secrets as pysecrets
-import socket
 import socketserver
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from . import sockcall
 from .layout import EIP_PUBLIC_IP, ENDPOINT_IP, ENDPOINT_PORT, IMDS_IP, Layout, build_layout
 from .netns import set_eip_target
 
@@ -329,20 +329,10 @@ def serve_ops(path: Path, region: str) -> None:
 
 def ops_call(workdir: Path, service: str, method: str, timeout: float = 30, **kwargs: Any) -> Any:
     """From outside the namespace: one AWS API call against the stand-ins."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(workdir / "awsd.sock"))
-    with s:
-        s.sendall((json.dumps({"op": "call", "service": service, "method": method, "kwargs": kwargs}) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    out = json.loads(data)
-    if not out.get("ok"):
-        raise RuntimeError(f"{service}.{method}: {out.get('error')}")
+    out = sockcall.call(workdir / "awsd.sock", {"op": "call", "service": service, "method": method, "kwargs": kwargs},
+                        timeout)
+    if not out or not out.get("ok"):
+        raise RuntimeError(f"{service}.{method}: {(out or {}).get('error', 'the operations socket closed without an answer')}")
     return out["result"]
 
 

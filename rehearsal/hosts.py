@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from components.hostctx import EFS_MOUNTS
 
+from . import sockcall
 from .layout import ENDPOINT_IP, ENDPOINT_PORT, Layout, RHost
 
 HERE = Path(__file__).resolve().parent
@@ -129,20 +129,10 @@ def start(layout: Layout, h: RHost) -> int:
 
 
 def call(layout: Layout, host: str, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(layout.hostdir(host) / "ctl" / "init.sock"))
-    with s:
-        s.sendall((json.dumps(req) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-    if not data:
+    resp = sockcall.call(layout.hostdir(host) / "ctl" / "init.sock", req, timeout)
+    if resp is None:
         raise HostError(f"{host}: init closed the connection")
-    return json.loads(data)
+    return dict(resp)
 
 
 def run(layout: Layout, host: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
