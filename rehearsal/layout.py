@@ -174,14 +174,22 @@ class Layout:
         return self.workdir / "efs"
 
 
+def state_path(workdir: Path) -> Path:
+    """What a rehearsal started (pids, namespaces, choices), written by `up`."""
+    return workdir / "state.json"
+
+
+def read_state(workdir: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(state_path(workdir).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def onprem_mode(workdir: Path) -> str:
     """The on-prem choice of the rehearsal in `workdir` (recorded by `up`), else
     $HPC_REHEARSAL_ONPREM, else auto."""
-    try:
-        mode = json.loads((workdir / "state.json").read_text()).get("onprem_mode")
-    except (OSError, ValueError):
-        mode = None
-    mode = mode or os.environ.get("HPC_REHEARSAL_ONPREM", "auto")
+    mode = read_state(workdir).get("onprem_mode") or os.environ.get("HPC_REHEARSAL_ONPREM", "auto")
     if mode not in ONPREM_MODES:
         raise ValueError(f"HPC_REHEARSAL_ONPREM={mode!r}: one of {', '.join(ONPREM_MODES)}")
     return str(mode)

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import hosts as H
 from . import netns
-from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout
+from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout, read_state, state_path
 
 HERE = Path(__file__).resolve().parent
 TOOLS = ["ip", "nft", "nsenter", "unshare", "setpriv", "pivot_root", "openssl", "haproxy", "keepalived", "mariadbd",
@@ -38,17 +38,6 @@ def say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ state and locking
-
-
-def state_path(workdir: Path) -> Path:
-    return workdir / "state.json"
-
-
-def read_state(workdir: Path) -> dict[str, Any]:
-    try:
-        return json.loads(state_path(workdir).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def write_state(workdir: Path, state: dict[str, Any]) -> None:
@@ -129,12 +118,7 @@ def machine_pids() -> int:
     for ns in (x for x in netns.existing_namespaces() if x.startswith("rh-")):
         n += len(netns.sh(["ip", "netns", "pids", ns], check=False).stdout.split())
     if H.CGROUP_BASE.is_dir():
-        for root, _dirs, files in os.walk(H.CGROUP_BASE):
-            if "cgroup.procs" in files:
-                try:
-                    n += len(Path(root, "cgroup.procs").read_text().split())
-                except OSError:
-                    pass
+        n += sum(len(H.pids(c.name)) for c in H.CGROUP_BASE.iterdir() if c.is_dir())
     return n
 
 
