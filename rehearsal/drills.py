@@ -180,17 +180,23 @@ class Drills:
             p.kill()
             p.wait()
 
+    @staticmethod
+    def client_tool(*args: str, timeout: float = 300) -> dict[str, Any]:
+        """`python -m rehearsal.load ARGS` in the client namespace: its last line of JSON,
+        or {"error": ...} with what it printed."""
+        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", *args],
+                            cwd=str(Path(__file__).resolve().parent.parent), capture_output=True, text=True,
+                            timeout=timeout)
+        try:
+            return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            return {"error": cp.stdout[-300:] + cp.stderr[-300:]}
+
     def verify(self, path: Path, res: Result) -> None:
         ids = [r[5] for r in self.records(path) if r[2] == "write" and r[3]]
         ids_file = path.with_suffix(".acked")
         ids_file.write_text("\n".join(ids) + "\n")
-        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load",
-                             "verify", "--url", URL, "--ids", str(ids_file)],
-                            cwd=str(Path(__file__).resolve().parent.parent), capture_output=True, text=True, timeout=300)
-        try:
-            doc = json.loads(cp.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            doc = {"error": cp.stdout[-300:] + cp.stderr[-300:]}
+        doc = self.client_tool("verify", "--url", URL, "--ids", str(ids_file))
         if "error" in doc:
             res.notes.append(f"read-back failed: {doc['error']}")
             res.lost_writes = len(ids)
@@ -508,13 +514,7 @@ class Drills:
 
     def portal_jobs(self, *args: str) -> dict[str, Any]:
         """Slurm jobs through the portal from the client namespace (rehearsal.load jobs)."""
-        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", "jobs",
-                             "--url", URL, *args], cwd=str(Path(__file__).resolve().parent.parent),
-                            capture_output=True, text=True, timeout=300)
-        try:
-            return dict(json.loads(cp.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            return {"errors": [cp.stdout[-300:] + cp.stderr[-300:]]}
+        return self.client_tool("jobs", "--url", URL, *args)
 
     def drill_slurm(self) -> Result:
         from . import onprem
