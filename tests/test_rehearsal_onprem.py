@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 
 from cloud_init.render import render_host
-from components.hostctx import Deployed, host_context
+from components.hostctx import host_context
 from components.stackfile import overlay_config
 from rehearsal.layout import NS_ONPREM, NS_VPN, ONPREM_SITE, build_layout
 from rehearsal.netns import host_rules, router_rules, vpn_rules
-
-DEPLOYED = Deployed(efs_dns_name="fs-0.efs.example", efs_access_points={"data": "a", "dist": "b", "slurm": "c"},
-                    eip_allocation_id="eipalloc-0", eip_public_ip="203.0.113.10", bundle_bucket="bb",
-                    backup_bucket="kb", aws_endpoint_url="http://10.255.0.2:443")
+from tests.contexts import FAKE_DEPLOYED
 
 
 def test_overlay_replaces_keys_and_merges_mappings_one_level() -> None:
@@ -53,7 +50,7 @@ def test_the_choice_is_kept_with_the_rehearsal_it_started(tmp_path: Path, monkey
 def test_hosts_render_the_sites_nodes_and_matrix_cells(tmp_path: Path) -> None:
     lay = build_layout("prod", tmp_path, onprem="auto")
     slurm1 = lay.topo.host("slurm-1")
-    files = {f.path: f for f in render_host(host_context(lay.cfg, lay.topo, slurm1, DEPLOYED)).files}
+    files = {f.path: f for f in render_host(host_context(lay.cfg, lay.topo, slurm1, FAKE_DEPLOYED)).files}
     conf = files["/etc/slurm/slurm.conf"].content
     conf = conf.decode() if isinstance(conf, bytes) else conf
     assert "NodeName=cn001 NodeAddr=172.20.10.11 CPUs=4 RealMemory=15000 State=UNKNOWN" in conf
