@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from components.stackfile import stack_files
-from tests.harness import ProgramRun, run_stack
+from offline.harness import ProgramRun, run_stack
 
 STACKS = sorted(stack_files())
 _RUNS: dict[str, ProgramRun] = {}

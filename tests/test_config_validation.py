@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from components.config import ConfigError, load_config
-from tests.harness import ProgramFailed, run_stack
+from offline.harness import ProgramFailed, run_stack
 
 PROD_NET = {"vpc_cidr": "10.40.0.0/16", "azs": ["ap-northeast-2a", "ap-northeast-2b", "ap-northeast-2c"]}
 

@@ -12,7 +12,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from tests.conftest import program_run
-from tests.mocks import StrictMocks
+from offline.mocks import StrictMocks
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "next-phase"
 

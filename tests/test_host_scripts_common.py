@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from moto import mock_aws
 
 from cloud_init.templating import render_template
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.loadfile import load_script
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from cloud_init.templating import SCRIPTS, render_template
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.loadfile import load_file
 from tests.nsrun import can_isolate, run_isolated
 

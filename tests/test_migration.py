@@ -4,7 +4,7 @@ The SQLite files are built here the way the portal's services write them (AUTOIN
 ids, a table without a primary key, a composite key, a WITHOUT ROWID table, indexes and
 UNIQUE constraints, defaults, Korean text and emoji, NULLs, ~1 MB blobs, a 5k-row
 table, one file in WAL mode). The target is a real MariaDB 10.11 with wsrep ON
-(tests/mariadb_fixture.py) whose wsrep_max_ws_size is 2 MiB, so a batch that ignored the
+(offline/mariadb.py) whose wsrep_max_ws_size is 2 MiB, so a batch that ignored the
 write-set limit is refused by Galera itself. "Nothing written" is checked with Galera's
 own counter: wsrep_last_committed rises with every replicated write, DDL included.
 """
@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.loadfile import load_tool
-from tests.mariadb_fixture import MariaDB, mariadb  # noqa: F401  (session fixture)
+from offline.mariadb import MariaDB, mariadb  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "migrate_sqlite.py"

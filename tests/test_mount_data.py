@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from cloud_init.render import render_host
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.loadfile import load_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "cloud_init" / "scripts" / "hpc-mount-data"

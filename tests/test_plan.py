@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import program_run
-from tests.harness import TEST_SECRETS
+from offline.harness import TEST_SECRETS
 from tools import plan as planmod
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def test_the_plan_is_byte_identical_across_runs(tmp_path, tally):
 
 
 def test_every_resource_type_is_priced_or_known_free(stack_run, tally):
-    from tests.mocks import RESOURCE_TYPES
+    from offline.mocks import RESOURCE_TYPES
 
     tally.check(plan_of(stack_run.stack)["monthly_cost"]["unpriced_types"] == [], stack_run.stack)
     unknown = sorted(set(RESOURCE_TYPES) - costmod.FREE_TYPES - costmod.PRICED_TYPES)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from tests.conftest import program_run
-from tests.mocks import RESOURCE_TYPES
+from offline.mocks import RESOURCE_TYPES
 from tools import plan as planmod
 from tools import plan_diff as pd
 

@@ -15,7 +15,7 @@ import yaml
 
 from policy import rules
 from tests.conftest import program_run
-from tests.harness import TEST_SECRETS
+from offline.harness import TEST_SECRETS
 from tools.aws_rules import from_run
 
 ROOT = Path(__file__).resolve().parent.parent

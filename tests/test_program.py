@@ -11,7 +11,7 @@ import pytest
 
 from components.stackfile import stack_files
 from tests.conftest import program_run
-from tests.harness import TEST_SECRETS, ProgramRun
+from offline.harness import TEST_SECRETS, ProgramRun
 
 STATEFUL = {"lb", "data", "slurm", "monitoring"}
 
@@ -126,7 +126,7 @@ def test_data_hosts_have_protected_encrypted_data_volumes_and_termination_protec
         inst = instances(stack_run)[name]
         if "data" in h["roles"]:
             tally.check(vols[f"{name}-data"].opts["protect"] and vols[f"{name}-data"].inputs["encrypted"], name)
-            from tests.contexts import _load
+            from offline.contexts import _load
 
             expected = _load(stack_run.stack)[0].group("data").data_gb
             tally.check(vols[f"{name}-data"].inputs["size"] == expected and vols[f"{name}-data"].inputs["type"] == "gp3")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cloud_init.render import ALLOWED_CLOUD_CONFIG_KEYS, render_host
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.loadfile import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def all_hosts():
 
 
 def test_rendering_is_byte_identical_across_processes(tally):
-    code = ("import hashlib,json;from tests.contexts import contexts;from cloud_init.render import render_host;"
+    code = ("import hashlib,json;from offline.contexts import contexts;from cloud_init.render import render_host;"
             "print(json.dumps({s + '/' + n: hashlib.sha256(render_host(c).user_data).hexdigest() "
             "for s in ('prod','dev') for n,c in contexts(s).items()}, sort_keys=True))")
     outs = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from components.catalog import PORTS, expand_matrix, load_matrix
-from tests.contexts import _load
+from offline.contexts import _load
 
 
 def created_rules(run) -> set[tuple]:
@@ -72,7 +72,7 @@ def test_the_tiers_can_reach_what_they_need(prod, tally):
 
 def test_ssh_only_from_the_management_network_and_only_when_enabled(tally):
     from tests.conftest import program_run
-    from tests.harness import run_stack
+    from offline.harness import run_stack
 
     off = created_rules(program_run("dev"))
     tally.check(not any(r[4] == 22 for r in off), "SSH open by default")

@@ -289,7 +289,7 @@ def test_imported_config_passes_the_config_model(stack_dir):
 @needs_scontrol
 def test_slurm_conf_rendered_from_the_import_is_accepted_by_slurm(stack_dir, tmp_path):
     from cloud_init.templating import render_template
-    from tests.contexts import contexts
+    from offline.contexts import contexts
 
     assert run("--slurm-conf", OLD, "--stack-file", stack_dir / "Pulumi.prod.yaml", "--old-version", "22.05.8",
                "--hosts-file", HOSTS).returncode == 0

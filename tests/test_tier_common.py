@@ -23,7 +23,7 @@ import yaml
 
 from cloud_init.templating import SCRIPTS, TEMPLATES, render_template
 from tests import hostfiles
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.hostfiles import manifest
 from tests.nsrun import can_isolate, run_isolated
 

@@ -39,7 +39,7 @@ import yaml  # noqa: E402
 
 from cloud_init.render import render_host  # noqa: E402
 from cloud_init.templating import render_template  # noqa: E402
-from tests.contexts import contexts  # noqa: E402
+from offline.contexts import contexts  # noqa: E402
 from tests.loadfile import load_script  # noqa: E402
 from tests.nsrun import can_isolate, run_isolated  # noqa: E402
 

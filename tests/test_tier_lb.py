@@ -312,7 +312,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from cloud_init.templating import render_template  # noqa: E402
-from tests.contexts import contexts  # noqa: E402
+from offline.contexts import contexts  # noqa: E402
 from tests.nsrun import can_isolate, run_isolated  # noqa: E402
 
 needs_ns = pytest.mark.skipif(not can_isolate(), reason="needs root and unshare (namespaces)")

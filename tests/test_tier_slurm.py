@@ -29,7 +29,7 @@ import yaml
 
 from cloud_init.templating import _ENV, SCRIPTS, TEMPLATES, render_template
 from components.stackfile import stack_files
-from tests.contexts import contexts
+from offline.contexts import contexts
 from tests.nsrun import can_isolate, run_isolated
 
 STACKS = tuple(sorted(stack_files()))  # every Pulumi.<stack>.yaml

@@ -344,7 +344,7 @@ def check_all(resources: list[Resource], region: str, ami_arch: dict[str, str] |
 
 
 def from_run(run: Any) -> tuple[list[Resource], str, dict[str, str]]:
-    """Plain resources, region and AMI -> architecture of a tests.harness ProgramRun."""
+    """Plain resources, region and AMI -> architecture of a offline.harness ProgramRun."""
     resources = [{"type": r.type, "name": r.name, "inputs": r.inputs, "opts": r.opts, "parent": r.parent, "id": r.id}
                  for r in run.resources]
     arch_by_host = {n: h["arch"] for n, h in run.outputs["hosts"].items()}
@@ -362,7 +362,7 @@ def main() -> int:
     ap.add_argument("--stack", default="prod")
     ap.add_argument("--overrides", default=None, help="JSON of project config keys to override")
     args = ap.parse_args()
-    from tests.harness import run_stack
+    from offline.harness import run_stack
 
     run = run_stack(args.stack, overrides=json.loads(args.overrides) if args.overrides else None)
     resources, region, ami_arch = from_run(run)

@@ -5,7 +5,7 @@
     .venv/bin/python tools/bench_migration.py --rows 20000 --max-ws-size 2097152
     MARIADB_PASSWORD=... .venv/bin/python tools/bench_migration.py --port 3306 --user portal
 
-Without --port it starts MariaDB with wsrep ON from tests/mariadb_fixture.py (as the
+Without --port it starts MariaDB with wsrep ON from offline/mariadb.py (as the
 tests do, but with the data tier's wsrep_max_ws_size unless --max-ws-size says
 otherwise) and stops it afterwards. The table looks like the portal's notifications:
 an AUTOINCREMENT id, Korean text and emoji, NULLs, an index.
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.mariadb_fixture import MariaDB, missing_binaries  # noqa: E402
+from offline.mariadb import MariaDB, missing_binaries  # noqa: E402
 
 
 def load_tool():

@@ -375,7 +375,7 @@ def run_program(stack: str, root: Path, overrides: dict[str, Any] | None = None)
     """Run the program of the source tree at `root` (its own harness, mocks and renderer)."""
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from tests.harness import run_stack
+    from offline.harness import run_stack
 
     return run_stack(stack, overrides=overrides or None)
 

@@ -7,7 +7,7 @@ ref against the working tree.
 The base is checked out in a temporary `git worktree` and planned with this tree's
 tools/plan.py and the current virtualenv (its own program, harness, mocks, templates and
 price table); the working tree is planned the same way. Each side also renders every
-host's files with its own `cloud_init.render.render_host` and `tests.contexts` (the plan
+host's files with its own `cloud_init.render.render_host` and `offline.contexts` (the plan
 JSON only holds hashes), in a subprocess per tree.
 
 The report lists added, changed and removed resources, security-matrix cells, hosts and
@@ -403,7 +403,7 @@ def render_files(root: Path, stack: str) -> dict[str, dict[str, str]]:
     tree's own modules (call it in a subprocess per tree)."""
     sys.path.insert(0, str(root))
     from cloud_init.render import render_host
-    from tests.contexts import contexts
+    from offline.contexts import contexts
 
     out: dict[str, dict[str, str]] = {}
     for host, ctx in sorted(contexts(stack).items()):

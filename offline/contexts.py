@@ -11,7 +11,7 @@ from typing import Any
 from components.hostctx import Deployed, host_context
 from components.stackfile import load_stack
 
-# What the mocks answer for resources whose ids AWS picks (see tests/mocks.py).
+# What the mocks answer for resources whose ids AWS picks (see offline/mocks.py).
 FAKE_DEPLOYED = Deployed(
     efs_dns_name="fs-0123456789abcdef0.efs.ap-northeast-2.amazonaws.com",
     efs_access_points={"data": "fsap-0000000000000data", "dist": "fsap-0000000000000dist",

@@ -6,7 +6,7 @@ wsrep_max_ws_size). The write-set limit is small (2 MiB by default) so that the
 migration's batching has to work for real. The server runs from a temp directory, as
 the mysql user when the tests run as root, and is stopped by its PID.
 
-    from tests.mariadb_fixture import mariadb  # noqa: F401  (the session fixture)
+    from offline.mariadb import mariadb  # noqa: F401  (the session fixture)
 
 Also used outside pytest by tools/bench_migration.py (MariaDB(...).start()).
 """

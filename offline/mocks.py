@@ -174,7 +174,7 @@ class StrictMocks(pulumi.runtime.Mocks):
             self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), "", {}, bool(args.custom)))
             return (None, {})
         if args.typ not in RESOURCE_TYPES:
-            raise UnknownMock(f"no mock for resource type {args.typ} ({args.name}): add it to tests/mocks.py")
+            raise UnknownMock(f"no mock for resource type {args.typ} ({args.name}): add it to offline/mocks.py")
         prefix, computed = RESOURCE_TYPES[args.typ]
         rid = f"{prefix}-{_hex(args.typ + args.name)}"
         outputs = {**args.inputs, **computed(args.name, dict(args.inputs))}
@@ -191,6 +191,6 @@ class StrictMocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> Any:
         if args.token not in INVOKES:
-            raise UnknownMock(f"no mock for invoke {args.token}: add it to tests/mocks.py")
+            raise UnknownMock(f"no mock for invoke {args.token}: add it to offline/mocks.py")
         self.calls.append((args.token, dict(args.args)))
         return INVOKES[args.token](dict(args.args))

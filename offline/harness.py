@@ -23,7 +23,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from components.stackfile import ROOT, project_name, read_stack
-from tests.mocks import StrictMocks
+from offline.mocks import StrictMocks
 
 # Certificate and key the tests hand to stacks that require configured TLS (prod).
 TEST_SECRETS = {
