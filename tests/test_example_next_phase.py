@@ -11,8 +11,8 @@ from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from tests.conftest import program_run
 from offline.mocks import StrictMocks
+from tests.conftest import program_run
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "next-phase"
 

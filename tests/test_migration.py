@@ -26,8 +26,8 @@ import pymysql
 import pytest
 import yaml
 
-from tests.loadfile import load_tool
 from offline.mariadb import MariaDB, mariadb  # noqa: F401  (session fixture)
+from tests.loadfile import load_tool
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "migrate_sqlite.py"

@@ -7,8 +7,8 @@ import pytest
 
 from components.catalog import expand_matrix
 from components.config import ConfigError, load_config
-from tests.conftest import program_run
 from offline.harness import ProgramFailed, run_stack
+from tests.conftest import program_run
 
 CUTOVER = {"zone_id": "Z0123456789ABC", "record_name": "portal.example.ac.kr", "old_server_ip": "110.15.177.120"}
 PHASE_ROLES = {1: set(), 2: {"data"}, 3: {"data", "web", "app", "slurm"}, 4: {"data", "web", "app", "slurm", "lb"},

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import program_run
 from offline.harness import TEST_SECRETS
+from tests.conftest import program_run
 from tools import plan as planmod
 
 ROOT = Path(__file__).resolve().parent.parent

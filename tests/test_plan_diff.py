@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import program_run
 from offline.mocks import RESOURCE_TYPES
+from tests.conftest import program_run
 from tools import plan as planmod
 from tools import plan_diff as pd
 

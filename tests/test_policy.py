@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from offline.harness import TEST_SECRETS
 from policy import rules
 from tests.conftest import program_run
-from offline.harness import TEST_SECRETS
 from tools.aws_rules import from_run
 
 ROOT = Path(__file__).resolve().parent.parent

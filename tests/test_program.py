@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from components.stackfile import stack_files
-from tests.conftest import program_run
 from offline.harness import TEST_SECRETS, ProgramRun
+from tests.conftest import program_run
 
 STATEFUL = {"lb", "data", "slurm", "monitoring"}
 

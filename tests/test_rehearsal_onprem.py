@@ -12,9 +12,9 @@ import pytest
 from cloud_init.render import render_host
 from components.hostctx import host_context
 from components.stackfile import overlay_config
+from offline.contexts import FAKE_DEPLOYED
 from rehearsal.layout import NS_ONPREM, NS_VPN, ONPREM_SITE, build_layout
 from rehearsal.netns import host_rules, router_rules, vpn_rules
-from offline.contexts import FAKE_DEPLOYED
 
 
 def test_overlay_replaces_keys_and_merges_mappings_one_level() -> None:

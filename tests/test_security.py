@@ -71,8 +71,8 @@ def test_the_tiers_can_reach_what_they_need(prod, tally):
 
 
 def test_ssh_only_from_the_management_network_and_only_when_enabled(tally):
-    from tests.conftest import program_run
     from offline.harness import run_stack
+    from tests.conftest import program_run
 
     off = created_rules(program_run("dev"))
     tally.check(not any(r[4] == 22 for r in off), "SSH open by default")

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from cloud_init.templating import SCRIPTS, TEMPLATES, render_template
-from tests import hostfiles
 from offline.contexts import contexts
+from tests import hostfiles
 from tests.hostfiles import manifest
 from tests.nsrun import can_isolate, run_isolated
 

@@ -26,8 +26,8 @@ import pytest
 
 from cloud_init.render import environment_file
 from cloud_init.templating import TEMPLATES, render_template
-from tests import hostfiles
 from offline.contexts import contexts
+from tests import hostfiles
 from tests.hostfiles import manifest
 from tests.nsrun import can_isolate, run_isolated
 
