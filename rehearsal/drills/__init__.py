@@ -1,0 +1,31 @@
+"""The failover drills, each under load through the VIP, and what they measure.
+
+  base.py        targets, Result, load and its measurements, alert check, registry, report
+  lb_network.py  lb, app: the front door (HAProxy + keepalived + the Elastic IP)
+  data.py        redis, galera, galera-full, restore: Redis Sentinel, MariaDB Galera, backups
+  slurm.py       slurm: the slurmctld pair with jobs queued through the portal
+  site.py        az: a whole availability zone goes dark
+  deploy.py      rolling: the phased replacement of the web/app hosts
+
+`Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
+registered under `name` and ORDER is the order a full rehearsal runs them in.
+"""
+
+from __future__ import annotations
+
+from .base import ORDER, REGISTRY, SMOKE, TARGETS, Result, rto_of, table, write_report
+from .data import DataDrills
+from .deploy import DeployDrills
+from .lb_network import LbNetworkDrills
+from .site import SiteDrills
+from .slurm import SlurmDrills
+
+
+class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills):
+    """Every drill family on one object sharing the layout, the load and the secrets."""
+
+
+if set(REGISTRY) != set(ORDER):
+    raise RuntimeError(f"drills registered {sorted(REGISTRY)} but ORDER lists {sorted(ORDER)}")
+
+__all__ = ["ORDER", "SMOKE", "TARGETS", "Drills", "Result", "rto_of", "table", "write_report"]
