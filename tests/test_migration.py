@@ -654,6 +654,92 @@ def test_invalid_utf8_is_reported_or_kept_as_bytes(db: MariaDB, portal: Path) ->
 # Translation rules (no server)
 # ------------------------------------------------------------------------------------
 
+GOLDEN_DDL = REPO / "tests" / "fixtures" / "migration" / "golden_ddl.json"
+
+
+def _unicode_ci(a: str, b: str) -> int:
+    return (a.lower() > b.lower()) - (a.lower() < b.lower())
+
+
+def build_edge(path: Path) -> None:
+    """Schema text that is easy to misread: quoted names with commas, keywords inside
+    strings, comments and names, every built-in collation and one the tool does not know,
+    CHECK as a column and a table constraint, WITHOUT ROWID after a comment, generated
+    columns, AUTOINCREMENT with and without a counter in sqlite_sequence."""
+    conn = sqlite3.connect(path)
+    conn.create_collation("unicode_ci", _unicode_ci)
+    conn.executescript("""
+        CREATE TABLE edge_rowid (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, -- c, d COLLATE NOCASE
+            "na,me" TEXT COLLATE NOCASE DEFAULT 'a,b)',
+            [bracket col] VARCHAR(10) COLLATE RTRIM,
+            `tick` TEXT collate "nocase",
+            plain TEXT COLLATE BINARY,
+            score INTEGER CHECK (score >= 0)
+        );
+        CREATE TABLE edge_nocheck (
+            id INTEGER PRIMARY KEY,
+            "check" TEXT,
+            check_status INTEGER,
+            note TEXT DEFAULT 'COLLATE NOCASE CHECK (x) WITHOUT ROWID AUTOINCREMENT' /* CHECK (id > 0) */
+        );
+        CREATE TABLE edge_wr (
+            k TEXT COLLATE NOCASE,
+            n INTEGER,
+            v BLOB,
+            PRIMARY KEY (k, n),
+            CONSTRAINT n_positive CHECK (n > 0)
+        ) /* comment */ without
+          ROWID;
+        CREATE TABLE edge_autoinc_empty (id INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT);
+        CREATE TABLE edge_custom (
+            id INTEGER PRIMARY KEY,
+            name TEXT COLLATE unicode_ci,
+            doubled INTEGER GENERATED ALWAYS AS (id * 2) STORED,
+            shout TEXT AS (upper(name)) VIRTUAL
+        );
+        CREATE UNIQUE INDEX uq_edge_rowid_name ON edge_rowid ("na,me");
+    """)
+    conn.executemany('INSERT INTO edge_rowid ("na,me", [bracket col], tick, plain, score) VALUES (?,?,?,?,?)',
+                     [("Kim", "a ", "x", "p", 1), ("lee", "b", "y", "q", 2)])
+    conn.execute("INSERT INTO edge_nocheck (id, \"check\", check_status) VALUES (1, 'ok', 0)")
+    conn.executemany("INSERT INTO edge_wr VALUES (?,?,?)", [("a", 1, b"x"), ("B", 2, None)])
+    conn.executemany("INSERT INTO edge_custom (id, name) VALUES (?,?)", [(1, "Ärger"), (2, "zebra")])
+    conn.commit()
+    conn.close()
+
+
+def planned_ddl(tmp_path: Path) -> dict[str, Any]:
+    """What the tool would create in MariaDB for the test schemas: each table's DDL and
+    the warnings of its plan (planning only, no server)."""
+    portal = build_portal(tmp_path / "portal")
+    build_edge(tmp_path / "edge.db")
+    specs = MAP + ms.parse_map({"sources": [{"name": "edge", "file": str(tmp_path / "edge.db"),
+                                             "database": "portal_edge"}]})
+    m = ms.Migration(specs, portal, target=None, out=io.StringIO())
+    try:
+        m.prepare_sources()
+    finally:
+        for src in m.sources:
+            src.close()
+    assert not m.report.errors, m.report.errors
+    return {p.label: {"ddl": p.create_sql(p.target).splitlines(), "warnings": p.warnings} for p in m.plans}
+
+
+def test_target_ddl_matches_the_golden_file(tmp_path: Path) -> None:
+    """The MariaDB DDL for every test schema, recorded once from the tool and committed:
+    a change in how the source schema is read shows here as a diff. After an intended
+    change of the translation, rewrite the file with MIGRATION_GOLDEN_UPDATE=1."""
+    got = planned_ddl(tmp_path)
+    if os.environ.get("MIGRATION_GOLDEN_UPDATE") == "1":
+        GOLDEN_DDL.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN_DDL.write_text(ms.json.dumps(got, indent=2, ensure_ascii=False) + "\n")
+    want = ms.json.loads(GOLDEN_DDL.read_text())
+    assert sorted(got) == sorted(want)
+    for label, plan in want.items():
+        assert got[label] == plan, label
+
+
 @pytest.mark.parametrize(("decl", "values", "sql"), [
     ("INTEGER", [1], "BIGINT"), ("int(11)", [1], "BIGINT"), ("TEXT", ["a"], "LONGTEXT"),
     ("VARCHAR(80)", ["a"], "LONGTEXT"), ("REAL", [1.5], "DOUBLE"), ("BLOB", [b"x"], "LONGBLOB"),
