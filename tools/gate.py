@@ -3,20 +3,56 @@
 wait until cloud-init finished and the host's role health checks pass, through SSM
 send-command, within a timeout.
 
-    python3 tools/gate.py --region R --host data-1 --instance-id i-... --roles data --timeout 900
+    python3 tools/gate.py --region R --host data-1 --instance-id i-... --roles data --timeout 900 \\
+        [--accept-degraded]
 
-Exit 0 when ready. Exit 1 with `gate failed: host H check C: <last output>` when cloud-init
-reports an error or the timeout passes (the message names the host, the check and what it
-last printed). Credentials are the operator's (the same that run `pulumi up`).
+Exit 0 when ready. Exit 1 with `gate failed: host H check C: <why>; last output: ...` (the
+host, the check and what it last printed) as soon as the answer is known to be no, or when
+the timeout passes. Credentials are the operator's (the same that run `pulumi up`).
+
+How an answer is read. The SSM invocation status is `StatusDetails` when the API gives it
+(it tells a delivery time-out from an execution time-out), else `Status`.
+
+cloud-init check (`cloud-init status --wait --long`, which prints `status: <s>` and, from
+cloud-init 23.4 on, `extended_status:`, `errors:` and `recoverable_errors:`):
+
+- `Undeliverable`, `DeliveryTimedOut`, or the SSM call itself raising (e.g. InvalidInstanceId
+  while the agent registers): the agent was not there yet. Retried until the deadline.
+- `status: error` (exit 1): fails now, with cloud-init's listed errors.
+- `status: done` with `extended_status: degraded done` (exit 2, cloud-init >= 23.4, so every
+  Ubuntu 24.04 host): cloud-init ran the config but recorded recoverable errors (a module
+  that raised and was skipped, a warning, a deprecated key). By default this FAILS now,
+  listing the recoverable errors: a host whose configuration ran with errors is not called
+  ready, because the next step of `pulumi up` (replacing the next web/app host, handing
+  traffic over) would build on it. `--accept-degraded` (or HPC_GATE_ACCEPT_DEGRADED=1 in the
+  environment of `pulumi up`) accepts it, logs the recoverable errors and goes on to the
+  role checks, which still have to pass.
+- `status: done`, SSM `Success`: cloud-init is done.
+- `status: running` / `status: not started` (the command hit its execution time-out while
+  `--wait` was still waiting), or an `ExecutionTimedOut`/`TimedOut` that printed no status
+  line (only `--wait`'s dots): not yet, retried until the deadline.
+- `status: disabled`: fails now (the user-data never runs).
+- Any other terminal status (`Failed` without a status line, e.g. exit 127 when there is no
+  cloud-init, `Cancelled`, `Terminated`, `AccessDenied`, ...) or `Success` without a status
+  line: fails now; waiting would not change the answer.
+
+Role checks (each a shell command that exits 0 when the role is healthy): anything but
+`Success` is a failed attempt, retried every RETRY_S seconds until the deadline; the message
+then names the host, the check and its last output.
+
+An SSM call that raises with a credential or permission error (AccessDenied, expired token)
+fails now for every check: retrying with the same credentials gives the same answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # role -> (check name, shell command); each must exit 0 when the role is healthy.
@@ -33,13 +69,25 @@ ROLE_CHECKS: dict[str, list[tuple[str, str]]] = {
                    ("alertmanager", "curl -fsS http://127.0.0.1:9093/-/ready")],
 }
 CLOUD_INIT = ("cloud-init", "cloud-init status --wait --long")
-TERMINAL = {"Success", "Failed", "Cancelled", "TimedOut", "Undeliverable", "Terminated", "DeliveryTimedOut",
-            "ExecutionTimedOut"}
+ACCEPT_DEGRADED_ENV = "HPC_GATE_ACCEPT_DEGRADED"
+
+POLL_S = 2.0    # between get_command_invocation calls for one command
+RETRY_S = 10.0  # between two attempts of a check
+
+# SSM invocation statuses (Status and StatusDetails, spaces removed) that are not final yet.
+IN_FLIGHT = {"Pending", "InProgress", "Delayed", "Cancelling"}
+# The command never reached the agent: right after boot the agent is not registered yet.
+NOT_DELIVERED = {"Undeliverable", "DeliveryTimedOut", "Error"}
+# The command ran into the execution time-out the gate itself set.
+TIMED_OUT = {"ExecutionTimedOut", "TimedOut"}
+# Error codes of a raising SSM call that no retry will change.
+FATAL_API_ERRORS = {"AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId",
+                    "ExpiredToken", "ExpiredTokenException", "InvalidDocument", "InvalidDocumentVersion"}
 
 
 class GateFailed(Exception):
     def __init__(self, host: str, check: str, output: str, why: str):
-        self.host, self.check, self.output = host, check, output
+        self.host, self.check, self.output, self.why = host, check, output, why
         tail = "\n".join(output.strip().splitlines()[-15:])
         super().__init__(f"gate failed: host {host} check {check}: {why}; last output:\n{tail}")
 
@@ -49,6 +97,8 @@ class Result:
     ok: bool
     output: str
     status: str
+    response_code: int | None = None
+    fatal: bool = False  # the SSM call raised an error no retry changes
 
 
 def run_remote(ssm: Any, instance_id: str, cmd: str, sleep: Callable[[float], None], wait_s: float = 600) -> Result:
@@ -56,24 +106,137 @@ def run_remote(ssm: Any, instance_id: str, cmd: str, sleep: Callable[[float], No
                             Parameters={"commands": [cmd], "executionTimeout": [str(int(wait_s))]},
                             TimeoutSeconds=60)
     cid = sent["Command"]["CommandId"]
-    status, out = "Pending", ""
-    for _ in range(int(wait_s / 2) + 1):
-        sleep(2)
+    status, out, rc = "Pending", "", None
+    for _ in range(int(wait_s / POLL_S) + 1):
+        sleep(POLL_S)
         try:
             inv = ssm.get_command_invocation(CommandId=cid, InstanceId=instance_id)
         except Exception as e:  # noqa: BLE001 - InvocationDoesNotExist right after sending
+            if _api_error_code(e) in FATAL_API_ERRORS:
+                raise
             out = str(e)
             continue
-        status = inv["Status"]
+        status = str(inv.get("StatusDetails") or inv["Status"]).replace(" ", "")
         out = (inv.get("StandardOutputContent") or "") + (inv.get("StandardErrorContent") or "")
-        if status in TERMINAL:
+        code = inv.get("ResponseCode")
+        rc = code if isinstance(code, int) and code >= 0 else None
+        if status not in IN_FLIGHT:
             break
-    return Result(status == "Success", out, status)
+    return Result(status == "Success", out, status, rc)
+
+
+def _api_error_code(e: Exception) -> str:
+    """The error code of a botocore ClientError ('' for anything else)."""
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+@dataclass
+class CloudInitStatus:
+    """What `cloud-init status --long` printed (tabular format)."""
+    status: str | None  # done | error | running | not started | disabled | None (no status line)
+    extended: str = ""
+    errors: list[str] = field(default_factory=list)
+    recoverable: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def degraded(self) -> bool:
+        return self.extended.startswith("degraded")
+
+    def listed(self, which: str) -> str:
+        if which == "errors":
+            items = self.errors
+        else:
+            items = [f"{kind}: {msg}" for kind, msgs in self.recoverable.items() for msg in msgs]
+        return "; ".join(items) if items else "none listed"
+
+
+_STATUS = re.compile(r"^\.*status:\s*(.*?)\s*$")
+
+
+def parse_cloud_init(output: str) -> CloudInitStatus:
+    parsed = CloudInitStatus(None)
+    section = ""
+    kind = ""
+    for line in output.splitlines():
+        m = _STATUS.match(line)
+        if m and parsed.status is None:
+            parsed.status = m.group(1)
+            continue
+        key, sep, rest = line.partition(":")
+        if line.startswith("extended_status:"):
+            parsed.extended = rest.strip()
+        elif line.startswith("errors:"):
+            section = "errors"
+        elif line.startswith("recoverable_errors:"):
+            section, kind = "recoverable", ""
+        elif line[:1].isspace() and line.strip().startswith("- "):
+            item = line.strip()[2:].strip()
+            if section == "errors":
+                parsed.errors.append(item)
+            elif section == "recoverable":
+                parsed.recoverable.setdefault(kind or "unknown", []).append(item)
+        elif section == "recoverable" and sep and not rest.strip() and not line[:1].isspace():
+            kind = key.strip()
+        elif line.strip():
+            section = ""
+    return parsed
+
+
+@dataclass
+class Verdict:
+    state: str  # ok | wait | fail
+    why: str
+
+
+def judge_cloud_init(r: Result, accept_degraded: bool) -> Verdict:
+    if r.fatal:
+        return Verdict("fail", f"the SSM call failed ({r.status})")
+    if r.status in IN_FLIGHT:
+        return Verdict("wait", f"SSM command still {r.status}")
+    if r.status in NOT_DELIVERED:
+        return Verdict("wait", f"SSM agent not reachable yet ({r.status})")
+    ci = parse_cloud_init(r.output)
+    if ci.status == "error":
+        return Verdict("fail", f"cloud-init reported an error: {ci.listed('errors')}")
+    if ci.status == "done":
+        if ci.degraded or (r.response_code == 2 and r.status != "Success"):
+            listed = ci.listed("recoverable")
+            if accept_degraded:
+                return Verdict("ok", f"cloud-init done, degraded (accepted): {listed}")
+            return Verdict("fail", f"cloud-init finished degraded (recoverable errors: {listed}); "
+                                   f"pass --accept-degraded or set {ACCEPT_DEGRADED_ENV}=1 to accept")
+        if r.status == "Success":
+            return Verdict("ok", "cloud-init done")
+        return Verdict("fail", f"cloud-init says done but the command ended {r.status}"
+                               f"{'' if r.response_code is None else f' (exit {r.response_code})'}")
+    if ci.status in ("running", "not started"):
+        return Verdict("wait", f"cloud-init {ci.status} ({r.status})")
+    if ci.status == "disabled":
+        return Verdict("fail", "cloud-init is disabled on the host, its user-data never runs")
+    if ci.status is None and r.status in TIMED_OUT:
+        return Verdict("wait", f"cloud-init status --wait still waiting ({r.status})")
+    shown = "no cloud-init status line" if ci.status is None else f"unknown cloud-init status {ci.status!r}"
+    code = "" if r.response_code is None else f", exit {r.response_code}"
+    return Verdict("fail", f"SSM command ended {r.status}{code} with {shown}")
+
+
+def judge_role_check(r: Result) -> Verdict:
+    if r.fatal:
+        return Verdict("fail", f"the SSM call failed ({r.status})")
+    if r.ok:
+        return Verdict("ok", "ok")
+    return Verdict("wait", r.status)
 
 
 def run_gate(ssm: Any, host: str, instance_id: str, roles: list[str], timeout: float,
-             sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+             sleep: Callable[[float], None] | None = None, clock: Callable[[], float] | None = None,
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+             accept_degraded: bool = False) -> None:
+    sleep = sleep or time.sleep  # looked up per call, so a test can replace time.sleep
+    clock = clock or time.monotonic
     deadline = clock() + timeout
     checks = [CLOUD_INIT] + [c for r in roles for c in ROLE_CHECKS.get(r, [])]
     for name, cmd in checks:
@@ -84,29 +247,44 @@ def run_gate(ssm: Any, host: str, instance_id: str, roles: list[str], timeout: f
             try:
                 last = run_remote(ssm, instance_id, cmd, sleep, wait_s=max(10.0, min(600.0, deadline - clock())))
             except Exception as e:  # noqa: BLE001 - agent not registered yet, throttling
-                last = Result(False, str(e), "Error")
-            if last.ok:
-                log(f"gate: {host} {name}: ok")
+                code = _api_error_code(e)
+                fatal = code in FATAL_API_ERRORS
+                last = Result(False, str(e), code if fatal else "Error", fatal=fatal)
+            verdict = judge_cloud_init(last, accept_degraded) if (name, cmd) == CLOUD_INIT else judge_role_check(last)
+            if verdict.state == "ok":
+                log(f"gate: {host} {name}: {verdict.why}")
                 break
-            if name == "cloud-init" and last.status == "Failed" and "status: error" in last.output:
-                raise GateFailed(host, name, last.output, "cloud-init reported an error")
-            log(f"gate: {host} {name}: {last.status}, retrying")
-            sleep(10)
+            if verdict.state == "fail":
+                raise GateFailed(host, name, last.output, verdict.why)
+            log(f"gate: {host} {name}: {verdict.why}, retrying")
+            sleep(RETRY_S)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def accept_degraded_from_env(environ: Mapping[str, str]) -> bool:
+    raw = environ.get(ACCEPT_DEGRADED_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise SystemExit(f"{ACCEPT_DEGRADED_ENV}={environ[ACCEPT_DEGRADED_ENV]!r}: allowed are 1/true/yes or 0/false/no")
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--region", required=True)
     ap.add_argument("--host", required=True)
     ap.add_argument("--instance-id", required=True)
     ap.add_argument("--roles", required=True)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--accept-degraded", action="store_true",
+                    help="call a host ready when cloud-init finished 'degraded done' (recoverable errors)")
     args = ap.parse_args(argv)
+    accept = args.accept_degraded or accept_degraded_from_env(environ)
     import boto3
 
     ssm = boto3.client("ssm", region_name=args.region)
     try:
-        run_gate(ssm, args.host, args.instance_id, args.roles.split(","), args.timeout)
+        run_gate(ssm, args.host, args.instance_id, args.roles.split(","), args.timeout, accept_degraded=accept)
     except GateFailed as e:
         print(str(e), file=sys.stderr)
         return 1
