@@ -129,6 +129,12 @@ def _tar(files: list[HostFile]) -> bytes:
     return _deterministic_gzip(raw.getvalue())
 
 
+def empty_bundle() -> bytes:
+    """The bundle of a host that has nothing in it: the same deterministic tar.gz format
+    `render_host` uses, with no members (for callers that need a bundle object per host)."""
+    return _tar([])
+
+
 def _write_file_entry(f: HostFile) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": f.path, "permissions": f.mode, "owner": f.owner}
     try:
