@@ -20,6 +20,9 @@ TOOLS = ROOT / "tools"
 
 def load_file(path: Path, name: str | None = None) -> ModuleType:
     name = name or path.name.removesuffix(".py").replace("-", "_")
+    if path.parent == SCRIPTS and str(SCRIPTS) not in sys.path:
+        # host scripts import hpc_aws, which lands next to them on the host's sys.path
+        sys.path.append(str(SCRIPTS))
     loader = importlib.machinery.SourceFileLoader(name, str(path))
     spec = importlib.util.spec_from_loader(name, loader)
     assert spec is not None

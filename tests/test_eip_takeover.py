@@ -115,7 +115,14 @@ def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds, fa
     mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
     mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")
     mod.sleeps = []
-    mod._sleep = mod.sleeps.append
+    mod.clock = [0.0]  # a fake monotonic clock: each recorded sleep advances it
+
+    def sleep(seconds: float) -> None:
+        mod.sleeps.append(seconds)
+        mod.clock[0] += seconds
+
+    mod._sleep = sleep
+    mod._clock = lambda: mod.clock[0]
     return mod
 
 
@@ -218,7 +225,8 @@ def test_a_transient_api_failure_is_retried_with_backoff(takeover: ModuleType, i
     assert run(takeover, aws, "--reason", "master") == 0
     assert eip_eni(aws["ec2"], aws["alloc"]) == aws["A"]
     assert len(calls) == 3
-    assert takeover.sleeps == [1.0, 2.0]
+    # full jitter: the n-th wait is at most min(4, 0.5 * 2**n) seconds
+    assert len(takeover.sleeps) == 2 and all(0 <= s <= c for s, c in zip(takeover.sleeps, (0.5, 1.0), strict=True))
 
 
 def test_retries_are_bounded_and_end_in_exit_code_3(takeover: ModuleType, imds: FakeImds,
@@ -227,8 +235,10 @@ def test_retries_are_bounded_and_end_in_exit_code_3(takeover: ModuleType, imds: 
     imds.current = "A"
     assert run(takeover, aws, "--reason", "master") == 3
     assert eip_eni(aws["ec2"], aws["alloc"]) is None
-    assert len(calls) == takeover.API_ATTEMPTS == 6
-    assert takeover.sleeps == [1.0, 2.0, 4.0, 8.0, 8.0]
+    # bounded by the deadline, not by a count: the last attempt starts at the deadline
+    assert takeover.EIP_DEADLINE_S == 45.0 and len(calls) == len(takeover.sleeps) + 1 > 5
+    assert sum(takeover.sleeps) == pytest.approx(takeover.EIP_DEADLINE_S)
+    assert max(takeover.sleeps) <= 4.0
 
 
 def test_a_permanent_api_error_is_not_retried(takeover: ModuleType, imds: FakeImds,
@@ -369,7 +379,15 @@ def test_the_script_is_an_executable_python3_file_using_stdlib_and_boto3_only() 
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module.split(".")[0])
     assert modules, "no imports found"
-    assert modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
+    assert modules - set(sys.stdlib_module_names) == {"hpc_aws"}  # boto3 through the shared module
+    lib = SCRIPT.parent / "hpc_aws.py"
+    lib_modules = set()
+    for node in ast.walk(ast.parse(lib.read_text())):
+        if isinstance(node, ast.Import):
+            lib_modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            lib_modules.add(node.module.split(".")[0])
+    assert lib_modules - set(sys.stdlib_module_names) == {"boto3", "botocore"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--boot" in r.stdout
     compile(text, str(SCRIPT), "exec")
