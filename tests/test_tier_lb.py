@@ -2,12 +2,13 @@
 (a local HAProxy on every MariaDB client), checked by the tools that read the files.
 
 Config checks run in throw-away namespaces (tests/nsrun.py) with a private /etc/hosts,
-so nothing resolves a real name or binds a real address. Two live checks start the
+so nothing resolves a real name or binds a real address. The live checks start the
 rendered HAProxy configs in a namespace against stand-in backends: the portal routes
-and retry policy, and the DB writer's failover between Galera nodes.
+and retry policy, its HTTP hygiene (HSTS, no Server header, the TLS floor), and the DB
+writer's failover between Galera nodes.
 
 This module doubles as the driver that runs inside those namespaces
-(`python tests/test_tier_lb.py live-lb|live-dbwriter SPEC.json`).
+(`python tests/test_tier_lb.py live-lb|live-dbwriter|live-hygiene SPEC.json`).
 """
 
 from __future__ import annotations
@@ -295,11 +296,95 @@ def _live_dbwriter(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _curl_headers(url: str, *extra: str) -> dict[str, Any]:
+    """curl URL -> {"status": 200, "headers": {lower-case name: [values]}, "error": ...}."""
+    r = subprocess.run(["curl", "-sS", "-k", "--max-time", "10", "-o", "/dev/null", "-D", "-", *extra, url],
+                       capture_output=True, text=True, timeout=20)
+    status = 0
+    headers: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("HTTP/"):
+            status, headers = int(line.split()[1]), {}
+        elif ":" in line:
+            name, value = line.split(":", 1)
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return {"status": status, "headers": headers, "error": r.stderr.strip()}
+
+
+def _live_hygiene(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each HAProxy config in turn against a stand-in web tier that says "Server: nginx"
+    (the app tier is absent, so /api gets HAProxy's own 503): what curl and openssl see,
+    and what rehearsal.http_hygiene.check reports."""
+    sys.path.insert(0, spec["repo"])
+    from rehearsal import http_hygiene
+
+    class Nginx(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def version_string(self) -> str:
+            return "nginx/1.22.1"
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"web\n")
+            except ConnectionError:  # a health check that hung up after the status line
+                self.close_connection = True
+
+    servers = []
+    for ip, port in spec["web_backends"]:
+        srv = _Threaded((ip, port), Nginx)
+        threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(srv)
+    out: dict[str, Any] = {}
+    try:
+        for name, cfg in spec["configs"].items():
+            proc = subprocess.Popen(["haproxy", "-db", "-f", cfg],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            res: dict[str, Any] = {}
+            try:
+                _wait_port("127.0.0.1", 443, proc)
+                _wait_port("127.0.0.1", 80, proc)
+                res["proxied"] = _curl_headers("https://127.0.0.1/")
+                res["error_503"] = _curl_headers("https://127.0.0.1/api/jobs")
+                res["redirect_80"] = _curl_headers("http://127.0.0.1/page?q=1")
+                for version, flag in (("1.0", "-tls1"), ("1.1", "-tls1_1")):
+                    # The client offers only this version (SECLEVEL=0 lets OpenSSL 3 send it).
+                    r = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:443", flag,
+                                        "-cipher", "DEFAULT@SECLEVEL=0"],
+                                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+                    proto = re.search(r"Protocol\s*:\s*(\S+)", r.stdout)
+                    res[f"tls{version}"] = {"rc": r.returncode, "output": r.stdout + r.stderr,
+                                            "protocol": proto.group(1) if proto else None}
+                for version in ("1.2", "1.3"):
+                    r = subprocess.run(["curl", "-sS", "-k", "-v", "--max-time", "10", "-o", "/dev/null",
+                                        "-w", "%{http_code}", f"--tlsv{version}", "--tls-max", version,
+                                        "https://127.0.0.1/"], capture_output=True, text=True, timeout=20)
+                    m = re.search(r"SSL connection using (TLSv[\d.]+)", r.stderr)
+                    res[f"tls{version}"] = {"rc": r.returncode, "status": r.stdout.strip(),
+                                            "protocol": m.group(1) if m else None}
+                res["hygiene"] = http_hygiene.check([], "127.0.0.1")
+            finally:
+                proc.terminate()
+                res["haproxy_log"] = proc.communicate(timeout=10)[0][-3000:]
+            out[name] = res
+    finally:
+        for srv in servers:
+            srv.shutdown()
+    return out
+
+
 if __name__ == "__main__":
     _mode, _spec_path = sys.argv[1], sys.argv[2]
     with open(_spec_path) as _f:
         _spec = json.load(_f)
-    _result = {"live-lb": _live_lb, "live-dbwriter": _live_dbwriter}[_mode](_spec)
+    _result = {"live-lb": _live_lb, "live-dbwriter": _live_dbwriter, "live-hygiene": _live_hygiene}[_mode](_spec)
     print(json.dumps(_result))
     sys.exit(0)
 
@@ -593,6 +678,155 @@ def test_live_portal_haproxy_routes_requests_and_retries_only_idempotent_ones(
     # keepalived's check follows HAProxy: up while it runs, failing once it stopped
     assert out["check_script_up"] == 0
     assert out["check_script_down"] == 1
+
+
+# ---- HTTP hygiene: HSTS on 443, no Server header, TLS 1.2 at least ---------------------
+
+HSTS_LINE = re.compile(r'^http-after-response set-header Strict-Transport-Security "([^"]*)"$')
+HSTS_MIN_AGE = 31536000  # one year
+
+
+def _max_age(value: str) -> int:
+    m = re.fullmatch(r"max-age=(\d+)", value.strip())
+    assert m, f"HSTS value {value!r} is not just max-age=N"
+    return int(m.group(1))
+
+
+def test_https_sets_hsts_plain_http_does_not_and_no_frontend_shows_the_server_header() -> None:
+    checked = 0
+    for stack, host in LB_HOSTS:
+        secs = sections(render_template("lb/haproxy.cfg", ctx_of(stack, host)))
+        frontends = {k: v for k, v in secs.items() if k.startswith("frontend ")}
+        assert set(frontends) == {"frontend fe_http", "frontend fe_https", "frontend fe_stats"}
+        # http-after-response, not http-response: it also covers HAProxy's own answers
+        hsts = [m.group(1) for line in frontends["frontend fe_https"] if (m := HSTS_LINE.match(line))]
+        assert len(hsts) == 1, frontends["frontend fe_https"]
+        assert _max_age(hsts[0]) >= HSTS_MIN_AGE  # and no includeSubDomains / preload (see the template)
+        for name, lines in secs.items():
+            if name != "frontend fe_https":
+                assert not any("strict-transport-security" in line.lower() for line in lines), name
+        for name, lines in frontends.items():
+            assert "http-after-response del-header Server" in lines, name
+        # TLS 1.2 is the floor for every bind, and no bind lowers it or drops 1.2/1.3
+        opts = next(line for line in secs["global"] if line.startswith("ssl-default-bind-options "))
+        assert "ssl-min-ver TLSv1.2" in opts.split(" ", 1)[1], opts
+        binds = [line for lines in frontends.values() for line in lines if line.startswith("bind ")]
+        assert binds and not any(re.search(r"ssl-m(in|ax)-ver|force-|no-tlsv1[23]", b) for b in binds), binds
+        assert f"bind :443 ssl crt {CERT_PATH} alpn h2,http/1.1" in binds
+        checked += 1
+    assert checked == len(LB_HOSTS) > 0
+
+
+def _weakened(cfg: str, *, headers: bool, tls_max_1_1: bool = False) -> str:
+    """The rendered config with TLS 1.0/1.1 allowed (a TLS 1.0 capable cipher at OpenSSL 3's
+    security level 0), and with headers=True also without the response header rules and
+    the HTTPS redirect; tls_max_1_1 also caps it at TLS 1.1."""
+    max_ver = " ssl-max-ver TLSv1.1" if tls_max_1_1 else ""
+    edits = [(r"^(\s*ssl-default-bind-options) .*$", rf"\1 ssl-min-ver TLSv1.0{max_ver} no-tls-tickets"),
+             (r"^(\s*ssl-default-bind-ciphers) ", r"\1 @SECLEVEL=0:ECDHE-RSA-AES128-SHA:")]
+    if headers:
+        edits += [(r"^\s*http-after-response .*\n", ""), (r"^\s*http-request redirect scheme https .*\n", "")]
+    out = cfg
+    for pattern, repl in edits:
+        out, n = re.subn(pattern, repl, out, flags=re.M)
+        assert n >= 1, pattern
+    return out
+
+
+@pytest.fixture(scope="module")
+def hygiene_runs(haproxy_etc: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The rendered portal HAProxy, then two weakened twins, each probed by curl and openssl
+    and by rehearsal.http_hygiene.check (one namespace, one stand-in web tier)."""
+    ctx = ctx_of("prod", "lb-1")
+    good = render_template("lb/haproxy.cfg", ctx)
+    configs = {"rendered": good, "weak": _weakened(good, headers=True),
+               "tls_1_1_only": _weakened(good, headers=False, tls_max_1_1=True)}
+    for name, text in configs.items():
+        (haproxy_etc / f"hygiene-{name}.cfg").write_text(text)
+    by_name = {h["name"]: h for h in ctx["hosts"]}
+    web_ips = sorted(by_name[n]["ip"] for n in ctx["role_hosts"]["web"])
+    spec = {"repo": str(REPO), "web_backends": [(ip, ctx["web"]["port"]) for ip in web_ips],
+            "configs": {name: f"/etc/haproxy/hygiene-{name}.cfg" for name in configs}}
+    return _run_driver("live-hygiene", spec, tmp_path_factory.mktemp("hygiene"), extra_ips=web_ips,
+                       binds={str(haproxy_etc): "/etc/haproxy"}, hosts=hosts_file(ctx))
+
+
+@needs_ns
+def test_live_https_answers_carry_hsts_and_no_server_header(hygiene_runs: dict[str, Any]) -> None:
+    run = hygiene_runs["rendered"]
+    log = run["haproxy_log"]
+    for key, status in (("proxied", 200), ("error_503", 503)):  # the web tier's answer, HAProxy's own
+        res = run[key]
+        assert res["status"] == status, (key, res, log)
+        hsts = res["headers"].get("strict-transport-security", [])
+        assert len(hsts) == 1 and _max_age(hsts[0]) >= HSTS_MIN_AGE, (key, res)
+        assert "server" not in res["headers"], (key, res)
+    # plain HTTP: still the redirect, without HSTS (RFC 6797 7.2) and without Server
+    redirect = run["redirect_80"]
+    assert redirect["status"] == 301, redirect
+    assert redirect["headers"]["location"] == ["https://127.0.0.1/page?q=1"]
+    assert "strict-transport-security" not in redirect["headers"] and "server" not in redirect["headers"]
+    # the twin without the directives: the stand-in's "Server: nginx" shows, HSTS is gone
+    weak = hygiene_runs["weak"]
+    assert weak["proxied"]["status"] == 200, weak
+    assert weak["proxied"]["headers"].get("server") == ["nginx/1.22.1"]
+    assert "strict-transport-security" not in weak["proxied"]["headers"]
+    assert "strict-transport-security" not in weak["error_503"]["headers"]
+    assert weak["redirect_80"]["status"] == 200 and weak["redirect_80"]["headers"].get("server") == ["nginx/1.22.1"]
+
+
+@needs_ns
+def test_live_https_refuses_tls_1_0_and_1_1_and_accepts_1_2_and_1_3(hygiene_runs: dict[str, Any]) -> None:
+    run = hygiene_runs["rendered"]
+    for version in ("1.0", "1.1"):
+        res = run[f"tls{version}"]
+        # refused by the SERVER: the protocol_version alert it sends (curl would refuse
+        # TLS 1.1 on its own at OpenSSL 3's default security level, proving nothing)
+        assert res["rc"] != 0, res
+        assert "alert protocol version" in res["output"] and "SSL alert number 70" in res["output"], res["output"]
+    for version in ("1.2", "1.3"):
+        res = run[f"tls{version}"]
+        assert res == {"rc": 0, "status": "200", "protocol": f"TLSv{version}"}, res
+    # the same client completes TLS 1.0/1.1 once the floor is lowered: its offer was real
+    weak = hygiene_runs["weak"]
+    assert weak["tls1.0"]["rc"] == 0 and weak["tls1.0"]["protocol"] == "TLSv1", weak["tls1.0"]["output"]
+    assert weak["tls1.1"]["rc"] == 0 and weak["tls1.1"]["protocol"] == "TLSv1.1", weak["tls1.1"]["output"]
+    only_old = hygiene_runs["tls_1_1_only"]
+    assert only_old["tls1.2"]["rc"] != 0 and only_old["tls1.3"]["rc"] != 0, only_old
+
+
+HYGIENE_CHECKS = ["hsts", "no server header (proxied)", "no server header (proxy error)",
+                  "http redirects to https without hsts", "tls 1.0 refused by the server",
+                  "tls 1.1 refused by the server", "tls 1.2 accepted", "tls 1.3 accepted"]
+
+
+@needs_ns
+def test_http_hygiene_check_passes_against_the_rendered_haproxy(hygiene_runs: dict[str, Any]) -> None:
+    results = hygiene_runs["rendered"]["hygiene"]
+    assert [r["name"] for r in results] == HYGIENE_CHECKS
+    assert all(set(r) == {"name", "ok", "got", "expect"} and r["expect"] for r in results), results
+    assert [r for r in results if r["ok"] is not True] == [], results
+    got = {r["name"]: r["got"] for r in results}
+    assert "max-age=31536000" in got["hsts"]
+    assert got["tls 1.2 accepted"].startswith("TLSv1.2") and got["tls 1.3 accepted"].startswith("TLSv1.3")
+
+
+@needs_ns
+def test_http_hygiene_check_reports_what_a_weakened_haproxy_lacks(hygiene_runs: dict[str, Any]) -> None:
+    failed = {r["name"] for r in hygiene_runs["weak"]["hygiene"] if not r["ok"]}
+    # HAProxy writes no Server header on its own errors: that check guards, it cannot fail here
+    assert failed == {"hsts", "no server header (proxied)", "http redirects to https without hsts",
+                      "tls 1.0 refused by the server", "tls 1.1 refused by the server"}, hygiene_runs["weak"]["hygiene"]
+    failed = {r["name"] for r in hygiene_runs["tls_1_1_only"]["hygiene"] if not r["ok"]}
+    assert {"tls 1.2 accepted", "tls 1.3 accepted"} <= failed
+
+
+def test_http_hygiene_check_rejects_a_bad_host() -> None:
+    from rehearsal import http_hygiene
+
+    for bad in ("", "https://x", "a b", "host/path"):
+        with pytest.raises(ValueError, match="host"):
+            http_hygiene.check([], bad)
 
 
 # ---- keepalived.conf ------------------------------------------------------------------
