@@ -777,10 +777,55 @@ def test_a_default_without_translation_is_an_error() -> None:
         ms.translate_default(col.default, col, tt, ms.make_converter(tt, False))
 
 
-def test_create_table_parsing() -> None:
-    p = ms.parse_create_table('CREATE TABLE "t" (id INTEGER PRIMARY KEY AUTOINCREMENT, -- c, d\n'
-                              ' "na,me" TEXT COLLATE NOCASE DEFAULT \'a,b)\', CHECK (id > 0)) WITHOUT ROWID')
+def _read_schema(tmp_path: Path, script: str, source: type[Any] | None = None) -> Any:
+    path = tmp_path / "schema.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(script)
+    conn.commit()
+    conn.close()
+    src = (source or ms.Source)(ms.SourceSpec("s", str(path), "d"), tmp_path, 1.0)
+    src.open()
+    return src
+
+
+def test_create_table_parsing(tmp_path: Path) -> None:
+    """What no PRAGMA states outright (column collations, AUTOINCREMENT, WITHOUT ROWID,
+    CHECK) comes from SQLite: a comment and a string with commas and parentheses change
+    nothing. SQLite refuses AUTOINCREMENT on a WITHOUT ROWID table, so two tables."""
+    column = ' "na,me" TEXT COLLATE NOCASE DEFAULT \'a,b)\', CHECK (id > 0))'
+    src = _read_schema(tmp_path, f'CREATE TABLE "t" (id INTEGER PRIMARY KEY AUTOINCREMENT, -- c, d\n{column};\n'
+                                 f'CREATE TABLE "w" (id INTEGER PRIMARY KEY, -- c, d\n{column} WITHOUT ROWID;\n'
+                                 'INSERT INTO t (id) VALUES (7);')
+    try:
+        t, w = src.read_table("t"), src.read_table("w")
+    finally:
+        src.close()
+    p = {"collations": {c.name.lower(): c.collation for c in t.columns if c.collation},
+         "autoincrement": t.autoincrement, "has_check": t.has_check, "without_rowid": w.without_rowid}
     assert p == {"collations": {"na,me": "NOCASE"}, "autoincrement": True, "has_check": True, "without_rowid": True}
+    assert (t.without_rowid, t.sequence, w.autoincrement, w.has_check) == (False, 7, False, True)
+    assert [c.collation for c in w.columns] == [None, "NOCASE"]
+
+
+def test_without_rowid_on_sqlite_before_table_list(tmp_path: Path) -> None:
+    """SQLite before 3.37 ignores PRAGMA table_list; PRAGMA index_info tells instead."""
+    class OldSQLite(ms.Source):  # type: ignore[name-defined]
+        def query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+            return [] if "table_list" in sql else super().query(sql, params)
+
+    src = _read_schema(tmp_path, "CREATE TABLE r (k TEXT PRIMARY KEY, v);\n"
+                                 "CREATE TABLE w (k TEXT PRIMARY KEY, v) WITHOUT ROWID;", OldSQLite)
+    try:
+        assert (src.without_rowid("r"), src.without_rowid("w")) == (False, True)
+    finally:
+        src.close()
+
+
+def test_check_is_found_outside_strings_names_and_comments() -> None:
+    assert ms.has_check("CREATE TABLE t (a INT CHECK(a > 0))")
+    assert ms.has_check("CREATE TABLE t (a INT, CONSTRAINT c check (a > 0))")
+    assert not ms.has_check("CREATE TABLE t (\"check\" TEXT, [check] INT, `check` INT, check_status INT, "
+                            "n TEXT DEFAULT 'CHECK (x)' -- CHECK (a)\n /* CHECK (b) */)")
 
 
 @pytest.mark.parametrize(("kind", "tp", "value", "match"), [

@@ -294,14 +294,41 @@ class Source:
                 warnings.append(f"{self.spec.name}: {typ} {name} is not migrated (recreate it in MariaDB if the app needs it)")
         return tables, warnings
 
+    def without_rowid(self, name: str) -> bool:
+        """PRAGMA table_list's `wr` (SQLite 3.37 and later). Older SQLite ignores that
+        PRAGMA (no rows); there PRAGMA index_info given a table's name lists the primary key
+        of a WITHOUT ROWID table and nothing for any other table (index and table names
+        share one namespace)."""
+        rows = self.query(f"PRAGMA main.table_list({qi(name)})")
+        if rows:
+            return bool(rows[0][4])
+        return bool(self.query(f"PRAGMA main.index_info({qi(name)})"))
+
+    def column_collations(self, name: str, cols: list[SrcColumn]) -> None:
+        """Each column's collation, from SQLite itself (no PRAGMA reports it): a compound
+        SELECT whose first arm reads the column and returns no row gives its result column
+        the column's collation, and the second arm supplies the value 'a'. Under NOCASE
+        'a' = 'A', under RTRIM 'a' = 'a ', under BINARY neither. A collation that only the
+        application registers is not available here: SQLite refuses the query and names it."""
+        for c in cols:
+            probe = (f"SELECT max(v = 'A'), max(v = 'a ') FROM (SELECT {qi(c.name)} AS v FROM {qi(name)} WHERE 0 "
+                     "UNION ALL SELECT 'a')")
+            try:
+                nocase, rtrim = self.query(probe)[0]
+            except sqlite3.OperationalError as exc:
+                unknown = re.fullmatch(r"no such collation sequence: (.+)", str(exc))
+                if unknown is None:
+                    raise
+                c.collation = unknown.group(1).upper()
+                continue
+            c.collation = "NOCASE" if nocase else "RTRIM" if rtrim else None
+
     def read_table(self, name: str) -> SrcTable:
         cols = [SrcColumn(r[1], r[2] or "", bool(r[3]), r[4], r[5], r[6])
                 for r in self.query(f"PRAGMA table_xinfo({qi(name)})") if r[6] != 1]
         (sql,) = self.query("SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (name,))[0]
-        parsed = parse_create_table(sql or "")
-        for c in cols:
-            c.collation = parsed["collations"].get(c.name.lower())
-        without_rowid = parsed["without_rowid"]
+        self.column_collations(name, cols)
+        without_rowid = self.without_rowid(name)
         rowid_expr = None
         if not without_rowid:
             names = {c.name.lower() for c in cols}
@@ -315,13 +342,13 @@ class Source:
                      for r in self.query(f"PRAGMA index_xinfo({qi(iname)})") if r[5]]
             indexes.append(SrcIndex(iname, bool(unique), origin, bool(partial), icols))
         indexes.reverse()  # index_list is newest first
+        # AUTOINCREMENT matters only through its counter: SQLite keeps one in sqlite_sequence
+        # for an AUTOINCREMENT table (and only for one) from its first insert on. A table that
+        # never had a row has no counter and nothing to carry over.
         seq = None
-        if parsed["autoincrement"]:
-            try:
-                row = self.query("SELECT seq FROM sqlite_sequence WHERE name=?", (name,))
-                seq = int(row[0][0]) if row else None
-            except sqlite3.OperationalError:
-                seq = None
+        if self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='sqlite_sequence'"):
+            row = self.query("SELECT seq FROM sqlite_sequence WHERE name=?", (name,))
+            seq = int(row[0][0]) if row else None
         fks = [f"{name}({r[3]}) -> {r[2]}({r[4]})" for r in self.query(f"PRAGMA foreign_key_list({qi(name)})")]
         stats_sql = ["count(*)"]
         for c in cols:
@@ -335,76 +362,20 @@ class Source:
         for i, c in enumerate(cols):
             v = srow[1 + 6 * i: 7 + 6 * i]
             stats[c.name] = ColStats(int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4] or 0), int(v[5] or 0))
-        return SrcTable(name, cols, indexes, without_rowid, rowid_expr, parsed["autoincrement"], seq,
-                        parsed["has_check"], fks, int(srow[0]), stats)
+        return SrcTable(name, cols, indexes, without_rowid, rowid_expr, seq is not None, seq,
+                        has_check(sql or ""), fks, int(srow[0]), stats)
 
 
-_TOKEN = re.compile(r"""
-    (?P<ws>\s+|--[^\n]*|/\*.*?(?:\*/|\Z))
-  | (?P<str>'(?:[^']|'')*')
-  | (?P<ident>"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\])
-  | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
-  | (?P<num>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)
-  | (?P<op>.)
-""", re.S | re.X)
+# Text of a CREATE statement that cannot hold a keyword: strings, quoted names, comments.
+_NOT_KEYWORDS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\]|--[^\n]*|/\*.*?(?:\*/|\Z)""",
+                           re.S)
 
 
-def tokenize(sql: str) -> list[tuple[str, str]]:
-    return [(m.lastgroup or "", m.group()) for m in _TOKEN.finditer(sql) if m.lastgroup != "ws"]
-
-
-def unquote(tok: str) -> str:
-    if tok[:1] in "\"`" and tok[-1:] == tok[:1]:
-        return tok[1:-1].replace(tok[0] * 2, tok[0])
-    if tok[:1] == "[" and tok[-1:] == "]":
-        return tok[1:-1]
-    return tok
-
-
-def parse_create_table(sql: str) -> dict[str, Any]:
-    """What PRAGMAs do not tell: column collations, AUTOINCREMENT, WITHOUT ROWID, CHECK."""
-    toks = tokenize(sql)
-    up = [t[1].upper() for t in toks]
-    out: dict[str, Any] = {"collations": {}, "autoincrement": "AUTOINCREMENT" in up,
-                           "has_check": "CHECK" in up, "without_rowid": False}
-    try:
-        start = up.index("(")
-    except ValueError:
-        return out
-    depth, end = 0, len(toks)
-    parts: list[list[tuple[str, str]]] = []
-    cur: list[tuple[str, str]] = []
-    for i in range(start, len(toks)):
-        t = toks[i][1]
-        if t == "(":
-            depth += 1
-            if depth == 1:
-                continue
-        elif t == ")":
-            depth -= 1
-            if depth == 0:
-                parts.append(cur)
-                end = i
-                break
-        elif t == "," and depth == 1:
-            parts.append(cur)
-            cur = []
-            continue
-        cur.append(toks[i])
-    tail = [t.upper() for _k, t in toks[end + 1:]]
-    out["without_rowid"] = any(tail[i:i + 2] == ["WITHOUT", "ROWID"] for i in range(len(tail)))
-    for part in parts:
-        if not part or part[0][1].upper() in ("CONSTRAINT", "PRIMARY", "UNIQUE", "CHECK", "FOREIGN"):
-            continue
-        name = unquote(part[0][1]) if part[0][0] in ("ident", "word", "str") else None
-        if name is None:
-            continue
-        words = [t.upper() for _k, t in part]
-        if "COLLATE" in words:
-            j = words.index("COLLATE")
-            if j + 1 < len(part):
-                out["collations"][name.lower()] = unquote(part[j + 1][1]).upper()
-    return out
+def has_check(sql: str) -> bool:
+    """Whether a CREATE TABLE statement has a CHECK constraint. No PRAGMA reports CHECK
+    constraints, so this is the one thing read from the statement's text: the keyword
+    outside strings, quoted names and comments."""
+    return re.search(r"\bCHECK\b", _NOT_KEYWORDS.sub(" ", sql), re.I) is not None
 
 
 # ------------------------------------------------------------------------------------
