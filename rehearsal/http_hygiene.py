@@ -1,6 +1,7 @@
 """HTTP hygiene of the portal's entry point, seen from a client: HSTS on HTTPS, no
-`Server` header, plain HTTP redirected without HSTS, TLS 1.0/1.1 refused by the server,
-TLS 1.2 and 1.3 accepted.
+`Server` header (proxied answers and HAProxy's own), plain HTTP redirected without HSTS
+(only ACME challenges are proxied), TLS 1.0/1.1 refused by the server, TLS 1.2 and 1.3
+accepted. The HTTP checks go to port 80 of the same host.
 
     check(["nsenter", "--net=/run/netns/<client ns>", "--"], "203.0.113.10")
     -> [{"name": "hsts", "ok": True, "got": "max-age=31536000", "expect": "..."}, ...]
@@ -105,6 +106,13 @@ def check(prefix: list[str], host: str) -> list[dict[str, object]]:
         and "strict-transport-security" not in headers and "server" not in headers,
         _describe(status, headers, err, "location", "strict-transport-security", "server"),
         "301/308 to https://, no Strict-Transport-Security, no Server")
+
+    # Plain HTTP that is proxied, not redirected (ACME HTTP-01): the web tier's answer,
+    # whatever its status, without its Server header.
+    status, headers, err = _fetch(prefix, f"http://{host.split(':')[0]}/.well-known/acme-challenge/hygiene")
+    add("no server header (plain http, proxied)", _code(status) > 0 and "server" not in headers,
+        _describe(status, headers, err, "server"),
+        "an answer to /.well-known/acme-challenge/ on plain HTTP without a Server header")
 
     for version, flag in (("1.0", "-tls1"), ("1.1", "-tls1_1")):
         r = _run(prefix, ["openssl", "s_client", "-connect", connect, flag, "-cipher", "DEFAULT@SECLEVEL=0"])

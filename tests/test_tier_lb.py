@@ -354,6 +354,7 @@ def _live_hygiene(spec: dict[str, Any]) -> dict[str, Any]:
                 res["proxied"] = _curl_headers("https://127.0.0.1/")
                 res["error_503"] = _curl_headers("https://127.0.0.1/api/jobs")
                 res["redirect_80"] = _curl_headers("http://127.0.0.1/page?q=1")
+                res["acme_80"] = _curl_headers("http://127.0.0.1/.well-known/acme-challenge/token")
                 for version, flag in (("1.0", "-tls1"), ("1.1", "-tls1_1")):
                     # The client offers only this version (SECLEVEL=0 lets OpenSSL 3 send it).
                     r = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:443", flag,
@@ -766,6 +767,9 @@ def test_live_https_answers_carry_hsts_and_no_server_header(hygiene_runs: dict[s
     assert redirect["status"] == 301, redirect
     assert redirect["headers"]["location"] == ["https://127.0.0.1/page?q=1"]
     assert "strict-transport-security" not in redirect["headers"] and "server" not in redirect["headers"]
+    acme = run["acme_80"]  # proxied to the web tier on plain HTTP
+    assert acme["status"] == 200, acme
+    assert "strict-transport-security" not in acme["headers"] and "server" not in acme["headers"], acme
     # the twin without the directives: the stand-in's "Server: nginx" shows, HSTS is gone
     weak = hygiene_runs["weak"]
     assert weak["proxied"]["status"] == 200, weak
@@ -773,6 +777,7 @@ def test_live_https_answers_carry_hsts_and_no_server_header(hygiene_runs: dict[s
     assert "strict-transport-security" not in weak["proxied"]["headers"]
     assert "strict-transport-security" not in weak["error_503"]["headers"]
     assert weak["redirect_80"]["status"] == 200 and weak["redirect_80"]["headers"].get("server") == ["nginx/1.22.1"]
+    assert weak["acme_80"]["headers"].get("server") == ["nginx/1.22.1"]
 
 
 @needs_ns
@@ -796,7 +801,8 @@ def test_live_https_refuses_tls_1_0_and_1_1_and_accepts_1_2_and_1_3(hygiene_runs
 
 
 HYGIENE_CHECKS = ["hsts", "no server header (proxied)", "no server header (proxy error)",
-                  "http redirects to https without hsts", "tls 1.0 refused by the server",
+                  "http redirects to https without hsts", "no server header (plain http, proxied)",
+                  "tls 1.0 refused by the server",
                   "tls 1.1 refused by the server", "tls 1.2 accepted", "tls 1.3 accepted"]
 
 
@@ -816,6 +822,7 @@ def test_http_hygiene_check_reports_what_a_weakened_haproxy_lacks(hygiene_runs: 
     failed = {r["name"] for r in hygiene_runs["weak"]["hygiene"] if not r["ok"]}
     # HAProxy writes no Server header on its own errors: that check guards, it cannot fail here
     assert failed == {"hsts", "no server header (proxied)", "http redirects to https without hsts",
+                      "no server header (plain http, proxied)",
                       "tls 1.0 refused by the server", "tls 1.1 refused by the server"}, hygiene_runs["weak"]["hygiene"]
     failed = {r["name"] for r in hygiene_runs["tls_1_1_only"]["hygiene"] if not r["ok"]}
     assert {"tls 1.2 accepted", "tls 1.3 accepted"} <= failed
