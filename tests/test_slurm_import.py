@@ -273,6 +273,85 @@ def test_an_existing_slurm_block_is_replaced_and_the_next_keys_comments_stay(tmp
         si.write_stack_key("config: {a: 1}\n", "hpc-portal:slurm", {})
 
 
+STACK_HEAD = """\
+# Production stack. Secrets: `pulumi config set --secret`.
+config:
+  aws:region: ap-northeast-2   # two spaces before this comment, kept
+  hpc-portal:network:
+    vpc_cidr: "10.40.0.0/16"
+    azs: [ap-northeast-2a, ap-northeast-2b]
+    tags: {team: hpc, 'cost center': "42"}
+  # Comments before the slurm key stay before it.
+"""
+STACK_SLURM_OLD = """\
+  hpc-portal:slurm:  # imported from the old cluster
+    ctld_timeout: 45
+    # a note inside the block
+    nodes:
+      - NodeName: old[1-2]
+        CPUs: 4   # end-of-line comment inside the block
+"""
+STACK_TAIL = """\
+  # Comments after the block, no blank line before them: they go with the next key.
+
+  hpc-portal:backup:
+    retention_days: 30
+    windows:
+      - "02:00"
+      - '03:00'
+    empty:
+
+# The end of the file.
+encryptionsalt: v1:abc:def
+"""
+
+
+def test_comments_and_other_keys_of_the_stack_file_survive_byte_for_byte():
+    value = {"ctld_timeout": 45, "cluster_name": "koocae",
+             "nodes": [{"NodeName": "cpu[001-002]", "CPUs": 64, "State": "UNKNOWN"}],
+             "partitions": [{"PartitionName": "normal", "Nodes": "cpu[001-002]", "Default": "YES",
+                             "OverSubscribe": "NO", "MaxTime": "12:00:00"}]}
+    new, dropped = si.write_stack_key(STACK_HEAD + STACK_SLURM_OLD + STACK_TAIL, "hpc-portal:slurm", value)
+    assert new == STACK_HEAD + (
+        "  hpc-portal:slurm:  # imported from the old cluster\n"
+        "    ctld_timeout: 45\n"
+        "    cluster_name: koocae\n"
+        "    nodes:\n"
+        "      - NodeName: cpu[001-002]\n"
+        "        CPUs: 64\n"
+        "        State: UNKNOWN\n"
+        "    partitions:\n"
+        "      - PartitionName: normal\n"
+        "        Nodes: cpu[001-002]\n"
+        "        Default: 'YES'\n"
+        "        OverSubscribe: 'NO'\n"
+        "        MaxTime: '12:00:00'\n") + STACK_TAIL
+    assert dropped == 2  # the two comments inside the old block's value
+    # YES/NO/12:00:00 are quoted: PyYAML (YAML 1.1) would read them as true/false/43200.
+    assert yaml.safe_load(new)["config"]["hpc-portal:slurm"] == value
+    # A stack file without the key gets it after the last line of `config:`, before the
+    # comments and keys that follow.
+    without = STACK_HEAD + STACK_TAIL
+    added, dropped = si.write_stack_key(without, "hpc-portal:slurm", {"ctld_timeout": 30})
+    assert dropped == 0
+    assert added == without.replace("    empty:\n", "    empty:\n  hpc-portal:slurm:\n    ctld_timeout: 30\n")
+    # Writing the same value again changes nothing.
+    assert si.write_stack_key(new, "hpc-portal:slurm", value) == (new, 0)
+
+
+@pytest.mark.parametrize("other, line", [
+    ("  hpc-portal:alerts:\n    emails:\n    - ops@example.org\n", "    - ops@example.org"),  # 2nd list layout
+    ("  hpc-portal:onprem_cidrs: ~\n", "  hpc-portal:onprem_cidrs: ~"),  # ruamel.yaml writes null as nothing
+    ("  hpc-portal:profile:   ha\n", "  hpc-portal:profile:   ha"),  # and one space after the colon
+])
+def test_a_stack_file_ruamel_would_re_lay_out_is_refused(other, line):
+    """Lines that ruamel.yaml would write differently are not rewritten behind the
+    operator's back: the import stops and names the first one."""
+    text = "config:\n  hpc-portal:network:\n    azs:\n      - a\n      - b\n" + other
+    with pytest.raises(si.ImportError_, match=rf"would also change other lines of the stack file \(first: '{line}'\)"):
+        si.write_stack_key(text, "hpc-portal:slurm", {"nodes": [{"NodeName": "a"}]})
+
+
 def test_imported_config_passes_the_config_model(stack_dir):
     from components.config import load_config
     from components.stackfile import namespace, read_stack

@@ -17,8 +17,8 @@ What it does, each part when its inputs are given:
   quoted values, NodeName=DEFAULT / PartitionName=DEFAULT lines, NodeSet lines,
   hostlist expressions) and writes `slurm.nodes`, `slurm.partitions`,
   `slurm.cluster_name` and `slurm.srun_port_range` into `Pulumi.<stack>.yaml` under the
-  `<project>:slurm` key. Only that key's block is rewritten (see write_stack_key); the
-  rest of the file, comments included, is kept byte for byte.
+  `<project>:slurm` key. Only that key's entry is rewritten, round-trip with ruamel.yaml
+  (see write_stack_key); the rest of the file, comments included, is kept byte for byte.
 * Munge key. Checks the key's size (munged accepts 32 to 1024 bytes) and prints the
   `pulumi config set --secret munge_key ...` command that stores it base64-encoded (the
   form hpc-munge-key decodes at boot). The key itself is never printed.
@@ -27,15 +27,18 @@ Exit status: 0 done, 1 refused (version too old, bad key, inconsistent slurm.con
 2 usage error.
 
 The parser and the version logic need only the standard library (slurm_move.py reuses
-them on the old server); writing the stack file needs PyYAML (the repository's venv).
+them on the old server); writing the stack file needs ruamel.yaml and PyYAML (the
+repository's venv).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import glob
 import hashlib
+import io
 import os
 import re
 import shlex
@@ -570,72 +573,196 @@ def cluster_name(conf: SlurmConf) -> str:
 # --------------------------------------------------------------------------- stack file
 
 
-def _dump_block(key: str, value: Any, indent: int) -> str:
+def _round_trip(text: str = "") -> Any:
+    """ruamel.yaml in round-trip mode: comments, key order, quoting and flow style of what
+    it loads are dumped again as they were. Block layout: mappings indented by 2 (as
+    Pulumi writes stack files), list items indented under their key as in the stack file's
+    first block list (by 2 when it has none; ruamel.yaml has one setting per file)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    dash = load_yaml_guess_indent(text)[2] if text.strip() else None
+    dash = 2 if dash is None else dash
+    rt.indent(mapping=2, sequence=dash + 2, offset=dash)
+    return rt
+
+
+def _commented(value: Any) -> Any:
+    """Plain dicts and lists as ruamel's containers, which can carry comments. A string
+    that a YAML 1.1 reader (PyYAML, which reads the stack files here) would take for
+    something else is quoted: ruamel.yaml writes YAML 1.2, where `YES`, `NO` and `12:00:00`
+    are plain strings, but to PyYAML they are true, false and 43200."""
     import yaml
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.scalarstring import SingleQuotedScalarString
 
-    class _Dumper(yaml.SafeDumper):
-        # Indent list items under their key, like the hand-written stack files.
-        def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
-            return super().increase_indent(flow, False)
-
-    text = yaml.dump({key: value}, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True, width=4096)
-    return "".join(" " * indent + line + "\n" for line in text.splitlines())
-
-
-def _is_meta(line: str) -> bool:
-    s = line.strip()
-    return not s or s.startswith("#")
+    if isinstance(value, dict):
+        return CommentedMap((k, _commented(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return CommentedSeq(_commented(v) for v in value)
+    if isinstance(value, str) and yaml.resolver.Resolver().resolve(yaml.ScalarNode, value, (True, False)) != \
+            "tag:yaml.org,2002:str":
+        return SingleQuotedScalarString(value)
+    return value
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
+def _tail(container: Any, key: Any) -> tuple[Any, Any, int]:
+    """Where ruamel keeps the comment lines that follow the entry container[key]: with the
+    last scalar of its value (inside block collections, on the deepest last item)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    node, k = container, key
+    while True:
+        child = node[k]
+        if isinstance(child, CommentedMap | CommentedSeq) and len(child) and not child.fa.flow_style():
+            node, k = child, (list(child)[-1] if isinstance(child, CommentedMap) else len(child) - 1)
+            continue
+        return node, k, 0 if isinstance(node, CommentedSeq) else 2
+
+
+def _take_following_lines(container: Any, key: Any) -> Any:
+    """Detach the comment and blank lines that follow the entry container[key] (they lead
+    to whatever comes next in the file); a comment at the end of its last line stays."""
+    node, k, slot = _tail(container, key)
+    entry = node.ca.items.get(k)
+    tok = entry[slot] if entry and len(entry) > slot else None
+    if tok is None or "\n" not in tok.value:
+        return None
+    eol, rest = tok.value.split("\n", 1)
+    if eol.strip():
+        moved = copy.copy(tok)
+        moved.value = "\n" + rest
+        tok.value = eol + "\n"
+        return moved
+    entry[slot] = None
+    tok.value = "\n" + rest
+    return tok
+
+
+def _put_following_lines(container: Any, key: Any, tok: Any) -> None:
+    node, k, slot = _tail(container, key)
+    entry = node.ca.items.setdefault(k, [None, None, None, None] if slot == 2 else [None, None])
+    entry[slot] = tok
+
+
+def _comment_tokens(x: Any) -> list[Any]:
+    from ruamel.yaml.tokens import CommentToken
+
+    if isinstance(x, CommentToken):
+        return [x]
+    return [t for y in x for t in _comment_tokens(y)] if isinstance(x, list | tuple) else []
+
+
+def _comments_in(node: Any, kept: set[int]) -> int:
+    """The comment lines ruamel.yaml keeps with a loaded value (full-line and end-of-line),
+    except the tokens in `kept` (ruamel.yaml holds the comment after `key:` both with the
+    key, where it stays, and with the value)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    n = 0
+    if isinstance(node, CommentedMap | CommentedSeq):
+        for tok in _comment_tokens([node.ca.comment, *node.ca.items.values()]):
+            if id(tok) not in kept:
+                n += sum(1 for ln in tok.value.splitlines() if ln.strip().startswith("#"))
+        n += sum(_comments_in(c, kept) for c in (node.values() if isinstance(node, CommentedMap) else node))
+    return n
+
+
+def _entry_lines(rt: Any, text: str, key: str) -> tuple[int, int]:
+    """Lines [first, end) of config entry `key` in `text`: from its key to the last line of
+    its value, not counting the comments and blank lines before the next entry."""
+    doc = rt.load(text)
+    cfg = doc["config"]
+    keys = list(cfg)
+    first = cfg.lc.key(key)[0]
+    i = keys.index(key)
+    if i + 1 < len(keys):
+        nxt = cfg.lc.key(keys[i + 1])[0]
+    else:
+        top = list(doc)
+        j = top.index("config")
+        nxt = doc.lc.key(top[j + 1])[0] if j + 1 < len(top) else len(text.splitlines())
+    lines = text.splitlines()
+    while nxt > first + 1 and (not lines[nxt - 1].strip() or lines[nxt - 1].lstrip().startswith("#")):
+        nxt -= 1
+    return first, nxt
 
 
 def write_stack_key(text: str, key: str, value: Any) -> tuple[str, int]:
     """Return `text` with config key `key` (e.g. "hpc-portal:slurm") set to `value`, and the
     number of comment lines dropped from inside the old block.
 
-    The file is edited as text: the key's block (its line and the lines indented below it)
-    is replaced by a block emitted with PyYAML; every other line stays as it was, so the
-    file's comments and layout survive. Comments inside the old block cannot be carried
-    over (PyYAML does not read comments) and are counted instead. The result is parsed
-    back and must equal the old document with only this key changed."""
+    ruamel.yaml loads the file round-trip, the key's value is replaced (or the key added at
+    the end of `config:`) and the document is dumped again: every other part of the file,
+    comments included, comes out as it was. Comments inside the old value belong to the
+    old value and are counted instead of kept; comment lines between its end and the next
+    key stay with that key. Two checks follow: the lines outside the key's entry are
+    byte-identical to the old ones (a layout ruamel.yaml would normalize is refused rather
+    than rewritten), and the result read back with PyYAML equals the old document with
+    only this key changed."""
     import yaml
 
+    try:
+        from ruamel.yaml.comments import CommentedMap
+        from ruamel.yaml.error import YAMLError
+    except ModuleNotFoundError:
+        raise ImportError_("writing the stack file needs ruamel.yaml: run the tool with the repository's venv "
+                           "(`make venv` installs requirements-dev.txt)") from None
+    if text and not text.endswith("\n"):
+        text += "\n"
     before = yaml.safe_load(text) if text.strip() else {}
     if before is None:
         before = {}
     if not isinstance(before, dict) or not isinstance(before.get("config", {}), dict):
         raise ImportError_("the stack file's top level must be a mapping with a `config:` mapping")
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    cfg_at = next((i for i, ln in enumerate(lines) if re.match(r"config:\s*(#.*)?$", ln.rstrip("\n"))), None)
+    try:
+        rt = _round_trip(text)
+        doc = rt.load(text) if text.strip() else None
+    except YAMLError as exc:
+        raise ImportError_(f"the stack file is not YAML that can be rewritten: {exc}") from None
+    prefix = ""
+    if doc is None:  # blank, or comments only: the new document follows them
+        prefix, doc = text, CommentedMap()
+    if doc.get("config") is None:
+        doc["config"] = CommentedMap()
+    cfg = doc["config"]
+    if cfg.fa.flow_style():
+        raise ImportError_("`config:` is not written as a block mapping; edit the file by hand")
+    new_value = _commented(value)
     dropped = 0
-    if cfg_at is None:
-        if "config" in before:
-            raise ImportError_("`config:` is not written as a block mapping; edit the file by hand")
-        lines.append("config:\n")
-        cfg_at = len(lines) - 1
-    # The config block: up to the next top-level key.
-    end = next((j for j in range(cfg_at + 1, len(lines)) if not _is_meta(lines[j]) and _indent(lines[j]) == 0),
-               len(lines))
-    child = next((_indent(lines[j]) for j in range(cfg_at + 1, end) if not _is_meta(lines[j])), 2)
-    key_re = re.compile(rf"^ {{{child}}}(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*:(\s|$)")
-    at = next((j for j in range(cfg_at + 1, end) if key_re.match(lines[j])), None)
-    block = _dump_block(key, value, child)
-    if at is None:
-        last = max((j for j in range(cfg_at, end) if not _is_meta(lines[j])), default=cfg_at)
-        new_lines = lines[: last + 1] + [block] + lines[last + 1:]
+    if key in cfg:
+        following = _take_following_lines(cfg, key)
+        dropped = _comments_in(cfg[key], {id(t) for t in _comment_tokens(cfg.ca.items.get(key, []))})
+        cfg[key] = new_value
     else:
-        stop = next((j for j in range(at + 1, end) if not _is_meta(lines[j]) and _indent(lines[j]) <= child), end)
-        while stop > at + 1 and _is_meta(lines[stop - 1]):  # comments before the next key stay with it
-            stop -= 1
-        dropped = sum(1 for ln in lines[at + 1: stop] if ln.strip().startswith("#"))
-        dropped += 1 if "#" in lines[at].split(":", 2)[-1] else 0
-        new_lines = lines[:at] + [block] + lines[stop:]
-    new_text = "".join(new_lines)
+        following = _take_following_lines(cfg, list(cfg)[-1]) if len(cfg) else None
+        cfg[key] = new_value
+    if following is not None:
+        _put_following_lines(cfg, key, following)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    new_text = prefix + out.getvalue()
+
+    old_lines, new_lines = text.splitlines(keepends=True), new_text.splitlines(keepends=True)
+    n_first, n_end = _entry_lines(rt, new_text, key)
+    if "config" not in before:  # `config:` itself is new, at the end of the file
+        n_first -= 1
+    if key in (before.get("config") or {}):
+        o_first, o_end = _entry_lines(rt, text, key)
+    else:  # the new entry follows what was the end of `config:`
+        o_first = o_end = n_first
+    outside_old = old_lines[:o_first] + old_lines[o_end:]
+    outside_new = new_lines[:n_first] + new_lines[n_end:]
+    if outside_new != outside_old:
+        where = next((i for i, (a, b) in enumerate(zip(outside_old, outside_new, strict=False)) if a != b),
+                     min(len(outside_old), len(outside_new)))
+        shown = outside_old[where].rstrip("\n") if where < len(outside_old) else "(end of file)"
+        raise ImportError_(f"rewriting {key} would also change other lines of the stack file (first: {shown!r}); "
+                           "ruamel.yaml writes the whole file with mappings indented by 2 and every block list "
+                           "laid out like the first one: bring the file to that layout or set the key by hand")
     after = yaml.safe_load(new_text)
     expected = dict(before)
     expected["config"] = dict(before.get("config") or {})
