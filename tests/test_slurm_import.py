@@ -122,7 +122,12 @@ def test_broken_conf_is_refused(tmp_path, text, error):
 
 
 HOSTLISTS = ["node[01-03,07]", "rack[1-2]-n[01-03]", "a[1-2]b[08-10]", "gpu[8-11],viz01", "single",
-             "cn[001-004,010-012]x"]
+             "cn[001-004,010-012]x", "n[08-10]", "n[8-10]", "n[1-010]", "n[001-3]", "n[9,2-3],m1"]
+# What Slurm refuses ("Invalid hostlist") and the tool refuses too, with the reason. The
+# maintained library python-hostlist expands the first one (text after the last bracket),
+# which Slurm would not accept in slurm.conf.
+REFUSED = [("cn[001-004]x", "text after the last"), ("n[3-1]", "descending range"),
+           ("n[0-100001]", "implausibly large")]
 
 
 @needs_scontrol
@@ -136,6 +141,21 @@ def test_hostlists_expand_exactly_like_scontrol(expr):
             si.expand_hostlist(expr)
         return
     assert si.expand_hostlist(expr) == r.stdout.split()
+
+
+@pytest.mark.parametrize("expr, error", REFUSED + [("n[1-2", "unbalanced '\\['"), ("n1-2]", "unbalanced '\\]'"),
+                                                  ("n[1-a]", "bad range")])
+def test_hostlists_slurm_would_not_take_are_refused(expr, error):
+    with pytest.raises(si.ImportError_, match=error):
+        si.expand_hostlist(expr)
+
+
+@needs_scontrol
+@pytest.mark.parametrize("expr", [e for e, _ in REFUSED])
+def test_slurm_refuses_them_too(expr):
+    r = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "SLURM_CONF": str(FIXTURES / "minimal.conf")})
+    assert "Invalid hostlist" in r.stdout + r.stderr
 
 
 def test_compress_is_the_inverse_of_expand():

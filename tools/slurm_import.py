@@ -147,6 +147,11 @@ def check_version(text: str, target: str = TARGET_VERSION) -> VersionVerdict:
 
 # --------------------------------------------------------------------------- hostlists
 
+# Kept here rather than taken from python-hostlist: that library expands `cn[1-4]x`, which
+# Slurm refuses ("Invalid hostlist"), its collect_hostlist sorts (a NodeAddr list must keep
+# the NodeName order), and slurm_move.py imports this parser on the old server, where only
+# the standard library can be counted on. tests/test_slurm_import.py compares both
+# functions with `scontrol show hostnames`.
 
 def _split_top(expr: str, sep: str = ",") -> list[str]:
     """Split at `sep` outside brackets."""
