@@ -163,6 +163,19 @@ def test_compress_is_the_inverse_of_expand():
                   ["10.0.0.1", "10.0.0.2", "10.0.0.3"]):
         assert si.expand_hostlist(si.compress_hostlist(names)) == names
     assert si.compress_hostlist(["cpu001", "cpu002", "cpu003"]) == "cpu[001-003]"
+    # The order is kept, whatever it is: Slurm pairs NodeAddr with NodeName by position.
+    for names in (["10.0.0.9", "10.0.0.2", "10.0.0.3"], ["a2", "b1", "a1", "x", "a3"], ["n1", "n1"]):
+        assert si.expand_hostlist(si.compress_hostlist(names)) == names
+    assert si.compress_hostlist(["10.0.0.9", "10.0.0.2", "10.0.0.3"]) == "10.0.0.[9,2-3]"
+
+
+def test_node_addresses_from_the_hosts_file_stay_paired_with_their_names(tmp_path):
+    (tmp_path / "slurm.conf").write_text("ClusterName=c\nNodeName=n[1-3] CPUs=1\nPartitionName=p Nodes=n[1-3]\n")
+    conf = si.parse_slurm_conf(tmp_path / "slurm.conf")
+    si.check_consistency(conf, {"n1": "10.0.0.9", "n2": "10.0.0.2", "n3": "10.0.0.3"})
+    node = conf.nodes[0]
+    assert dict(zip(si.expand_hostlist(node["NodeName"]), si.expand_hostlist(node["NodeAddr"]), strict=True)) == {
+        "n1": "10.0.0.9", "n2": "10.0.0.2", "n3": "10.0.0.3"}
 
 
 def test_consistency_errors_are_refused(tmp_path):

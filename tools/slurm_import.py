@@ -149,9 +149,9 @@ def check_version(text: str, target: str = TARGET_VERSION) -> VersionVerdict:
 
 # Kept here rather than taken from python-hostlist: that library expands `cn[1-4]x`, which
 # Slurm refuses ("Invalid hostlist"), its collect_hostlist sorts (a NodeAddr list must keep
-# the NodeName order), and slurm_move.py imports this parser on the old server, where only
-# the standard library can be counted on. tests/test_slurm_import.py compares both
-# functions with `scontrol show hostnames`.
+# the NodeName order, which compress_hostlist does), and slurm_move.py imports this parser
+# on the old server, where only the standard library can be counted on.
+# tests/test_slurm_import.py compares expand_hostlist with `scontrol show hostnames`.
 
 def _split_top(expr: str, sep: str = ",") -> list[str]:
     """Split at `sep` outside brackets."""
@@ -209,34 +209,39 @@ def expand_hostlist(expr: str) -> list[str]:
 
 
 def compress_hostlist(names: list[str]) -> str:
-    """The inverse, for lists this tool builds: node01,node02,node03 -> node[01-03]."""
-    groups: dict[tuple[str, int], list[int]] = {}
-    order: list[tuple[str, int] | str] = []
+    """The inverse of expand_hostlist, order kept: expand_hostlist(compress_hostlist(x)) == x
+    (Slurm pairs NodeAddr with NodeName by position). Neighbours that differ only in a
+    trailing number with the same zero-padding share one bracket: node01,node02,node03 ->
+    node[01-03]; 10.0.0.9,10.0.0.2,10.0.0.3 -> 10.0.0.[9,2-3]."""
+    groups: list[tuple[str, int, list[int]] | str] = []
     for n in names:
         m = re.fullmatch(r"(.*?)(\d+)", n)
         if not m:
-            order.append(n)
+            groups.append(n)
             continue
-        key = (m.group(1), len(m.group(2)) if m.group(2).startswith("0") else 0)
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(int(m.group(2)))
+        prefix, digits = m.group(1), m.group(2)
+        width = len(digits) if digits.startswith("0") else 0
+        last = groups[-1] if groups else None
+        if isinstance(last, tuple) and last[:2] == (prefix, width):
+            last[2].append(int(digits))
+        else:
+            groups.append((prefix, width, [int(digits)]))
     out: list[str] = []
-    for item in order:
-        if isinstance(item, str):
-            out.append(item)
+    for g in groups:
+        if isinstance(g, str):
+            out.append(g)
             continue
-        prefix, width = item
-        key = item
-        nums = sorted(set(groups[key]))
-        ranges, start = [], nums[0]
-        for a, b in zip(nums, nums[1:] + [None], strict=True):
-            if b is None or b != a + 1:
-                lo, hi = str(start).zfill(width), str(a).zfill(width)
-                ranges.append(lo if start == a else f"{lo}-{hi}")
-                if b is not None:
-                    start = b
+        prefix, width, nums = g
+        ranges: list[str] = []
+        start = prev = nums[0]
+        for x in [*nums[1:], None]:
+            if x is not None and x == prev + 1:
+                prev = x
+                continue
+            lo, hi = str(start).zfill(width), str(prev).zfill(width)
+            ranges.append(lo if start == prev else f"{lo}-{hi}")
+            if x is not None:
+                start = prev = x
         out.append(f"{prefix}{ranges[0]}" if len(nums) == 1 else f"{prefix}[{','.join(ranges)}]")
     return ",".join(out)
 
