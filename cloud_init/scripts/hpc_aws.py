@@ -92,7 +92,9 @@ class CallFailed(Exception):
         why = ("not retryable" if permanent else
                f"still failing after {attempts} attempts in {elapsed_s:.1f} s (deadline {deadline_s:.0f} s)")
         message = error_message(cause)
-        super().__init__(f"{what}: {describe(cause)}{': ' + message if message else ''} ({why})")
+        op = getattr(cause, "operation_name", "")  # the call of a multi-call unit that failed
+        super().__init__(f"{what}: {op + ' failed: ' if op else ''}{describe(cause)}"
+                         f"{': ' + message if message else ''} ({why})")
 
     @property
     def code(self) -> str:
@@ -132,7 +134,10 @@ def describe(exc: BaseException) -> str:
     """Class and AWS error code, e.g. "ClientError ThrottlingException" (no message:
     log lines about secrets must not carry more than that)."""
     code = error_code(exc)
-    return f"{type(exc).__name__}{' ' + code if code else ''}"
+    name = type(exc).__name__
+    if code and name == code and not isinstance(exc, NotYet):
+        name = "ClientError"  # botocore's modelled subclass (ssm.exceptions.ParameterNotFound, ...)
+    return f"{name}{' ' + code if code else ''}"
 
 
 def _http_status(exc: BaseException) -> int:
