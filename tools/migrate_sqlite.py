@@ -308,7 +308,8 @@ class Source:
         """Each column's collation, from SQLite itself (no PRAGMA reports it): a compound
         SELECT whose first arm reads the column and returns no row gives its result column
         the column's collation, and the second arm supplies the value 'a'. Under NOCASE
-        'a' = 'A', under RTRIM 'a' = 'a ', under BINARY neither. A collation that only the
+        'a' = 'A', under RTRIM 'a' = 'a ', under BINARY neither. The outer max() keeps SQLite
+        from flattening the compound subquery into the outer query. A collation that only the
         application registers is not available here: SQLite refuses the query and names it."""
         for c in cols:
             probe = (f"SELECT max(v = 'A'), max(v = 'a ') FROM (SELECT {qi(c.name)} AS v FROM {qi(name)} WHERE 0 "
