@@ -10,7 +10,7 @@ import pulumi
 import pulumi_aws as aws
 import yaml
 
-from cloud_init.render import RenderedHost, render_host, render_summary
+from cloud_init.render import RenderedHost, empty_bundle, render_host, render_summary
 
 from .config import StackConfig
 from .gates import ReadinessGate
@@ -44,8 +44,7 @@ def _inventory(cfg: StackConfig, topo: Topology, hosts: list[str]) -> str:
     return yaml.safe_dump(doc, sort_keys=True)
 
 
-def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: str | None = None,
-           aws_endpoint_url: str | None = None) -> dict[str, Any]:
+def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: str | None = None) -> dict[str, Any]:
     """Register every resource of the stack and return the outputs to export."""
     tags = {"Project": cfg.project, "Stack": cfg.stack, "ManagedBy": "pulumi", **cfg.tags}
     hosts = [h for h in topo.hosts if h.phase <= cfg.phase]
@@ -86,8 +85,7 @@ def deploy(cfg: StackConfig, topo: Topology, config: pulumi.Config, roll_host: s
 
     def _render(v: list[Any]) -> dict[str, RenderedHost]:
         dep = Deployed(efs_dns_name=v[0], efs_access_points={"data": v[1], "dist": v[2], "slurm": v[3]},
-                       eip_allocation_id=v[4], eip_public_ip=v[5], bundle_bucket=v[6], backup_bucket=v[7],
-                       aws_endpoint_url=aws_endpoint_url)
+                       eip_allocation_id=v[4], eip_public_ip=v[5], bundle_bucket=v[6], backup_bucket=v[7])
         return {h.name: render_host(host_context(cfg, topo, h, dep)) for h in hosts}
 
     rendered = deployed.apply(_render)
@@ -213,10 +211,4 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-def _empty_bundle() -> bytes:
-    from cloud_init.render import _tar
-
-    return _tar([])
-
-
-_EMPTY_BUNDLE = _empty_bundle()
+_EMPTY_BUNDLE = empty_bundle()

@@ -123,9 +123,12 @@ def run_stack(
     secrets: dict[str, str] | None = None,
     stack_config: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    mocks: StrictMocks | None = None,
 ) -> ProgramRun:
     """Run `__main__.py` for `stack` under mocks. `overrides` replace project keys
-    (e.g. {"roles": {...}}); `secrets` are set as secret config (default: TEST_SECRETS)."""
+    (e.g. {"roles": {...}}); `secrets` are set as secret config (default: TEST_SECRETS);
+    `mocks` answer for the resources (default: the strict offline mocks; the rehearsal
+    passes its own, which create them in the AWS stand-ins)."""
     project = project_name()
     if stack_config is None:
         stack_config, _ = read_stack(stack)
@@ -141,7 +144,7 @@ def run_stack(
         flat[f"{project}:{k}"] = v
         secret_keys.append(f"{project}:{k}")
 
-    mocks = StrictMocks()
+    mocks = StrictMocks() if mocks is None else mocks
     # A fresh event loop per run: a run that failed must not leave tasks behind that
     # break the next one.
     old_loop = asyncio.get_event_loop_policy().get_event_loop() if _has_loop() else None

@@ -1,9 +1,10 @@
 """The AWS stand-ins, run in the `rh-aws` namespace (`python -m rehearsal.awsd WORKDIR STACK`):
 
 - moto server (EC2, SSM, S3) on ENDPOINT_IP:443, playing the VPC interface endpoints;
-- the deploy step: the stack's VPC, subnets, one instance per host (its user-data = the
-  renderer's bytes, passed to RunInstances), the Elastic IP, SecureString secrets under
-  the stack's SSM path, the buckets and the hosts' bundles; writes deploy.json;
+- the deploy step: the program's own `__main__.py` run against these stand-ins
+  (rehearsal/deploy.py), which creates the VPC, subnets, security groups, interfaces,
+  instances with the program's user-data, the Elastic IP (allocated only), EFS, the
+  buckets and bundles and the SecureString secrets; writes deploy.json;
 - the instance metadata service at 169.254.169.254:80 (IMDSv2 tokens required): it tells
   each caller, by source address, its instance id, MAC, interface id, AZ, role
   credentials and user-data, read from the EC2 stand-in;
@@ -21,9 +22,7 @@ import json
 import os
 import secrets as pysecrets
 import socketserver
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -39,7 +38,6 @@ from .layout import EIP_PUBLIC_IP, ENDPOINT_IP, ENDPOINT_PORT, IMDS_IP, Layout, 
 from .netns import set_eip_target
 
 ENDPOINT_URL = f"http://{ENDPOINT_IP}:{ENDPOINT_PORT}"
-ROLE_NAME = "hpc-portal-host"
 
 
 def log(msg: str) -> None:
@@ -52,103 +50,47 @@ def client(service: str, region: str) -> Any:
                         config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=20))
 
 
-# --------------------------------------------------------------------------- secrets
-
-
-def make_secrets(workdir: Path, public_ip: str) -> dict[str, str]:
-    """Fresh values for every secret the hosts read (never written anywhere but SSM)."""
-    def pw() -> str:
-        return pysecrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        key, crt = os.path.join(tmp, "k.pem"), os.path.join(tmp, "c.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-                        "-subj", "/CN=portal.rehearsal.invalid", "-addext",
-                        f"subjectAltName=DNS:portal.rehearsal.invalid,IP:{public_ip}",
-                        "-keyout", key, "-out", crt], check=True, capture_output=True)
-        tls_pem = Path(crt).read_text() + Path(key).read_text()
-    return {
-        "redis_password": pw(), "mariadb_root_password": pw(), "mariadb_app_password": pw(),
-        "mariadb_slurm_password": pw(), "galera_sst_password": pw(), "clustercheck_password": pw(),
-        "grafana_admin_password": pw(),
-        "munge_key": base64.b64encode(os.urandom(1024)).decode(),
-        "tls_pem": tls_pem,
-    }
-
-
 # ---------------------------------------------------------------------------- deploy
 
 
+def tls_config(cfg: Any, public_ip: str) -> dict[str, str]:
+    """The certificate a stack that requires configured TLS (prod) is given with
+    `pulumi config set --secret tls_cert/tls_key`: here a real one, made now, for the
+    portal's name and the Elastic IP (the rehearsal's clients verify it)."""
+    from .deploy import real_key_and_certificate
+
+    if not cfg.require_tls_config:
+        return {}
+    key, cert = real_key_and_certificate(f"portal.{cfg.domain}", [f"portal.{cfg.domain}", f"*.{cfg.domain}"],
+                                         [public_ip])
+    return {"tls_cert": cert, "tls_key": key}
+
+
 def deploy(layout: Layout) -> dict[str, Any]:
-    """Create the stack in the EC2/SSM/S3 stand-ins and render every host (see module doc)."""
-    from cloud_init.render import render_host
-    from components.hostctx import Deployed, host_context
+    """`pulumi up` of the stack against the stand-ins (rehearsal/deploy.py): the program's
+    own __main__.py creates what the hosts need; nothing is rendered here."""
+    from .deploy import StandIns, cross_check, deployment_record, run_program
+    from .layout import ONPREM_SITE
 
-    cfg, topo = layout.cfg, layout.topo
-    region = cfg.region
-    ec2, ssm, s3 = client("ec2", region), client("ssm", region), client("s3", region)
+    region = layout.cfg.region
+    aws = StandIns(lambda svc: client(svc, region))
+    overlay = None
+    if layout.onprem is not None and layout.onprem.source != "stack":
+        import yaml
 
-    vpc = ec2.create_vpc(CidrBlock=cfg.network.vpc_cidr)["Vpc"]["VpcId"]
-    subnet_ids: dict[str, str] = {}
-    for s in layout.subnets:
-        subnet_ids[s.cidr] = ec2.create_subnet(VpcId=vpc, CidrBlock=s.cidr, AvailabilityZone=s.az)["Subnet"]["SubnetId"]
-    eip = ec2.allocate_address(Domain="vpc", Address=EIP_PUBLIC_IP)
-    suffix = pysecrets.token_hex(4)
-    bundle_bucket = f"{cfg.project}-{cfg.stack}-bundles-{suffix}"
-    backup_bucket = f"{cfg.project}-{cfg.stack}-backups-{suffix}"
-    for b in (bundle_bucket, backup_bucket):
-        s3.create_bucket(Bucket=b, CreateBucketConfiguration={"LocationConstraint": region})
-    for name, value in make_secrets(layout.workdir, eip["PublicIp"]).items():
-        ssm.put_parameter(Name=f"{cfg.ssm_path}/secrets/{name}", Value=value, Type="SecureString")
-
-    dep = Deployed(
-        efs_dns_name=f"fs-rehearsal{suffix}.efs.{region}.amazonaws.com",
-        efs_access_points={"data": "fsap-rehearsaldata", "dist": "fsap-rehearsaldist", "slurm": "fsap-rehearsalslurm"},
-        eip_allocation_id=eip["AllocationId"], eip_public_ip=eip["PublicIp"],
-        bundle_bucket=bundle_bucket, backup_bucket=backup_bucket, aws_endpoint_url=ENDPOINT_URL,
-    )
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    iam = client("iam", region)
-    iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
-                                                "Action": "sts:AssumeRole"}]}))
-    iam.create_instance_profile(InstanceProfileName=ROLE_NAME)
-    iam.add_role_to_instance_profile(InstanceProfileName=ROLE_NAME, RoleName=ROLE_NAME)
-    hosts: dict[str, Any] = {}
-    for h in topo.hosts:
-        ctx = host_context(cfg, topo, h, dep)
-        rendered = render_host(ctx)
-        if rendered.bundle is not None:
-            s3.put_object(Bucket=ctx["bundle"]["bucket"], Key=ctx["bundle"]["key"], Body=rendered.bundle)
-        rh = layout.host(h.name)
-        # A persistent interface per host, as the program creates it: a replacement
-        # instance gets the same interface, address and security groups.
-        eni_id = ec2.create_network_interface(SubnetId=subnet_ids[rh.subnet.cidr], PrivateIpAddress=h.ip,
-                                              Description=f"{h.name} primary")["NetworkInterface"]["NetworkInterfaceId"]
-        inst = ec2.run_instances(
-            ImageId=image, MinCount=1, MaxCount=1, InstanceType=h.instance_type,
-            NetworkInterfaces=[{"DeviceIndex": 0, "NetworkInterfaceId": eni_id}], UserData=rendered.user_data,
-            Placement={"AvailabilityZone": h.az},
-            IamInstanceProfile={"Name": ROLE_NAME},
-            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": h.name}]}],
-        )["Instances"][0]
-        eni = inst["NetworkInterfaces"][0]
-        hosts[h.name] = {
-            "instance_id": inst["InstanceId"], "eni": eni["NetworkInterfaceId"], "mac": eni["MacAddress"],
-            "ip": h.ip, "az": h.az, "user_data_bytes": len(rendered.user_data),
-            "bundle_bytes": len(rendered.bundle) if rendered.bundle else 0,
-            "bundle_files": rendered.bundle_files, "packages": rendered.packages,
-            "files": [f.path for f in rendered.files],
-            "commands": rendered.commands,
-        }
-        log(f"{h.name}: {inst['InstanceId']} {h.ip} user-data {len(rendered.user_data)} B"
-            + (f", bundle {len(rendered.bundle)} B" if rendered.bundle else ""))
-    return {
-        "stack": cfg.stack, "region": region, "endpoint_url": ENDPOINT_URL, "vpc": vpc,
-        "eip": {"allocation_id": eip["AllocationId"], "public_ip": eip["PublicIp"]},
-        "buckets": {"bundle": bundle_bucket, "backup": backup_bucket},
-        "ssm_path": cfg.ssm_path, "hosts": hosts,
-    }
+        overlay = yaml.safe_load(ONPREM_SITE.read_text())["config"]
+    t0 = time.monotonic()
+    run, mocks = run_program(layout.stack, aws, region, EIP_PUBLIC_IP, overlay=overlay,
+                             secret_config=tls_config(layout.cfg, EIP_PUBLIC_IP))
+    log(f"program: {len([r for r in run.resources if not r.type.startswith('hpc:')])} resources in "
+        f"{time.monotonic() - t0:.1f}s")
+    problems = cross_check(aws, run, mocks, region)
+    if problems:
+        raise RuntimeError("the deployed stack differs from what the stand-ins hold:\n  " + "\n  ".join(problems))
+    record = deployment_record(aws, run, region, ENDPOINT_URL)
+    for name, h in record["hosts"].items():
+        log(f"{name}: {h['instance_id']} {h['ip']} user-data {h['user_data_bytes']} B")
+    return record
 
 
 # ------------------------------------------------------------------------------ IMDS
@@ -160,6 +102,7 @@ class Imds:
     def __init__(self, region: str):
         self.region = region
         self.ec2 = client("ec2", region)
+        self.iam = client("iam", region)
         self.tokens: dict[str, float] = {}
         self.lock = threading.Lock()
         self.cache: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -180,12 +123,21 @@ class Imds:
             if inst["State"]["Name"] not in ("pending", "running"):
                 continue
             info = {"instance_id": inst["InstanceId"], "mac": eni["MacAddress"], "eni": eni["NetworkInterfaceId"],
+                    "role": self.role_of(inst),
                     "ip": ip, "az": inst["Placement"]["AvailabilityZone"], "type": inst["InstanceType"],
                     "hostname": f"ip-{ip.replace('.', '-')}.{self.region}.compute.internal"}
             with self.lock:
                 self.cache[ip] = (now, info)
             return info
         return None
+
+    def role_of(self, inst: dict[str, Any]) -> str:
+        """The role of the instance's profile (the program's), as IMDS names it."""
+        arn = (inst.get("IamInstanceProfile") or {}).get("Arn", "")
+        if not arn:
+            return ""
+        profile = self.iam.get_instance_profile(InstanceProfileName=arn.rsplit("/", 1)[-1])["InstanceProfile"]
+        return str(profile["Roles"][0]["RoleName"]) if profile.get("Roles") else ""
 
     def user_data(self, instance_id: str) -> bytes:
         attr = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
@@ -235,8 +187,8 @@ class Imds:
             f"network/interfaces/macs/{info['mac']}/interface-id": info["eni"],
             f"network/interfaces/macs/{info['mac']}/local-ipv4s": info["ip"],
             "network/interfaces/macs/": info["mac"] + "/",
-            "iam/security-credentials/": ROLE_NAME, "iam/security-credentials": ROLE_NAME,
-            f"iam/security-credentials/{ROLE_NAME}": json.dumps(creds),
+            "iam/security-credentials/": info["role"], "iam/security-credentials": info["role"],
+            f"iam/security-credentials/{info['role']}": json.dumps(creds),
         }
         if key in values:
             return 200, "text/plain", values[key].encode()

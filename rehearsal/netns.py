@@ -2,9 +2,10 @@
 per host, and each host's security groups as nftables rules in its own namespace.
 
 Security groups act per interface, also between hosts of one subnet, so the rules sit in
-each host's namespace (input = ingress, output = egress), generated from
-`components.catalog.expand_matrix`: a port the matrix forgot is dropped here as it would
-be on AWS. Dropped flows are recorded in the sets `drop_in` / `drop_out` (shown by
+each host's namespace (input = ingress, output = egress), generated from the rules the
+program registered, as the EC2 stand-in holds them after the deploy
+(`rules_from_security`, `apply_security_groups`): a port the program forgot is dropped
+here as it would be on AWS. Dropped flows are recorded in the sets `drop_in` / `drop_out` (shown by
 `python -m rehearsal status`), so a missing rule is easy to see.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from components.catalog import Rule, expand_matrix
 
@@ -160,7 +162,42 @@ def attach_host(layout: Layout, h: RHost) -> None:
     ip(h.ns, "addr", "add", f"{h.ip}/{h.subnet.prefixlen}", "dev", "ens5")
     ip(h.ns, "link", "set", "ens5", "up")
     ip(h.ns, "route", "add", "default", "via", h.subnet.gateway)
-    nft(h.ns, host_rules(layout, h))
+    # Until the deploy says what its security groups are, the interface passes nothing.
+    nft(h.ns, f"table inet {NFT_HOST_TABLE} {{ chain input {{ type filter hook input priority filter; policy drop; "
+              f"iif lo accept; }}\n chain output {{ type filter hook output priority filter; policy drop; "
+              f"oif lo accept; }} }}\n")
+
+
+def apply_security_groups(layout: Layout, security: dict[str, Any]) -> None:
+    """Each host's nftables from the security groups its interface carries in the EC2
+    stand-in and their rules there (see rehearsal/deploy.py security_view)."""
+    rules, groups = rules_from_security(layout, security)
+    for h in layout.hosts:
+        ids = security["interfaces"].get(h.ip)
+        if ids is None:
+            raise NetError(f"{h.name}: no interface with {h.ip} in the EC2 stand-in")
+        mine = {security["groups"][g] for g in ids}
+        nft(h.ns, f"delete table inet {NFT_HOST_TABLE}\n" + host_rules(layout, h, rules, groups, mine))
+
+
+def rules_from_security(layout: Layout, security: dict[str, Any]) -> tuple[list[Rule], dict[str, list[str]]]:
+    """The EC2 stand-in's security groups as catalog rules (by the groups' Role tag) and
+    the addresses carrying each group here: the hosts' interfaces, and the rehearsal's
+    stand-in addresses for the EFS mount targets and the VPC endpoints."""
+    role = security["groups"]
+    rules = []
+    for r in security["rules"]:
+        peer = role.get(r["peer_group"], r["peer_group"]) if r.get("peer_group") else r["cidr"]
+        rules.append(Rule("egress" if r["egress"] else "ingress", role.get(r["group"], r["group"]), peer,
+                          str(r["protocol"]), int(r["from_port"]), int(r["to_port"]),
+                          (r.get("description") or "rule").split(" ")[0]))
+    groups: dict[str, list[str]] = {}
+    for h in layout.hosts:  # in the plan's order, as group_addresses lists them
+        for g in security["interfaces"].get(h.ip, []):
+            groups.setdefault(role.get(g, g), []).append(h.ip)
+    groups["efs"] = [EFS_IP]
+    groups["endpoints"] = [ENDPOINT_IP]
+    return rules, groups
 
 
 def set_link(layout: Layout, host: str, up: bool) -> None:
@@ -260,7 +297,9 @@ def _rule_line(r: Rule, groups: dict[str, list[str]]) -> str | None:
     addr = f"ip saddr {peer}" if r.direction == "ingress" else f"ip daddr {peer}"
     if peer == "0.0.0.0/0":
         addr = ""
-    if r.protocol in ("tcp", "udp"):
+    if r.protocol == "-1":
+        match = ""
+    elif r.protocol in ("tcp", "udp"):
         ports = f"{r.from_port}" if r.from_port == r.to_port else f"{r.from_port}-{r.to_port}"
         match = f"{r.protocol} dport {ports}"
     else:
@@ -268,11 +307,14 @@ def _rule_line(r: Rule, groups: dict[str, list[str]]) -> str | None:
     return f"        {addr} {match} accept comment \"{r.port_name} {r.direction} {r.peer}\"".replace("  accept", " accept")
 
 
-def host_rules(layout: Layout, h: RHost, rules: list[Rule] | None = None) -> str:
-    """nftables for one host: its security groups (one per role), ingress and egress."""
+def host_rules(layout: Layout, h: RHost, rules: list[Rule] | None = None,
+               groups: dict[str, list[str]] | None = None, mine: set[str] | None = None) -> str:
+    """nftables for one host: its security groups, ingress and egress. By default the
+    matrix's rules with one group per role; `apply_security_groups` passes the deployed
+    ones."""
     rules = expand_matrix(layout.cfg) if rules is None else rules
-    groups = group_addresses(layout)
-    mine = set(h.roles)
+    groups = group_addresses(layout) if groups is None else groups
+    mine = set(h.roles) if mine is None else mine
     ingress = [r for r in rules if r.direction == "ingress" and r.group in mine]
     egress = [r for r in rules if r.direction == "egress" and r.group in mine]
     lines_in = sorted({x for r in ingress if (x := _rule_line(r, groups))})

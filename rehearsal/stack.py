@@ -168,7 +168,7 @@ def start_awsd(layout: Layout, state: dict[str, Any]) -> dict[str, Any]:
     log.close()
     state["awsd_pid"] = p.pid
     write_state(wd, state)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # the program's run against the stand-ins: ~1 min here
     while time.monotonic() < deadline:
         if (wd / "deploy.json").exists():
             return json.loads((wd / "deploy.json").read_text())
@@ -236,10 +236,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
         say(f"on-prem site behind a VPN ({how}): {', '.join(o.cidrs)}, "
             f"nodes {', '.join(n for n, _a in o.nodes) or '-'} configured, slurmd not running")
     netns.create(layout)
-    say("AWS stand-ins: moto (EC2, SSM, S3) + instance metadata; deploying the stack")
+    say("AWS stand-ins: moto (EC2, EFS, SSM, S3, IAM) + instance metadata; `pulumi up` of the program against them")
     deploy = start_awsd(layout, state)
     state["deploy"] = {"eip": deploy["eip"], "buckets": deploy["buckets"]}
     write_state(workdir, state)
+    say(f"deployed {deploy['resources']} resources; user-data of every instance is the program's, byte for byte; "
+        "security groups from the rules the program registered")
+    netns.apply_security_groups(layout, deploy["security"])
     names = [h.name for h in layout.hosts if not only or h.name in only]
     for name in names:
         h = layout.host(name)

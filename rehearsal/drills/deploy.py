@@ -30,7 +30,7 @@ class DeployDrills(DrillBase):
                        InstanceType=old["InstanceType"], UserData_b64=ud,
                        NetworkInterfaces=[{"DeviceIndex": 0, "NetworkInterfaceId": eni}],
                        Placement={"AvailabilityZone": old["Placement"]["AvailabilityZone"]},
-                       IamInstanceProfile={"Name": "hpc-portal-host"})["Instances"][0]
+                       IamInstanceProfile={"Arn": old["IamInstanceProfile"]["Arn"]})["Instances"][0]
         deploy = json.loads((self.wd / "deploy.json").read_text())
         h = self.layout.host(host)
         H.prepare(self.layout, h, deploy)
