@@ -11,6 +11,7 @@ import io
 import json
 import re
 import shutil
+import urllib.error
 import urllib.parse
 from collections.abc import Callable
 from contextlib import redirect_stdout
@@ -263,3 +264,12 @@ def test_offer_file_errors(tmp_path):
 ])
 def test_template_errors_name_the_key(tmp_path, edit, expect):
     assert re.search(expect, build_error(tmp_path, template_text=edit(TEMPLATE.read_text()))), expect
+
+
+def test_a_failed_download_is_an_error_naming_the_offer(tmp_path, monkeypatch):
+    def urlopen(url: str, timeout: float = 0) -> io.BytesIO:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(bp.urllib.request, "urlopen", urlopen)
+    with pytest.raises(bp.PriceBuildError, match=r"fetching AWSBackup \(https://pricing\.us-east-1\.amazonaws\.com/.*no route to host"):
+        bp.fetch(REGION, tmp_path)

@@ -409,9 +409,6 @@ def build(template: Path, offers: Mapping[str, OfferFile], region: str) -> str:
     unknown = sorted(set(offers) - used_offers)
     if unknown:
         raise PriceBuildError(f"offer files no key uses: {', '.join(unknown)} (known: {', '.join(sorted(used_offers))})")
-    for code, of in offers.items():
-        if code not in OFFERS:
-            raise PriceBuildError(f"{of.path}: offer {code} is not in tools/build_prices.py OFFERS")
     hours = _dec(data["hours_per_month"], f"{template}: hours_per_month")
     values: dict[tuple[str, ...], str] = {}
     errors: list[str] = []
@@ -467,20 +464,22 @@ def fetch(region: str, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
     for code in sorted({e.offer for e in CATALOG.values() if isinstance(e, Sel)} | {"AmazonEC2"}):
-        if OFFERS[code].regional:
-            index_url = f"{PRICING_BASE}/offers/v1.0/aws/{code}/current/region_index.json"
-            with urllib.request.urlopen(index_url, timeout=60) as r:
-                regions = json.load(r).get("regions", {})
-            if region not in regions:
-                raise PriceBuildError(f"{index_url}: no {region} file for {code}")
-            url = PRICING_BASE + regions[region]["currentVersionUrl"]
-        else:
-            url = f"{PRICING_BASE}/offers/v1.0/aws/{code}/current/index.json"
-        out = dest / f"{code}.json"
-        print(f"fetching {url}", file=sys.stderr)
-        with urllib.request.urlopen(url, timeout=600) as r, out.open("wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
+        url = f"{PRICING_BASE}/offers/v1.0/aws/{code}/current/index.json"
+        try:
+            if OFFERS[code].regional:
+                index_url = f"{PRICING_BASE}/offers/v1.0/aws/{code}/current/region_index.json"
+                with urllib.request.urlopen(index_url, timeout=60) as r:
+                    regions = json.load(r).get("regions", {})
+                if region not in regions:
+                    raise PriceBuildError(f"{index_url}: no {region} file for {code} (regions: {', '.join(sorted(regions))})")
+                url = PRICING_BASE + regions[region]["currentVersionUrl"]
+            out = dest / f"{code}.json"
+            print(f"fetching {url}", file=sys.stderr)
+            with urllib.request.urlopen(url, timeout=600) as r, out.open("wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+        except (OSError, ValueError, KeyError) as e:
+            raise PriceBuildError(f"fetching {code} ({url}): {e}") from e
         paths.append(out)
     return paths
 
