@@ -7,8 +7,9 @@ Pure functions, no I/O: the IMDS stand-in checks the IMDSv2 token and finds the 
 instance, then asks `answer_path` for the body.
 
 Paths cloud-init 22.4's Ec2 datasource walks (cloudinit/sources/DataSourceEc2.py and
-cloudinit/sources/helpers/ec2.py):
-  PUT /latest/api/token                           (only when it identifies AWS)
+cloudinit/sources/helpers/ec2.py), every GET with the IMDSv2 token when it knows the
+platform is AWS (in a container: the image's DataSourceEc2Container, rehearsal.image):
+  PUT /latest/api/token
   GET /2009-04-04/meta-data/instance-id           (is the service there?)
   GET /2021-03-23/meta-data/instance-id           (newest API version it knows)
   GET /2021-03-23/user-data                       (404 when there is none)
@@ -32,22 +33,6 @@ INFO_KEYS = ("instance_id", "mac", "eni", "ip", "az", "type", "hostname")
 
 Tree = dict[str, Union[str, "Tree"]]
 Answer = tuple[int, str, bytes]
-
-# cloud-init 22.4 sends its IMDSv2 token only when it identifies the platform as AWS, from
-# /sys/hypervisor/uuid or DMI (cloudinit.sources.DataSourceEc2.identify_platform). In a
-# container cloud-init reads no DMI at all (cloudinit.dmi.read_dmi_data returns None when
-# is_container()) and sysfs has no /sys/hypervisor, so it crawls with IMDSv1 GETs. An IMDS
-# stand-in that requires tokens (http_tokens = "required") lets cloud-init's own requests
-# through without one and nothing else: every other client (the host scripts, curl)
-# still needs a token, as on EC2.
-CLOUD_INIT_USER_AGENT = "Cloud-Init/"
-
-
-def token_exempt(method: str, user_agent: str | None) -> bool:
-    """True for the requests an IMDSv2-only stand-in answers without a token: cloud-init's
-    GETs (see CLOUD_INIT_USER_AGENT)."""
-    return method == "GET" and (user_agent or "").startswith(CLOUD_INIT_USER_AGENT)
-
 
 def identity_document(info: Mapping[str, Any], region: str) -> dict[str, Any]:
     return {"accountId": ACCOUNT_ID, "architecture": "x86_64", "availabilityZone": info["az"],
