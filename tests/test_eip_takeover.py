@@ -110,7 +110,7 @@ def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds, fa
     """The script as a module, pointed at the fake IMDS, sleeping recorded instead of done."""
     monkeypatch.setenv("HPC_IMDS_URL", imds.url)
     monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # fast moto start; any AMI id is accepted
-    mod = load_file(SCRIPT)
+    mod: Any = load_file(SCRIPT)
     mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
     mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
     mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")
@@ -355,7 +355,7 @@ def test_steps_are_logged_to_syslog(takeover: ModuleType, aws: dict[str, Any], t
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(2)
-    takeover.SYSLOG_SOCKET = str(sock_path)
+    setattr(takeover, "SYSLOG_SOCKET", str(sock_path))  # noqa: B010 - a module attribute mypy cannot see
     try:
         assert run(takeover, aws, "--reason", "backup") == 0
         messages = [sock.recv(4096).decode() for _ in range(2)]
