@@ -163,9 +163,9 @@ def attach_host(layout: Layout, h: RHost) -> None:
     ip(h.ns, "link", "set", "ens5", "up")
     ip(h.ns, "route", "add", "default", "via", h.subnet.gateway)
     # Until the deploy says what its security groups are, the interface passes nothing.
-    nft(h.ns, f"table inet {NFT_HOST_TABLE} {{ chain input {{ type filter hook input priority filter; policy drop; "
-              f"iif lo accept; }}\n chain output {{ type filter hook output priority filter; policy drop; "
-              f"oif lo accept; }} }}\n")
+    nft(h.ns, f"table inet {NFT_HOST_TABLE} {{\n"
+              "  chain input {\n    type filter hook input priority filter; policy drop;\n    iif lo accept\n  }\n"
+              "  chain output {\n    type filter hook output priority filter; policy drop;\n    oif lo accept\n  }\n}\n")
 
 
 def apply_security_groups(layout: Layout, security: dict[str, Any]) -> None:
