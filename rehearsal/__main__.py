@@ -30,8 +30,11 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
     from .drills import Drills, Result, table, write_report
 
     layout = build_layout(stack, workdir)
-    onprem = read_state(workdir).get("onprem")
+    st = read_state(workdir)
+    onprem = st.get("onprem")
     extra: dict[str, Any] = {"onprem": onprem} if onprem else {}
+    if st.get("http_hygiene"):
+        extra["http_hygiene"] = st["http_hygiene"]
     d = Drills(layout, workdir, ceiling=ceiling, alert_checks=alert_checks)
     results: list[Result] = []
     for name in names:
@@ -53,8 +56,14 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
         failed = [c["name"] for c in o["checks"] if not c["ok"]]
         print(f"on-prem compute path ({o['source']}): "
               + ("all checks as expected" if onprem_ok else f"FAILED: {'; '.join(failed)}"), flush=True)
+    hygiene_ok = True
+    if extra.get("http_hygiene"):
+        hygiene_ok = bool(extra["http_hygiene"]["passed"])
+        failed = [c["name"] for c in extra["http_hygiene"]["checks"] if not c["ok"]]
+        print("HTTP hygiene at the Elastic IP: " + ("all checks as expected" if hygiene_ok else
+                                                     f"FAILED: {'; '.join(failed)}"), flush=True)
     say(f"report: {report}")
-    return 0 if results and all(r.passed for r in results) and onprem_ok else 1
+    return 0 if results and all(r.passed for r in results) and onprem_ok and hygiene_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -278,6 +278,7 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (workdir / "boot-report.json").write_text(json.dumps(results, indent=2, default=str))
     if not only:
         wait_ready(layout)
+        state["http_hygiene"] = check_http_hygiene()
         if layout.onprem:
             state["onprem"] = check_onprem(layout)
     state["booted"] = time.time()
@@ -301,6 +302,20 @@ def check_onprem(layout: Layout, timeout: float = 150) -> dict[str, Any]:
     for c in checks:
         say(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.got}" + ("" if c.ok else f" (expected {c.expect})"))
     return {"source": layout.onprem.source, "passed": all(c.ok for c in checks), "checks": onprem.as_json(checks)}
+
+
+def check_http_hygiene() -> dict[str, Any]:
+    """HSTS, no Server header, TLS 1.0/1.1 refused: asked of the Elastic IP from the
+    internet side with curl and openssl (browsers ignore HSTS on an IP address)."""
+    from . import http_hygiene
+    from .layout import EIP_PUBLIC_IP, NS_CLIENT
+
+    checks = http_hygiene.check(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--"], EIP_PUBLIC_IP)
+    say(f"HTTP hygiene at the Elastic IP: {sum(bool(c['ok']) for c in checks)}/{len(checks)} as expected")
+    for c in checks:
+        if not c["ok"]:
+            say(f"  FAIL {c['name']}: {c['got']} (expected {c['expect']})")
+    return {"passed": all(c["ok"] for c in checks), "checks": checks}
 
 
 def wait_ready(layout: Layout, timeout: float = 120) -> None:
