@@ -543,3 +543,17 @@ def test_galera_claim_whose_answer_was_lost_is_recognised_as_ours(fake_aws: None
 
         tally.check(galera.claim_bootstrap(Timeout(), "/g/marker-2", "data-1") is False)
         tally.check(Timeout.calls == 2)
+
+
+def test_galera_claim_survives_a_20s_throttle_without_botocore_retries(fake_aws: None, monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path, tally: Any) -> None:
+    tally.expect(3)
+    clock = Clock()
+    monkeypatch.setattr(galera, "AWS_ENDPOINT_FILE", str(tmp_path / "no-aws-endpoint"))
+    monkeypatch.setattr(galera.time, "sleep", clock.sleep)
+    with mock_aws():
+        ssm = galera.ssm_client({"region": REGION})
+        f = Faults(ssm, clock, until={"PutParameter": 20.0}, code="ThrottlingException", status=400)
+        tally.check(galera.claim_bootstrap(ssm, "/g/marker-3", "data-1") is True)
+        tally.check(f.sends["PutParameter"] == f.faults["PutParameter"] + 1 <= 5, f.sends)  # one send per attempt
+        tally.check(clock.t >= 20.0)
