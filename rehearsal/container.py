@@ -4,6 +4,7 @@ overlay of a host image (rehearsal.image), inside a network namespace made by th
     h = start(name, image, hostdir, netns, binds=..., files=...)   boot; returns a Handle
     wait_running(h)              `systemctl is-system-running --wait` inside ("running")
     exec(h, argv, timeout)       (rc, output) of a command run inside (nsenter, no machined)
+    exit_code(h)                 None while it runs; 0 after poweroff, 133 after a reboot inside
     freeze(h) / thaw(h)          pause every process of the host (v1 freezer)
     kill(h)                      SIGKILL everything at once, as a hard instance crash
     stop(h)                      poweroff inside, kill after a timeout
@@ -226,6 +227,20 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
 
 
 _PROCS: dict[str, subprocess.Popen[bytes]] = {}  # our nspawn children, reaped by kill/stop
+
+# What systemd-nspawn --boot exits with when the host rebooted itself (`systemctl reboot`
+# inside): the container is gone and its caller boots it again (reboot() or start()).
+REBOOT_EXIT_CODE = 133
+
+
+def exit_code(h: Handle) -> int | None:
+    """systemd-nspawn's exit status once the host is down (0 after a poweroff,
+    REBOOT_EXIT_CODE after a reboot from inside), None while it runs. Only for hosts
+    started by this process."""
+    proc = _PROCS.get(h.name)
+    if proc is None:
+        raise ContainerError(f"{h.name} was not started by this process")
+    return proc.poll()
 
 
 def exec(h: Handle, argv: Sequence[str], timeout: float = 120, input: bytes | None = None) -> tuple[int, str]:
