@@ -105,14 +105,14 @@ def allowed_skip(nodeid: str) -> str | None:
     return None
 
 
-def not_installed(what: str, package: str) -> None:
+def not_installed(what: str, package: str, stacklevel: int = 2) -> None:
     """A test is about to drop one of its checks because `what` is not on this machine.
     Under CI=true that fails the test (CI installs every package the tests use); elsewhere
     it is a warning in pytest's summary, never silent."""
     message = f"{what} is not installed (Debian package {package}; tools/install-debian-deps.sh installs it)"
     if in_ci():
         pytest.fail(f"{message}: under CI=true a check is never dropped for a missing tool", pytrace=False)
-    warnings.warn(f"{message}: this check did not run", stacklevel=2)
+    warnings.warn(f"{message}: this check did not run", stacklevel=stacklevel)
 
 
 def tool(name: str, package: str) -> str | None:
@@ -120,7 +120,7 @@ def tool(name: str, package: str) -> str | None:
     or None when it is missing outside CI (see not_installed: under CI=true it fails)."""
     found = (name if os.path.exists(name) else None) if os.path.isabs(name) else shutil.which(name)
     if found is None:
-        not_installed(name, package)
+        not_installed(name, package, stacklevel=3)
     return found
 
 

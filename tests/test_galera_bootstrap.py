@@ -642,7 +642,9 @@ def test_live_cluster_bootstraps_once_and_a_second_node_joins_by_sst() -> None:
             "marker": any_ctx["galera"]["bootstrap_marker"],
             "secrets": SECRETS,
         }
-        exe = shutil.which("prometheus-mysqld-exporter")
+        from tests.conftest import tool  # not at the top: this file is also the namespace driver
+
+        exe = tool("prometheus-mysqld-exporter", "prometheus-mysqld-exporter")
         if exe:
             node = nodes[order[-1]]
             argv = [

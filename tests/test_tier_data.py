@@ -562,10 +562,13 @@ def _run_redis(stack: str, tmp_path: Path, failover: bool = False) -> tuple[dict
     master = ctx0["redis"]["initial_master"]
     spec["initial_master"] = master
     spec["failover"] = failover
-    if shutil.which("prometheus-redis-exporter"):
+    from tests.conftest import tool  # not at the top: this file is also the namespace driver
+
+    exporter = tool("prometheus-redis-exporter", "prometheus-redis-exporter")
+    if exporter:
         mctx = hosts[master["name"]]
         argv = _exec_start(render_template("data/hpc-redis-exporter.conf", mctx))
-        argv[0] = shutil.which("prometheus-redis-exporter") or argv[0]
+        argv[0] = exporter
         spec["exporter"] = {"argv": argv, "url": f"http://{master['ip']}:9121/metrics"}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     cp = run_isolated(
@@ -778,7 +781,12 @@ def _verify(units_dir: Path, sbin: Path, names: list[str]) -> tuple[int, str]:
     return cp.returncode, "\n".join(bad)
 
 
+UNIT_PACKAGES = {"mariadb.service": "mariadb-server"}  # the others' package is the unit's name
+
+
 def _units_tree(tmp_path: Path, ctx: dict[str, Any]) -> tuple[Path, Path, list[str]]:
+    from tests.conftest import not_installed, tool
+
     units, sbin = tmp_path / "units", tmp_path / "sbin"
     units.mkdir()
     sbin.mkdir()
@@ -791,7 +799,7 @@ def _units_tree(tmp_path: Path, ctx: dict[str, Any]) -> tuple[Path, Path, list[s
         rel = f["dest"][len("/etc/systemd/system/") :]
         text = render_template(f["src"], ctx)
         for exe in ("/usr/bin/prometheus-mysqld-exporter", "/usr/bin/prometheus-redis-exporter"):
-            if not os.path.exists(exe):  # exporter not installed here: same check, another binary
+            if exe in text and tool(exe, os.path.basename(exe)) is None:  # not installed here: same check, another binary
                 text = text.replace(exe, "/bin/true")
         (units / rel).parent.mkdir(parents=True, exist_ok=True)
         (units / rel).write_text(text)
@@ -799,9 +807,12 @@ def _units_tree(tmp_path: Path, ctx: dict[str, Any]) -> tuple[Path, Path, list[s
             names.append(rel)
     for base in BASE_UNITS:  # the packages' units the drop-ins extend
         src = Path("/lib/systemd/system") / base
+        package = UNIT_PACKAGES.get(base, base.removesuffix(".service"))
+        if not src.exists():
+            not_installed(str(src), package)
         text = src.read_text() if src.exists() else "[Service]\nExecStart=/bin/true\n"
         for exe in re.findall(r"ExecStart=(/\S+)", text):
-            if not os.path.exists(exe):
+            if tool(exe, package) is None:
                 text = text.replace(exe, "/bin/true")
         (units / base).write_text(text)
         names.append(base)
