@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,6 +368,45 @@ def ensure(os_name: str = "debian-12", tiers: bool = False, cache: Path = CACHE_
 def facts(root: Path) -> dict[str, Any]:
     """What the build recorded about an image (times, size, units it enabled and disabled)."""
     return dict(json.loads((root.parent / MARKER).read_text()))
+
+
+def _installed_depends(root: Path) -> dict[str, set[str]]:
+    """{installed package: the installed packages it depends on} from the image's dpkg status."""
+    deps: dict[str, set[str]] = {}
+    for para in (root / "var/lib/dpkg/status").read_text().split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*(?:\n[ \t].*)*)", para, re.M))
+        if "Package" in fields and "install ok installed" in fields.get("Status", ""):
+            names = re.split(r"[,|]", fields.get("Depends", "") + "," + fields.get("Pre-Depends", ""))
+            deps[fields["Package"]] = {n.split("(")[0].split(":")[0].strip() for n in names if n.strip()}
+    return {p: {d for d in ds if d in deps} for p, ds in deps.items()}
+
+
+def units_enabled_by(root: Path, packages: Iterable[str]) -> list[str]:
+    """The units that installing `packages` (and what they pull in) enabled and the tiers
+    image's build disabled again. On an instance cloud-init's `packages:` installs them and
+    Debian enables and starts their services; in the image they are installed already, so
+    the rehearsal enables these itself to match (e.g. nginx -> nginx-common's
+    nginx.service, nfs-common -> rpcbind's units)."""
+    disabled = set(facts(root).get("disabled_after_tiers", []))
+    deps = _installed_depends(root)
+    todo = list(packages)
+    for pkg in todo:
+        if pkg not in deps:
+            raise ImageError(f"package {pkg!r} is not installed in {root} (tiers image: {', '.join(TIER_PACKAGES)})")
+    seen: set[str] = set()
+    while todo:
+        pkg = todo.pop()
+        if pkg not in seen:
+            seen.add(pkg)
+            todo += sorted(deps[pkg] - seen)
+    info = root / "var/lib/dpkg/info"
+    out: set[str] = set()
+    for pkg in seen:
+        for f in [info / f"{pkg}.list", *info.glob(f"{pkg}:*.list")]:
+            if f.exists():
+                out |= {Path(x).name for x in f.read_text().splitlines()
+                        if "/systemd/system/" in x and Path(x).name in disabled}
+    return sorted(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,30 @@ def test_mirror_read_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
         image.mirror((tmp_path / "none",))
 
 
+def test_units_enabled_by_follows_dependencies(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    info = root / "var/lib/dpkg/info"
+    info.mkdir(parents=True)
+    (tmp_path / image.MARKER).write_text(json.dumps(
+        {"disabled_after_tiers": ["nginx.service", "rsyslog.service", "rpcbind.socket"]}))
+    ok = "Status: install ok installed"
+    (root / "var/lib/dpkg/status").write_text("\n\n".join([
+        f"Package: nginx\n{ok}\nDepends: nginx-core (<< 1.22.1-9.1~) | nginx-light (<< 1.22.1-9.1~)",
+        f"Package: nginx-light\n{ok}\nDepends: libc6 (>= 2.34),\n nginx-common (= 1.22.1-9)",
+        f"Package: nginx-common\n{ok}\nPre-Depends: init-system-helpers",
+        f"Package: rsyslog\n{ok}",
+        f"Package: socat\n{ok}\nDepends: libc6:amd64",
+        "Package: rpcbind\nStatus: deinstall ok config-files",
+    ]) + "\n")
+    (info / "nginx-common.list").write_text("/lib/systemd/system/nginx.service\n/etc/nginx\n")
+    (info / "rsyslog:amd64.list").write_text("/lib/systemd/system/rsyslog.service\n")
+    (info / "socat.list").write_text("/usr/bin/socat\n")
+    assert image.units_enabled_by(root, ["nginx", "socat"]) == ["nginx.service"]
+    assert image.units_enabled_by(root, ["rsyslog"]) == ["rsyslog.service"]
+    with pytest.raises(image.ImageError, match="package 'rpcbind' is not installed"):
+        image.units_enabled_by(root, ["rpcbind"])
+
+
 def test_imds_tree_versions_listings_and_leaves() -> None:
     ud = b"#cloud-config\n"
     for v in ("latest", "2021-03-23", "2009-04-04"):
