@@ -4,9 +4,10 @@ Checked here with Debian 12's Slurm 22.05 (the hosts run Ubuntu 24.04's 23.11; t
 configs use only keys and plugins both versions have):
 - slurm.conf of every host parses (`scontrol show hostnames`);
 - on each controller, slurmctld starts with that exact file, in a namespace with the
-  controller's hostname and IP, munged, and (for the primary) MariaDB + slurmdbd with the
-  rendered slurmdbd.conf completed by hpc-slurm-boot from a password secret: the primary
-  reaches "Running as primary controller", a backup reaches standby;
+  controller's hostname and IP, munged, and slurmdbd with the rendered slurmdbd.conf
+  completed by hpc-slurm-boot from a password secret (the primary with MariaDB: it
+  registers the cluster; the backup's slurmdbd reaches standby as DbdBackupHost): the
+  primary reaches "Running as primary controller", a backup reaches standby;
 - the systemd units and drop-ins pass `systemd-analyze verify`;
 - the rendered boot script passes shellcheck.
 Each checker also rejects a deliberately broken rendering.
@@ -15,6 +16,7 @@ Each checker also rejects a deliberately broken rendering.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -103,14 +105,14 @@ def test_manifest_lists_existing_files_with_known_roles():
 
 
 def test_no_secret_reaches_a_template():
-    """slurmdbd.conf is rendered without StoragePass, only for the slurmdbd host; the
-    munge key is never rendered."""
+    """slurmdbd.conf is rendered without StoragePass, for every controller (slurmdbd runs
+    on each, active or standby); the munge key is never rendered."""
     hosts = []
     for stack, name, ctx, text in rendered("slurm/slurmdbd.conf"):
         assert "StoragePass" not in "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-        assert name == ctx["slurm"]["slurmdbd_host"]["name"]
+        assert name in [c["name"] for c in ctx["slurm"]["controllers"]]
         hosts.append(f"{stack}/{name}")
-    assert len(hosts) == len(STACKS), hosts
+    assert len(hosts) == sum(len(controllers(s)) for s in STACKS), hosts
     entry = next(f for f in manifest()["files"] if f.get("src") == "slurm/slurmdbd.conf")
     assert entry["mode"] == "0600" and entry["secret_placeholders"] is True
 
@@ -163,8 +165,43 @@ def test_slurm_conf_has_one_line_per_controller_and_the_contract_values():
             assert want in lines, f"{stack}/{name}: {want} missing"
         assert any(line.startswith("NodeName=") for line in lines)
         assert any(line.startswith("PartitionName=") for line in lines)
+        # Clients give up on a hung controller after 5 s; the portal looks its request id
+        # up in sacct, which keeps job comments only with this flag.
+        assert "MessageTimeout=5" in lines and "AccountingStoreFlags=job_comment" in lines
+        backup = [line for line in lines if line.startswith("AccountingStorageBackupHost=")]
+        fence = [line for line in lines if line.startswith("SlurmctldPrimaryOnProg=")]
+        if len(s["controllers"]) == 2:
+            assert backup == [f"AccountingStorageBackupHost={s['controllers'][1]['name']}.{ctx['domain']}"]
+            assert fence == ["SlurmctldPrimaryOnProg=/usr/local/sbin/hpc-slurm-fence"]
+        else:  # a single controller has no peer to fence and no standby slurmdbd
+            assert backup == [] and fence == []
     assert len(controllers("prod")) == 2 and len(controllers("dev")) == 1
     assert all(1 <= len(controllers(s)) <= 2 for s in STACKS)
+
+
+def test_slurmdbd_conf_names_the_active_and_the_standby_slurmdbd():
+    """DbdHost is the primary controller, DbdBackupHost the backup; the standby reaches
+    the active one at DbdAddr, an address (short names do not resolve in the VPC)."""
+    checked = 0
+    for stack, name, ctx, text in rendered("slurm/slurmdbd.conf"):
+        ctls = ctx["slurm"]["controllers"]
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert f"DbdHost={ctls[0]['name']}" in lines and f"DbdAddr={ctls[0]['ip']}" in lines, f"{stack}/{name}"
+        backup = [line for line in lines if line.startswith("DbdBackupHost=")]
+        assert backup == ([f"DbdBackupHost={ctls[1]['name']}"] if len(ctls) == 2 else []), f"{stack}/{name}"
+        checked += 1
+    assert checked == sum(len(controllers(s)) for s in STACKS)
+
+
+def test_fence_config_lists_the_controllers_in_slurm_conf_order():
+    checked = 0
+    for stack, name, ctx, text in rendered("slurm/fence.json"):
+        doc = json.loads(text)
+        assert doc["controllers"] == ctx["slurm"]["controllers"], f"{stack}/{name}"
+        assert doc["stack"] == stack and doc["region"] == ctx["region"] and doc["slurmctld_port"] == 6817
+        assert ("aws_endpoint_url" in doc) == bool(ctx["aws_endpoint_url"])
+        checked += 1
+    assert checked == sum(len(controllers(s)) for s in STACKS)
 
 
 def test_broken_slurm_conf_is_rejected_by_scontrol(tmp_path):
@@ -215,7 +252,7 @@ DRIVER = textwrap.dedent(r"""
         exit 0
     fi
 
-    if [ "$HPC_T_ROLE" = primary ]; then
+    start_mariadb() {  # what the dbwriter HAProxy leads to on a real controller
         mariadb-install-db --no-defaults --datadir="$W/db" --user=mysql --auth-root-authentication-method=normal \
             --skip-test-db >"$W/mariadb-install.log" 2>&1
         mariadbd --no-defaults --datadir="$W/db" --socket=/run/mysqld/mysqld.sock --bind-address=127.0.0.1 \
@@ -229,11 +266,36 @@ DRIVER = textwrap.dedent(r"""
         pw_sql=${pw_sql//\'/\\\'}
         mariadb -uroot --socket=/run/mysqld/mysqld.sock -e \
             "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw_sql'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+    }
+
+    if [ "$HPC_T_ROLE" = primary ]; then
+        start_mariadb
         HPC_SLURMDBD_BASE="$W/slurmdbd.conf.base" bash "$W/hpc-slurm-boot" slurmdbd-conf
         stat -c 'slurmdbd.conf %U:%G %a' /etc/slurm/slurmdbd.conf
         slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
         wait_for "$W/slurmdbd.log" 'slurmdbd version .* started' 30 $!
         echo "RESULT slurmdbd-started"
+    elif [ "$HPC_T_ROLE" = backup ] && [ "$HPC_T_DBD_BACKUP" = yes ]; then
+        # The standby slurmdbd knows itself as DbdBackupHost. It never creates or converts
+        # the accounting schema (the active one does), so on an empty database it exits
+        # (systemd restarts it: hpc-restart.conf) ...
+        start_mariadb
+        HPC_SLURMDBD_BASE="$W/slurmdbd.conf.base" bash "$W/hpc-slurm-boot" slurmdbd-conf
+        if timeout 30 slurmdbd -D >"$W/slurmdbd-empty.log" 2>&1; then :; fi
+        grep -q 'Unable to initialize accounting_storage/mysql' "$W/slurmdbd-empty.log" && echo "RESULT standby-waits-for-schema"
+        # ... until the active one has created it (done here by a slurmdbd that takes
+        # this host as its DbdHost for a moment), then it accepts the same file and waits
+        # for the active one in standby.
+        cp -p /etc/slurm/slurmdbd.conf "$W/slurmdbd.conf.standby"
+        sed -i -e "s/^DbdHost=.*/DbdHost=$(hostname)/" -e '/^DbdBackupHost=/d' /etc/slurm/slurmdbd.conf
+        slurmdbd -D >"$W/slurmdbd-init.log" 2>&1 &
+        init=$!
+        wait_for "$W/slurmdbd-init.log" 'slurmdbd version .* started' 30 $init
+        kill $init && wait $init || true
+        cp -p "$W/slurmdbd.conf.standby" /etc/slurm/slurmdbd.conf
+        slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
+        wait_for "$W/slurmdbd.log" 'slurmdbd running in background mode' 30 $!
+        echo "RESULT slurmdbd-standby"
     fi
 
     guard_args=(--state-dir /slurm/state --slurm-user slurm --first-init-record "$W/first-init")
@@ -316,7 +378,8 @@ class Controller:
             binds={str(self.work / "state"): str(state_dir), str(self.work / "etc-slurm"): "/etc/slurm",
                    str(self.work / "etc-munge"): "/etc/munge"},
             env={"HPC_T_WORK": str(self.work), "HPC_T_SCRIPTS": str(SCRIPTS), "HPC_T_ROLE": self.role,
-                 "HPC_SLURMDBD_OWNER": "slurm:slurm"},
+                 "HPC_SLURMDBD_OWNER": "slurm:slurm",
+                 "HPC_T_DBD_BACKUP": "yes" if len(s["controllers"]) > 1 else "no"},
             timeout=120,
         )
 
@@ -339,8 +402,8 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
         ctxs = {n: with_compute_nodes(c) for n, c in ctxs.items()}
         ctls = [(n, ctxs[n]) for n, _ in ctls]
     primary_name, primary_ctx = ctls[0]
-    # The check runs slurmdbd next to the primary; the contexts put it there.
-    assert primary_ctx["slurm"]["slurmdbd_host"]["name"] == primary_name
+    # slurmdbd.conf names the primary as the active slurmdbd, the backup as the standby.
+    assert f"DbdHost={primary_name}\n" in render_template("slurm/slurmdbd.conf", primary_ctx)
     started = 0
     for i, (name, ctx) in enumerate(ctls):
         slurm_conf = render_template("slurm/slurm.conf", ctxs[name])
@@ -365,6 +428,10 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
                 # slurmdbd registered the cluster in MariaDB.
                 assert f"CLUSTER {ctx['slurm']['cluster_name']}" in r.stdout, detail
             else:
+                if len(ctls) > 1:
+                    detail += f"\nslurmdbd:\n{c.log('slurmdbd-empty.log')}\n{c.log('slurmdbd.log')}"
+                    assert "RESULT standby-waits-for-schema" in r.stdout, detail
+                    assert "RESULT slurmdbd-standby" in r.stdout, detail
                 # A backup on an uninitialised state directory is refused by the guard;
                 # here the directory is the backup's own empty one, so that is expected.
                 assert "RESULT guard-refused" in r.stdout, detail
@@ -501,12 +568,14 @@ def test_rendered_boot_script_passes_shellcheck(tmp_path):
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
         r = _shellcheck(text, tmp_path, f"{stack}-{name}")
         assert r.returncode == 0, f"{stack}/{name}: {r.stdout}"
-        position = re.search(r"^CONTROLLER_POSITION=(\w+)$", text, re.M)[1]
-        dbd = re.search(r"^RUN_SLURMDBD=(\w+)$", text, re.M)[1]
+        m_position = re.search(r"^CONTROLLER_POSITION=(\w+)$", text, re.M)
+        m_dbd = re.search(r"^RUN_SLURMDBD=(\w+)$", text, re.M)
+        assert m_position and m_dbd, f"{stack}/{name}"
+        position, dbd = m_position[1], m_dbd[1]
         ctl_names = [c["name"] for c in ctx["slurm"]["controllers"]]
         want = "primary" if name == ctl_names[0] else "backup" if name in ctl_names else "none"
         assert position == want, f"{stack}/{name}"
-        assert dbd == ("yes" if name == ctx["slurm"]["slurmdbd_host"]["name"] else "no")
+        assert dbd == ("yes" if name in ctl_names else "no")
         checked += 1
     assert checked == sum(len(slurm_or_app_hosts(s)) for s in STACKS) >= 7
 
