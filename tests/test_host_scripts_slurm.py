@@ -8,20 +8,32 @@
 - hpc-munge-key: decodes the secret into a 0600 key, idempotently, and refuses bad keys.
 - hpc-slurm-boot (rendered): writes slurmdbd.conf with an escaped StoragePass and starts
   the right daemons for the host's position.
+- hpc-slurm-fence: against moto's EC2 and an IMDSv2 stand-in, with `scontrol ping` faked
+  on PATH: stops the peer controller's instance only when it is DOWN and its port does
+  not refuse connections, never this host's own instance, is harmless when run again,
+  and says what is missing on AccessDenied.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
+import http.server
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
 
 from cloud_init.templating import SCRIPTS, render_template
 from offline.contexts import contexts
@@ -401,7 +413,9 @@ def test_slurmdbd_conf_refuses_passwords_it_cannot_hold(tmp_path, password):
 @pytest.mark.parametrize("position,expect,absent", [
     ("primary", ["systemctl enable slurmdbd.service", "systemctl restart slurmdbd.service",
                  "systemctl start --no-block slurmctld.service", "systemctl enable --now hpc-slurm-metrics.timer"], []),
-    ("backup", ["systemctl start --no-block slurmctld.service"], ["slurmdbd"]),
+    # slurmdbd runs on both controllers (standby on the backup: DbdBackupHost).
+    ("backup", ["systemctl enable slurmdbd.service", "systemctl restart slurmdbd.service",
+                "systemctl start --no-block slurmctld.service"], []),
     ("none", ["munge-key ", "systemctl start munge.service"], ["slurmdbd", "slurmctld", "metrics"]),
 ])
 def test_boot_starts_what_the_host_runs(tmp_path, position, expect, absent):
@@ -437,3 +451,276 @@ def test_shellcheck_rejects_a_broken_munge_key_script(tmp_path):
     broken.write_text(MUNGE_KEY.read_text().replace('cmp -s "$tmp" "$key"', "cmp -s $tmp $key"))
     r = run(["shellcheck", "-s", "bash", str(broken)])
     assert r.returncode != 0 and "SC2086" in r.stdout
+
+
+# ------------------------------------------------------------------------ hpc-slurm-fence
+
+FENCE = SCRIPTS / "hpc-slurm-fence"
+REGION = "ap-northeast-2"
+IMDS_TOKEN = "fence-test-token"
+PING_PRIMARY_DOWN = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is UP\n"
+PING_BOTH_UP = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is UP\n"
+
+
+class Imds:
+    """IMDSv2 with tokens required, answering only this instance's id."""
+
+    def __init__(self) -> None:
+        self.instance_id = ""
+        imds = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: str = "") -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_PUT(self) -> None:
+                ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                self._send(200, IMDS_TOKEN) if ok else self._send(400)
+
+            def do_GET(self) -> None:
+                if self.headers.get("X-aws-ec2-metadata-token") != IMDS_TOKEN:
+                    return self._send(401)
+                if self.path != "/latest/meta-data/instance-id":
+                    return self._send(404)
+                self._send(200, imds.instance_id)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fence_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_aws: None) -> Iterator[dict[str, Any]]:
+    """The prod controllers as moto instances (plus a non-Slurm host of the same stack and
+    a controller of another stack at the peer's address), the script loaded as a module
+    running on slurm-2 (the backup that just took control), a fake scontrol on PATH, and
+    the TCP probe of the peer's port answered by the test (no packet leaves loopback)."""
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    imds = Imds()
+    monkeypatch.setenv("HPC_IMDS_URL", imds.url)
+    ctx = slurm_host("prod", "backup")
+    cfg = tmp_path / "fence.json"
+    cfg.write_text(render_template("slurm/fence.json", ctx))
+    ctls = {c["name"]: c["ip"] for c in ctx["slurm"]["controllers"]}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+        subnets = {net: ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.40.{net}.0/24")["Subnet"]["SubnetId"]
+                   for net in (8, 9, 10)}
+        other_vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+        other_subnet = ec2.create_subnet(VpcId=other_vpc, CidrBlock="10.40.10.0/24")["Subnet"]["SubnetId"]
+
+        def launch(ip: str, tags: dict[str, str], subnet: str | None = None) -> str:
+            net = int(ip.split(".")[2])
+            inst = ec2.run_instances(
+                ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="m7i.large",
+                SubnetId=subnet or subnets[net], PrivateIpAddress=ip,
+                TagSpecifications=[{"ResourceType": "instance",
+                                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+            return str(inst["Instances"][0]["InstanceId"])
+
+        ids = {name: launch(ip, {"Name": name, "Role": "slurm", "Stack": "prod"}) for name, ip in ctls.items()}
+        ids["app-1"] = launch("10.40.9.64", {"Name": "app-1", "Role": "web+app", "Stack": "prod"})
+        ids["other-stack"] = launch(ctls["slurm-1"], {"Name": "slurm-1", "Role": "slurm", "Stack": "budget"},
+                                    subnet=other_subnet)
+        imds.instance_id = ids["slurm-2"]
+        mod: Any = load_file(FENCE)
+        mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
+        mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
+        mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")
+        mod.this_host = lambda: "slurm-2"
+        probes: list[tuple[str, int]] = []
+        world = {"mod": mod, "ec2": ec2, "ids": ids, "ctls": ctls, "cfg": cfg, "imds": imds, "bin": bin_dir,
+                 "probes": probes, "port": "accepts", "calls": tmp_path / "scontrol-calls"}
+
+        def probe(ip: str, port: int, timeout: float = 3.0) -> str:
+            probes.append((ip, port))
+            return str(world["port"])
+
+        mod.port_state = probe
+        mod._sleep = lambda s: None
+        try:
+            yield world
+        finally:
+            imds.stop()
+
+
+def fake_ping(world: Any, out: str, rc: int = 1) -> None:
+    p = world["bin"] / "scontrol"
+    p.write_text(f"#!/bin/sh\necho \"$*\" >> '{world['calls']}'\nprintf '%s' '{out}'\nexit {rc}\n")
+    p.chmod(0o755)
+
+
+def state_of(world: Any, name: str) -> str:
+    r = world["ec2"].describe_instances(InstanceIds=[world["ids"][name]])
+    return str(r["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+
+def fence_run(world: Any, caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hpc-slurm-fence"):
+        world["mod"].log.propagate = True  # setup_logging turns it off; caplog listens at the root
+        orig = world["mod"].setup_logging
+        world["mod"].setup_logging = lambda: None
+        try:
+            rc = world["mod"].main(["--config", str(world["cfg"])])
+        finally:
+            world["mod"].setup_logging = orig
+    return rc, caplog.text
+
+
+def test_fence_stops_the_peer_only_when_it_is_down_and_holds_its_port(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_BOTH_UP, rc=0)
+    rc, text = fence_run(w, caplog)
+    assert rc == 0 and "slurm-1 answers scontrol ping (UP): not fencing" in text
+    assert w["probes"] == [] and state_of(w, "slurm-1") == "running"
+
+    fake_ping(w, PING_PRIMARY_DOWN)
+    w["port"] = "refused"  # slurmctld not running there: systemd restarts it, no split brain
+    rc, text = fence_run(w, caplog)
+    assert rc == 0 and "nothing listens on 10.40.10.20:6817" in text
+    assert state_of(w, "slurm-1") == "running"
+
+    w["port"] = "accepts"  # paused: the kernel still completes the handshake
+    rc, text = fence_run(w, caplog)
+    assert rc == 0, text
+    assert f"stopping slurm-1 ({w['ids']['slurm-1']}, 10.40.10.20, running) with force" in text
+    assert state_of(w, "slurm-1") in ("stopping", "stopped")
+    # Only the peer: this host, the app host and the other stack's instance at the same
+    # address keep running.
+    for name in ("slurm-2", "app-1", "other-stack"):
+        assert state_of(w, name) == "running", name
+    assert w["probes"] == [("10.40.10.20", 6817)] * 2
+    assert (w["calls"]).read_text() == "ping\n" * 3
+
+
+def test_fence_a_silent_peer_and_running_it_again_is_harmless(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_PRIMARY_DOWN)
+    w["port"] = "silent"  # cut off: connection time-out
+    assert fence_run(w, caplog)[0] == 0
+    w["ec2"].stop_instances(InstanceIds=[w["ids"]["slurm-1"]])  # moto: make sure it reached stopped
+    rc, text = fence_run(w, caplog)
+    assert rc == 0 and "is already stopped: nothing to do" in text
+    assert "stopping slurm-1" not in text and state_of(w, "slurm-1") == "stopped"
+
+
+def test_fence_never_stops_this_hosts_own_instance(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_PRIMARY_DOWN)
+    # A wrong config (or a moved address) that makes the peer's address this instance's.
+    w["imds"].instance_id = w["ids"]["slurm-1"]
+    rc, text = fence_run(w, caplog)
+    assert rc == 4 and "is this host's own instance" in text
+    assert state_of(w, "slurm-1") == "running"
+    # This host's own entry is never a peer, whatever scontrol says about it.
+    w["imds"].instance_id = w["ids"]["slurm-2"]
+    fake_ping(w, "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is DOWN\n")
+    rc, text = fence_run(w, caplog)
+    assert rc == 0 and state_of(w, "slurm-2") == "running" and state_of(w, "slurm-1") == "running"
+
+
+def test_fence_refuses_a_host_that_is_not_a_slurm_controller(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_PRIMARY_DOWN)
+    w["ec2"].create_tags(Resources=[w["ids"]["slurm-1"]], Tags=[{"Key": "Role", "Value": "web+app"}])
+    rc, text = fence_run(w, caplog)
+    assert rc == 4 and "is not a Slurm controller (Role='web+app')" in text
+    assert state_of(w, "slurm-1") == "running"
+
+
+@pytest.mark.parametrize("out,why", [
+    ("", "named no controller"),
+    ("Slurmctld(primary) at slurm-9 is DOWN\n", "scontrol ping did not report it"),
+])
+def test_fence_does_nothing_when_it_cannot_tell(fence_world, caplog, out, why):
+    w = fence_world
+    fake_ping(w, out)
+    rc, text = fence_run(w, caplog)
+    assert rc == 4 and why in text and w["probes"] == []
+    assert state_of(w, "slurm-1") == "running"
+
+
+def test_fence_access_denied_is_a_clear_error_at_once(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_PRIMARY_DOWN)
+    calls = []
+    real_client = w["mod"].ec2_client
+
+    def denying_client(cfg: Any) -> Any:
+        client = real_client(cfg)
+
+        def stop_instances(**kw: Any) -> Any:
+            calls.append(kw)
+            raise ClientError({"Error": {"Code": "UnauthorizedOperation",
+                                         "Message": "You are not authorized to perform this operation."}},
+                              "StopInstances")
+
+        client.stop_instances = stop_instances
+        return client
+
+    w["mod"].ec2_client = denying_client
+    rc, text = fence_run(w, caplog)
+    assert rc == 3, text
+    assert len(calls) == 1 and calls[0] == {"InstanceIds": [w["ids"]["slurm-1"]], "Force": True}
+    assert "UnauthorizedOperation" in text and "not retryable" in text
+    assert "needs ec2:DescribeInstances and ec2:StopInstances" in text
+    assert state_of(w, "slurm-1") == "running"
+
+
+def test_fence_single_controller_and_config_errors(tmp_path, caplog, fence_world):
+    w = fence_world
+    single = tmp_path / "single.json"
+    single.write_text(render_template("slurm/fence.json", slurm_host("dev", "primary")))
+    w["mod"].this_host = lambda: "app-1"
+    w["cfg"] = single
+    rc, text = fence_run(w, caplog)
+    assert rc == 0 and "single controller: nothing to fence" in text
+    w["mod"].this_host = lambda: "slurm-9"
+    w["cfg"] = tmp_path / "fence.json"
+    rc, text = fence_run(w, caplog)
+    assert rc == 1 and "this host (slurm-9) is not one of the controllers" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stack": "prod", "region": "ap-northeast-2", "slurmctld_port": 6817, "controllers": []}')
+    w["cfg"] = bad
+    rc, text = fence_run(w, caplog)
+    assert rc == 1 and "'controllers' must be a non-empty list" in text
+
+
+def test_fence_port_probe_tells_refused_from_accepted():
+    """Against loopback: a socket that listens but never accepts (like a paused
+    slurmctld) still completes the handshake; a closed port refuses."""
+    mod = load_file(FENCE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        port = s.getsockname()[1]
+        assert mod.port_state("127.0.0.1", port, timeout=2) == "accepts"
+    assert mod.port_state("127.0.0.1", port, timeout=2) == "refused"
+
+
+def test_fence_script_is_executable_python_using_stdlib_boto3_and_hpc_aws():
+    text = FENCE.read_text()
+    assert text.startswith("#!/usr/bin/python3\n") and os.access(FENCE, os.X_OK)
+    assert run([sys.executable, "-m", "py_compile", str(FENCE)]).returncode == 0
+    imported = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported - set(sys.stdlib_module_names) == {"hpc_aws"}, imported
