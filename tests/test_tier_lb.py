@@ -900,7 +900,7 @@ def test_keepalived_conf_follows_the_vrrp_rules() -> None:
         text = render_template("lb/keepalived.conf", ctx)
         body = "\n".join(" ".join(line.split("#", 1)[0].split()) for line in text.splitlines())
         for needed in ("enable_script_security", "script_user root", "state BACKUP", "nopreempt",
-                       "advert_int 1", "interval 2", "fall 2", "rise 2",
+                       "advert_int 0.5", "interval 1", "fall 2", "rise 2",
                        'script "/usr/local/sbin/hpc-check-haproxy 8404"',
                        'notify_master "/usr/local/sbin/hpc-eip-takeover --reason master"',
                        f"priority {ctx['lb']['priority']}", f"virtual_router_id {ctx['lb']['vrrp_router_id']}",
@@ -1019,7 +1019,7 @@ def test_dbwriter_has_one_writer_and_the_rest_backup() -> None:
         lst = secs["listen galera_writer"]
         assert f"bind 127.0.0.1:{g['writer_port']}" in lst
         assert "option httpchk GET /" in lst and "http-check expect status 200" in lst
-        assert (f"default-server port {g['clustercheck_port']} inter 2s fall 3 rise 2 "
+        assert (f"default-server port {g['clustercheck_port']} inter 1s fall 2 rise 2 "
                 "on-marked-down shutdown-sessions") in lst
         servers = [line.split() for line in lst if line.startswith("server ")]
         assert [s[1] for s in servers] == [n["name"] for n in g["nodes"]]
@@ -1045,9 +1045,9 @@ def test_live_dbwriter_fails_over_and_back_with_one_writer(haproxy_etc: Path, tm
     assert out["initial_writers"] == [first] * 5, out["haproxy_log"]
     assert out["old_sessions_cut"] is True
     assert out["during_failover"] == [second] * 3
-    assert out["failover_s"] < 10  # fall 3 x inter 2 s
+    assert out["failover_s"] < 10  # fall 2 x inter 1 s
     assert out["backup_sessions_cut"] is True
-    assert out["failback_s"] < 10  # rise 2 x inter 2 s
+    assert out["failback_s"] < 10  # rise 2 x inter 1 s
 
 
 def test_dbwriter_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -1128,3 +1128,74 @@ def test_rendering_is_repeatable() -> None:
     ctx = ctx_of("prod", "lb-2")
     for rel in ("lb/haproxy.cfg", "lb/keepalived.conf", "lb/eip.json", "dbwriter/dbwriter.cfg"):
         assert render_template(rel, ctx) == render_template(rel, json.loads(json.dumps(ctx)))
+
+
+# ---- failover timing ------------------------------------------------------------------
+
+def _vrrp_instance(text: str) -> dict[str, str]:
+    """key -> value of the single-valued settings in keepalived.conf (comments dropped)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) == 2:
+            out.setdefault(words[0], words[1])
+    return out
+
+
+def test_keepalived_declares_a_dead_master_within_2s_because_adverts_are_sub_second() -> None:
+    for stack, host in LB_HOSTS:
+        ctx = ctx_of(stack, host)
+        kv = _vrrp_instance(render_template("lb/keepalived.conf", ctx))
+        advert, prio = float(kv["advert_int"]), int(kv["priority"])
+        assert kv["vrrp_version"] == "3"  # VRRPv2 counts whole seconds only
+        master_down = 3 * advert + (256 - prio) / 256 * advert  # RFC 5798 Master_Down_Interval
+        assert master_down <= 2.0, (host, master_down)
+        assert "nopreempt" in render_template("lb/keepalived.conf", ctx)  # no address ping-pong
+
+
+def test_keepalived_faults_on_a_dead_haproxy_within_2s_because_the_check_runs_every_second() -> None:
+    script = CHECK_SCRIPT.read_text()
+    assert "--max-time 1" in script  # one check gives up within a second
+    for stack, host in LB_HOSTS:
+        kv = _vrrp_instance(render_template("lb/keepalived.conf", ctx_of(stack, host)))
+        interval, fall, rise = int(kv["interval"]), int(kv["fall"]), int(kv["rise"])
+        assert interval * fall <= 2, host
+        assert rise >= 2, host  # one lucky answer does not make a node eligible again
+        assert int(kv["timeout"]) >= 1 + 1, host  # curl's 1 s plus bash and curl start-up on a loaded host
+
+
+@needs_ns
+def test_keepalived_rejects_a_sub_second_advert_without_vrrp_version_3(tmp_path: Path) -> None:
+    """Why `vrrp_version 3` is there: VRRPv2 would round 0.5 s up to whole seconds."""
+    ctx = ctx_of("prod", "lb-1")
+    text = render_template("lb/keepalived.conf", ctx)
+    assert "    vrrp_version 3\n" in text
+    r = _keepalived_test(tmp_path, text.replace("    vrrp_version 3\n", ""), ctx)
+    assert r.returncode != 0
+    assert "must be an integer" in r.stdout + r.stderr
+
+
+@needs_ns
+def test_keepalived_rejects_a_sub_second_check_interval(tmp_path: Path) -> None:
+    """Why the check runs every 1 s and not faster: keepalived takes whole seconds there."""
+    ctx = ctx_of("prod", "lb-2")
+    text = render_template("lb/keepalived.conf", ctx)
+    r = _keepalived_test(tmp_path, text.replace("    interval 1\n", "    interval 0.5\n", 1), ctx)
+    assert r.returncode != 0
+    assert "interval" in r.stdout + r.stderr
+
+
+def test_dbwriter_moves_writes_within_2s_of_a_failed_clustercheck_because_it_checks_every_second() -> None:
+    for stack, host in DB_CLIENTS:
+        ctx = ctx_of(stack, host)
+        lst = sections(render_template("dbwriter/dbwriter.cfg", ctx))["listen galera_writer"]
+        default = next(line.split() for line in lst if line.startswith("default-server "))
+        opts = dict(zip(default[1::2], default[2::2], strict=False))
+        inter = float(opts["inter"].removesuffix("s"))
+        assert inter == 1 and int(opts["fall"]) == 2 and int(opts["rise"]) == 2, host
+        assert inter * int(opts["fall"]) <= 2
+        defaults = sections(render_template("dbwriter/dbwriter.cfg", ctx))["defaults"]
+        check = next(line.split()[-1] for line in defaults if line.startswith("timeout check "))
+        # a hung node fails a check within min(timeout connect, inter) + timeout check
+        assert inter + float(check.removesuffix("s")) <= 3, host
+
