@@ -1,11 +1,23 @@
-"""The stand-in portal's Slurm health check: `scontrol ping` in the background, never a
-bare TCP connection (slurmctld logs an error for each) and never on the request path."""
+"""The stand-in portal and Slurm.
+
+- Its health check: `scontrol ping` in the background, never a bare TCP connection
+  (slurmctld logs an error for each) and never on the request path.
+- Idempotent job submission (POST /api/jobs through its real HTTP server on loopback,
+  with fake sbatch/squeue/sacct on PATH): each request id becomes the job's comment and
+  is looked up before submitting, so a retry after a time-out, including a time-out that
+  still created the job (a ghost from a paused controller), never makes a second job.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,3 +55,176 @@ def test_the_health_check_reads_the_last_ping_and_notices_when_it_is_stale(monke
     assert mod.check_slurm() == "ok"
     mod._slurm_state.update(value="ok", t=now - 4 * mod.SLURM_CHECK_S - 31)
     assert mod.check_slurm().startswith("error: Slurm check stale")
+
+
+# ------------------------------------------------------------ idempotent job submission
+#
+# Fake sbatch/squeue/sacct on PATH share one jobs file: "<id> <comment> <in squeue 0|1>"
+# per line. sbatch's behaviour comes from the file `sbatch-mode`: ok (creates the job),
+# timeout (fails, creates nothing), ghost (fails like a paused controller's time-out,
+# but the job exists afterwards).
+
+FAKE_SBATCH = r"""#!/bin/sh
+d=$(dirname "$0")
+echo "sbatch $*" >> "$d/calls"
+comment=-
+for a in "$@"; do case "$a" in --comment=*) comment=${a#--comment=} ;; esac; done
+mode=$(cat "$d/sbatch-mode")
+if [ "$mode" = timeout ]; then
+    echo "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation" >&2; exit 1
+fi
+n=$(( $(wc -l < "$d/jobs") + 101 ))
+echo "$n $comment 1" >> "$d/jobs"
+if [ "$mode" = ghost ]; then
+    echo "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation" >&2; exit 1
+fi
+echo "$n"
+"""
+FAKE_SQUEUE = r"""#!/bin/sh
+d=$(dirname "$0")
+echo "squeue $*" >> "$d/calls"
+[ -e "$d/squeue-fails" ] && { echo "squeue: error: Socket timed out on send/recv operation" >&2; exit 1; }
+awk '$3 == 1 { print $1, $2 }' "$d/jobs"
+"""
+FAKE_SACCT = r"""#!/bin/sh
+d=$(dirname "$0")
+echo "sacct $*" >> "$d/calls"
+[ -e "$d/sacct-fails" ] && { echo "sacct: error: Problem talking to the database: Connection refused" >&2; exit 1; }
+awk '{ print $1 "|" $2 }' "$d/jobs"
+"""
+
+
+class Portal:
+    """The stand-in's HTTP server on loopback with the fake Slurm commands on PATH."""
+
+    def __init__(self, bin_dir: Path, mod: Any) -> None:
+        self.bin = bin_dir
+        for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE), ("sacct", FAKE_SACCT)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        (bin_dir / "jobs").write_text("")
+        (bin_dir / "calls").write_text("")
+        self.mode("ok")
+        self.server = mod.Server(("127.0.0.1", 0), mod.Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def mode(self, mode: str) -> None:
+        (self.bin / "sbatch-mode").write_text(mode + "\n")
+
+    def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("POST", "/api/jobs", json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def jobs(self) -> list[list[str]]:
+        return [line.split() for line in (self.bin / "jobs").read_text().splitlines()]
+
+    def calls(self, command: str) -> list[str]:
+        return [c for c in (self.bin / "calls").read_text().splitlines() if c.split(" ", 1)[0] == command]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def portal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    p = Portal(tmp_path, load_script("portal_standin.py"))
+    yield p
+    p.stop()
+
+
+def test_first_submission_is_created_with_its_request_id_as_comment(portal: Portal) -> None:
+    code, doc = portal.submit({"request_id": "req-1", "name": "portal", "seconds": 60})
+    assert code == 200 and doc["created"] is True and doc["job_id"] == "101" and doc["request_id"] == "req-1", doc
+    assert portal.jobs() == [["101", "req-1", "1"]]
+    assert portal.calls("sbatch") == ["sbatch --parsable --job-name portal --output /dev/null --comment=req-1 "
+                                      "--wrap=sleep 60"]
+    # Looked up first: the controller's queue, then the accounting database.
+    assert portal.calls("squeue") == ["squeue --noheader --states=all -o %i %k"]
+    assert portal.calls("sacct") == ["sacct --noheader --parsable2 --allusers --allocations --starttime=now-7days "
+                                     "--format=JobID,Comment"]
+
+
+def test_a_retry_finds_the_job_an_earlier_attempt_created(portal: Portal) -> None:
+    assert portal.submit({"request_id": "req-2"})[0] == 200
+    # The client timed out waiting for that answer and sends the same request again.
+    code, doc = portal.submit({"request_id": "req-2"})
+    assert code == 200 and doc == {"request_id": "req-2", "server": doc["server"], "job_id": "101",
+                                   "created": False, "found_in": "squeue"}
+    assert len(portal.calls("sbatch")) == 1 and len(portal.jobs()) == 1
+    # Once squeue has forgotten the job (MinJobAge), sacct still has its comment.
+    (portal.bin / "jobs").write_text("101 req-2 0\n")
+    code, doc = portal.submit({"request_id": "req-2"})
+    assert code == 200 and doc["created"] is False and doc["found_in"] == "sacct" and doc["job_id"] == "101"
+    assert len(portal.calls("sbatch")) == 1
+
+
+def test_a_retry_submits_when_the_failed_attempt_created_nothing(portal: Portal) -> None:
+    portal.mode("timeout")
+    code, doc = portal.submit({"request_id": "req-3"})
+    assert code == 503 and "Socket timed out" in doc["error"] and "retry with the same request id" in doc["error"]
+    assert portal.jobs() == []
+    portal.mode("ok")
+    code, doc = portal.submit({"request_id": "req-3"})
+    assert code == 200 and doc["created"] is True and doc["job_id"] == "101"
+    assert portal.jobs() == [["101", "req-3", "1"]] and len(portal.calls("sbatch")) == 2
+
+
+def test_a_ghost_job_from_a_timed_out_sbatch_is_found_not_duplicated(portal: Portal) -> None:
+    """The paused-controller case: sbatch reports a time-out, yet the job exists."""
+    portal.mode("ghost")
+    code, doc = portal.submit({"request_id": "req-4", "name": "ghost"})
+    assert code == 503 and "Socket timed out" in doc["error"]
+    assert portal.jobs() == [["101", "req-4", "1"]]
+    portal.mode("ok")
+    code, doc = portal.submit({"request_id": "req-4", "name": "ghost"})
+    assert code == 200 and doc["created"] is False and doc["job_id"] == "101"
+    assert portal.jobs() == [["101", "req-4", "1"]] and len(portal.calls("sbatch")) == 1
+
+
+def test_nothing_is_submitted_when_squeue_cannot_tell(portal: Portal) -> None:
+    (portal.bin / "squeue-fails").write_text("")
+    code, doc = portal.submit({"request_id": "req-5"})
+    assert code == 503 and "cannot tell whether request req-5 was already submitted" in doc["error"]
+    assert portal.calls("sbatch") == [] and portal.jobs() == []
+
+
+def test_a_failing_sacct_does_not_stop_submissions(portal: Portal) -> None:
+    """slurmdbd down: squeue (every job of the last MinJobAge) still guards retries."""
+    (portal.bin / "sacct-fails").write_text("")
+    code, doc = portal.submit({"request_id": "req-6"})
+    assert code == 200 and doc["created"] is True
+    code, doc = portal.submit({"request_id": "req-6"})
+    assert code == 200 and doc["created"] is False and doc["found_in"] == "squeue"
+    assert len(portal.jobs()) == 1
+
+
+def test_the_request_id_may_come_as_an_idempotency_key_header(portal: Portal) -> None:
+    assert portal.submit({}, {"Idempotency-Key": "hdr-1"})[1]["created"] is True
+    code, doc = portal.submit({}, {"Idempotency-Key": "hdr-1"})
+    assert code == 200 and doc["created"] is False and len(portal.jobs()) == 1
+
+
+@pytest.mark.parametrize("body,error", [
+    ({"request_id": "has space"}, "request_id"),
+    ({"request_id": "x" * 65}, "request_id"),
+    ({"request_id": "ok", "name": "a;b"}, "name"),
+    ({"request_id": "ok", "seconds": "600; rm"}, "seconds"),
+])
+def test_bad_submissions_are_refused_before_slurm_is_asked(portal: Portal, body: dict[str, Any], error: str) -> None:
+    code, doc = portal.submit(body)
+    assert code == 400 and doc["error"].startswith(error)
+    assert (portal.bin / "calls").read_text() == ""
+
+
+def test_without_a_request_id_a_submission_is_not_looked_up(portal: Portal) -> None:
+    code, doc = portal.submit({"name": "legacy"})
+    assert code == 200 and doc["created"] is True and doc["request_id"] is None
+    assert portal.calls("squeue") == [] and "--comment" not in portal.calls("sbatch")[0]

@@ -18,7 +18,12 @@ PORT, SERVER_ID, DB_NAME, HEALTH_PATH) and /etc/hpc/portal.env.
   GET  /<prefix>/records/<id>   200 or 404
   POST /<prefix>/records/missing  {"ids": [...]} -> {"missing": [...], "rows", "duplicates"}
   GET  /<prefix>/records-stats  {"rows", "distinct", "checksum"} (CHECKSUM TABLE)
-  POST /<prefix>/jobs           sbatch --wrap (Slurm client commands) -> {"job_id"}
+  POST /<prefix>/jobs           {"request_id", "name", "seconds"} (or the request id in
+                                an Idempotency-Key header): idempotent sbatch --wrap ->
+                                200 {"job_id", "request_id", "created": bool} (created
+                                false: an earlier attempt's job was found), 503 when
+                                Slurm did not answer (the job may exist: retry with the
+                                same request id)
   GET  /<prefix>/jobs/<id>      {"job_id", "state"} from squeue/sacct/scontrol
   anything else                 200 {"service", "server"}
 
@@ -228,6 +233,73 @@ def slurm(argv: list[str]) -> tuple[int, str]:
     return cp.returncode, (cp.stdout + cp.stderr).strip()
 
 
+# --------------------------------------------------------------------- job submission
+#
+# A paused or hung slurmctld still completes TCP handshakes, so sbatch waits
+# MessageTimeout and reports "Socket timed out on send/recv operation" although the
+# submission may sit in the controller's backlog and be accepted later (a ghost job).
+# The client therefore names each submission with a request id and repeats a failed one
+# with the same id; the id travels as the job's comment (--comment, kept by slurmdbd with
+# AccountingStoreFlags=job_comment), and before submitting the portal looks it up: in
+# squeue (every job the controller still holds, including those finished less than
+# MinJobAge ago), then in sacct (older ones).
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+SACCT_LOOKBACK = "now-7days"  # retries come within minutes; a week is plenty
+
+
+class LookupFailed(Exception):
+    """Slurm could not say whether a job with the request id exists."""
+
+
+def find_job(request_id: str) -> tuple[str | None, str]:
+    """(job id or None, where it was looked up). Raises LookupFailed when squeue fails:
+    then nothing may be submitted (a duplicate could follow). A failing sacct (slurmdbd
+    down) only narrows the search to squeue, which holds every job a retry can concern
+    for MinJobAge after it ended: submissions must not stop with accounting."""
+    rc, out = slurm(["squeue", "--noheader", "--states=all", "-o", "%i %k"])
+    if rc != 0:
+        raise LookupFailed(f"squeue failed (rc {rc}): {out[-200:]}")
+    for line in out.splitlines():
+        job, _, comment = line.strip().partition(" ")
+        if comment.strip() == request_id and job:
+            return job, "squeue"
+    rc, out = slurm(["sacct", "--noheader", "--parsable2", "--allusers", "--allocations",
+                     f"--starttime={SACCT_LOOKBACK}", "--format=JobID,Comment"])
+    if rc != 0:
+        log(f"sacct failed (rc {rc}), request {request_id} looked up in squeue only: {out[-200:]}")
+        return None, "squeue (sacct failed)"
+    for line in out.splitlines():
+        job, _, comment = line.strip().partition("|")
+        if comment == request_id and job:
+            return job, "sacct"
+    return None, "squeue+sacct"
+
+
+def submit_job(request_id: str | None, name: str, seconds: int) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, document) for one submission; see the comment above."""
+    doc: dict[str, Any] = {"request_id": request_id, "server": SERVER_ID}
+    if request_id is not None:
+        try:
+            job, where = find_job(request_id)
+        except LookupFailed as e:
+            return 503, {**doc, "error": f"cannot tell whether request {request_id} was already submitted: {e}; "
+                                         "retry with the same request id"}
+        if job:
+            return 200, {**doc, "job_id": job, "created": False, "found_in": where}
+    argv = ["sbatch", "--parsable", "--job-name", name, "--output", "/dev/null"]
+    if request_id is not None:
+        argv.append(f"--comment={request_id}")
+    rc, out = slurm([*argv, f"--wrap=sleep {seconds}"])
+    if rc != 0:
+        hint = "; the job may exist: retry with the same request id" if request_id is not None else ""
+        return 503, {**doc, "error": out[-300:] + hint}
+    m = re.search(r"^(\d+)(;\S+)?$", out, re.M)  # --parsable: "<id>" or "<id>;<cluster>"
+    if not m:
+        return 503, {**doc, "error": f"sbatch answered without a job id: {out[-300:]}"}
+    return 200, {**doc, "job_id": m.group(1), "created": True}
+
+
 # ---------------------------------------------------------------------------- HTTP
 
 
@@ -311,12 +383,17 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, {"missing": [x for x in ids if x not in found], "duplicates": int(rows[0][0]),
                                         "rows": int(rows[0][1])})
             if tail == "/jobs":
-                secs = int(req.get("seconds", 600))
-                rc, out = slurm(["sbatch", "--parsable", "--job-name", str(req.get("name", "portal")), "--output",
-                                 "/dev/null", f"--wrap=sleep {secs}"])
-                if rc != 0:
-                    return self.reply(503, {"error": out})
-                return self.reply(200, {"job_id": out.split(";")[0].strip()})
+                rid = req.get("request_id", self.headers.get("Idempotency-Key"))
+                if rid is not None and not REQUEST_ID_RE.fullmatch(str(rid)):
+                    return self.reply(400, {"error": "request_id (or Idempotency-Key): 1-64 of [A-Za-z0-9_.:-]"})
+                name = str(req.get("name", "portal"))
+                if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                    return self.reply(400, {"error": "name: 1-64 of [A-Za-z0-9_.-]"})
+                secs = req.get("seconds", 600)
+                if not isinstance(secs, int) or isinstance(secs, bool) or not 0 <= secs <= 7 * 86400:
+                    return self.reply(400, {"error": "seconds: an integer from 0 to 604800"})
+                code, doc = submit_job(None if rid is None else str(rid), name, secs)
+                return self.reply(code, doc)
             return self.reply(404, {"error": "no such endpoint"})
         except Exception as e:  # noqa: BLE001
             return self.reply(503, {"error": f"{type(e).__name__}: {e}", "server": SERVER_ID})
