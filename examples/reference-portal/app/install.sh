@@ -1,0 +1,22 @@
+#!/bin/bash
+# Offline install of the release's dependencies: a virtualenv next to this script, from
+# wheelhouse/ only (no index, hashes required), for the given Python (default
+# /usr/bin/python3). Built in a temporary directory and renamed into place, so two hosts
+# sharing the release directory (EFS) never see a half-made one.
+set -euo pipefail
+HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+PY=${1:-/usr/bin/python3}
+VER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV="$HERE/venv-$VER"
+[[ -x $VENV/bin/python ]] && exit 0
+TMP=$(mktemp -d "$HERE/.venv-$VER.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+"$PY" -m venv "$TMP" || { echo "install.sh: $PY -m venv failed (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+"$TMP/bin/python" -m pip install --quiet --no-index --find-links "$HERE/wheelhouse" --require-hashes \
+    --only-binary=:all: -r "$HERE/wheelhouse/requirements.txt"
+# The venv's interpreter finds its pyvenv.cfg next to bin/, so the directory can move;
+# only console-script shebangs would not (bin/hpc-portal-service uses python -m).
+mv -T "$TMP" "$VENV" 2>/dev/null || [[ -x $VENV/bin/python ]]
+trap - EXIT
+rm -rf "$TMP"
+echo "install.sh: $VENV ready" >&2

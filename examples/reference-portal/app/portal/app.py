@@ -1,0 +1,252 @@
+"""The Flask apps: one package, the service chosen by $PORTAL_SERVICE (api, auth, cae,
+ws). Every service has its health endpoint and the shared session; the routes:
+
+  auth  POST /auth/login {"username","password"}   POST /auth/logout   GET /auth/me
+  api   POST /api/jobs {"request_id"?, "name", "seconds"} -> {"job_id","request_id","duplicate"}
+        GET /api/jobs (the user's jobs)   GET /api/jobs/<id> -> {"job_id","state"}
+        the rehearsal's probes, as the stand-in serves them: GET /api/session,
+        POST /api/records, GET /api/records/<id>, POST /api/records/missing, GET /api/records-stats
+  cae   GET /cae/whoami (the same login, read from Redis by another service)
+  ws    GET /ws/ (websocket: job-state changes, see ws.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pymysql  # type: ignore[import-untyped]
+import redis
+from flask import Flask, Response, abort, jsonify, request, session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from . import slurm
+from .db import Database
+from .redisha import ERRORS, SentinelMaster
+from .sessions import RedisSession, RedisSessionInterface
+from .settings import Settings
+
+PREFIX = {"api": "/api", "auth": "/auth", "cae": "/cae", "ws": "/ws"}
+USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}")
+JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class Backends:
+    """What a service talks to; tests pass their own (real daemons on loopback ports)."""
+
+    def __init__(self, s: Settings, redis: SentinelMaster | None = None, db: Database | None = None) -> None:
+        self.s = s
+        self.redis = redis or SentinelMaster(s.sentinels, s.master_name, s.redis_password, s.sentinel_password,
+                                             s.redis_timeout)
+        self.db = db or Database(s)
+        self.slurm = slurm.PingWatcher()
+
+
+def error(code: int, message: str) -> Response:
+    r = jsonify({"error": message})
+    r.status_code = code
+    return r
+
+
+def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(view)
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        assert isinstance(session, RedisSession)
+        if session.error:
+            return error(503, f"session store unavailable: {session.error}")
+        if not session.get("user"):
+            return error(401, "login required")
+        return view(*a, **kw)
+    return wrapped
+
+
+def create_app(s: Settings | None = None, backends: Backends | None = None) -> Flask:
+    s = s or Settings.from_env()
+    b = backends or Backends(s)
+    app = Flask(__name__)
+    app.session_interface = RedisSessionInterface(b.redis, secure=s.cookie_secure)
+    app.extensions["portal"] = b
+    prefix = PREFIX[s.service]
+
+    # A backend that fails answers 503 with the reason (HAProxy and clients retry),
+    # never a 500 with a stack trace.
+    @app.errorhandler(pymysql.MySQLError)
+    @app.errorhandler(redis.RedisError)
+    def backend_down(e: Exception) -> Response:
+        return error(503, f"{type(e).__name__}: {e}")
+
+    @app.get(s.health_path)
+    def health() -> tuple[Response, int]:
+        checks = {"redis": "ok", "database": "ok", "slurm": b.slurm.check()}
+        try:
+            b.redis.call(lambda r: r.ping())
+        except ERRORS as e:
+            checks["redis"] = f"error: {type(e).__name__}: {e}"
+        try:
+            b.db.query("SELECT 1")
+        except Exception as e:  # noqa: BLE001 - any failure is "unhealthy", never a 500
+            checks["database"] = f"error: {type(e).__name__}: {e}"
+        ok = all(v == "ok" for v in checks.values())
+        return jsonify({"status": "healthy" if ok else "unhealthy", "checks": checks, "service": s.service,
+                        "server": s.server_id}), 200 if ok else 503
+
+    @app.get(f"{prefix}/session")
+    def session_info() -> Response | tuple[Response, int]:
+        assert isinstance(session, RedisSession)
+        if session.error:
+            return error(503, f"session store unavailable: {session.error}")
+        new = session.new
+        if new:
+            session["created"] = time.time()
+        return jsonify({"session": session.sid, "new": new, "user": session.get("user"), "server": s.server_id})
+
+    if s.service == "auth":
+        _auth_routes(app, b)
+    elif s.service == "api":
+        _api_routes(app, b)
+    elif s.service == "cae":
+        @app.get("/cae/whoami")
+        @login_required
+        def whoami() -> Response:
+            return jsonify({"user": session["user"], "server": s.server_id})
+    elif s.service == "ws":
+        from .ws import add_websocket
+        add_websocket(app, b)
+    return app
+
+
+def _auth_routes(app: Flask, b: Backends) -> None:
+    @app.post("/auth/login")
+    def login() -> Response | tuple[Response, int]:
+        assert isinstance(session, RedisSession)
+        if session.error:
+            return error(503, f"session store unavailable: {session.error}")
+        body = request.get_json(silent=True) or {}
+        user, password = str(body.get("username", "")), str(body.get("password", ""))
+        _n, rows = b.db.query("SELECT password_hash FROM portal_users WHERE username = %s", (user,))
+        if not rows or not check_password_hash(rows[0][0], password):
+            return error(401, "wrong username or password")
+        # A new session id at login (no session fixation); the old key goes.
+        old = session.sid
+        if not session.new:
+            b.redis.call(lambda r: r.delete(f"portal:session:{old}"))
+        session.clear()
+        session.sid, session.new = uuid.uuid4().hex, True
+        session.update(user=user, login=time.time())
+        return jsonify({"user": user})
+
+    @app.post("/auth/logout")
+    def logout() -> Response:
+        session.clear()
+        return jsonify({"user": None})
+
+    @app.get("/auth/me")
+    @login_required
+    def me() -> Response:
+        return jsonify({"user": session["user"]})
+
+
+def add_user(b: Backends, username: str, password: str) -> None:
+    if not USERNAME.fullmatch(username):
+        raise ValueError(f"username {username!r}: lower-case letters, digits, _ . - (max 64)")
+    if len(password) < 8:
+        raise ValueError("password: at least 8 characters")
+    b.db.query("INSERT INTO portal_users (username, password_hash) VALUES (%s, %s) "
+               "ON DUPLICATE KEY UPDATE password_hash = VALUES(password_hash)",
+               (username, generate_password_hash(password)))
+
+
+def _api_routes(app: Flask, b: Backends) -> None:
+    s, db = b.s, b.db
+
+    @app.errorhandler(slurm.SlurmError)
+    def slurm_down(e: Exception) -> Response:
+        return error(503, str(e))
+
+    @app.post("/api/jobs")
+    @login_required
+    def submit() -> Response:
+        body = request.get_json(silent=True) or {}
+        rid = str(body.get("request_id") or uuid.uuid4().hex)
+        name = str(body.get("name", "portal"))
+        seconds = body.get("seconds", 600)
+        if not slurm.REQUEST_ID.fullmatch(rid):
+            abort(error(400, "request_id: 1-64 of [A-Za-z0-9_.:-]"))
+        if not JOB_NAME.fullmatch(name):
+            abort(error(400, "name: 1-64 of [A-Za-z0-9_.-]"))
+        if not isinstance(seconds, int) or not 1 <= seconds <= 86400:
+            abort(error(400, "seconds: an integer from 1 to 86400"))
+        # One submission per request id at a time: a retry that arrives while the first
+        # attempt still runs sbatch gets 409 and retries later (it then finds the job).
+        lock = f"portal:submit:{rid}"
+        if not b.redis.call(lambda r: r.set(lock, s.server_id, nx=True, ex=90)):
+            abort(error(409, f"request {rid} is being submitted; retry"))
+        try:
+            job, duplicate = slurm.submit(rid, name, seconds)
+            db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name) VALUES (%s, %s, %s, %s)",
+                     (rid, job, session["user"], name))
+        finally:
+            b.redis.call(lambda r: r.delete(lock))
+        return jsonify({"job_id": job, "request_id": rid, "duplicate": duplicate})
+
+    @app.get("/api/jobs")
+    @login_required
+    def my_jobs() -> Response:
+        _n, rows = db.query("SELECT job_id, name, request_id FROM portal_jobs WHERE username = %s "
+                            "ORDER BY created DESC LIMIT 50", (session["user"],))
+        states = b.redis.call(lambda r: r.hgetall(f"portal:jobs:{s.cluster}:state")) if rows else {}
+        return jsonify({"jobs": [{"job_id": j, "name": n, "request_id": rid, "state": states.get(j)}
+                                 for j, n, rid in rows]})
+
+    @app.get("/api/jobs/<job_id>")
+    def job(job_id: str) -> Response:
+        if not slurm.JOB_ID.fullmatch(job_id):
+            abort(error(400, "job id: digits"))
+        state = slurm.job_state(job_id)
+        if state is None:
+            abort(error(404, f"job {job_id}: unknown to squeue and sacct"))
+        return jsonify({"job_id": job_id, "state": state})
+
+    # The rehearsal's data-consistency probes, with the stand-in's semantics.
+    @app.post("/api/records")
+    def write_record() -> Response:
+        body = request.get_json(silent=True) or {}
+        rid = str(body.get("request_id", ""))
+        if not slurm.REQUEST_ID.fullmatch(rid):
+            abort(error(400, "request_id: 1-64 of [A-Za-z0-9_.:-]"))
+        n, _r = db.query("INSERT IGNORE INTO records (request_id, payload, server_id) VALUES (%s, %s, %s)",
+                         (rid, str(body.get("payload", ""))[:255], s.server_id))
+        return jsonify({"ok": True, "duplicate": n == 0, "server": s.server_id})
+
+    @app.get("/api/records/<rid>")
+    def read_record(rid: str) -> tuple[Response, int]:
+        _n, rows = db.query("SELECT request_id FROM records WHERE request_id = %s", (rid,))
+        return jsonify({"found": bool(rows), "server": s.server_id}), 200 if rows else 404
+
+    @app.post("/api/records/missing")
+    def missing_records() -> Response:
+        ids = [str(x) for x in (request.get_json(silent=True) or {}).get("ids", [])]
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            _n, rows = db.query(f"SELECT request_id FROM records WHERE request_id IN ({','.join(['%s'] * len(chunk))})",
+                                chunk)
+            found |= {r[0] for r in rows}
+        _n, rows = db.query("SELECT COUNT(*) - COUNT(DISTINCT request_id), COUNT(*) FROM records")
+        return jsonify({"missing": [x for x in ids if x not in found], "duplicates": int(rows[0][0]),
+                        "rows": int(rows[0][1])})
+
+    @app.get("/api/records-stats")
+    def record_stats() -> Response:
+        _n, rows = db.query("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM records")
+        _n, ck = db.query("CHECKSUM TABLE records")
+        return jsonify({"rows": rows[0][0], "distinct": rows[0][1], "checksum": ck[0][1]})
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"))

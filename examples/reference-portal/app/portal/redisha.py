@@ -1,0 +1,106 @@
+"""The Redis master, found through Sentinel the careful way.
+
+redis-py's own `Sentinel.discover_master` asks the Sentinels in turn and takes the FIRST
+answer: one Sentinel with a stale view (partitioned, or restarted from an old config)
+sends every client to the old master. And a master that is paused (a VM stall, SIGSTOP)
+accepts TCP connections but never answers: without a socket time-out a client waits
+forever. So here:
+
+- every Sentinel is asked (each with a socket time-out), and the address that a
+  MAJORITY of the configured Sentinels reports wins; no majority, no master;
+- the winner is checked with ROLE on the master itself (a demoted master says "slave");
+- every connection has a connect and a read time-out, and redis-py's automatic retries
+  are off, so one call fails within its time-out and the caller answers 503;
+- a connection or time-out error forgets the master: the next call discovers again
+  (after a Sentinel failover the new master is found within one request).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+T = TypeVar("T")
+ERRORS = (redis.RedisError, OSError)
+
+
+class NoMaster(redis.ConnectionError):
+    """No master that a majority of the Sentinels agrees on and that says it is one."""
+
+
+def _client(host: str, port: int, password: str, timeout: float, **kw: Any) -> redis.Redis:
+    return redis.Redis(host=host, port=port, password=password or None, socket_timeout=timeout,
+                       socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), decode_responses=True, **kw)
+
+
+class SentinelMaster:
+    def __init__(self, sentinels: tuple[tuple[str, int], ...], name: str, password: str = "",
+                 sentinel_password: str = "", timeout: float = 1.0) -> None:
+        if not sentinels:
+            raise ValueError("no Sentinels configured")
+        self.sentinels, self.name, self.timeout = sentinels, name, timeout
+        self.password, self.sentinel_password = password, sentinel_password
+        self._lock = threading.Lock()
+        self._master: redis.Redis | None = None
+        self.address: tuple[str, int] | None = None
+
+    def ask_sentinels(self) -> dict[str, str]:
+        """Each Sentinel's answer, "host:port" or "error: ..." (for logs and tests)."""
+        answers: dict[str, str] = {}
+        for host, port in self.sentinels:
+            s = _client(host, port, self.sentinel_password, self.timeout)
+            try:
+                addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+                answers[f"{host}:{port}"] = f"{addr[0]}:{addr[1]}" if addr else "error: unknown master name"
+            except ERRORS as e:
+                answers[f"{host}:{port}"] = f"error: {type(e).__name__}: {e}"
+            finally:
+                s.close()
+        return answers
+
+    def discover(self) -> redis.Redis:
+        answers = self.ask_sentinels()
+        votes = Counter(a for a in answers.values() if not a.startswith("error"))
+        need = len(self.sentinels) // 2 + 1
+        if not votes or votes.most_common(1)[0][1] < need:
+            raise NoMaster(f"no master reported by {need} of {len(self.sentinels)} Sentinels: {answers}")
+        addr = votes.most_common(1)[0][0]
+        host, _, port = addr.rpartition(":")
+        master = _client(host, int(port), self.password, self.timeout, health_check_interval=0)
+        try:
+            role = master.execute_command("ROLE")
+        except ERRORS:
+            master.close()
+            raise
+        if not role or role[0] != "master":
+            master.close()
+            raise NoMaster(f"{addr}, reported by the Sentinels, says ROLE {role[0] if role else '?'}")
+        self.address = (host, int(port))
+        return master
+
+    def master(self) -> redis.Redis:
+        with self._lock:
+            if self._master is None:
+                self._master = self.discover()
+            return self._master
+
+    def forget(self) -> None:
+        with self._lock:
+            if self._master is not None:
+                self._master.close()
+            self._master, self.address = None, None
+
+    def call(self, fn: Callable[[redis.Redis], T]) -> T:
+        """fn(master); a connection error, time-out or READONLY (a demoted master) forgets
+        the master and is raised: the caller fails fast, the next call discovers again."""
+        try:
+            return fn(self.master())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError):
+            self.forget()
+            raise

@@ -1,0 +1,534 @@
+"""The reference portal (examples/reference-portal): its Flask services through the test
+client, against REAL backends started on loopback ports (redis-server and redis-sentinel
+from the Debian packages, a MariaDB from offline/mariadb.py) and fake Slurm client
+commands on PATH; the websocket service as a real gunicorn behind a real HAProxy; and the
+build script's artifact (pure-Python wheels only, installed offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from offline.mariadb import APP_PASSWORD, APP_USER, MariaDB, mariadb  # noqa: F401  (session fixture)
+from tests.conftest import Tally
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "reference-portal"
+sys.path.insert(0, str(EXAMPLE / "app"))
+
+from portal import slurm as portal_slurm  # noqa: E402
+from portal.app import Backends, add_user, create_app  # noqa: E402
+from portal.db import Database  # noqa: E402
+from portal.redisha import NoMaster, SentinelMaster  # noqa: E402
+from portal.settings import Settings  # noqa: E402
+
+PW = "redis-Pw-1"
+MASTER = "portal-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool) or (tool if os.path.exists(tool) else None)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (Debian package {package}; tools/install-debian-deps.sh)")
+    return path
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class RedisLab:
+    """redis-server and redis-sentinel processes on loopback ports, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="h12-redis-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def server(self) -> tuple[int, subprocess.Popen[bytes]]:
+        port = free_port()
+        p = subprocess.Popen([need("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                              "--requirepass", PW, "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_for(lambda: redis.Redis(port=port, password=PW, socket_timeout=1).ping(), 10, f"redis on {port}")
+        return port, p
+
+    def sentinel(self, master_port: int) -> int:
+        port = free_port()
+        conf = self.dir / f"sentinel-{port}.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nsentinel resolve-hostnames no\n"
+                        f"requirepass {PW}\nsentinel sentinel-pass {PW}\n"
+                        f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
+                        f"sentinel auth-pass {MASTER} {PW}\n"
+                        # No failover during a test (a paused master stays the master).
+                        f"sentinel down-after-milliseconds {MASTER} 600000\n")
+        self.procs.append(subprocess.Popen([need("redis-sentinel", "redis-sentinel"), str(conf)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: redis.Redis(port=port, password=PW, socket_timeout=1).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER), 10, f"sentinel on {port}")
+        return port
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[dict[str, Any]]:
+    """Master A watched by three Sentinels; a second server B that one stale Sentinel
+    believes is the master."""
+    rl = RedisLab()
+    try:
+        a, _pa = rl.server()
+        b, _pb = rl.server()
+        good = [rl.sentinel(a) for _ in range(3)]
+        stale = rl.sentinel(b)
+        yield {"lab": rl, "a": a, "b": b, "sentinels": good, "stale": stale}
+    finally:
+        rl.stop()
+
+
+def sentinels(ports: list[int]) -> tuple[tuple[str, int], ...]:
+    return tuple(("127.0.0.1", p) for p in ports)
+
+
+@pytest.mark.daemons
+def test_discovery_takes_the_master_a_majority_reports_not_the_first_answer(lab: dict[str, Any], tally: Tally) -> None:
+    order = [lab["stale"], *lab["sentinels"][:2]]  # the stale Sentinel answers first
+    # redis-py's own discovery takes the first answer: the wrong master.
+    from redis.sentinel import Sentinel
+    naive = Sentinel(list(sentinels(order)), sentinel_kwargs={"password": PW, "socket_timeout": 1})
+    tally.check(naive.discover_master(MASTER) == ("127.0.0.1", lab["b"]), "redis-py follows the first Sentinel")
+    sm = SentinelMaster(sentinels(order), MASTER, PW, PW, timeout=1.0)
+    answers = sm.ask_sentinels()
+    tally.check(sorted(answers.values()) == sorted([f"127.0.0.1:{lab['b']}"] + [f"127.0.0.1:{lab['a']}"] * 2), str(answers))
+    tally.check(sm.call(lambda r: r.ping()) is True)
+    tally.check(sm.address == ("127.0.0.1", lab["a"]), f"majority wins: {sm.address}")
+    # One Sentinel for each of two masters plus one that is down: no majority, no master.
+    split = SentinelMaster(sentinels([lab["stale"], lab["sentinels"][0], free_port()]), MASTER, PW, PW, timeout=0.5)
+    with pytest.raises(NoMaster, match="no master reported by 2 of 3"):
+        split.discover()
+    tally.check(True)
+    tally.expect(5)
+
+
+@pytest.mark.daemons
+def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> None:
+    rl = RedisLab()
+    try:
+        port, proc = rl.server()
+        s = [rl.sentinel(port)]
+        sm = SentinelMaster(sentinels(s), MASTER, PW, PW, timeout=0.5)
+        tally.check(sm.call(lambda r: r.set("k", "v")) is True)
+        os.kill(proc.pid, signal.SIGSTOP)  # accepts TCP (kernel backlog), never answers
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                sm.call(lambda r: r.get("k"))
+            took = time.monotonic() - t0
+            tally.check(took < 1.5, f"a command on the paused master took {took:.2f} s (time-out 0.5 s)")
+            tally.check(sm.address is None, "the master is forgotten after a time-out")
+            # Discovery again: the Sentinel still names it, ROLE on it times out.
+            t0 = time.monotonic()
+            with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+                sm.call(lambda r: r.get("k"))
+            took = time.monotonic() - t0
+            tally.check(took < 2.5, f"discovery against the paused master took {took:.2f} s")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        tally.check(sm.call(lambda r: r.get("k")) == "v", "back once the master answers again")
+    finally:
+        rl.stop()
+    tally.expect(5)
+
+
+# ------------------------------------------------------------------------ fake Slurm
+
+FAKE_SLURM = r'''#!PYTHON
+"""Fake Slurm client commands over a JSON file (the queue and the accounting)."""
+import json, os, sys
+STATE = os.environ["FAKE_SLURM_STATE"]
+cmd = os.path.basename(sys.argv[0])
+args = sys.argv[1:]
+db = json.load(open(STATE)) if os.path.exists(STATE) else {"next": 100, "jobs": {}}
+with open(STATE + ".log", "a") as f:
+    f.write(cmd + " " + " ".join(args) + "\n")
+def opt(name):
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+if cmd == "scontrol":
+    print("Slurmctld(primary) at ctl-1 is UP")
+elif cmd == "sbatch":
+    job = str(db["next"]); db["next"] += 1
+    db["jobs"][job] = {"state": "PENDING", "comment": opt("--comment"), "done": False}
+    json.dump(db, open(STATE, "w"))
+    if os.path.exists(STATE + ".lose-answer"):  # queued, but the caller never hears
+        os.unlink(STATE + ".lose-answer")
+        print("sbatch: error: Socket timed out on send/recv operation", file=sys.stderr)
+        sys.exit(1)
+    print(job + ";cluster")
+elif cmd == "squeue":
+    fmt, only = opt("-o"), opt("-j")
+    for job, j in db["jobs"].items():
+        if j["done"] or (only and job != only):
+            continue
+        print(fmt.replace("%i", job).replace("%T", j["state"]).replace("%k", j["comment"] or "(null)"))
+elif cmd == "sacct":
+    fields, only = opt("-o").split(","), opt("-j")
+    for job, j in db["jobs"].items():
+        if only and job not in only.split(","):
+            continue
+        print("|".join({"JobID": job, "State": j["state"], "Comment": j["comment"] or ""}[f] for f in fields))
+'''
+
+
+def set_job(state_file: Path, job: str, state: str, done: bool = False) -> None:
+    db = json.loads(state_file.read_text())
+    db["jobs"][job].update(state=state, done=done)
+    state_file.write_text(json.dumps(db))
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bindir = tmp_path / "slurm-bin"
+    bindir.mkdir()
+    for cmd in ("sbatch", "squeue", "sacct", "scontrol"):
+        p = bindir / cmd
+        p.write_text(FAKE_SLURM.replace("PYTHON", sys.executable, 1))
+        p.chmod(0o755)
+    state = tmp_path / "slurm.json"
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_STATE", str(state))
+    return state
+
+
+# ----------------------------------------------------------------------- the services
+
+
+@pytest.fixture(scope="module")
+def db_ready(mariadb: MariaDB) -> MariaDB:  # noqa: F811
+    mariadb.reset()
+    mariadb.sql("DROP DATABASE IF EXISTS portal_auth")
+    mariadb.sql("CREATE DATABASE portal_auth CHARACTER SET utf8mb4")
+    for host in ("127.0.0.1", "localhost"):
+        mariadb.sql(f"GRANT ALL PRIVILEGES ON `portal_auth`.* TO '{APP_USER}'@'{host}'")
+    return mariadb
+
+
+def settings(service: str, lab: dict[str, Any], db: MariaDB, **kw: Any) -> Settings:
+    base: dict[str, Any] = dict(
+        service=service, port=0, server_id="app-test-1", health_path={"api": "/api/health", "auth": "/auth/health",
+                                                                     "cae": "/health", "ws": "/ws/health"}[service],
+        sentinels=sentinels(lab["sentinels"]), master_name=MASTER, redis_password=PW, sentinel_password=PW,
+        redis_timeout=1.0, db_host="127.0.0.1", db_port=db.port, db_user=APP_USER, db_password=APP_PASSWORD,
+        db_name=f"portal_{service}", cluster="test", cookie_secure=False, poll_interval=0.5)
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture
+def apps(lab: dict[str, Any], db_ready: MariaDB, fake_slurm: Path) -> dict[str, Any]:
+    out = {}
+    for svc in ("auth", "api", "cae"):
+        s = settings(svc, lab, db_ready)
+        out[svc] = create_app(s, Backends(s)).test_client()
+    add_user(Backends(settings("auth", lab, db_ready)), "alice", "alice-Pw-123")
+    return out
+
+
+def login(apps: dict[str, Any]) -> str:
+    r = apps["auth"].post("/auth/login", json={"username": "alice", "password": "alice-Pw-123"})
+    assert r.status_code == 200, r.get_json()
+    sid = apps["auth"].get_cookie("sid").value
+    for c in apps.values():
+        c.set_cookie("sid", sid)
+    return str(sid)
+
+
+def master(lab: dict[str, Any]) -> redis.Redis:
+    return redis.Redis(port=lab["a"], password=PW, decode_responses=True)
+
+
+@pytest.mark.daemons
+def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, Any], lab: dict[str, Any],
+                                                              tally: Tally) -> None:
+    bad = apps["auth"].post("/auth/login", json={"username": "alice", "password": "wrong-password"})
+    tally.check(bad.status_code == 401)
+    tally.check(apps["cae"].get("/cae/whoami").status_code == 401)
+    sid = login(apps)
+    tally.check(len(sid) == 32 and "alice" not in sid, "the cookie is only an id")
+    stored = json.loads(master(lab).get(f"portal:session:{sid}") or "{}")
+    tally.check(stored.get("user") == "alice", stored)
+    tally.check(0 < master(lab).ttl(f"portal:session:{sid}") <= 8 * 3600)
+    # Another service (another server, in production) reads the same session.
+    tally.check(apps["cae"].get("/cae/whoami").get_json()["user"] == "alice")
+    tally.check(apps["auth"].get("/auth/me").get_json() == {"user": "alice"})
+    master(lab).delete(f"portal:session:{sid}")
+    tally.check(apps["auth"].get("/auth/me").status_code == 401, "deleting the key logs out")
+    tally.check(apps["cae"].get("/cae/whoami").status_code == 401)
+    # Logout deletes the key.
+    sid = login(apps)
+    tally.check(apps["auth"].post("/auth/logout").status_code == 200)
+    tally.check(master(lab).exists(f"portal:session:{sid}") == 0)
+    tally.expect(11)
+
+
+@pytest.mark.daemons
+def test_health_answers_200_with_every_check_and_503_when_one_fails(apps: dict[str, Any], lab: dict[str, Any],
+                                                                    db_ready: MariaDB, tally: Tally) -> None:
+    for svc, path in (("api", "/api/health"), ("auth", "/auth/health"), ("cae", "/health")):
+        r = apps[svc].get(path)
+        tally.check(r.status_code == 200, f"{svc}: {r.get_json()}")
+        tally.check(r.get_json()["checks"] == {"redis": "ok", "database": "ok", "slurm": "ok"}, r.get_json())
+    s = settings("api", lab, db_ready, sentinels=sentinels([free_port()]), redis_timeout=0.3)
+    r = create_app(s, Backends(s)).test_client().get("/api/health")
+    tally.check(r.status_code == 503 and r.get_json()["status"] == "unhealthy", r.get_json())
+    tally.check(r.get_json()["checks"]["redis"].startswith("error: NoMaster"), r.get_json())
+    s = settings("api", lab, db_ready, db_port=free_port())
+    r = create_app(s, Backends(s)).test_client().get("/api/health")
+    tally.check(r.status_code == 503 and r.get_json()["checks"]["database"].startswith("error:"), r.get_json())
+    tally.expect(9)
+
+
+@pytest.mark.daemons
+def test_records_and_session_probes_keep_the_stand_in_semantics(apps: dict[str, Any], tally: Tally) -> None:
+    api = apps["api"]
+    first = api.get("/api/session").get_json()
+    tally.check(first["new"] is True)
+    tally.check(api.get("/api/session").get_json() == {**first, "new": False})
+    tally.check(api.post("/api/records", json={"request_id": "r-1", "payload": "x"}).get_json()["duplicate"] is False)
+    tally.check(api.post("/api/records", json={"request_id": "r-1", "payload": "x"}).get_json()["duplicate"] is True)
+    tally.check(api.get("/api/records/r-1").status_code == 200)
+    tally.check(api.get("/api/records/r-2").status_code == 404)
+    doc = api.post("/api/records/missing", json={"ids": ["r-1", "r-2"]}).get_json()
+    tally.check(doc["missing"] == ["r-2"] and doc["duplicates"] == 0, doc)
+    tally.check(api.post("/api/records", json={"request_id": "bad id!"}).status_code == 400)
+    tally.expect(8)
+
+
+@pytest.mark.daemons
+def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_slurm: Path, tally: Tally) -> None:
+    api = apps["api"]
+    tally.check(api.post("/api/jobs", json={"request_id": "req-1", "name": "a"}).status_code == 401, "login first")
+    login(apps)
+    r1 = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
+    tally.check(r1 == {"job_id": "100", "request_id": "req-1", "duplicate": False}, r1)
+    r2 = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
+    tally.check(r2 == {**r1, "duplicate": True}, r2)
+    # sbatch queues the job but its answer is lost: 503; the retry finds it in squeue.
+    (fake_slurm.parent / "slurm.json.lose-answer").touch()
+    lost = api.post("/api/jobs", json={"request_id": "req-2", "name": "b", "seconds": 60})
+    tally.check(lost.status_code == 503 and "sbatch failed" in lost.get_json()["error"], lost.get_json())
+    retry = api.post("/api/jobs", json={"request_id": "req-2", "name": "b", "seconds": 60}).get_json()
+    tally.check(retry == {"job_id": "101", "request_id": "req-2", "duplicate": True}, retry)
+    # A job that already left the queue is found in accounting (sacct).
+    set_job(fake_slurm, "100", "COMPLETED", done=True)
+    again = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
+    tally.check(again == {"job_id": "100", "request_id": "req-1", "duplicate": True}, again)
+    sbatches = [line for line in (fake_slurm.parent / "slurm.json.log").read_text().splitlines()
+                if line.startswith("sbatch")]
+    tally.check(len(sbatches) == 2 and "--comment=req-1" in sbatches[0] and "--comment=req-2" in sbatches[1], str(sbatches))
+    tally.check(api.get("/api/jobs/100").get_json() == {"job_id": "100", "state": "COMPLETED"})
+    tally.check(api.get("/api/jobs/101").get_json() == {"job_id": "101", "state": "PENDING"})
+    mine = api.get("/api/jobs").get_json()["jobs"]
+    tally.check(sorted(j["job_id"] for j in mine) == ["100", "101"], mine)
+    tally.check(api.post("/api/jobs", json={"seconds": 0}).status_code == 400)
+    tally.expect(11)
+
+
+# ----------------------------------------------------------- websocket, gunicorn, HAProxy
+
+
+def ws_handshake(port: int, cookie: str | None) -> str:
+    """The status line of a raw websocket upgrade on /ws/."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        hdr = ("GET /ws/ HTTP/1.1\r\nHost: portal\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+        if cookie:
+            hdr += f"Cookie: sid={cookie}\r\n"
+        s.sendall((hdr + "\r\n").encode())
+        return s.recv(4096).decode(errors="replace").split("\r\n", 1)[0]
+
+
+def next_message(ws: Any, want: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+        if raw is None:
+            break
+        msg = json.loads(raw)
+        if msg["type"] == want:
+            return dict(msg)
+    raise AssertionError(f"no {want!r} message within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The app artifact as build.sh makes it, installed offline as a host would."""
+    out = tmp_path_factory.mktemp("h12-build")
+    cp = subprocess.run([str(EXAMPLE / "build.sh"), "--out", str(out), "--release", "test", "--only", "app"],
+                        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    dest = out / "app" / "test"
+    cp = subprocess.run([str(dest / "install.sh"), need("/usr/bin/python3", "python3")], capture_output=True,
+                        text=True, timeout=600)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return dest
+
+
+def test_build_makes_a_pure_python_wheelhouse_that_installs_offline(artifact: Path, tally: Tally) -> None:
+    wheels = sorted(p.name for p in (artifact / "wheelhouse").glob("*.whl"))
+    tally.check(len(wheels) >= 14, str(wheels))
+    for w in wheels:
+        tally.check(w.endswith("-py3-none-any.whl"), f"{w} is not a pure-Python wheel")
+    for name in ("flask-", "markupsafe-", "gunicorn-", "redis-", "pymysql-", "flask_sock-", "async_timeout-"):
+        tally.check(any(w.startswith(name) for w in wheels), f"no {name} wheel")
+    reqs = (artifact / "wheelhouse" / "requirements.txt").read_text()
+    tally.check(reqs.count("--hash=sha256:") == len(wheels), reqs)
+    tally.check(os.access(artifact / "bin" / "hpc-portal-service", os.X_OK))
+    venv = next(artifact.glob("venv-3.*"))
+    cp = subprocess.run([str(venv / "bin" / "python"), "-c",
+                         "import flask, markupsafe, gunicorn, redis, pymysql, flask_sock, sys;"
+                         "import importlib.util as u; print(u.find_spec('markupsafe._speedups') is None)"],
+                        capture_output=True, text=True, timeout=60)
+    tally.check(cp.returncode == 0 and cp.stdout.strip() == "True", cp.stdout + cp.stderr)
+    tally.expect(len(wheels) + 10)
+
+
+@pytest.mark.daemons
+def test_websocket_pushes_job_changes_behind_haproxy_and_resyncs_after_reconnect(
+        artifact: Path, lab: dict[str, Any], db_ready: MariaDB, fake_slurm: Path, tmp_path: Path,
+        tally: Tally) -> None:
+    from simple_websocket import Client
+
+    haproxy = need("haproxy", "haproxy")
+    port, front = free_port(), free_port()
+    env = {**os.environ, "PORTAL_SERVICE": "ws", "PORT": str(port), f"BACKEND_{port}_HOST": "127.0.0.1",
+           "SERVER_ID": "app-test-1", "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in lab["sentinels"]),
+           "REDIS_MASTER_NAME": MASTER, "REDIS_PASSWORD": PW, "DB_HOST": "127.0.0.1", "DB_PORT": str(db_ready.port),
+           "DB_USER": APP_USER, "DB_PASSWORD": APP_PASSWORD, "DB_NAME": "portal_ws", "SLURM_CLUSTER": "wstest",
+           "PORTAL_COOKIE_SECURE": "0", "PORTAL_POLL_INTERVAL": "0.3", "PORTAL_WORKERS": "2",
+           "HPC_PORTAL_PYTHON": "/usr/bin/python3"}
+    m = master(lab)
+    for k in m.keys("portal:jobs:wstest*"):
+        m.delete(k)
+    cfg = tmp_path / "haproxy.cfg"
+    # The LB tier's routing for websockets: by the Upgrade header, long tunnel time-out.
+    cfg.write_text(f"""global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:{front}
+    acl route_ws hdr(Upgrade) -i websocket
+    use_backend be_ws if route_ws
+backend be_ws
+    option httpchk GET /ws/health
+    timeout tunnel 1h
+    server app-test-1-{port} 127.0.0.1:{port} check inter 1s
+""")
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as logf:
+        gunicorn = subprocess.Popen([str(artifact / "bin" / "hpc-portal-service")], env=env, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    lb = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        health = wait_for(lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/health", timeout=5)
+                                             .read()), 60, f"gunicorn's /ws/health (log: {log})")
+        tally.check(health["status"] == "healthy", health)
+        sid = "a" * 32
+        m.set(f"portal:session:{sid}", json.dumps({"user": "alice"}), ex=600)
+        # HAProxy has seen the server answer its health check.
+        wait_for(lambda: not ws_handshake(front, None).startswith("HTTP/1.1 503"), 15, "HAProxy's backend up")
+        status = ws_handshake(front, None)
+        tally.check(status.startswith("HTTP/1.1 401"), f"no login, no websocket: {status}")
+        status = ws_handshake(front, sid)
+        tally.check(status == "HTTP/1.1 101 Switching Protocols", f"101 through HAProxy: {status}")
+        ws = Client.connect(f"ws://127.0.0.1:{front}/ws/", headers={"Cookie": f"sid={sid}"})
+        ws.send(json.dumps({"type": "hello", "last_seq": 0}))
+        tally.check(next_message(ws, "uptodate")["seq"] == 0)
+        job, _dup = portal_slurm.submit("ws-req-1", "wsjob", 60)
+        pending = next_message(ws, "job")
+        tally.check(pending["job_id"] == job and pending["state"] == "PENDING" and pending["seq"] == 1, str(pending))
+        set_job(fake_slurm, job, "RUNNING")
+        running = next_message(ws, "job")
+        tally.check(running["state"] == "RUNNING" and running["seq"] == 2, str(running))
+        ws.close()
+        # While the client is away the job finishes (it leaves the queue; sacct has it).
+        set_job(fake_slurm, job, "COMPLETED", done=True)
+        wait_for(lambda: m.hget("portal:jobs:wstest:state", job) == "COMPLETED", 10, "the poller to see COMPLETED")
+        ws = Client.connect(f"ws://127.0.0.1:{front}/ws/", headers={"Cookie": f"sid={sid}"})
+        ws.send(json.dumps({"type": "hello", "last_seq": running["seq"]}))
+        snap = next_message(ws, "snapshot")
+        tally.check(snap["seq"] == 3 and snap["jobs"] == {job: "COMPLETED"}, str(snap))
+        ws.close()
+        # Two worker processes, one poller: every change was published exactly once.
+        tally.check(m.get("portal:jobs:wstest:seq") == "3")
+        tally.check(m.get("portal:jobs:wstest:poller") is not None, "a poller holds the lease")
+    finally:
+        lb.terminate()
+        lb.wait(10)
+        os.killpg(gunicorn.pid, signal.SIGTERM)
+        try:
+            gunicorn.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(gunicorn.pid, signal.SIGKILL)
+            gunicorn.wait(5)
+    tally.expect(9)
+
+
+@pytest.mark.daemons
+def test_database_is_reached_through_the_settings(db_ready: MariaDB, lab: dict[str, Any], tally: Tally) -> None:
+    db = Database(settings("api", lab, db_ready))
+    n, rows = db.query("SELECT DATABASE(), CURRENT_USER()")
+    tally.check(rows[0][0] == "portal_api" and rows[0][1].startswith(f"{APP_USER}@"), str(rows))
+    tally.check(sorted(r[0] for r in db.query("SHOW TABLES")[1]) == ["portal_jobs", "portal_users", "records"])
+    tally.expect(2)
