@@ -313,7 +313,7 @@ def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, An
     tally.check(apps["cae"].get("/cae/whoami").status_code == 401)
     # Logout deletes the key.
     sid = login(apps)
-    tally.check(apps["auth"].post("/auth/logout").status_code == 200)
+    tally.check(apps["auth"].post("/auth/logout", json={}).status_code == 200)
     tally.check(master(lab).exists(f"portal:session:{sid}") == 0)
     tally.expect(11)
 
@@ -378,7 +378,9 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     mine = api.get("/api/jobs").get_json()["jobs"]
     tally.check(sorted(j["job_id"] for j in mine) == ["100", "101"], mine)
     tally.check(api.post("/api/jobs", json={"seconds": 0}).status_code == 400)
-    tally.expect(11)
+    tally.check(api.post("/api/jobs", data="name=x", content_type="application/x-www-form-urlencoded").status_code
+                == 415, "a form post (cross-site) is refused")
+    tally.expect(12)
 
 
 # ----------------------------------------------------------- websocket, gunicorn, HAProxy
@@ -532,3 +534,24 @@ def test_database_is_reached_through_the_settings(db_ready: MariaDB, lab: dict[s
     tally.check(rows[0][0] == "portal_api" and rows[0][1].startswith(f"{APP_USER}@"), str(rows))
     tally.check(sorted(r[0] for r in db.query("SHOW TABLES")[1]) == ["portal_jobs", "portal_users", "records"])
     tally.expect(2)
+
+
+def test_frontend_builds_into_a_release_directory_for_nginx(tmp_path: Path, tally: Tally) -> None:
+    need("npm", "npm")
+    cp = subprocess.run([str(EXAMPLE / "build.sh"), "--out", str(tmp_path), "--release", "web-test", "--only", "web"],
+                        capture_output=True, text=True, timeout=600)
+    tally.check(cp.returncode == 0, cp.stderr[-3000:])
+    release = tmp_path / "web" / "releases" / "web-test"
+    index = (release / "index.html").read_text()
+    assets = sorted(p.name for p in (release / "assets").iterdir())
+    # Hashed names under assets/ (nginx caches /assets/ for a year), named by index.html.
+    tally.check(any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets), str(assets))
+    for a in assets:
+        tally.check(f"/assets/{a}" in index, f"index.html does not load {a}")
+    js = next((release / "assets").glob("*.js")).read_text()
+    for needle in ("/ws/", "last_seq", "/api/jobs", "/auth/login", "request_id"):
+        tally.check(needle in js, f"{needle} not in the bundle")
+    tracked = subprocess.run(["git", "-C", str(EXAMPLE), "ls-files", "frontend"], capture_output=True, text=True).stdout
+    tally.check("package-lock.json" in tracked or not tracked, "package-lock.json is committed with the source")
+    tally.check("node_modules" not in tracked and "dist/" not in tracked, "no node_modules or build output in git")
+    tally.expect(10)

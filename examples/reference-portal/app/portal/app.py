@@ -80,6 +80,14 @@ def create_app(s: Settings | None = None, backends: Backends | None = None) -> F
     def backend_down(e: Exception) -> Response:
         return error(503, f"{type(e).__name__}: {e}")
 
+    # JSON bodies only: a cross-site HTML form cannot send application/json, so with the
+    # SameSite=Lax cookie this is the CSRF defence of the POST routes.
+    @app.before_request
+    def json_only() -> Response | None:
+        if request.method == "POST" and not request.is_json:
+            return error(415, "POST bodies are JSON (Content-Type: application/json)")
+        return None
+
     @app.get(s.health_path)
     def health() -> tuple[Response, int]:
         checks = {"redis": "ok", "database": "ok", "slurm": b.slurm.check()}
