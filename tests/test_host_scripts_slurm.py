@@ -552,6 +552,7 @@ def fence_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_aws: None)
 
         mod.port_state = probe
         mod._sleep = lambda s: None
+        mod.BOOT_GRACE_S = 0.0  # moto's instances were launched just now
         try:
             yield world
         finally:
@@ -632,6 +633,16 @@ def test_fence_never_stops_this_hosts_own_instance(fence_world, caplog):
     fake_ping(w, "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is DOWN\n")
     rc, text = fence_run(w, caplog)
     assert rc == 0 and state_of(w, "slurm-2") == "running" and state_of(w, "slurm-1") == "running"
+
+
+def test_fence_leaves_a_peer_that_is_still_booting_alone(fence_world, caplog):
+    w = fence_world
+    fake_ping(w, PING_PRIMARY_DOWN)
+    w["port"] = "silent"  # a kernel not up yet does not answer either
+    w["mod"].BOOT_GRACE_S = 300.0
+    rc, text = fence_run(w, caplog)
+    assert rc == 4 and "is booting (running, launched" in text and "has not been in control" in text
+    assert state_of(w, "slurm-1") == "running"
 
 
 def test_fence_refuses_a_host_that_is_not_a_slurm_controller(fence_world, caplog):
