@@ -28,7 +28,8 @@ from rehearsal import container, image
 from rehearsal.imds_tree import answer_path, build_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = f"h4-t{os.getpid() % 100000}"
+PREFIX = f"h4-t{os.getpid() % 100000}"  # namespaces PREFIX and PREFIX-m; hosts PREFIX-a, PREFIX-b
+HOST_A, HOST_B = f"{PREFIX}-a", f"{PREFIX}-b"
 IMDS_IP = "169.254.169.254"
 HOST_IP = "169.254.10.2"
 REGION = "ap-northeast-2"
@@ -279,14 +280,14 @@ class Env:
                 container.kill(h)
             except Exception as e:  # noqa: BLE001 - clean up the rest anyway
                 errors.append(f"{h.name}: {e}")
-        container.cleanup_leftovers(PREFIX)
+        container.cleanup_leftovers(f"{PREFIX}-")
         if self.imds is not None:
             self.imds.kill()
             self.imds.wait(timeout=10)
         for ns in (self.ns, self.imds_ns):
             if Path(f"/run/netns/{ns}").exists():
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        left = container.leftovers(PREFIX)
+        left = container.leftovers(f"{PREFIX}-")
         assert not any(left.values()), f"left behind: {left}"
         assert not errors, errors
 
@@ -298,7 +299,7 @@ def env() -> Iterator[Env]:
     e = Env(work)
     try:
         e.up()
-        e.boot(f"{PREFIX}a", img)
+        e.boot(HOST_A, img)
         yield e
     finally:
         try:
@@ -309,7 +310,7 @@ def env() -> Iterator[Env]:
 
 
 def run(e: Env, argv: list[str], name: str | None = None, timeout: float = 60) -> str:
-    h = e.handles[name or f"{PREFIX}a"]
+    h = e.handles[name or HOST_A]
     rc, out = container.exec(h, argv, timeout=timeout)
     assert rc == 0, f"{argv} exited {rc}: {out}"
     return out
@@ -317,7 +318,7 @@ def run(e: Env, argv: list[str], name: str | None = None, timeout: float = 60) -
 
 def host_file(e: Env, path: str, name: str | None = None) -> str:
     """A file of the running host, read through its PID 1's root."""
-    h = e.handles[name or f"{PREFIX}a"]
+    h = e.handles[name or HOST_A]
     return Path(f"/proc/{h.leader}/root{path}").read_text()
 
 
@@ -376,11 +377,11 @@ def test_cloud_init_used_imdsv2_and_walked_the_versioned_tree(env: Env) -> None:
 
 @pytest.mark.daemons
 def test_machine_id_is_the_hosts_own(env: Env) -> None:
-    img = Path(env.handles[f"{PREFIX}a"].image)
+    img = Path(env.handles[HOST_A].image)
     assert (img / "etc/machine-id").read_text() == ""
     first = host_file(env, "/etc/machine-id").strip()
     assert len(first) == 32 and int(first, 16)
-    second_name = f"{PREFIX}b"
+    second_name = HOST_B
     h = env.boot(second_name, img)
     second = host_file(env, "/etc/machine-id", second_name).strip()
     assert len(second) == 32 and second != first
@@ -392,7 +393,7 @@ def test_machine_id_is_the_hosts_own(env: Env) -> None:
 
 @pytest.mark.daemons
 def test_units_are_sandboxed_timed_and_limited_as_on_an_instance(env: Env) -> None:
-    rc, out = container.exec(env.handles[f"{PREFIX}a"],
+    rc, out = container.exec(env.handles[HOST_A],
                              ["systemd-run", "--wait", "--pipe", "--quiet", "-p", "ProtectSystem=strict",
                               "-p", "StateDirectory=h4probe", "sh", "-c",
                               "touch /var/lib/h4probe/ok && touch /etc/h4-written"])
@@ -404,7 +405,7 @@ def test_units_are_sandboxed_timed_and_limited_as_on_an_instance(env: Env) -> No
               "touch", "/run/h4-timer-fired"])
     assert "h4-timer.timer" in run(env, ["systemctl", "list-timers", "--all", "--no-legend"])
     deadline = time.monotonic() + 15
-    while not Path(f"/proc/{env.handles[f'{PREFIX}a'].leader}/root/run/h4-timer-fired").exists():
+    while not Path(f"/proc/{env.handles[HOST_A].leader}/root/run/h4-timer-fired").exists():
         assert time.monotonic() < deadline, "the OnActiveSec=2 timer did not fire in 15 s"
         time.sleep(0.2)
     soft = run(env, ["systemd-run", "--wait", "--pipe", "--quiet", "sh", "-c", "ulimit -Sn"]).strip()
@@ -413,7 +414,7 @@ def test_units_are_sandboxed_timed_and_limited_as_on_an_instance(env: Env) -> No
 
 @pytest.mark.daemons
 def test_freeze_pauses_every_process_and_thaw_resumes(env: Env) -> None:
-    h = env.handles[f"{PREFIX}a"]
+    h = env.handles[HOST_A]
     run(env, ["systemd-run", "--quiet", "--unit=h4-tick", "sh", "-c",
               "while :; do echo t >> /run/h4-tick; sleep 0.1; done"])
     tick = Path(f"/proc/{h.leader}/root/run/h4-tick")
@@ -435,7 +436,7 @@ def test_freeze_pauses_every_process_and_thaw_resumes(env: Env) -> None:
 
 @pytest.mark.daemons
 def test_reboot_runs_per_boot_modules_only(env: Env) -> None:
-    name = f"{PREFIX}a"
+    name = HOST_A
     before = host_file(env, "/etc/machine-id")
     t0 = time.monotonic()
     h = container.reboot(env.handles[name])
@@ -450,7 +451,7 @@ def test_reboot_runs_per_boot_modules_only(env: Env) -> None:
 
 @pytest.mark.daemons
 def test_reboot_from_inside_ends_nspawn_with_the_reboot_code(env: Env) -> None:
-    name = f"{PREFIX}a"
+    name = HOST_A
     h = env.handles[name]
     run(env, ["systemctl", "reboot", "--no-block"])
     deadline = time.monotonic() + 60
@@ -468,7 +469,7 @@ def test_reboot_from_inside_ends_nspawn_with_the_reboot_code(env: Env) -> None:
 
 @pytest.mark.daemons
 def test_kill_is_a_hard_crash_and_the_disk_boots_again(env: Env) -> None:
-    name = f"{PREFIX}a"
+    name = HOST_A
     h = env.handles[name]
     run(env, ["sh", "-c", "echo crash-marker > /root/marker && sync"])
     victims = container.kill(h)
