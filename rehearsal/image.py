@@ -5,7 +5,8 @@ rehearsal host (systemd as PID 1, the real cloud-init with its Ec2 datasource).
     python -m rehearsal.image build [--tiers] [--os debian-12]
 
 An image is cached under CACHE_DIR/<os>-<base|tiers>-<hash>/root where the hash covers
-the whole recipe (packages, files written into the image, masked units, RECIPE_VERSION):
+the whole recipe (packages, files written into the image, disabled and masked units,
+RECIPE_VERSION):
 change any of them and the next ensure() builds a new image; the same recipe is never
 built twice. A build goes to a temporary directory beside the cache entry and is renamed
 into place when complete, under a lock, so two builders never race and a half-built

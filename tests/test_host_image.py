@@ -75,6 +75,45 @@ def test_recipe_hash_follows_the_recipe() -> None:
     assert set(image.BASE_PACKAGES) <= set(image.recipe("debian-12", True)["packages"])
 
 
+def test_ensure_builds_once_atomically_and_under_a_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two concurrent callers get one build; a failed build leaves no cache entry and a
+    build killed half-way (its temp dir) is cleaned by the next one."""
+    import threading
+
+    builds: list[str] = []
+
+    def fake_build(r: dict[str, Any], tmp: Path, log: Any, debs: Path) -> dict[str, Any]:
+        builds.append(r["os"])
+        assert not (tmp.parent / image.image_name("debian-12", r["tiers"])).exists()  # visible only once renamed
+        time.sleep(0.3)
+        if r["tiers"]:
+            raise image.ImageError("apt-get install failed")
+        (tmp / "root/usr/lib/systemd").mkdir(parents=True)
+        return {}
+
+    monkeypatch.setattr(image, "_build", fake_build)
+    monkeypatch.setattr(image, "_tools", lambda log: None)
+    stale = tmp_path / f".build-{image.image_name('debian-12', False)}-999999"
+    (stale / "root").mkdir(parents=True)
+    roots: list[Path] = []
+    threads = [threading.Thread(target=lambda: roots.append(image.ensure("debian-12", False, cache=tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == ["debian-12"] and len(set(roots)) == 1
+    assert roots[0] == tmp_path / image.image_name("debian-12", False) / "root"
+    assert json.loads((roots[0].parent / image.MARKER).read_text())["hash"] == image.recipe_hash(
+        image.recipe("debian-12", False))
+    assert not stale.exists()
+    assert image.ensure("debian-12", False, cache=tmp_path) == roots[0] and len(builds) == 1
+    with pytest.raises(image.ImageError, match="apt-get install failed"):
+        image.ensure("debian-12", True, cache=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name == "debs") == [
+        image.image_name("debian-12", False)]
+
+
 def test_recipe_rejects_unknown_os() -> None:
     with pytest.raises(image.ImageError, match="unknown os 'centos-7': allowed debian-12, debian-13"):
         image.recipe("centos-7")
