@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,16 @@ def _leader(nspawn_pid: int) -> int | None:
     return None
 
 
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _in_cgroups(name: str, argv: Sequence[str]) -> list[str]:
+    """argv run after its process joined the host's cgroups (a shell that moves itself,
+    then execs: no preexec_fn, which is unsafe in a threaded caller)."""
+    files = " ".join(str(p / "cgroup.procs") for p in cgroup_dirs(name).values())
+    return ["/bin/sh", "-c", f'for f in {files}; do echo $$ > "$f" || exit 125; done; exec "$@"', "sh", *argv]
+
+
 def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[tuple[str, str]] = (),
           ro_binds: Sequence[tuple[str, str]] = (), files: Mapping[str, str | bytes] | None = None,
           env: Mapping[str, str] | None = None, init_args: Sequence[str] = (), timeout: float = 30) -> Handle:
@@ -164,6 +175,9 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
     go to systemd's command line. A new disk gets a fresh /etc/machine-id. Returns once
     systemd runs as the container's PID 1 (see wait_running for the boot itself)."""
     image, hostdir = Path(image), Path(hostdir)
+    if not NAME_RE.fullmatch(name):
+        raise ContainerError(f"host name {name!r}: lowercase letters, digits and '-', at most 63, "
+                             "not starting with '-' (it is the hostname and a cgroup name)")
     if not (image / "usr/lib/systemd/systemd").exists():
         raise ContainerError(f"{image} is not a host image root (no usr/lib/systemd/systemd)")
     if not Path(f"/run/netns/{netns}").exists():
@@ -189,17 +203,10 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
         p.mkdir(parents=True, exist_ok=True)
     (cgs["freezer"] / "freezer.state").write_text("THAWED")
     argv = nspawn_argv(name, root, netns, binds, ro_binds, env, init_args)
-    procs_files = [str(p / "cgroup.procs") for p in cgs.values()]
-
-    def enter_cgroups() -> None:  # in the child, before exec: nspawn and all it starts live there
-        for f in procs_files:
-            with open(f, "w") as fh:
-                fh.write("0")
-
     console = open(hostdir / "console.log", "ab")
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                preexec_fn=enter_cgroups, start_new_session=True,
+        proc = subprocess.Popen(_in_cgroups(name, argv), stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, start_new_session=True,
                                 env={"PATH": PATH, "LANG": "C.UTF-8", "SYSTEMD_LOG_LEVEL": "warning"})
     except BaseException:
         console.close()
@@ -251,16 +258,9 @@ def exec(h: Handle, argv: Sequence[str], timeout: float = 120, input: bytes | No
     state = (cgdirs["freezer"] / "freezer.state").read_text().strip()
     if state != "THAWED":  # the command would freeze with it, and so would its caller's wait
         raise ContainerError(f"{h.name} is {state.lower()}: thaw it before running {argv[0]!r} inside")
-    cgs = [str(p / "cgroup.procs") for p in cgdirs.values()]
-
-    def enter() -> None:
-        for f in cgs:
-            with open(f, "w") as fh:
-                fh.write("0")
-
     cmd = ["nsenter", "-t", str(h.leader), "-a", "--", *argv]
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=enter,
+    p = subprocess.Popen(_in_cgroups(h.name, cmd), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True, env={"PATH": PATH, "LANG": "C.UTF-8", "TERM": "dumb"})
     try:
         out, _ = p.communicate(input, timeout=timeout)

@@ -155,6 +155,19 @@ def test_units_enabled_by_follows_dependencies(tmp_path: Path) -> None:
         image.units_enabled_by(root, ["rpcbind"])
 
 
+def test_container_refuses_a_bad_name_or_a_missing_namespace(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    (img / "usr/lib/systemd").mkdir(parents=True)
+    (img / "usr/lib/systemd/systemd").touch()
+    with pytest.raises(container.ContainerError, match="host name 'Web_1'"):
+        container.start("Web_1", img, tmp_path / "disk", "x")
+    with pytest.raises(container.ContainerError, match="not a host image root"):
+        container.start("web-1", tmp_path, tmp_path / "disk", "x")
+    with pytest.raises(container.ContainerError, match="network namespace 'h4-none' does not exist"):
+        container.start("web-1", img, tmp_path / "disk", "h4-none")
+    assert not (tmp_path / "disk").exists()
+
+
 def test_imds_tree_versions_listings_and_leaves() -> None:
     ud = b"#cloud-config\n"
     for v in ("latest", "2021-03-23", "2009-04-04"):
