@@ -413,7 +413,8 @@ def next_message(ws: Any, want: str, timeout: float = 15.0) -> dict[str, Any]:
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The app artifact as build.sh makes it, installed offline as a host would."""
     out = tmp_path_factory.mktemp("h12-build")
-    cp = subprocess.run([str(EXAMPLE / "build.sh"), "--out", str(out), "--release", "test", "--only", "app"],
+    cp = subprocess.run([str(EXAMPLE / "build.sh"), "--out", str(out), "--release", "test", "--only", "app",
+                         "--git-remote", str(out / "portal.git")],
                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
     assert cp.returncode == 0, cp.stderr[-3000:]
     dest = out / "app" / "test"
@@ -433,13 +434,20 @@ def test_build_makes_a_pure_python_wheelhouse_that_installs_offline(artifact: Pa
     reqs = (artifact / "wheelhouse" / "requirements.txt").read_text()
     tally.check(reqs.count("--hash=sha256:") == len(wheels), reqs)
     tally.check(os.access(artifact / "bin" / "hpc-portal-service", os.X_OK))
+    # The same artifact as a git release (the {kind: git} artifact): the tag, no venv.
+    clone = artifact.parent / "clone"
+    cp = subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", "release-test",
+                         str(artifact.parents[1] / "portal.git"), str(clone)], capture_output=True, text=True)
+    tally.check(cp.returncode == 0, cp.stderr)
+    tally.check(os.access(clone / "bin" / "hpc-portal-service", os.X_OK) and (clone / "wheelhouse" / "requirements.txt")
+                .read_text() == reqs and not list(clone.glob("venv-*")), "the git release has the same files")
     venv = next(artifact.glob("venv-3.*"))
     cp = subprocess.run([str(venv / "bin" / "python"), "-c",
                          "import flask, markupsafe, gunicorn, redis, pymysql, flask_sock, sys;"
                          "import importlib.util as u; print(u.find_spec('markupsafe._speedups') is None)"],
                         capture_output=True, text=True, timeout=60)
     tally.check(cp.returncode == 0 and cp.stdout.strip() == "True", cp.stdout + cp.stderr)
-    tally.expect(len(wheels) + 10)
+    tally.expect(len(wheels) + 12)
 
 
 @pytest.mark.daemons
@@ -515,6 +523,12 @@ backend be_ws
         # Two worker processes, one poller: every change was published exactly once.
         tally.check(m.get("portal:jobs:wstest:seq") == "3")
         tally.check(m.get("portal:jobs:wstest:poller") is not None, "a poller holds the lease")
+        # The entry point's add-user, as an operator runs it on a host.
+        cp = subprocess.run([str(artifact / "bin" / "hpc-portal-service"), "add-user", "bob"], input="bob-Pw-12345\n",
+                            env={**env, "PORTAL_SERVICE": "auth", "DB_NAME": "portal_auth"}, capture_output=True,
+                            text=True, timeout=60)
+        tally.check(cp.returncode == 0, cp.stderr)
+        tally.check(db_ready.sql("SELECT username FROM portal_auth.portal_users WHERE username = 'bob'") == [("bob",)])
     finally:
         lb.terminate()
         lb.wait(10)
@@ -524,7 +538,7 @@ backend be_ws
         except subprocess.TimeoutExpired:
             os.killpg(gunicorn.pid, signal.SIGKILL)
             gunicorn.wait(5)
-    tally.expect(9)
+    tally.expect(11)
 
 
 @pytest.mark.daemons
