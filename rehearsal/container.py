@@ -9,6 +9,7 @@ overlay of a host image (rehearsal.image), inside a network namespace made by th
     kill(h)                      SIGKILL everything at once, as a hard instance crash
     stop(h)                      poweroff inside, kill after a timeout
     reboot(h) -> Handle          stop + start on the same disk (upper layer)
+    handle(name) -> Handle       a running host's handle, from its record (another process)
     pids(h), leftovers(prefix), cleanup_leftovers(prefix)
 
 The host's disk is `hostdir`: upper/ and work/ of its overlay (kept across stop, kill and
@@ -27,6 +28,7 @@ kept in STATE_DIR/<name>.json so that leftovers() finds what a crashed caller le
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -125,13 +127,34 @@ def _unmount(path: Path) -> None:
 
 
 def _record(h: Handle) -> None:
+    """STATE_DIR/<name>.json: everything handle(name) needs, readable by root only (the
+    spec holds the files given to start)."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     rec = asdict(h)
-    rec.pop("spec")  # may hold file contents
+    files = rec["spec"].get("files") or {}
+    rec["spec"]["files"] = {k: v if isinstance(v, str) else {"base64": base64.b64encode(v).decode()}
+                            for k, v in files.items()}
     rec.update(mount=str(h.root), cgroups=[str(p) for p in cgroup_dirs(h.name).values()])
     tmp = STATE_DIR / f".{h.name}.json"
-    tmp.write_text(json.dumps(rec, indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(rec, indent=2) + "\n")
     os.replace(tmp, STATE_DIR / f"{h.name}.json")
+
+
+def handle(name: str) -> Handle:
+    """The handle of a running host from its record (for a process other than the one
+    that started it: exec, freeze, kill, stop and reboot work with it)."""
+    rec_file = STATE_DIR / f"{name}.json"
+    try:
+        rec = json.loads(rec_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ContainerError(f"{name} is not running (no readable {rec_file})") from e
+    spec = rec.get("spec") or {}
+    spec["files"] = {k: v if isinstance(v, str) else base64.b64decode(v["base64"])
+                     for k, v in (spec.get("files") or {}).items()}
+    return Handle(rec["name"], rec["image"], rec["hostdir"], rec["netns"], rec["nspawn_pid"], rec["leader"],
+                  rec["argv"], spec)
 
 
 def _leader(nspawn_pid: int) -> int | None:

@@ -314,9 +314,9 @@ class Env:
             assert time.monotonic() < deadline, (self.workdir / "imds.err").read_text()
             time.sleep(0.2)
 
-    def boot(self, name: str, img: Path) -> container.Handle:
+    def boot(self, name: str, img: Path, **kw: Any) -> container.Handle:
         t0 = time.monotonic()
-        h = container.start(name, img, self.workdir / name, self.ns)
+        h = container.start(name, img, self.workdir / name, self.ns, **kw)
         self.handles[name] = h
         state = container.wait_running(h, timeout=180)
         self.boot_seconds[name] = round(time.monotonic() - t0, 1)
@@ -351,7 +351,8 @@ def env() -> Iterator[Env]:
     e = Env(work)
     try:
         e.up()
-        e.boot(HOST_A, img)
+        (work / "shared").mkdir()
+        e.boot(HOST_A, img, binds=[(str(work / "shared"), "/srv/shared")], files={"/etc/hpc/given": b"\x00bytes\n"})
         yield e
     finally:
         try:
@@ -491,7 +492,9 @@ def test_reboot_runs_per_boot_modules_only(env: Env) -> None:
     name = HOST_A
     before = host_file(env, "/etc/machine-id")
     t0 = time.monotonic()
-    h = container.reboot(env.handles[name])
+    # from the record, as another process (the rehearsal's CLI) would: binds and files kept
+    assert container.handle(name) == env.handles[name]
+    h = container.reboot(container.handle(name))
     env.handles[name] = h
     assert container.wait_running(h, timeout=180) == "running"
     env.boot_seconds["reboot"] = round(time.monotonic() - t0, 1)
@@ -499,6 +502,9 @@ def test_reboot_runs_per_boot_modules_only(env: Env) -> None:
     assert host_file(env, "/root/boots") == "boot\nboot\n"  # bootcmd: every boot
     assert host_file(env, "/root/runs") == "run\n"  # runcmd: once per instance
     assert host_file(env, "/etc/machine-id") == before
+    (env.workdir / "shared" / "from-machine").write_text("shared\n")
+    assert host_file(env, "/srv/shared/from-machine") == "shared\n"
+    assert Path(f"/proc/{h.leader}/root/etc/hpc/given").read_bytes() == b"\x00bytes\n"
 
 
 @pytest.mark.daemons
