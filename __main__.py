@@ -8,7 +8,7 @@ import pulumi
 from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
 
 from components.config import load_config
-from components.portal import deploy
+from components.stack import build_stack
 from components.topology import build_topology
 
 project = pulumi.get_project()
@@ -42,6 +42,6 @@ topo = build_topology(cfg)
 
 # HPC_ROLL_HOST names the one stateful host that may take a template or AMI change in
 # this run (see tools/rolling.py); unset, stateful hosts keep what they run.
-outputs = deploy(cfg, topo, config, roll_host=os.environ.get("HPC_ROLL_HOST") or None)
+outputs = build_stack(cfg, topo, config, roll_host=os.environ.get("HPC_ROLL_HOST") or None)
 for name, value in outputs.items():
     pulumi.export(name, value)

@@ -8,6 +8,7 @@ the instances, e.g. when the operator's machine cannot reach SSM).
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 import pulumi
 import pulumi_command as command
@@ -28,15 +29,23 @@ def gate_command(cfg: StackConfig, host: Host, instance_id: str) -> str:
     ])
 
 
+@dataclass
+class ReadinessGateArgs:
+    cfg: StackConfig
+    host: Host
+    instance_id: pulumi.Output[str]
+    user_data_sha: pulumi.Output[str]  # sha256 of the host's user-data: a change re-runs the gate
+
+
 class ReadinessGate(pulumi.ComponentResource):
-    def __init__(self, name: str, cfg: StackConfig, host: Host, instance_id: pulumi.Output[str],
-                 user_data_sha: pulumi.Output[str], opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: ReadinessGateArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:gates:ReadinessGate", name, None, opts)
+        cfg, host, instance_id = args.cfg, args.host, args.instance_id
         self.command = command.local.Command(
             f"{name}-ready",
             create=instance_id.apply(lambda i: gate_command(cfg, host, i)),
             # re-run when the instance is replaced or its user-data changes
-            triggers=[instance_id, user_data_sha],
+            triggers=[instance_id, args.user_data_sha],
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.register_outputs({"stdout": self.command.stdout})

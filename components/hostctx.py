@@ -5,6 +5,7 @@ bucket names). Pure: no Pulumi here; the Server component resolves the Outputs f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,21 @@ class Deployed:
     eip_public_ip: str
     bundle_bucket: str
     backup_bucket: str
-    aws_endpoint_url: str | None = None
+
+    @classmethod
+    def from_outputs(cls, outputs: Mapping[str, Any]) -> Deployed:
+        """The one way to build it: from the resolved values in the shape of the stack
+        outputs (`efs`, `vip`, `buckets`; `vip` is None before the LB phase). The program
+        passes its resources' values through here, the offline contexts the mocks'."""
+        efs, vip, buckets = outputs["efs"], outputs["vip"], outputs["buckets"]
+        return cls(
+            efs_dns_name=efs["dns_name"],
+            efs_access_points=dict(efs["access_points"]),
+            eip_allocation_id=vip["allocation_id"] if vip else "",
+            eip_public_ip=vip["public_ip"] if vip else "",
+            bundle_bucket=buckets["bundles"],
+            backup_bucket=buckets["backups"],
+        )
 
 
 def _brief(h: Host) -> dict[str, Any]:
@@ -138,5 +153,8 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
         "backup": {"bucket": dep.backup_bucket, "retention_days": cfg.backup_retention_days},
         "bundle": {"bucket": dep.bundle_bucket, "key": f"{cfg.stack}/{host.name}/bundle.tar.gz"},
         "secrets": {"path": f"{cfg.ssm_path}/secrets", "names": list(SECRET_NAMES)},
-        "aws_endpoint_url": dep.aws_endpoint_url,
+        # Never set by the program (a rehearsal host reads its endpoint from
+        # /etc/hpc/aws-endpoint); the templates still test it, and a template test sets
+        # it in the context to check the override.
+        "aws_endpoint_url": None,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
@@ -129,15 +130,29 @@ def _bundle_doc_for(keys: list[str]) -> Callable[[list[Any]], str]:
     return lambda v: bundle_policy_document(v[0], v[1], keys)
 
 
+@dataclass
+class HostRoleArgs:
+    cfg: StackConfig
+    roles: tuple[str, ...]  # every role of the group's hosts
+    host_names: list[str]  # the group's hosts: their bundle and backup keys
+    bundle_bucket: pulumi.Output[str]
+    backup_bucket: pulumi.Output[str]
+    partition: pulumi.Output[str]
+    account: pulumi.Output[str]
+    tags: dict[str, str]
+    # LB groups only: the EIP they may move, and onto which interfaces
+    eip_allocation_id: pulumi.Output[str] | None = None
+    lb_eni_ids: list[pulumi.Output[str]] = field(default_factory=list)
+
+
 class HostRole(pulumi.ComponentResource):
     """The instance role and profile shared by the hosts of one group."""
 
-    def __init__(self, name: str, cfg: StackConfig, roles: tuple[str, ...], host_names: list[str],
-                 bundle_bucket: pulumi.Output[str], backup_bucket: pulumi.Output[str],
-                 eip_allocation_id: pulumi.Output[str] | None, lb_eni_ids: list[pulumi.Output[str]],
-                 partition: pulumi.Output[str], account: pulumi.Output[str], tags: dict[str, str],
-                 opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: HostRoleArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:iam:HostRole", name, None, opts)
+        cfg, roles, host_names, tags = args.cfg, args.roles, args.host_names, args.tags
+        partition, account = args.partition, args.account
+        bundle_bucket, backup_bucket = args.bundle_bucket, args.backup_bucket
         child = pulumi.ResourceOptions(parent=self)
         self.role = aws.iam.Role(
             f"{name}-role",
@@ -162,9 +177,9 @@ class HostRole(pulumi.ComponentResource):
             aws.iam.RolePolicyAttachment(f"{name}-bundles-{i}", role=self.role.name, policy_arn=pol.arn,
                                          opts=role_child)
         backup_keys = [f"mariadb/{h}/latest.xbstream.gz" for h in host_names]
-        eip = eip_allocation_id if eip_allocation_id is not None else pulumi.Output.from_input("")
+        eip = args.eip_allocation_id if args.eip_allocation_id is not None else pulumi.Output.from_input("")
         doc = pulumi.Output.all(partition, account, bundle_bucket, backup_bucket, eip,
-                                pulumi.Output.all(*lb_eni_ids)).apply(
+                                pulumi.Output.all(*args.lb_eni_ids)).apply(
             lambda v: policy_document(
                 partition=v[0], region=cfg.region, account=v[1], ssm_path=cfg.ssm_path,
                 roles=roles,

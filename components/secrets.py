@@ -6,6 +6,8 @@ user-data or a plain output: only the parameter names are exported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
@@ -26,12 +28,20 @@ GENERATED_PASSWORDS = {
 MUNGE_KEY_BYTES = 1024
 
 
+@dataclass
+class SecretsArgs:
+    cfg: StackConfig
+    config: pulumi.Config  # the project's config: secrets the user set win over generated ones
+    tls_names: list[str]  # names of the self-signed certificate (stacks without configured TLS)
+    tags: dict[str, str]
+
+
 class Secrets(pulumi.ComponentResource):
     parameters: dict[str, aws.ssm.Parameter]
 
-    def __init__(self, name: str, cfg: StackConfig, config: pulumi.Config, tls_names: list[str],
-                 tags: dict[str, str], opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: SecretsArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:secrets:Secrets", name, None, opts)
+        cfg, config, tls_names, tags = args.cfg, args.config, args.tls_names, args.tags
         child = pulumi.ResourceOptions(parent=self)
         protected = pulumi.ResourceOptions(parent=self, protect=True)
         values: dict[str, pulumi.Output[str]] = {}

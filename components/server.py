@@ -32,21 +32,28 @@ def is_stateful(host: Host) -> bool:
     return any(r in STATEFUL_ROLES for r in host.roles)
 
 
+@dataclass
+class HostInterfaceArgs:
+    host: Host
+    subnet_id: pulumi.Input[str]
+    security_group_ids: list[pulumi.Output[str]]
+    tags: dict[str, str]
+
+
 class HostInterface(pulumi.ComponentResource):
     """The host's primary network interface: it keeps the fixed private address and the
     security groups when the instance is replaced."""
 
-    def __init__(self, name: str, host: Host, subnet_id: pulumi.Input[str],
-                 security_group_ids: list[pulumi.Output[str]], tags: dict[str, str],
-                 opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: HostInterfaceArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:server:HostInterface", name, None, opts)
+        host = args.host
         self.eni = aws.ec2.NetworkInterface(
             f"{name}-eni",
-            subnet_id=subnet_id,
+            subnet_id=args.subnet_id,
             private_ips=[host.ip],
-            security_groups=security_group_ids,
+            security_groups=args.security_group_ids,
             description=f"{host.name} primary interface ({'+'.join(host.roles)})",
-            tags={**tags, "Name": host.name, "Role": "+".join(host.roles)},
+            tags={**args.tags, "Name": host.name, "Role": "+".join(host.roles)},
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.register_outputs({"id": self.eni.id})

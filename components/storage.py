@@ -7,6 +7,8 @@ protected from accidental deletion.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pulumi
 import pulumi_aws as aws
 
@@ -23,10 +25,18 @@ EFS_ACCESS_POINTS = {
 SNAPSHOT_TAG = {"Snapshot": "hpc-data"}
 
 
+@dataclass
+class StorageArgs:
+    cfg: StackConfig
+    subnet_ids: dict[str, pulumi.Input[str]]  # az -> subnet of the EFS mount target
+    efs_sg: pulumi.Input[str]  # security group of the mount targets
+    tags: dict[str, str]
+
+
 class Storage(pulumi.ComponentResource):
-    def __init__(self, name: str, cfg: StackConfig, subnet_ids: dict[str, pulumi.Input[str]],
-                 efs_sg: pulumi.Input[str], tags: dict[str, str], opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:storage:Storage", name, None, opts)
+        cfg, tags = args.cfg, args.tags
         child = pulumi.ResourceOptions(parent=self)
         protected = pulumi.ResourceOptions(parent=self, protect=True)
 
@@ -44,8 +54,8 @@ class Storage(pulumi.ComponentResource):
                              backup_policy={"status": "ENABLED"}, opts=efs_child)
         self.mount_targets = {
             az: aws.efs.MountTarget(f"{name}-efs-mt-{az[-1]}", file_system_id=self.efs.id, subnet_id=sid,
-                                    security_groups=[efs_sg], opts=efs_child)
-            for az, sid in subnet_ids.items()
+                                    security_groups=[args.efs_sg], opts=efs_child)
+            for az, sid in args.subnet_ids.items()
         }
         self.access_points = {
             n: aws.efs.AccessPoint(

@@ -6,11 +6,12 @@ import base64
 import gzip
 import json
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from components.stackfile import stack_files
-from offline.harness import TEST_SECRETS, ProgramRun
+from offline.harness import TEST_SECRETS, ProgramRun, run_stack
 from tests.conftest import program_run
 
 STATEFUL = {"lb", "data", "slurm", "monitoring"}
@@ -247,11 +248,70 @@ def test_outputs_are_the_contract_for_the_next_phase(stack_run, tally):
     tally.check(set(inv["all"]["children"]["data"]["hosts"]) == set(o["role_hosts"]["data"]))
 
 
-def test_every_resource_has_a_parent_component_except_the_vip(stack_run, tally):
+def test_every_resource_has_a_parent_component(stack_run, tally):
     for r in stack_run.resources:
-        if r.type.startswith("hpc:") or r.name.endswith("-vip"):
+        if r.type.startswith("hpc:"):
             continue
         tally.check(r.parent is not None, f"{r.type} {r.name} has no parent")
+
+
+def _registrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """(URN, request) of every resource the program registers, as the engine receives them
+    (the harness records inputs and options, not aliases)."""
+    from pulumi.runtime import mocks
+
+    seen: list[tuple[str, Any]] = []
+    register = mocks.MockMonitor.RegisterResource
+
+    def recording(self: Any, request: Any) -> Any:
+        response = register(self, request)
+        seen.append((response.urn, request))
+        return response
+
+    monkeypatch.setattr(mocks.MockMonitor, "RegisterResource", recording)
+    return seen
+
+
+def _root_alias_urns(urn: str, request: Any) -> list[str]:
+    """The URNs of a resource's parent-less aliases (`noParent`), as the engine builds
+    them for a resource of the stack's top level: no parent type in the URN."""
+    stack, project = urn.split(":")[2], urn.split("::")[1]
+    return [f"urn:pulumi:{stack}::{project}::{a.spec.type or request.type}::{a.spec.name or request.name}"
+            for a in request.aliases if a.HasField("spec") and a.spec.noParent]
+
+
+def test_the_vip_and_the_cutover_record_keep_their_urns_inside_their_components(monkeypatch, tally):
+    """Both were created at the stack's top level before they moved into components: an
+    alias to the parent-less URN makes the engine adopt them (the protected EIP is never
+    replaced, the public record never recreated)."""
+    seen = _registrations(monkeypatch)
+    CUTOVER = {"zone_id": "Z0123456789ABC", "record_name": "portal.example.ac.kr", "old_server_ip": "110.15.177.120"}
+    run_stack("prod", overrides={"cutover": CUTOVER})
+    by_name = {request.name: (urn, request) for urn, request in seen}
+    for name, typ, component in (("prod-vip", "aws:ec2/eip:Eip", "hpc:vip:Vip"),
+                                 ("prod-cutover", "aws:route53/record:Record", "hpc:cutover:Cutover")):
+        urn, request = by_name[name]
+        tally.check(request.type == typ, request.type)
+        tally.check(urn == f"urn:pulumi:prod::hpc-portal::{component}${typ}::{name}", urn)
+        tally.check(request.parent.endswith(f"{component}::prod"), request.parent)
+        old = f"urn:pulumi:prod::hpc-portal::{typ}::{name}"
+        tally.check(old in _root_alias_urns(urn, request), f"{name}: no alias to {old}: {list(request.aliases)}")
+    tally.check(by_name["prod-vip"][1].protect is True)
+
+
+def test_template_tests_render_the_bytes_the_program_renders(stack_run, tally):
+    """offline.contexts (what the template tests render from) takes the values AWS
+    assigns from the mocks, through the program's own Deployed.from_outputs: every host's
+    user-data is the program's, byte for byte."""
+    from cloud_init.render import render_host
+    from offline.contexts import contexts
+
+    ctxs = contexts(stack_run.stack)
+    hosts = stack_run.of_type("aws:ec2/instance:Instance")
+    tally.expect(len(hosts))
+    for res in hosts:
+        name = res.inputs["tags"]["Name"]
+        tally.check(base64.b64decode(res.inputs["userDataBase64"]) == render_host(ctxs[name]).user_data, name)
 
 
 @pytest.mark.parametrize("stack", ["prod", "dev"])

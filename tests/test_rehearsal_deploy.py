@@ -6,6 +6,7 @@ from the security-group rules the program registered."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
-import components.portal
 import components.security
+import components.stack
 from components.catalog import expand_matrix
+from components.hostctx import Deployed
 from rehearsal.awsd import tls_config
 from rehearsal.deploy import StandIns, cross_check, deployment_record, host_files, instance_user_data, run_program
 from rehearsal.layout import EIP_PUBLIC_IP, build_layout
@@ -103,13 +105,13 @@ def test_the_values_hosts_use_come_from_the_stand_ins(prod: Any) -> None:
 def test_a_miswired_value_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The program's wiring is what is checked: swapping the Elastic IP's allocation id and
     address where the program builds the hosts' deployed values must be reported."""
-    real = components.portal.Deployed
+    class Swapped(Deployed):
+        @classmethod
+        def from_outputs(cls, outputs: Any) -> Deployed:
+            d = Deployed.from_outputs(outputs)
+            return dataclasses.replace(d, eip_allocation_id=d.eip_public_ip, eip_public_ip=d.eip_allocation_id)
 
-    def swapped(**kw: Any) -> Any:
-        kw["eip_allocation_id"], kw["eip_public_ip"] = kw["eip_public_ip"], kw["eip_allocation_id"]
-        return real(**kw)
-
-    monkeypatch.setattr(components.portal, "Deployed", swapped)
+    monkeypatch.setattr(components.stack, "Deployed", Swapped)
     run, mocks, aws, _record = _deploy("dev")
     problems = cross_check(aws, run, mocks, REGION)
     assert any("eip.json" in p for p in problems), problems
