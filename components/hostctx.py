@@ -1,6 +1,7 @@
 """Build each host's plain render context for `cloud_init/` from the config model, the
 topology and the few values only known once AWS created them (EFS name, EIP allocation,
-bucket names). Pure: no Pulumi here; the Server component resolves the Outputs first.
+bucket names: `Deployed`). Pure: no Pulumi here; `build_stack` resolves the Outputs into
+a `Deployed` first, the offline render contexts take the mocks' values the same way.
 """
 
 from __future__ import annotations
