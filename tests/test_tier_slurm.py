@@ -238,6 +238,20 @@ DRIVER = textwrap.dedent(r"""
         return 1
     }
 
+    if [ "$HPC_T_FENCE" = yes ]; then
+        # A syslog socket for hpc-slurm-fence (slurmctld closes its stdout and stderr).
+        python3 -c '
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o666)
+with open(sys.argv[2], "ab", buffering=0) as f:
+    while True:
+        f.write(s.recv(65536) + b"\n")
+' "$HPC_SYSLOG_SOCKET" "$W/syslog.log" &
+        for ((i = 0; i < 50; i++)); do [ -S "$HPC_SYSLOG_SOCKET" ] && break; sleep 0.1; done
+    fi
+
     "$HPC_T_SCRIPTS/hpc-munge-key"
     runuser -u munge -- munged --log-file="$W/munge/munged.log" --pid-file="$W/munge/munged.pid" \
         --seed-file="$W/munge/munged.seed"
@@ -314,6 +328,11 @@ DRIVER = textwrap.dedent(r"""
         python3 "$HPC_T_SCRIPTS/hpc-slurm-metrics" --output "$W/slurm.prom" --timeout 10
         echo "RESULT metrics"
         sacctmgr -n -P show cluster format=cluster 2>&1 | sed 's/^/CLUSTER /'
+        if [ "$HPC_T_FENCE" = yes ]; then
+            # slurmctld ran SlurmctldPrimaryOnProg as the slurm user when it took control.
+            wait_for "$W/slurmctld.log" 'SlurmctldPrimaryOnProg (exit status|completed)' 40 $ctld
+            grep -a 'hpc-slurm-fence' "$W/syslog.log" | sed 's/^/FENCE /' || true
+        fi
     else
         wait_for "$W/slurmctld.log" 'running in background mode|Running as backup' 40 $ctld
         echo "RESULT backup"
@@ -360,6 +379,13 @@ class Controller:
 
     def run(self, state_dir: Path) -> subprocess.CompletedProcess[str]:
         s = self.ctx["slurm"]
+        # hpc-slurm-fence at the path slurm.conf names (SlurmctldPrimaryOnProg), its
+        # config where the environment says (slurmctld passes no arguments).
+        sbin = self.work / "sbin"
+        sbin.mkdir(exist_ok=True)
+        sbin.chmod(0o755)
+        shutil.copy(SCRIPTS / "hpc-slurm-fence", sbin / "hpc-slurm-fence")
+        (self.work / "fence.json").write_text(render_template("slurm/fence.json", self.ctx))
         hosts = {h["name"]: h["ip"] for h in self.ctx["hosts"]}
         hosts.update(self.ctx["endpoints"])  # the private zone's names (slurmdbd.<domain>, ...)
         # Compute nodes get addresses too: slurmctld resolves them at startup.
@@ -376,10 +402,15 @@ class Controller:
         return run_isolated(
             cmd, hosts=hosts, hostname=self.ctx["host"]["name"], extra_ips=[self.ctx["host"]["ip"]],
             binds={str(self.work / "state"): str(state_dir), str(self.work / "etc-slurm"): "/etc/slurm",
-                   str(self.work / "etc-munge"): "/etc/munge"},
+                   str(self.work / "etc-munge"): "/etc/munge", str(sbin): "/usr/local/sbin"},
             env={"HPC_T_WORK": str(self.work), "HPC_T_SCRIPTS": str(SCRIPTS), "HPC_T_ROLE": self.role,
                  "HPC_SLURMDBD_OWNER": "slurm:slurm",
-                 "HPC_T_DBD_BACKUP": "yes" if len(s["controllers"]) > 1 else "no"},
+                 "HPC_T_DBD_BACKUP": "yes" if len(s["controllers"]) > 1 else "no",
+                 "HPC_T_FENCE": "yes" if len(s["controllers"]) > 1 else "no",
+                 "HPC_SLURM_FENCE_CONFIG": str(self.work / "fence.json"),
+                 "HPC_SYSLOG_SOCKET": str(self.work / "syslog.sock"),
+                 # hpc_aws.py (/usr/local/lib/hpc on a host); no IMDS in the namespace
+                 "PYTHONPATH": str(SCRIPTS), "HPC_IMDS_URL": "http://127.0.0.1:1"},
             timeout=120,
         )
 
@@ -427,6 +458,16 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
                     assert f'hpc_slurm_collector_success{{source="{source}"}} 1' in prom, prom
                 # slurmdbd registered the cluster in MariaDB.
                 assert f"CLUSTER {ctx['slurm']['cluster_name']}" in r.stdout, detail
+                if len(ctls) > 1:
+                    # On taking control, slurmctld ran the fence program as SlurmUser: it
+                    # found the backup DOWN (not started in this namespace) and its
+                    # address unreachable, so it went on to fence, and stopped at the
+                    # instance metadata, which does not exist here (exit 2).
+                    backup_name, backup_ctx = ctls[1]
+                    assert "SlurmctldPrimaryOnProg exit status 2:0" in c.log("slurmctld.log"), detail
+                    assert (f"{backup_name} is DOWN in scontrol ping and its port {backup_ctx['host']['ip']}:6817 "
+                            "is silent: fencing it") in r.stdout, detail
+                    assert "instance metadata unavailable, cannot tell this instance from the peer" in r.stdout, detail
             else:
                 if len(ctls) > 1:
                     detail += f"\nslurmdbd:\n{c.log('slurmdbd-empty.log')}\n{c.log('slurmdbd.log')}"
