@@ -76,16 +76,19 @@ class RedisLab:
         self.dir = Path(tempfile.mkdtemp(prefix="h12-redis-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def server(self) -> tuple[int, subprocess.Popen[bytes]]:
+    def server(self, replica_of: int | None = None) -> tuple[int, subprocess.Popen[bytes]]:
         port = free_port()
+        extra = ["--replicaof", "127.0.0.1", str(replica_of), "--masterauth", PW] if replica_of else []
+        d = self.dir / f"redis-{port}"  # own directory: a full sync writes dump.rdb
+        d.mkdir()
         p = subprocess.Popen([need("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                              "--requirepass", PW, "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+                              "--requirepass", PW, "--save", "", "--appendonly", "no", "--dir", str(d), *extra],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
         wait_for(lambda: redis.Redis(port=port, password=PW, socket_timeout=1).ping(), 10, f"redis on {port}")
         return port, p
 
-    def sentinel(self, master_port: int) -> int:
+    def sentinel(self, master_port: int, down_after_ms: int = 600000) -> int:
         port = free_port()
         conf = self.dir / f"sentinel-{port}.conf"
         conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nsentinel resolve-hostnames no\n"
@@ -93,7 +96,8 @@ class RedisLab:
                         f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
                         f"sentinel auth-pass {MASTER} {PW}\n"
                         # No failover during a test (a paused master stays the master).
-                        f"sentinel down-after-milliseconds {MASTER} 600000\n")
+                        f"sentinel down-after-milliseconds {MASTER} {down_after_ms}\n"
+                        f"sentinel failover-timeout {MASTER} 10000\n")
         self.procs.append(subprocess.Popen([need("redis-sentinel", "redis-sentinel"), str(conf)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: redis.Redis(port=port, password=PW, socket_timeout=1).execute_command(
@@ -181,6 +185,42 @@ def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> No
     finally:
         rl.stop()
     tally.expect(5)
+
+
+@pytest.mark.daemons
+def test_after_a_sentinel_failover_the_client_finds_the_new_master_and_fails_fast_meanwhile(tally: Tally) -> None:
+    rl = RedisLab()
+    try:
+        a, _pa = rl.server()
+        b, _pb = rl.server(replica_of=a)
+        wait_for(lambda: redis.Redis(port=b, password=PW).info("replication")["master_link_status"] == "up", 30,
+                 "the replica in sync")
+        s = [rl.sentinel(a, down_after_ms=5000) for _ in range(3)]
+        sm = SentinelMaster(sentinels(s), MASTER, PW, PW, timeout=1.0)
+        tally.check(sm.call(lambda r: r.set("k", "before")) is True and sm.address == ("127.0.0.1", a))
+        for port in s:
+            wait_for(lambda p=port: redis.Redis(port=p, password=PW).execute_command("SENTINEL", "REPLICAS", MASTER),
+                     20, "the Sentinels to know the replica")
+        redis.Redis(port=s[0], password=PW).execute_command("SENTINEL", "FAILOVER", MASTER)
+        failures: list[str] = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                sm.call(lambda r: r.set("k", "after"))
+                if sm.address == ("127.0.0.1", b):
+                    break
+            except redis.RedisError as e:
+                failures.append(f"{type(e).__name__} in {time.monotonic() - t0:.2f}s")
+                tally.check(time.monotonic() - t0 < 4.5, f"a call during the failover took {time.monotonic() - t0:.2f} s")
+            time.sleep(0.2)
+        tally.check(sm.address == ("127.0.0.1", b), f"the new master is found: {sm.address}, failures {failures}")
+        tally.check(redis.Redis(port=b, password=PW, decode_responses=True).get("k") == "after")
+        role = redis.Redis(port=a, password=PW, decode_responses=True).execute_command("ROLE")[0]
+        tally.check(role == "slave", f"the old master was demoted: {role}")
+    finally:
+        rl.stop()
+    tally.expect(4)
 
 
 # ------------------------------------------------------------------------ fake Slurm
