@@ -208,9 +208,9 @@ def test_rules_cover_the_required_alerts_with_severity_summary_and_runbook():
             assert page.is_file(), f"runbook {page} missing"
             assert page.read_text().startswith(f"# {r['alert']}"), page
     by_name = {r["alert"]: r for r in alert_rules("prod")}
-    assert by_name["ServerDown"]["expr"] == "up == 0" and by_name["ServerDown"]["for"] == "1m"
-    assert by_name["RedisDown"]["expr"] == "redis_up == 0" and by_name["RedisDown"]["for"] == "1m"
-    assert by_name["DatabaseDown"]["expr"] == "mysql_up == 0" and by_name["DatabaseDown"]["for"] == "1m"
+    assert by_name["ServerDown"]["expr"] == "up == 0" and by_name["ServerDown"]["for"] == "20s"
+    assert by_name["RedisDown"]["expr"] == "redis_up == 0" and by_name["RedisDown"]["for"] == "20s"
+    assert by_name["DatabaseDown"]["expr"] == "mysql_up == 0" and by_name["DatabaseDown"]["for"] == "20s"
     assert by_name["Watchdog"]["expr"] == "vector(1)"
     for stack in STACKS:
         size = monitoring_ctx(stack)["monitoring"]["expected_galera_size"]
@@ -233,35 +233,45 @@ def test_rule_files_pass_promtool_check_rules_and_a_broken_one_does_not(tmp_path
     assert run(["promtool", "check", "rules", str(broken)]).returncode != 0
 
 
-def write_rule_tests(root: Path, stack: str, rules_text: str | None = None, only: str | None = None) -> Path:
-    """The rendered rules and their unit tests side by side; `only` keeps the test groups
-    of one alert."""
+# The rules' unit tests: the outage alerts evaluated every 5 s, the alerts whose windows
+# are hours long every minute (a day of 5 s steps takes promtool minutes).
+RULE_TESTS = ("hpc-alerts.test.yml", "hpc-alerts-long.test.yml")
+
+
+def write_rule_tests(root: Path, stack: str, rules_text: str | None = None, only: str | None = None) -> list[Path]:
+    """The rendered rules and their unit test files side by side; `only` keeps the test
+    groups of one alert (and the files that have any)."""
     root.mkdir(parents=True, exist_ok=True)
     ctx = monitoring_ctx(stack)
     (root / "hpc-alerts.yml").write_text(rules_text or render_template("monitoring/hpc-alerts.yml", ctx))
-    test = root / "hpc-alerts.test.yml"
-    text = render_template("monitoring/tests/hpc-alerts.test.yml", ctx)
-    if only:
-        doc = yaml.safe_load(text)
-        doc["tests"] = [g for g in doc["tests"] if {t["alertname"] for t in g["alert_rule_test"]} == {only}]
-        assert doc["tests"], only
-        text = yaml.safe_dump(doc, sort_keys=False)
-    test.write_text(text)
-    return test
+    written = []
+    for name in RULE_TESTS:
+        text = render_template(f"monitoring/tests/{name}", ctx)
+        if only:
+            doc = yaml.safe_load(text)
+            doc["tests"] = [g for g in doc["tests"] if {t["alertname"] for t in g["alert_rule_test"]} == {only}]
+            if not doc["tests"]:
+                continue
+            text = yaml.safe_dump(doc, sort_keys=False)
+        (root / name).write_text(text)
+        written.append(root / name)
+    assert written, only
+    return written
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_alert_unit_tests_pass(stack, tmp_path):
-    test = write_rule_tests(tmp_path, stack)
-    r = run(["promtool", "test", "rules", test.name], cwd=tmp_path, timeout=120)
+    tests = write_rule_tests(tmp_path, stack)
+    assert len(tests) == len(RULE_TESTS)
+    r = run(["promtool", "test", "rules", *(t.name for t in tests)], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS" in r.stdout
-    tested = {t["alertname"] for g in yaml.safe_load(test.read_text())["tests"] for t in g["alert_rule_test"]}
+    assert r.stdout.count("SUCCESS") == len(RULE_TESTS)
+    tested = {t["alertname"] for f in tests for g in yaml.safe_load(f.read_text())["tests"] for t in g["alert_rule_test"]}
     assert tested == {r["alert"] for r in alert_rules(stack)}, "every alert has a unit test"
 
 
 @pytest.mark.parametrize("alert,old,new", [
-    ("ServerDown", "expr: up == 0\n        for: 1m", "expr: up == 0\n        for: 3m"),
+    ("ServerDown", "expr: up == 0\n        for: 20s", "expr: up == 0\n        for: 25s"),
     ("HAProxyBackendDown", "haproxy_backend_active_servers + haproxy_backend_backup_servers == 0",
      "haproxy_backend_active_servers == 0"),
     ("RedisNoMaster", "(count(redis_instance_info{role=\"master\"}) or vector(0)) == 0",
@@ -271,11 +281,11 @@ def test_alert_unit_tests_catch_a_changed_rule(alert, old, new, tmp_path):
     """The negative twin: a rule that fires later, or not at all, fails its unit test."""
     rules = render_template("monitoring/hpc-alerts.yml", monitoring_ctx("prod"))
     assert old in rules
-    test = write_rule_tests(tmp_path / "as-rendered", "prod", rules, only=alert)
-    r = run(["promtool", "test", "rules", test.name], cwd=test.parent)
+    tests = write_rule_tests(tmp_path / "as-rendered", "prod", rules, only=alert)
+    r = run(["promtool", "test", "rules", *(t.name for t in tests)], cwd=tests[0].parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    test = write_rule_tests(tmp_path / "changed", "prod", rules.replace(old, new, 1), only=alert)
-    r = run(["promtool", "test", "rules", test.name], cwd=test.parent)
+    tests = write_rule_tests(tmp_path / "changed", "prod", rules.replace(old, new, 1), only=alert)
+    r = run(["promtool", "test", "rules", *(t.name for t in tests)], cwd=tests[0].parent)
     assert r.returncode != 0 and f"alertname: {alert}" in r.stdout + r.stderr
 
 
@@ -748,3 +758,78 @@ def test_boot_script_passes_shellcheck_and_a_broken_one_does_not(tmp_path):
     p.write_text(text.replace('cmp -s "$tmp" "$dest"', "cmp -s $tmp $dest"))
     r = run(["shellcheck", "-s", "bash", str(p)])
     assert r.returncode != 0 and "SC2086" in r.stdout
+
+
+# ---------------------------------------------------------------- failover alert budget
+
+# The alerts the failover drills wait for, and the jobs whose scrapes feed them.
+OUTAGE_ALERTS = ("ServerDown", "RedisDown", "RedisNoMaster", "DatabaseDown", "GaleraClusterSize",
+                 "GaleraNotPrimary", "HAProxyBackendDown", "SlurmctldDown")
+FAST_JOBS = ("node", "haproxy", "mysqld", "redis", "clustercheck")
+ALERT_BUDGET_S = 60  # fault -> notification sent
+
+
+def seconds(duration: str) -> int:
+    """A Prometheus duration with one unit ("5s", "1m", "4h") in seconds."""
+    m = re.fullmatch(r"(\d+)([smh])", duration)
+    assert m, f"unexpected duration {duration!r}"
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_outage_exporters_are_scraped_every_5s_so_a_failure_is_seen_within_9s(stack):
+    cfg = yaml.safe_load(render_all(stack)["/etc/prometheus/prometheus.yml"])
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert seconds(cfg["global"]["evaluation_interval"]) == 5
+    for job in FAST_JOBS:
+        interval, timeout = seconds(jobs[job]["scrape_interval"]), seconds(jobs[job]["scrape_timeout"])
+        assert interval == 5 and timeout == 4, job
+        assert timeout < interval, job  # Prometheus refuses a timeout above the interval
+    # the probes that are not outage signals keep the 15 s default
+    assert seconds(cfg["global"]["scrape_interval"]) == 15
+    assert "scrape_interval" not in jobs["blackbox-tls"]
+
+
+def notification_delays(prom_text: str, rules_text: str, am_text: str) -> dict[str, int]:
+    """Worst case per outage alert, fault -> notification sent: the failure reaches the
+    data after one scrape interval plus its timeout, the next evaluation starts the
+    `for:` window, then Alertmanager waits group_wait (a new group) or group_interval (an
+    alert joining a group already firing)."""
+    prom = yaml.safe_load(prom_text)
+    slowest = max(seconds(j.get("scrape_interval", prom["global"]["scrape_interval"]))
+                  + seconds(j.get("scrape_timeout", prom["global"]["scrape_timeout"]))
+                  for j in prom["scrape_configs"] if j["job_name"] in FAST_JOBS)
+    evaluation = seconds(prom["global"]["evaluation_interval"])
+    rules = {r["alert"]: r for g in yaml.safe_load(rules_text)["groups"] for r in g["rules"] if "alert" in r}
+    route = yaml.safe_load(am_text)["route"]
+    am_wait = max(seconds(route["group_wait"]), seconds(route["group_interval"]))
+    return {name: slowest + evaluation + seconds(rules[name]["for"]) + am_wait for name in OUTAGE_ALERTS}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_each_outage_alert_is_notified_within_60s_of_the_fault_including_alertmanager_waits(stack):
+    files = render_all(stack)
+    for variant in AM_VARIANTS:
+        delays = notification_delays(files["/etc/prometheus/prometheus.yml"],
+                                     files["/etc/prometheus/rules/hpc-alerts.yml"], am_file(stack, variant))
+        assert max(delays.values()) <= ALERT_BUDGET_S, (variant, delays)
+        assert delays["ServerDown"] == 5 + 4 + 5 + 20 + 15
+    for r in alert_rules(stack):
+        if r["alert"] in OUTAGE_ALERTS:
+            assert seconds(r["for"]) <= 30, r["alert"]
+
+
+@pytest.mark.parametrize(("what", "old", "new"), [
+    ("rules", "for: 20s", "for: 1m"),
+    ("am", "group_wait: 10s", "group_wait: 30s"),
+    ("am", "group_interval: 15s", "group_interval: 5m"),
+    ("prom", "    scrape_interval: 5s\n    scrape_timeout: 4s\n", ""),
+], ids=["for-1m", "group_wait-30s", "group_interval-5m", "default-15s-scrapes"])
+def test_alert_budget_check_catches_each_old_setting(what, old, new):
+    """The negative twin: each of the old settings alone misses the budget."""
+    files = render_all("prod")
+    texts = {"prom": files["/etc/prometheus/prometheus.yml"], "rules": files["/etc/prometheus/rules/hpc-alerts.yml"],
+             "am": am_file("prod", "slack")}
+    assert old in texts[what]
+    texts[what] = texts[what].replace(old, new)
+    assert max(notification_delays(texts["prom"], texts["rules"], texts["am"]).values()) > ALERT_BUDGET_S
