@@ -328,6 +328,9 @@ with open(sys.argv[2], "ab", buffering=0) as f:
         python3 "$HPC_T_SCRIPTS/hpc-slurm-metrics" --output "$W/slurm.prom" --timeout 10
         echo "RESULT metrics"
         sacctmgr -n -P show cluster format=cluster 2>&1 | sed 's/^/CLUSTER /'
+        if [ "$HPC_T_PORTAL" = yes ]; then
+            python3 "$W/portal_check.py" "$HPC_T_SCRIPTS" 2>&1 | sed 's/^/PORTAL /'
+        fi
         if [ "$HPC_T_FENCE" = yes ]; then
             # slurmctld ran SlurmctldPrimaryOnProg as the slurm user when it took control.
             wait_for "$W/slurmctld.log" 'SlurmctldPrimaryOnProg (exit status|completed)' 40 $ctld
@@ -337,6 +340,33 @@ with open(sys.argv[2], "ab", buffering=0) as f:
         wait_for "$W/slurmctld.log" 'running in background mode|Running as backup' 40 $ctld
         echo "RESULT backup"
     fi
+""")
+
+
+# The portal's idempotent submission against this controller: the request id becomes the
+# job's comment, a second submission with it finds the job in squeue, and once the job has
+# ended slurmctld sends the comment with its completion record (only with
+# AccountingStoreFlags=job_comment), so sacct has it when squeue forgets the job.
+PORTAL_CHECK = textwrap.dedent(r"""
+    import json
+    import sys
+    import time
+    from importlib.machinery import SourceFileLoader
+
+    portal = SourceFileLoader("portal_standin", sys.argv[1] + "/portal_standin.py").load_module()
+    first = portal.submit_job("req-ns-1", "portal-check", 60)
+    again = portal.submit_job("req-ns-1", "portal-check", 60)
+    pending = portal.slurm(["sacct", "--noheader", "--parsable2", "--allusers", "--allocations",
+                            "--starttime=now-1days", "--format=JobID,Comment"])[1]
+    portal.slurm(["scancel", first[1]["job_id"]])
+    out = ""
+    for _ in range(100):
+        rc, out = portal.slurm(["sacct", "--noheader", "--parsable2", "--allusers", "--allocations",
+                                "--starttime=now-1days", "--format=JobID,Comment"])
+        if "|req-ns-1" in out:
+            break
+        time.sleep(0.2)
+    print(json.dumps({"first": first, "again": again, "sacct_pending": pending, "sacct": out}))
 """)
 
 
@@ -386,6 +416,7 @@ class Controller:
         sbin.chmod(0o755)
         shutil.copy(SCRIPTS / "hpc-slurm-fence", sbin / "hpc-slurm-fence")
         (self.work / "fence.json").write_text(render_template("slurm/fence.json", self.ctx))
+        (self.work / "portal_check.py").write_text(PORTAL_CHECK)
         hosts = {h["name"]: h["ip"] for h in self.ctx["hosts"]}
         hosts.update(self.ctx["endpoints"])  # the private zone's names (slurmdbd.<domain>, ...)
         # Compute nodes get addresses too: slurmctld resolves them at startup.
@@ -407,6 +438,8 @@ class Controller:
                  "HPC_SLURMDBD_OWNER": "slurm:slurm",
                  "HPC_T_DBD_BACKUP": "yes" if len(s["controllers"]) > 1 else "no",
                  "HPC_T_FENCE": "yes" if len(s["controllers"]) > 1 else "no",
+                 # jobs are accepted only with real compute nodes configured
+                 "HPC_T_PORTAL": "yes" if s["nodes"] else "no",
                  "HPC_SLURM_FENCE_CONFIG": str(self.work / "fence.json"),
                  "HPC_SYSLOG_SOCKET": str(self.work / "syslog.sock"),
                  # hpc_aws.py (/usr/local/lib/hpc on a host); no IMDS in the namespace
@@ -458,6 +491,14 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
                     assert f'hpc_slurm_collector_success{{source="{source}"}} 1' in prom, prom
                 # slurmdbd registered the cluster in MariaDB.
                 assert f"CLUSTER {ctx['slurm']['cluster_name']}" in r.stdout, detail
+                if nodes:
+                    line = next((x for x in r.stdout.splitlines() if x.startswith("PORTAL {")), None)
+                    assert line, detail
+                    got = json.loads(line.removeprefix("PORTAL "))
+                    first, again = got["first"], got["again"]
+                    assert first[0] == 200 and first[1]["created"] is True, got
+                    assert again[0] == 200 and again[1] == {**first[1], "created": False, "found_in": "squeue"}, got
+                    assert f"{first[1]['job_id']}|req-ns-1" in got["sacct"].splitlines(), got
                 if len(ctls) > 1:
                     # On taking control, slurmctld ran the fence program as SlurmUser: it
                     # found the backup DOWN (not started in this namespace) and its

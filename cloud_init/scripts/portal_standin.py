@@ -239,10 +239,11 @@ def slurm(argv: list[str]) -> tuple[int, str]:
 # MessageTimeout and reports "Socket timed out on send/recv operation" although the
 # submission may sit in the controller's backlog and be accepted later (a ghost job).
 # The client therefore names each submission with a request id and repeats a failed one
-# with the same id; the id travels as the job's comment (--comment, kept by slurmdbd with
-# AccountingStoreFlags=job_comment), and before submitting the portal looks it up: in
-# squeue (every job the controller still holds, including those finished less than
-# MinJobAge ago), then in sacct (older ones).
+# with the same id; the id travels as the job's comment (--comment), and before
+# submitting the portal looks it up: in squeue (every job the controller still holds,
+# including those that ended less than MinJobAge ago), then in sacct (slurmctld sends the
+# comment with a job's completion record when AccountingStoreFlags=job_comment, so sacct
+# has it for every job that squeue has forgotten).
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 SACCT_LOOKBACK = "now-7days"  # retries come within minutes; a week is plenty
