@@ -394,6 +394,14 @@ def test_cloud_init_done_without_errors(env: Env) -> None:
 
 
 @pytest.mark.daemons
+def test_units_that_cannot_work_here_are_masked(env: Env) -> None:
+    assert image.MASKED_UNITS, "nothing to check"
+    for unit in image.MASKED_UNITS:
+        rc, out = container.exec(env.handles[HOST_A], ["systemctl", "is-enabled", unit])
+        assert out.strip() == "masked", (unit, rc, out)
+
+
+@pytest.mark.daemons
 def test_user_data_applied(env: Env) -> None:
     assert host_file(env, "/etc/hpc/role") == "web\n"
     assert run(env, ["stat", "-c", "%a", "/etc/hpc/role"]).strip() == "640"
