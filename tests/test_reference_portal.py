@@ -397,19 +397,21 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     tally.check(api.post("/api/jobs", json={"request_id": "req-1", "name": "a"}).status_code == 401, "login first")
     login(apps)
     r1 = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
-    tally.check(r1 == {"job_id": "100", "request_id": "req-1", "duplicate": False}, r1)
+    tally.check(r1 == {"job_id": "100", "request_id": "req-1", "created": True, "server": "app-test-1"}, str(r1))
     r2 = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
-    tally.check(r2 == {**r1, "duplicate": True}, r2)
-    # sbatch queues the job but its answer is lost: 503; the retry finds it in squeue.
+    tally.check(r2 == {**r1, "created": False, "found_in": "squeue"}, str(r2))
+    # sbatch queues the job but its answer is lost: 503; the retry (the id in an
+    # Idempotency-Key header this time) finds it in squeue.
     (fake_slurm.parent / "slurm.json.lose-answer").touch()
     lost = api.post("/api/jobs", json={"request_id": "req-2", "name": "b", "seconds": 60})
-    tally.check(lost.status_code == 503 and "sbatch failed" in lost.get_json()["error"], lost.get_json())
-    retry = api.post("/api/jobs", json={"request_id": "req-2", "name": "b", "seconds": 60}).get_json()
-    tally.check(retry == {"job_id": "101", "request_id": "req-2", "duplicate": True}, retry)
-    # A job that already left the queue is found in accounting (sacct).
+    tally.check(lost.status_code == 503 and "retry with the same request id" in lost.get_json()["error"],
+                str(lost.get_json()))
+    retry = api.post("/api/jobs", json={"name": "b", "seconds": 60}, headers={"Idempotency-Key": "req-2"}).get_json()
+    tally.check(retry["job_id"] == "101" and retry["created"] is False and retry["request_id"] == "req-2", str(retry))
+    # A job that already left the controller is found in accounting (sacct).
     set_job(fake_slurm, "100", "COMPLETED", done=True)
     again = api.post("/api/jobs", json={"request_id": "req-1", "name": "a", "seconds": 60}).get_json()
-    tally.check(again == {"job_id": "100", "request_id": "req-1", "duplicate": True}, again)
+    tally.check(again["job_id"] == "100" and again["found_in"] == "sacct", str(again))
     sbatches = [line for line in (fake_slurm.parent / "slurm.json.log").read_text().splitlines()
                 if line.startswith("sbatch")]
     tally.check(len(sbatches) == 2 and "--comment=req-1" in sbatches[0] and "--comment=req-2" in sbatches[1], str(sbatches))
@@ -417,10 +419,11 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     tally.check(api.get("/api/jobs/101").get_json() == {"job_id": "101", "state": "PENDING"})
     mine = api.get("/api/jobs").get_json()["jobs"]
     tally.check(sorted(j["job_id"] for j in mine) == ["100", "101"], mine)
-    tally.check(api.post("/api/jobs", json={"seconds": 0}).status_code == 400)
+    tally.check(api.post("/api/jobs", json={"seconds": -1}).status_code == 400)
+    tally.check(api.post("/api/jobs", json={"seconds": True}).status_code == 400)
     tally.check(api.post("/api/jobs", data="name=x", content_type="application/x-www-form-urlencoded").status_code
                 == 415, "a form post (cross-site) is refused")
-    tally.expect(12)
+    tally.expect(13)
 
 
 # ----------------------------------------------------------- websocket, gunicorn, HAProxy
@@ -545,7 +548,7 @@ backend be_ws
         ws = Client.connect(f"ws://127.0.0.1:{front}/ws/", headers={"Cookie": f"sid={sid}"})
         ws.send(json.dumps({"type": "hello", "last_seq": 0}))
         tally.check(next_message(ws, "uptodate")["seq"] == 0)
-        job, _dup = portal_slurm.submit("ws-req-1", "wsjob", 60)
+        job = portal_slurm.submit("ws-req-1", "wsjob", 60)["job_id"]
         pending = next_message(ws, "job")
         tally.check(pending["job_id"] == job and pending["state"] == "PENDING" and pending["seq"] == 1, str(pending))
         set_job(fake_slurm, job, "RUNNING")

@@ -2,7 +2,7 @@
 ws). Every service has its health endpoint and the shared session; the routes:
 
   auth  POST /auth/login {"username","password"}   POST /auth/logout   GET /auth/me
-  api   POST /api/jobs {"request_id"?, "name", "seconds"} -> {"job_id","request_id","duplicate"}
+  api   POST /api/jobs {"request_id"?, "name", "seconds"} -> {"job_id","request_id","created"}
         GET /api/jobs (the user's jobs)   GET /api/jobs/<id> -> {"job_id","state"}
         the rehearsal's probes, as the stand-in serves them: GET /api/session,
         POST /api/records, GET /api/records/<id>, POST /api/records/missing, GET /api/records-stats
@@ -180,27 +180,30 @@ def _api_routes(app: Flask, b: Backends) -> None:
     @login_required
     def submit() -> Response:
         body = request.get_json(silent=True) or {}
-        rid = str(body.get("request_id") or uuid.uuid4().hex)
+        # The request id: from the body or an Idempotency-Key header, as the stand-in
+        # takes it; without one the server makes one (the job still gets a comment, so
+        # the websocket stream follows it), but then a retry cannot be recognised.
+        rid = str(body.get("request_id") or request.headers.get("Idempotency-Key") or uuid.uuid4().hex)
         name = str(body.get("name", "portal"))
         seconds = body.get("seconds", 600)
         if not slurm.REQUEST_ID.fullmatch(rid):
-            abort(error(400, "request_id: 1-64 of [A-Za-z0-9_.:-]"))
+            abort(error(400, "request_id (or Idempotency-Key): 1-64 of [A-Za-z0-9_.:-]"))
         if not JOB_NAME.fullmatch(name):
             abort(error(400, "name: 1-64 of [A-Za-z0-9_.-]"))
-        if not isinstance(seconds, int) or not 1 <= seconds <= 86400:
-            abort(error(400, "seconds: an integer from 1 to 86400"))
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= 7 * 86400:
+            abort(error(400, "seconds: an integer from 0 to 604800"))
         # One submission per request id at a time: a retry that arrives while the first
         # attempt still runs sbatch gets 409 and retries later (it then finds the job).
         lock = f"portal:submit:{rid}"
         if not b.redis.call(lambda r: r.set(lock, s.server_id, nx=True, ex=90)):
-            abort(error(409, f"request {rid} is being submitted; retry"))
+            abort(error(409, f"request {rid} is being submitted; retry with the same request id"))
         try:
-            job, duplicate = slurm.submit(rid, name, seconds)
+            doc = slurm.submit(rid, name, seconds)
             db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name) VALUES (%s, %s, %s, %s)",
-                     (rid, job, session["user"], name))
+                     (rid, doc["job_id"], session["user"], name))
         finally:
             b.redis.call(lambda r: r.delete(lock))
-        return jsonify({"job_id": job, "request_id": rid, "duplicate": duplicate})
+        return jsonify({**doc, "server": s.server_id})
 
     @app.get("/api/jobs")
     @login_required

@@ -2,7 +2,7 @@
 munge on the app host do the rest, and a controller failover is Slurm's business.
 
 Idempotent submission: the portal's request id goes into the job's comment
-(`sbatch --comment=<request id>`; slurm.conf keeps it in accounting with
+(`sbatch --comment=<request id>`, as the stand-in portal does; slurm.conf keeps it in accounting with
 AccountingStoreFlags=job_comment). A retry after a time-out (sbatch may have queued the
 job before the answer was lost) first looks the id up with squeue, then sacct, and
 submits only if neither knows it. Concurrent retries of one id are serialised by the
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import threading
 import time
+from typing import Any
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
@@ -32,36 +34,44 @@ def run(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
     return cp.returncode, (cp.stdout + cp.stderr).strip() if cp.returncode else cp.stdout.strip()
 
 
-def find_by_request_id(request_id: str) -> str | None:
-    """The job whose comment is request_id: squeue (pending/running), then sacct (finished)."""
-    rc, out = run(["squeue", "-h", "-a", "-o", "%i|%k"])
+def find_by_request_id(request_id: str) -> tuple[str | None, str]:
+    """(the job whose comment is request_id or None, where it was looked up). squeue
+    --states=all first (every job the controller holds, also those that ended less than
+    MinJobAge ago), then sacct. A failing squeue raises: nothing may be submitted then (a
+    duplicate could follow). A failing sacct (slurmdbd down) only narrows the lookup to
+    squeue, so submissions do not stop with accounting."""
+    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k"])
     if rc != 0:
-        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
+        raise SlurmError(f"cannot tell whether request {request_id} was already submitted: squeue failed "
+                         f"(rc {rc}): {out[-300:]}; retry with the same request id")
     for line in out.splitlines():
         job, _, comment = line.partition("|")
-        if comment.strip() == request_id:
-            return job.strip()
+        if comment.strip() == request_id and job.strip():
+            return job.strip(), "squeue"
     rc, out = run(["sacct", "-n", "-X", "-P", "-a", "-S", "now-7days", "-o", "JobID,Comment"])
     if rc != 0:
-        raise SlurmError(f"sacct failed (rc {rc}): {out[-300:]}")
+        print(f"hpc-portal: sacct failed (rc {rc}), request {request_id} looked up in squeue only: {out[-200:]}",
+              file=sys.stderr, flush=True)
+        return None, "squeue (sacct failed)"
     for line in out.splitlines():
         job, _, comment = line.partition("|")
-        if comment.strip() == request_id:
-            return job.strip()
-    return None
+        if comment.strip() == request_id and job.strip():
+            return job.strip(), "sacct"
+    return None, "squeue+sacct"
 
 
-def submit(request_id: str, name: str, seconds: int) -> tuple[str, bool]:
-    """(job id, duplicate): the job already queued for request_id, else a new one."""
-    found = find_by_request_id(request_id)
+def submit(request_id: str, name: str, seconds: int) -> dict[str, Any]:
+    """The stand-in's answer: {"job_id", "request_id", "created"} (created false: an
+    earlier attempt's job was found, and "found_in" says where)."""
+    found, where = find_by_request_id(request_id)
     if found:
-        return found, True
+        return {"job_id": found, "request_id": request_id, "created": False, "found_in": where}
     rc, out = run(["sbatch", "--parsable", f"--comment={request_id}", f"--job-name={name}",
                    "--output=/dev/null", f"--wrap=sleep {seconds}"])
     job = out.split(";")[0].strip()
     if rc != 0 or not JOB_ID.fullmatch(job):
-        raise SlurmError(f"sbatch failed (rc {rc}): {out[-300:]}")
-    return job, False
+        raise SlurmError(f"sbatch failed (rc {rc}): {out[-300:]}; the job may exist: retry with the same request id")
+    return {"job_id": job, "request_id": request_id, "created": True}
 
 
 def job_state(job_id: str) -> str | None:
@@ -76,7 +86,7 @@ def job_state(job_id: str) -> str | None:
 
 def queue_states() -> dict[str, str]:
     """Every job in the queue with a portal request id as its comment: {job id: state}."""
-    rc, out = run(["squeue", "-h", "-a", "-o", "%i|%T|%k"])
+    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%T|%k"])
     if rc != 0:
         raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
     states = {}
