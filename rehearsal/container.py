@@ -218,9 +218,11 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
         all_files["/etc/machine-id"] = uuid.uuid4().hex + "\n"
     all_files.update(files or {})
     _write_files(upper, all_files)
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={image},upperdir={upper},workdir={work}", str(root)], check=True,
-                   capture_output=True)
+    cp = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                         f"lowerdir={image},upperdir={upper},workdir={work}", str(root)],
+                        capture_output=True, text=True)
+    if cp.returncode != 0:
+        raise ContainerError(f"{name}: mounting its overlay on {root} failed: {cp.stderr.strip()}")
     cgs = cgroup_dirs(name)
     for p in cgs.values():
         p.mkdir(parents=True, exist_ok=True)
@@ -239,6 +241,7 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
     spec = {"binds": [list(b) for b in binds], "ro_binds": [list(b) for b in ro_binds], "files": dict(files or {}),
             "env": dict(env or {}), "init_args": list(init_args)}
     h = Handle(name, str(image), str(hostdir), netns, proc.pid, 0, argv, spec)
+    _PROCS[name] = proc
     _record(h)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -246,7 +249,6 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
         if leader:
             h.leader = leader
             _record(h)
-            _PROCS[name] = proc
             return h
         if proc.poll() is not None:
             break
