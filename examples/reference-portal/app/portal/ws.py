@@ -10,9 +10,9 @@ controller would see N pollers and clients would see N slightly different stream
           whose state changed it runs one Lua script: INCR the sequence, HSET the state,
           PUBLISH {"type":"job","seq","job_id","state"} on portal:jobs:<cluster>.
   hub     every ws process subscribes to that channel (one thread) and hands each
-          message to its connected clients. It PINGs the subscription every 5 s: a
-          master that stopped answering (paused, failed over) is noticed and the hub
-          resubscribes through Sentinel discovery, then tells its clients to resync.
+          message to its connected clients. A heartbeat through the subscription every
+          5 s: a master that stopped answering (paused, failed over) is noticed and the
+          hub resubscribes through Sentinel discovery, then tells its clients to resync.
   client  sends {"type":"hello","last_seq":N} after connecting (N: the last sequence it
           saw, 0 at first). Same as the current sequence: {"type":"uptodate"}; otherwise
           the server replays the current state: {"type":"snapshot","seq","jobs":{id:state}}
@@ -162,33 +162,45 @@ class Hub:
 
     def run(self, stop: threading.Event) -> None:
         first = True
+        # Liveness of the subscription: every 5 s the hub publishes to a channel of its
+        # own and expects the message back through the subscription (the whole path: a
+        # paused or demoted master, a dead connection). Not PING: redis-py mis-parses a
+        # PONG on a subscription when decode_responses is on.
+        beat = f"{self.k.channel}:beat:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         while not stop.is_set():
+            ps = None
             try:
                 ps = self.b.redis.call(lambda r: r.pubsub(ignore_subscribe_messages=True))
-                ps.subscribe(self.k.channel)
+                ps.subscribe(self.k.channel, beat)
                 if not first:  # messages may have been missed while away
                     self.broadcast(RESYNC)
                 first = False
                 self.subscribed.set()
-                last_pong = pinged = time.monotonic()
+                last_beat = sent = time.monotonic()
                 while not stop.is_set():
-                    if time.monotonic() - pinged > 5:
-                        ps.ping()
-                        pinged = time.monotonic()
-                    if time.monotonic() - last_pong > 12:
-                        raise TimeoutError("no PONG on the subscription for 12 s")
+                    if time.monotonic() - sent > 5:
+                        self.b.redis.call(lambda r: r.publish(beat, "1"))
+                        sent = time.monotonic()
+                    if time.monotonic() - last_beat > 12:
+                        raise TimeoutError("no heartbeat through the subscription for 12 s")
                     m = ps.get_message(timeout=1.0)
-                    if m is None:
+                    if m is None or m["type"] != "message":
                         continue
-                    if m["type"] == "pong":
-                        last_pong = time.monotonic()
-                    elif m["type"] == "message":
+                    if m["channel"] == beat:
+                        last_beat = time.monotonic()
+                    else:
                         self.broadcast(m["data"])
             except (*ERRORS, TimeoutError) as e:
                 print(f"hpc-portal ws hub: {type(e).__name__}: {e}; resubscribing", flush=True)
                 self.subscribed.clear()
                 self.b.redis.forget()
                 stop.wait(1.0)
+            finally:
+                if ps is not None:
+                    try:
+                        ps.close()
+                    except Exception:  # noqa: BLE001 - already broken
+                        pass
 
 
 def add_websocket(app: Flask, b: Backends) -> None:
