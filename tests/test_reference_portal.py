@@ -340,8 +340,11 @@ def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, An
     bad = apps["auth"].post("/auth/login", json={"username": "alice", "password": "wrong-password"})
     tally.check(bad.status_code == 401)
     tally.check(apps["cae"].get("/cae/whoami").status_code == 401)
+    before = apps["auth"].get("/auth/session").get_json()["session"]
+    tally.check(master(lab).exists(f"portal:session:{before}") == 1)
     sid = login(apps)
     tally.check(len(sid) == 32 and "alice" not in sid, "the cookie is only an id")
+    tally.check(sid != before and master(lab).exists(f"portal:session:{before}") == 0, "a new session id at login")
     stored = json.loads(master(lab).get(f"portal:session:{sid}") or "{}")
     tally.check(stored.get("user") == "alice", stored)
     tally.check(0 < master(lab).ttl(f"portal:session:{sid}") <= 8 * 3600)
@@ -355,7 +358,7 @@ def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, An
     sid = login(apps)
     tally.check(apps["auth"].post("/auth/logout", json={}).status_code == 200)
     tally.check(master(lab).exists(f"portal:session:{sid}") == 0)
-    tally.expect(11)
+    tally.expect(13)
 
 
 @pytest.mark.daemons
