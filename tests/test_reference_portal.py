@@ -500,7 +500,7 @@ def test_build_makes_a_pure_python_wheelhouse_that_installs_offline(artifact: Pa
 def test_websocket_pushes_job_changes_behind_haproxy_and_resyncs_after_reconnect(
         artifact: Path, lab: dict[str, Any], db_ready: MariaDB, fake_slurm: Path, tmp_path: Path,
         tally: Tally) -> None:
-    from simple_websocket import Client
+    from simple_websocket import Client, ConnectionClosed
 
     haproxy = need("haproxy", "haproxy")
     port, front = free_port(), free_port()
@@ -566,7 +566,11 @@ backend be_ws
         ws.send(json.dumps({"type": "hello", "last_seq": running["seq"]}))
         snap = next_message(ws, "snapshot")
         tally.check(snap["seq"] == 3 and snap["jobs"] == {job: "COMPLETED"}, str(snap))
-        ws.close()
+        ws.send("not json")  # a bad message closes that connection with 1003, nothing else
+        with pytest.raises(ConnectionClosed):
+            ws.receive(timeout=5)
+            ws.receive(timeout=5)
+        tally.check(ws.close_reason == 1003, f"close code {ws.close_reason}")
         # Two worker processes, one poller: every change was published exactly once.
         tally.check(m.get("portal:jobs:wstest:seq") == "3")
         tally.check(m.get("portal:jobs:wstest:poller") is not None, "a poller holds the lease")
@@ -589,7 +593,7 @@ backend be_ws
         except subprocess.TimeoutExpired:
             os.killpg(gunicorn.pid, signal.SIGKILL)
             gunicorn.wait(5)
-    tally.expect(12)
+    tally.expect(13)
 
 
 @pytest.mark.daemons

@@ -256,6 +256,8 @@ def add_websocket(app: Flask, b: Backends) -> None:
                 ws.send(json.dumps(snapshot(b, k)) if item == RESYNC else item)
         except ConnectionClosed:
             pass
+        except (ValueError, AttributeError, TypeError):  # not JSON, not an object, last_seq not a number
+            ws.close(reason=1003, message="messages are JSON objects: {\"type\": \"hello\", \"last_seq\": N}")
         except ERRORS:  # Redis away: close; the client reconnects (maybe elsewhere) and resyncs
             ws.close(reason=1011, message="state store unavailable")
         finally:
