@@ -125,6 +125,8 @@ CLAIMS = [
     # Slurm
     Claim("README.md", r"`SlurmctldTimeout` (\d+) s", "slurm.conf SlurmctldTimeout (prod, rendered)",
           setting(*SLURM, r"^SlurmctldTimeout=(\d+)$")),
+    Claim("docs/slurm-cutover.md", r"`SlurmctldTimeout`, (\d+) s", "slurm.conf SlurmctldTimeout (prod, rendered)",
+          setting(*SLURM, r"^SlurmctldTimeout=(\d+)$")),
     Claim("README.md", r"`SlurmctldTimeout` (\d+) s", "slurm.ctld_timeout default",
           default(lambda c: c.slurm.ctld_timeout)),
     Claim("README.md", r"slurmdbd is (\d+)", "slurm.conf AccountingStoragePort",
