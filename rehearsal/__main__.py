@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .layout import DEFAULT_WORKDIR, build_layout
-from .stack import Lock, RehearsalError, down, preflight, read_state, running, say, up
+from .stack import INITS, Lock, RehearsalError, down, preflight, read_state, running, say, up, use_init
 
 
 def _drills(spec: str | None, default: list[str]) -> list[str]:
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name)
         s.add_argument("--stack", default=os.environ.get("STACK", "prod"))
         s.add_argument("--hosts", default="", help="comma-separated subset of hosts to boot (default: all)")
+        s.add_argument("--init", choices=INITS, default=os.environ.get("HPC_REHEARSAL_INIT", "namespaces"),
+                       help="the hosts' PID 1: systemd in containers booted from the host image, or the "
+                            "namespaces' own init (default; HPC_REHEARSAL_INIT)")
         s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
                        help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
                             "none: the stack as committed")
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     a = p.parse_args(argv)
+    if a.cmd in ("drill", "status", "down"):
+        use_init(read_state(a.workdir).get("init", "namespaces"))
     try:
         if a.cmd == "down":
             preflight()
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init)
                 say("up; `python -m rehearsal drill lb` to drill, `python -m rehearsal down` to stop")
                 return 0
             if a.cmd == "drill":
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             t0 = time.time()
             try:
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init)
                 say(f"booted in {time.time() - t0:.0f}s; drills: {', '.join(names)}")
                 rc = do_drills(a.stack, a.workdir, names, a.report, a.ceiling, a.alert_checks)
             finally:

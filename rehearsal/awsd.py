@@ -34,7 +34,8 @@ import boto3
 from botocore.config import Config
 
 from . import sockcall
-from .layout import EIP_PUBLIC_IP, ENDPOINT_IP, ENDPOINT_PORT, IMDS_IP, Layout, build_layout
+from .imds_tree import answer_path
+from .layout import EIP_PUBLIC_IP, ENDPOINT_IP, ENDPOINT_PORT, IMDS_IP, MIRROR_IP, Layout, build_layout
 from .netns import set_eip_target
 
 ENDPOINT_URL = f"http://{ENDPOINT_IP}:{ENDPOINT_PORT}"
@@ -106,6 +107,7 @@ class Imds:
         self.tokens: dict[str, float] = {}
         self.lock = threading.Lock()
         self.cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.user_data_cache: dict[str, bytes] = {}
 
     def instance_for(self, ip: str) -> dict[str, Any] | None:
         now = time.monotonic()
@@ -140,9 +142,16 @@ class Imds:
         return str(profile["Roles"][0]["RoleName"]) if profile.get("Roles") else ""
 
     def user_data(self, instance_id: str) -> bytes:
+        """The instance's user-data as EC2 holds it (fixed for an instance's life)."""
+        with self.lock:
+            if instance_id in self.user_data_cache:
+                return self.user_data_cache[instance_id]
         attr = self.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         value = (attr.get("UserData") or {}).get("Value")
-        return base64.b64decode(value) if value else b""
+        data = base64.b64decode(value) if value else b""
+        with self.lock:
+            self.user_data_cache[instance_id] = data
+        return data
 
     def answer(self, method: str, path: str, headers: Any, src: str) -> tuple[int, str, bytes]:
         if method == "PUT" and path == "/latest/api/token":
@@ -163,36 +172,14 @@ class Imds:
         info = self.instance_for(src)
         if info is None:
             return 404, "text/plain", b""
-        if path == "/latest/user-data":
-            data = self.user_data(info["instance_id"])
-            return (200, "application/octet-stream", data) if data else (404, "text/plain", b"")
-        md = "/latest/meta-data/"
-        if path == "/latest/dynamic/instance-identity/document":
-            doc = {"instanceId": info["instance_id"], "region": self.region, "availabilityZone": info["az"],
-                   "privateIp": info["ip"], "instanceType": info["type"], "accountId": "123456789012"}
-            return 200, "application/json", json.dumps(doc).encode()
-        if not path.startswith(md):
-            return 404, "text/plain", b""
-        key = path[len(md):]
         now = dt.datetime.now(dt.UTC)
         creds = {"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAREHEARSAL0000000",
                  "SecretAccessKey": "rehearsal", "Token": "rehearsal-session",
                  "LastUpdated": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "Expiration": (now + dt.timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        values = {
-            "": "ami-id\nhostname\ninstance-id\ninstance-type\nlocal-ipv4\nmac\nnetwork/\nplacement/\niam/",
-            "instance-id": info["instance_id"], "mac": info["mac"], "local-ipv4": info["ip"],
-            "instance-type": info["type"], "hostname": info["hostname"], "local-hostname": info["hostname"],
-            "ami-id": "ami-rehearsal", "placement/availability-zone": info["az"], "placement/region": self.region,
-            f"network/interfaces/macs/{info['mac']}/interface-id": info["eni"],
-            f"network/interfaces/macs/{info['mac']}/local-ipv4s": info["ip"],
-            "network/interfaces/macs/": info["mac"] + "/",
-            "iam/security-credentials/": info["role"], "iam/security-credentials": info["role"],
-            f"iam/security-credentials/{info['role']}": json.dumps(creds),
-        }
-        if key in values:
-            return 200, "text/plain", values[key].encode()
-        return 404, "text/plain", b""
+        # One tree, as EC2 answers it under /latest/ and the dated versions cloud-init asks.
+        return answer_path(path, info, self.user_data(info["instance_id"]), self.region,
+                           role=info["role"] or None, credentials=creds)
 
 
 def serve_imds(imds: Imds) -> ThreadingHTTPServer:
@@ -217,6 +204,21 @@ def serve_imds(imds: Imds) -> ThreadingHTTPServer:
     srv = ThreadingHTTPServer((IMDS_IP, 80), Handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True, name="imds").start()
+    return srv
+
+
+def serve_mirror(top: Path) -> ThreadingHTTPServer:
+    """The package mirror stand-in (rehearsal/mirror.py): what apt reaches through a NAT."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer((MIRROR_IP, 80), functools.partial(Handler, directory=str(top)))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True, name="mirror").start()
     return srv
 
 
@@ -316,6 +318,9 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=watch_eip, args=(layout.cfg.region, info["eip"]["allocation_id"], info["eip"]["public_ip"],
                                              workdir / "eip-moves.log", stop), daemon=True, name="eip").start()
     serve_ops(workdir / "awsd.sock", layout.cfg.region)
+    if os.environ.get("HPC_REHEARSAL_MIRROR"):
+        serve_mirror(Path(os.environ["HPC_REHEARSAL_MIRROR"]))
+        log(f"package mirror on http://{MIRROR_IP}/debian")
     tmp.rename(workdir / "deploy.json")  # readiness signal
     log("ready")
     try:

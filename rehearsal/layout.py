@@ -33,6 +33,7 @@ AWS_NET = "10.255.0.0/24"
 AWS_GW = "10.255.0.1"
 ENDPOINT_IP = "10.255.0.2"  # moto: the VPC interface endpoints (security group "endpoints")
 EFS_IP = "10.255.0.3"  # the EFS mount targets' address (security group "efs"); nothing listens
+MIRROR_IP = "10.255.0.4"  # the package mirror stand-in (rehearsal/mirror.py): what a NAT would reach
 ENDPOINT_PORT = 443  # plain HTTP on the endpoints' port, so the security groups' https rule applies
 IMDS_IP = "169.254.169.254"
 CLIENT_NET = "203.0.113.0/30"  # the client link; the Elastic IP (.10) is routed, not on it

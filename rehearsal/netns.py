@@ -28,6 +28,7 @@ from .layout import (
     EIP_PUBLIC_IP,
     ENDPOINT_IP,
     IMDS_IP,
+    MIRROR_IP,
     NS_AWS,
     NS_CLIENT,
     NS_ONPREM,
@@ -104,6 +105,7 @@ def create(layout: Layout) -> None:
     ip(r, "link", "set", "rhaws", "up")
     ip(NS_AWS, "addr", "add", f"{ENDPOINT_IP}/24", "dev", "eth0")
     ip(NS_AWS, "addr", "add", f"{EFS_IP}/24", "dev", "eth0")
+    ip(NS_AWS, "addr", "add", f"{MIRROR_IP}/24", "dev", "eth0")
     ip(NS_AWS, "link", "set", "eth0", "up")
     ip(NS_AWS, "addr", "add", f"{IMDS_IP}/32", "dev", "lo")
     ip(NS_AWS, "route", "add", "default", "via", AWS_GW)

@@ -45,6 +45,10 @@ class Check:
 
 def init_pid(host: str) -> int:
     """The host's init (PID 1 of its namespaces), as seen from this machine."""
+    if getattr(H, "BACKEND", "") == "systemd":
+        from .hosts_systemd import leader
+
+        return leader(host)
     procs = H.CGROUP_BASE / host / "init" / "cgroup.procs"
     for line in procs.read_text().split():
         try:

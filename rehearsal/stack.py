@@ -162,8 +162,9 @@ def start_awsd(layout: Layout, state: dict[str, Any]) -> dict[str, Any]:
     for f in ("deploy.json", "deploy.failed", "eip-moves.log", "awsd.sock"):
         (wd / f).unlink(missing_ok=True)
     log = open(wd / "awsd.log", "ab")
+    env = dict(os.environ, HPC_REHEARSAL_MIRROR=state.get("mirror", ""))
     p = subprocess.Popen(["nsenter", f"--net=/run/netns/{NS_AWS}", "--", _python(), "-m", "rehearsal.awsd", str(wd),
-                          layout.stack], cwd=str(HERE.parent), stdin=subprocess.DEVNULL, stdout=log,
+                          layout.stack], cwd=str(HERE.parent), stdin=subprocess.DEVNULL, stdout=log, env=env,
                          stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     state["awsd_pid"] = p.pid
@@ -204,8 +205,24 @@ def install_standin(layout: Layout, name: str) -> bool:
     return True
 
 
-def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto") -> Layout:
+INITS = ("namespaces", "systemd")
+
+
+def use_init(init: str) -> None:
+    """Which PID 1 the hosts get: systemd in containers (rehearsal/hosts_systemd.py) or
+    the namespaces' own init (rehearsal/hostinit.py)."""
+    if init not in INITS:
+        raise RehearsalError(f"init {init!r}: one of {', '.join(INITS)}")
+    if init == "systemd":
+        from . import hosts_systemd
+
+        hosts_systemd.install(H)
+
+
+def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
+       init: str = "namespaces") -> Layout:
     preflight()
+    use_init(init)
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
     layout = build_layout(stack, workdir, onprem=onprem)
@@ -226,7 +243,14 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (rel / "assets" / "app.js").write_text("console.log('rehearsal');\n")
     (workdir / "efs" / "dist" / "current").symlink_to("releases/rehearsal")
     state: dict[str, Any] = {"stack": stack, "started": time.time(), "namespaces": layout.namespaces, "hosts": {},
-                             "pid": os.getpid(), "onprem_mode": onprem}
+                             "pid": os.getpid(), "onprem_mode": onprem, "init": init}
+    if init == "systemd":
+        from . import image, mirror
+
+        say("host image: Debian 12 with systemd and cloud-init (rehearsal/image.py; built once, then cached)")
+        root = image.ensure("debian-12", tiers=True, progress=say)
+        state["mirror"] = str(mirror.ensure(image.CACHE_DIR.parent / "debs" / image.OSES["debian-12"].suite))
+        state["image"] = str(root)
     write_state(workdir, state)
     say(f"stack {stack}: {len(layout.hosts)} hosts in {len(layout.subnets)} subnets; namespaces")
     if layout.onprem:
@@ -267,6 +291,14 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
             t.join()
         for n in group:
             r = results[n]
+            if "boot" in r:  # systemd hosts: cloud-init's and systemd's own word
+                b = r["boot"]
+                say(f"  {n}: cloud-init {b['cloud_init']}, systemd {b['systemd']}, {b['seconds']}s"
+                    + (f", failed units: {', '.join(b['failed_units'])}" if b["failed_units"] else ""))
+                if b["cloud_init"] != "done":
+                    for line in b["cloud_init_detail"].splitlines()[-12:]:
+                        say(f"     {line}")
+                continue
             failed = r.get("result", {}).get("failed", []) if r.get("rc") == 0 else None
             if failed is None:
                 say(f"  {n}: cloud-init FAILED: {r.get('error')}")
@@ -343,6 +375,9 @@ def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:
     """Remove everything a rehearsal started, by pid and by name. Safe to repeat."""
     st = read_state(workdir)
     done: list[str] = []
+    from . import hosts_systemd
+
+    done += hosts_systemd.cleanup(workdir)  # containers of this workdir, recorded or not in state.json
     for name in list(st.get("hosts", {})) or ([p.name for p in H.CGROUP_BASE.iterdir()] if H.CGROUP_BASE.exists() else []):
         victims = H.kill(name)
         if victims:

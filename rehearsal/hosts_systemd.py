@@ -1,0 +1,290 @@
+"""Rehearsal hosts as systemd containers (rehearsal/container.py over rehearsal/image.py):
+PID 1 is systemd 252, the first boot runs the real cloud-init with its Ec2 datasource
+against the IMDS stand-in, and the host's units, drop-ins, ordering, mounts, sandboxing,
+limits, timers and restart policies are systemd's own.
+
+The same operations as rehearsal/hosts.py, for the same callers:
+  prepare(layout, h, deploy)   a new instance disk: what the image of this rehearsal adds
+                               (private zone in /etc/hosts, resolver, memory budget, the
+                               AWS endpoint override and the package mirror)
+  start(layout, h)             boot (nspawn in the host's network namespace)
+  boot(layout, name)           wait for cloud-init and systemd: the per-host boot report
+  run / kill / alive / pids / freeze / thaw / unit_state / hold / kill_unit
+
+What exists only for the rehearsal lives on the host's disk, never in user-data:
+/etc/hpc/aws-endpoint (the stand-in endpoints), /etc/apt/sources.list (the package
+mirror stand-in), /etc/hosts (the private zone: there is no DNS here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from components.hostctx import EFS_MOUNTS
+
+from . import container as C
+from .layout import ENDPOINT_IP, ENDPOINT_PORT, MIRROR_IP, Layout, RHost
+
+DATA_VOLUME_MOUNT = "/var/lib/hpc-data"  # where components.hostctx puts a host's data volume
+HOLD_DROPIN = "zz-rehearsal-hold.conf"
+
+
+class HostError(RuntimeError):
+    pass
+
+
+def _handle(name: str) -> C.Handle:
+    try:
+        return C.handle(name)
+    except C.ContainerError as e:
+        raise HostError(str(e)) from e
+
+
+def leader(host: str) -> int:
+    """The host's systemd (its PID 1) as this machine sees it."""
+    return _handle(host).leader
+
+
+def host_files(layout: Layout, h: RHost) -> dict[str, str]:
+    """What the rehearsal's image adds for this host (see the module doc)."""
+    lines = ["127.0.0.1 localhost", f"{h.ip} {h.name}.{layout.cfg.domain} {h.name}"]
+    names: dict[str, list[str]] = {}
+    for fqdn, addr in layout.topo.endpoints.items():
+        names.setdefault(addr, []).append(fqdn)
+    lines += [f"{addr} {' '.join(sorted(n))}" for addr, n in sorted(names.items())]
+    return {
+        "/etc/hosts": "\n".join(lines) + "\n",
+        # Nothing answers DNS in the rehearsal: lookups of unknown names fail at once.
+        "/etc/resolv.conf": "nameserver 127.0.0.53\noptions timeout:1 attempts:1\n",
+        "/etc/hpc/memory-override.json": json.dumps({"total_mib": h.memory_mib}) + "\n",
+        "/etc/hpc/aws-endpoint": f"http://{ENDPOINT_IP}:{ENDPOINT_PORT}\n",
+        "/etc/apt/sources.list": f"# the rehearsal's package mirror stand-in (rehearsal/mirror.py)\n"
+                                 f"deb [trusted=yes] http://{MIRROR_IP}/debian ./\n",
+    }
+
+
+def image_for(layout: Layout) -> Path:
+    from . import image
+
+    return image.ensure(layout.extra.get("os", "debian-12"), tiers=True)
+
+
+def package_enabled_units(image_root: Path, packages: list[str]) -> dict[str, str]:
+    """unit -> the target that wants it, for the units that installing the host's
+    packages (and what they pull in) enables (their postinst's `deb-systemd-helper
+    enable`). The image holds the tier packages preinstalled with those units disabled
+    again (rehearsal/image.py), so installing them at first boot is a no-op here: their
+    enablement is put back for the packages this host's user-data installs, as apt would
+    leave it. Packages the image does not hold (grafana: from the mirror stand-in) are
+    installed for real at boot."""
+    from . import image
+
+    info = image_root / "var/lib/dpkg/info"
+    held = [p for p in packages if (info / f"{p}.list").exists() or any(info.glob(f"{p}:*.list"))]
+    out: dict[str, str] = {}
+    for unit in image.units_enabled_by(image_root, held):
+        path = next((image_root / d / unit for d in ("lib/systemd/system", "usr/lib/systemd/system")
+                     if (image_root / d / unit).exists()), None)
+        text = path.read_text() if path is not None else ""
+        wanted = [x.split("=", 1)[1].split()[0] for x in text.splitlines() if x.startswith("WantedBy=")]
+        out[unit] = wanted[0] if wanted else "multi-user.target"
+    return out
+
+
+def prepare(layout: Layout, h: RHost, deploy: dict[str, Any] | None = None) -> Path:
+    """A fresh instance disk (the previous one, if any, is deleted), with the enablement
+    of the units the host's packages enable (see package_enabled_units)."""
+    d = layout.hostdir(h.name)
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    (d / "volume").mkdir()
+    packages = ((deploy or {}).get("hosts", {}).get(h.name) or {}).get("packages", [])
+    image_root = image_for(layout)
+    for unit, target in package_enabled_units(image_root, packages).items():
+        wants = d / "upper" / "etc/systemd/system" / f"{target}.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        src = "/lib/systemd/system/" + unit
+        (wants / unit).symlink_to(src)
+    return d
+
+
+def binds(layout: Layout, h: RHost) -> list[tuple[str, str]]:
+    out = []
+    for name, path, roles in EFS_MOUNTS:
+        if set(roles) & set(h.roles):
+            src = layout.shared / name
+            src.mkdir(parents=True, exist_ok=True)
+            out.append((str(src), path))
+    if layout.topo.host(h.name).data_gb:
+        out.append((str(layout.hostdir(h.name) / "volume"), DATA_VOLUME_MOUNT))
+    return out
+
+
+def start(layout: Layout, h: RHost) -> int:
+    """Boot the host; returns the pid of its systemd-nspawn."""
+    handle = C.start(h.name, image_for(layout), layout.hostdir(h.name), h.ns, binds=binds(layout, h),
+                     files=host_files(layout, h))
+    return handle.nspawn_pid
+
+
+def run(layout: Layout, host: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
+    return C.exec(_handle(host), argv, timeout=timeout)
+
+
+def boot(layout: Layout, host: str, timeout: float = 1200) -> dict[str, Any]:
+    """Wait for the first boot to finish: cloud-init's own status and systemd's state,
+    the units that failed, and how long it took."""
+    t0 = time.monotonic()
+    h = _handle(host)
+    rc, ci = C.exec(h, ["cloud-init", "status", "--wait", "--long"], timeout=timeout)
+    state = C.wait_running(h, timeout=max(30.0, timeout - (time.monotonic() - t0)))
+    _rc, failed = C.exec(h, ["systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager"], timeout=30)
+    status = next((line.split(":", 1)[1].strip() for line in ci.splitlines() if line.startswith("status:")), "unknown")
+    return {"cloud_init": status, "cloud_init_rc": rc, "cloud_init_detail": ci.strip()[-2000:], "systemd": state,
+            "failed_units": [line.split()[0] for line in failed.splitlines() if line.strip()],
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def unit_state(layout: Layout, host: str, unit: str) -> str:
+    _rc, out = run(layout, host, ["systemctl", "show", "-p", "ActiveState", "--value", unit], timeout=20)
+    return out.strip()
+
+
+def hold(layout: Layout, host: str, unit: str, held: bool) -> None:
+    """Hold back a unit's restart (a runtime drop-in Restart=no), or release it."""
+    d = f"/run/systemd/system/{unit}.d"
+    if held:
+        cmd = f"mkdir -p {d} && printf '[Service]\\nRestart=no\\n' > {d}/{HOLD_DROPIN} && systemctl daemon-reload"
+    else:
+        cmd = f"rm -f {d}/{HOLD_DROPIN} && systemctl daemon-reload"
+    rc, out = run(layout, host, ["sh", "-c", cmd], timeout=30)
+    if rc != 0:
+        raise HostError(f"{host}: hold {unit}={held}: {out.strip()}")
+
+
+def kill_unit(layout: Layout, host: str, unit: str, signal: int = 9) -> None:
+    rc, out = run(layout, host, ["systemctl", "kill", f"--signal={signal}", unit], timeout=30)
+    if rc != 0:
+        raise HostError(f"{host}: systemctl kill {unit}: {out.strip()}")
+
+
+def pids(host: str) -> list[int]:
+    return C.pids(host)
+
+
+def alive(host: str) -> bool:
+    return C.alive(host)
+
+
+def kill(host: str, timeout: float = 10) -> list[int]:
+    """Every process of the host dies at once (the instance crashed); its disk stays."""
+    try:
+        return C.kill(_handle(host), timeout)
+    except HostError:
+        return []
+
+
+def freeze(host: str) -> None:
+    C.freeze(_handle(host))
+
+
+def thaw(host: str) -> None:
+    C.thaw(_handle(host))
+
+
+def rss_bytes(host: str) -> int:
+    """Memory of the host as its cgroup accounts it (v1 memory controller if present,
+    else the processes' proportional set size)."""
+    total = 0
+    for pid in pids(host):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+# ------------------------------------------------------------------ the init-socket calls
+# The drills speak to a host through `call(layout, host, {"op": ...})`; with systemd as
+# PID 1 each operation is systemctl's or cloud-init's own.
+
+
+def _units(layout: Layout, host: str) -> dict[str, dict[str, str]]:
+    _rc, out = run(layout, host, ["systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager"], timeout=30)
+    units = {}
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) >= 4:
+            units[parts[0]] = {"load": parts[1], "state": parts[2], "sub": parts[3]}
+    return units
+
+
+def call(layout: Layout, host: str, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    op = req.get("op")
+    if op == "status":
+        _rc, state = run(layout, host, ["systemctl", "is-system-running"], timeout=20)
+        return {"boot_done": state.strip() in ("running", "degraded"), "system": state.strip(),
+                "units": _units(layout, host)}
+    if op == "cloud-init":
+        r = boot(layout, host, timeout=timeout)
+        ok = r["cloud_init"] == "done" and r["systemd"] == "running"
+        return {"rc": 0 if ok else 1, "boot": r,
+                "error": None if ok else f"cloud-init {r['cloud_init']}, systemd {r['systemd']}, "
+                                         f"failed units: {', '.join(r['failed_units']) or '-'}"}
+    if op == "kill":
+        if req.get("hold"):
+            hold(layout, host, req["unit"], True)
+        kill_unit(layout, host, req["unit"], int(req.get("signal", 9)))
+        return {"rc": 0}
+    if op == "hold":
+        hold(layout, host, req["unit"], bool(req.get("hold")))
+        return {"rc": 0}
+    if op == "systemctl":
+        rc, out = run(layout, host, ["systemctl", *req["argv"]], timeout=float(req.get("timeout", 120)))
+        return {"rc": rc, "out": out}
+    if op == "run":
+        rc, out = run(layout, host, list(req["argv"]), timeout=float(req.get("timeout", 120)))
+        return {"rc": rc, "out": out}
+    raise HostError(f"{host}: unknown operation {op!r}")
+
+
+def remove_cgroups(host: str, timeout: float = 10) -> bool:
+    return not C.alive(host)
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Hosts of a rehearsal in `workdir` that a crashed run left running or mounted."""
+    out = []
+    if C.STATE_DIR.exists():
+        for rec in sorted(C.STATE_DIR.glob("*.json")):
+            try:
+                d = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            if str(d.get("hostdir", "")).startswith(str(workdir) + "/"):
+                out.append(rec.stem)
+    return out
+
+
+def cleanup(workdir: Path) -> list[str]:
+    done = []
+    for name in leftovers(workdir):
+        victims = kill(name)
+        done.append(f"host {name}: killed {len(victims)} processes")
+    return done
+
+
+def install(module: Any) -> None:
+    """Make `module` (rehearsal.hosts) use systemd containers: its callers look its
+    functions up at call time."""
+    for name in ("prepare", "start", "run", "call", "kill", "alive", "pids", "remove_cgroups", "rss_bytes"):
+        setattr(module, name, globals()[name])
+    module.BACKEND = "systemd"
