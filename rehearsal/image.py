@@ -71,6 +71,9 @@ BASE_PACKAGES = (
     "e2fsprogs", "util-linux", "mount", "gzip", "procps",
     # for a person logged in at 3 a.m.
     "sudo", "less",
+    # as on an Ubuntu AMI: cloud-init's apt module imports a source's key with gpg
+    # (the monitoring tier's Grafana repository)
+    "gnupg",
     # as on an AMI (disabled below); also what cloud-init's ssh and set_passwords modules
     # expect, which warn on every boot without it
     "openssh-server",
