@@ -88,6 +88,26 @@ def policy_document(
     return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
 
 
+def fence_policy_document(partition: str, region: str, account: str, instance_ids: list[str]) -> str:
+    """What a Slurm controller that takes control needs to fence its peer
+    (cloud_init/scripts/hpc-slurm-fence): stop exactly the controllers' instances, and
+    find them (DescribeInstances has no resource-level permissions)."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {
+            "Sid": "FenceThePeerController",
+            "Effect": "Allow",
+            "Action": ["ec2:StopInstances"],
+            "Resource": sorted(f"arn:{partition}:ec2:{region}:{account}:instance/{i}" for i in instance_ids),
+        },
+        {
+            "Sid": "FindThePeerController",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeInstances"],
+            "Resource": "*",
+        },
+    ]}, sort_keys=True)
+
+
 def bundle_policy_document(partition: str, bundle_bucket: str, bundle_keys: list[str]) -> str:
     """Read access to exactly these hosts' bundle objects."""
     return json.dumps({"Version": "2012-10-17", "Statement": [{
@@ -188,4 +208,15 @@ class HostRole(pulumi.ComponentResource):
             ))
         self.policy = aws.iam.RolePolicy(f"{name}-policy", role=self.role.id, policy=doc, opts=role_child)
         self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, tags=tags, opts=child)
+        self._name, self._region = name, cfg.region
+        self._partition, self._account = partition, account
         self.register_outputs({"role_arn": self.role.arn})
+
+    def allow_fencing(self, instance_ids: list[pulumi.Output[str]]) -> aws.iam.RolePolicy:
+        """Slurm controllers: may stop these instances (the controllers themselves), so the
+        one that takes control can fence a paused or half-dead peer. A separate policy,
+        registered once the instances exist (their profile is this role's)."""
+        doc = pulumi.Output.all(self._partition, self._account, pulumi.Output.all(*instance_ids)).apply(
+            lambda v: fence_policy_document(v[0], self._region, v[1], list(v[2])))
+        return aws.iam.RolePolicy(f"{self._name}-fence", role=self.role.id, policy=doc,
+                                  opts=pulumi.ResourceOptions(parent=self.role))

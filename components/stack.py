@@ -108,6 +108,11 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
                 user_data_sha=rendered.apply(_user_data_sha_of(name))),
                 opts=pulumi.ResourceOptions(parent=servers[name]))
 
+    # Two controllers: the one that takes control may stop the other (hpc-slurm-fence).
+    controllers = [h for h in hosts if "slurm" in h.roles]
+    if len(controllers) >= 2:
+        roles_by_group[controllers[0].group].allow_fencing([servers[h.name].instance.id for h in controllers])
+
     cutover: dict[str, Any] | None = None
     if cfg.cutover is not None and vip is not None:
         record = Cutover(cfg.stack, CutoverArgs(cfg.cutover, vip.public_ip))
