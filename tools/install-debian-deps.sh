@@ -14,7 +14,7 @@ PACKAGES=(
   redis-server redis-sentinel
   slurmctld slurmdbd slurm-client munge
   shellcheck cloud-init nftables iproute2 util-linux bsdutils openssl perl
-  systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql
+  systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql python3-venv
   prometheus-mysqld-exporter prometheus-redis-exporter
 )
 
