@@ -50,7 +50,8 @@ SLURM_MANAGED_KEYS = {k.lower() for k in (
     "SlurmctldPort", "SlurmdPort", "SrunPortRange", "SlurmctldPidFile", "SlurmdPidFile", "SlurmdSpoolDir",
     "SlurmctldTimeout", "StateSaveLocation", "ProctrackType", "TaskPlugin", "SelectType",
     "AccountingStorageType", "AccountingStorageHost", "AccountingStoragePort", "JobCompType", "NodeName",
-    "PartitionName", "Include")}
+    "PartitionName", "Include", "MessageTimeout", "AccountingStorageBackupHost", "AccountingStoreFlags",
+    "SlurmctldPrimaryOnProg", "SlurmctldPrimaryOffProg")}
 
 _TYPES_FILE = Path(__file__).parent / "data" / "instance_types.json"
 INSTANCE_TYPES: dict[str, dict[str, Any]] = json.loads(_TYPES_FILE.read_text())
