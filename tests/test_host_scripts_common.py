@@ -619,3 +619,17 @@ def test_rolling_patch_rejects_bad_arguments(tmp_path: Path) -> None:
     env["HPC_STACK_JSON"] = str(tmp_path / "missing.json")
     r = run_patch(env, "--check-only")
     assert r.returncode == 1 and "cannot read" in r.stderr
+
+
+def test_mount_efs_does_not_wait_for_the_name_when_everything_is_mounted(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reboot: systemd mounted the fstab lines already, so nothing waits on DNS."""
+    fstab = tmp_path / "fstab"
+    monkeypatch.setattr(mount, "mounted_points", lambda *a: {m["path"] for m in MOUNTS} | {"/"})
+
+    def must_not_wait(*a: object, **k: object) -> bool:
+        raise AssertionError("waited for the name although every mount point is mounted")
+
+    monkeypatch.setattr(mount, "wait_resolvable", must_not_wait)
+    assert mount.main(["--stack-json", str(efs_stack(tmp_path, MOUNTS)), "--fstab", str(fstab)]) == 0
+    assert fstab.read_text().count(" nfs4 ") == len(MOUNTS)

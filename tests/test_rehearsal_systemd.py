@@ -30,6 +30,18 @@ def test_a_hosts_disk_carries_the_rehearsal_only_values_and_no_secret() -> None:
                           "/etc/apt/sources.list"}
 
 
+def test_the_file_systems_name_resolves_to_its_mount_target(tmp_path: Path) -> None:
+    """What the VPC's resolver does for EFS: without it hpc-mount-efs waits minutes for a
+    name nothing here answers."""
+    from rehearsal.layout import EFS_IP
+
+    layout = build_layout("prod", tmp_path, onprem="none")
+    (tmp_path / "deploy.json").write_text(json.dumps({"efs": {"dns_name": "fs-1.efs.ap-northeast-2.amazonaws.com"}}))
+    hosts = HS.host_files(layout, layout.host("app-1"))["/etc/hosts"]
+    assert any(line.startswith(EFS_IP + " ") and "fs-1.efs.ap-northeast-2.amazonaws.com" in line
+               for line in hosts.splitlines())
+
+
 def _fake_image(tmp: Path) -> Path:
     root = tmp / "root"
     info = root / "var/lib/dpkg/info"
