@@ -62,8 +62,25 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
         failed = [c["name"] for c in extra["http_hygiene"]["checks"] if not c["ok"]]
         print("HTTP hygiene at the Elastic IP: " + ("all checks as expected" if hygiene_ok else
                                                      f"FAILED: {'; '.join(failed)}"), flush=True)
+    hosts_ok = True
+    if st.get("init") == "systemd":
+        from . import hosts_systemd
+
+        boot = st.get("boot", {})
+        states = {h.name: {**hosts_systemd.host_state(layout, h.name), "boot_s": boot.get(h.name, {}).get("seconds")}
+                  for h in layout.hosts}
+        extra["hosts"] = states
+        write_report(report, stack, results, extra)
+        hosts_ok = all(s["ok"] for s in states.values())
+        for name, s in states.items():
+            line = f"{name:<8} systemd {s['systemd']:<9} cloud-init {s['cloud_init']:<7} boot {s['boot_s']}s"
+            if s["accepted"]:
+                line += f"  accepted: {'; '.join(s['accepted'])}"
+            if s["errors"] or (s["failed_units"] and not s["ok"]):
+                line += f"  FAILED: {'; '.join(s['errors'] + s['failed_units'])}"
+            print(line, flush=True)
     say(f"report: {report}")
-    return 0 if results and all(r.passed for r in results) and onprem_ok and hygiene_ok else 1
+    return 0 if results and all(r.passed for r in results) and onprem_ok and hygiene_ok and hosts_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name)
         s.add_argument("--stack", default=os.environ.get("STACK", "prod"))
         s.add_argument("--hosts", default="", help="comma-separated subset of hosts to boot (default: all)")
-        s.add_argument("--init", choices=INITS, default=os.environ.get("HPC_REHEARSAL_INIT", "namespaces"),
-                       help="the hosts' PID 1: systemd in containers booted from the host image, or the "
-                            "namespaces' own init (default; HPC_REHEARSAL_INIT)")
+        s.add_argument("--init", choices=INITS, default=os.environ.get("HPC_REHEARSAL_INIT", "systemd"),
+                       help="the hosts' PID 1: systemd in containers booted by cloud-init from the host image "
+                            "(default), or the namespaces' own init of earlier rehearsals (HPC_REHEARSAL_INIT)")
         s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
                        help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
                             "none: the stack as committed")

@@ -141,6 +141,12 @@ def run(layout: Layout, host: str, argv: list[str], timeout: float = 120) -> tup
     return int(resp.get("rc", 1)), resp.get("out", "")
 
 
+def put_file(layout: Layout, host: str, name: str, data: bytes) -> str:
+    """Hand a file to the host through its control directory; returns its path there."""
+    (layout.hostdir(host) / "ctl" / name).write_bytes(data)
+    return f"/run/rehearsal/{name}"
+
+
 def pids(host: str) -> list[int]:
     out: list[int] = []
     base = CGROUP_BASE / host

@@ -143,6 +143,15 @@ def run(layout: Layout, host: str, argv: list[str], timeout: float = 120) -> tup
     return C.exec(_handle(host), argv, timeout=timeout)
 
 
+def put_file(layout: Layout, host: str, name: str, data: bytes) -> str:
+    """Hand a file to the host (as an operator's scp would); returns its path there."""
+    path = f"/var/tmp/{name}"
+    rc, out = C.exec(_handle(host), ["sh", "-c", f"umask 077 && cat > {path}"], timeout=300, input=data)
+    if rc != 0:
+        raise HostError(f"{host}: writing {path}: {out.strip()}")
+    return path
+
+
 def boot(layout: Layout, host: str, timeout: float = 1200) -> dict[str, Any]:
     """Wait for the first boot to finish: cloud-init's own status and systemd's state,
     the units that failed, and how long it took."""
@@ -324,6 +333,6 @@ def cleanup(workdir: Path) -> list[str]:
 def install(module: Any) -> None:
     """Make `module` (rehearsal.hosts) use systemd containers: its callers look its
     functions up at call time."""
-    for name in ("prepare", "start", "run", "call", "kill", "alive", "pids", "remove_cgroups", "rss_bytes"):
+    for name in ("prepare", "start", "run", "call", "kill", "alive", "pids", "remove_cgroups", "rss_bytes", "put_file"):
         setattr(module, name, globals()[name])
     module.BACKEND = "systemd"

@@ -184,13 +184,20 @@ def jobs(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     if args.action == "submit":
         ids: list[str] = []
+        run = uuid.uuid4().hex[:12]
         for i in range(args.count):
+            # One request id per job, the same on every retry: a retry after a time-out
+            # finds the job its first attempt created instead of queueing it twice.
+            rid = f"rehearsal-{run}-{i}"
             for _attempt in range(10):
                 try:
-                    status, body = conn.request("POST", "/api/jobs", {"name": f"rehearsal-{i}", "seconds": 600},
-                                                timeout=30)
+                    status, body = conn.request("POST", "/api/jobs",
+                                                {"name": f"rehearsal-{i}", "seconds": 600, "request_id": rid}, timeout=30)
                     if status == 200:
-                        ids.append(str(json.loads(body)["job_id"]))
+                        answer = json.loads(body)
+                        ids.append(str(answer["job_id"]))
+                        if answer.get("created") is False:
+                            out.setdefault("found_on_retry", []).append(rid)
                         break
                     out.setdefault("errors", []).append(f"HTTP {status}: {body[:200]!r}")
                 except Exception as e:  # noqa: BLE001

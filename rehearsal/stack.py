@@ -220,7 +220,7 @@ def use_init(init: str) -> None:
 
 
 def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
-       init: str = "namespaces") -> Layout:
+       init: str = "systemd") -> Layout:
     preflight()
     use_init(init)
     if running(workdir):
@@ -308,6 +308,8 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
                 for c in failed:
                     say(f"     rc={c['rc']}: {' '.join(c['argv'])[:150]}")
     (workdir / "boot-report.json").write_text(json.dumps(results, indent=2, default=str))
+    state["boot"] = {n: {"seconds": r.get("seconds"), **({k: r["boot"][k] for k in ("cloud_init", "systemd")}
+                                                         if "boot" in r else {})} for n, r in results.items()}
     if not only:
         wait_ready(layout)
         state["http_hygiene"] = check_http_hygiene()
@@ -368,7 +370,7 @@ def wait_ready(layout: Layout, timeout: float = 120) -> None:
             return
         time.sleep(1)
     raise RehearsalError(f"the portal does not answer through {EIP_PUBLIC_IP} (last: {last}); "
-                         f"see {layout.workdir}/hosts/*/ctl/init.log")
+                         f"see {layout.workdir}/hosts/*/console.log (systemd hosts) or hosts/*/ctl/init.log")
 
 
 def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:

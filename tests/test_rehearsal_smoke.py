@@ -194,8 +194,9 @@ def test_only_cgroups_with_processes_count_as_a_running_rehearsal(tmp_path: Path
 @pytest.mark.daemons
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root")
 def test_smoke_rehearsal_lb_redis_galera() -> None:
-    """Boot the prod stack from its user-data, drill lb, redis and galera under load with
-    generous ceilings (3x each target), one Alertmanager check; everything cleaned up.
+    """Boot the prod stack (every host a systemd container booted by cloud-init from the
+    program's user-data), drill lb, redis and galera under load with generous ceilings
+    (3x each target), one Alertmanager check; everything cleaned up.
     Waits for a rehearsal already running on this machine rather than colliding with it;
     its duration is measured by tools/bench_rehearsal.py, not asserted here."""
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as tmp:
@@ -204,7 +205,7 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
         cp = subprocess.run([sys.executable, "-m", "rehearsal", "--workdir", str(workdir), "run", "--stack", "prod",
                              "--drills", "lb,redis,galera", "--ceiling", "3", "--alert-checks", "1",
                              "--report", str(report), "--wait", "1800"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1800 + 900)
+                            cwd=ROOT, capture_output=True, text=True, timeout=1800 + 3600)
         out = cp.stdout[-6000:] + cp.stderr[-3000:]
         assert report.exists(), out
         doc = json.loads(report.read_text())
@@ -221,6 +222,18 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
         assert len(onprem["checks"]) >= 10 and onprem["passed"], onprem
         names = " ".join(c["name"] for c in onprem["checks"])
         assert "scontrol ping from 172.20.10.11" in names and "not in the matrix" in names
+        # Every host under real systemd, booted by the real cloud-init: running and done
+        # (the one accepted cloud-init error is named in the report, rehearsal/hosts_systemd.py).
+        hosts = doc["hosts"]
+        assert len(hosts) == 11, hosts
+        for name, h in hosts.items():
+            assert h["ok"], (name, h)
+            assert h["systemd"] == "running" or (h["accepted"] and set(h["failed_units"]) <= {"cloud-config.service"}), \
+                (name, h)
+            assert h["cloud_init"] == "done" or (h["cloud_init"] == "error" and h["accepted"] and not h["errors"]), (name, h)
         assert cp.returncode == 0, out
         leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert "rh-vpc" not in leftovers and not Path("/sys/fs/cgroup/unified/hpc-rehearsal").exists()
+        from rehearsal import hosts_systemd
+
+        assert hosts_systemd.leftovers(workdir) == [], "containers left running or mounted"

@@ -231,14 +231,13 @@ class DataDrills(DrillBase):
         body = ops_call(self.wd, "s3", "get_object", Bucket=g["backup"]["bucket"], Key=key, timeout=120)["Body"]
         # A fresh node: an empty datadir and its own mariadbd (no wsrep), on the monitoring host.
         fresh = self.layout.topo.role_hosts["monitoring"][0]
-        blob = self.wd / "hosts" / fresh / "ctl" / "restore.xbstream.gz"
         import base64
 
-        blob.write_bytes(base64.b64decode(body))
+        blob = H.put_file(self.layout, fresh, "restore.xbstream.gz", base64.b64decode(body))
         say(f"    restore into a fresh mariadbd on {fresh}")
         script = (
             "set -e; rm -rf /var/tmp/restore && mkdir -p /var/tmp/restore && cd /var/tmp/restore && "
-            "gunzip -c /run/rehearsal/restore.xbstream.gz | mbstream -x -C /var/tmp/restore && "
+            f"gunzip -c {blob} | mbstream -x -C /var/tmp/restore && "
             "mariabackup --prepare --target-dir=/var/tmp/restore >/var/tmp/restore-prepare.log 2>&1 && "
             "chown -R mysql:mysql /var/tmp/restore && "
             "(setpriv --reuid=mysql --regid=mysql --init-groups mariadbd --no-defaults --datadir=/var/tmp/restore "
