@@ -16,6 +16,7 @@ PACKAGES=(
   shellcheck cloud-init nftables iproute2 util-linux bsdutils openssl perl
   systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql python3-venv
   prometheus-mysqld-exporter prometheus-redis-exporter
+  systemd-container debootstrap dpkg-dev
 )
 
 # /etc/os-release names the system (os-release(5)); read in a subshell so its variables
