@@ -21,6 +21,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -369,7 +370,7 @@ def boot_env(tmp_path: Path, ctx: dict[str, Any], password: str) -> tuple[Path, 
         "HPC_SECRETS_DIR": str(secrets), "HPC_SLURMDBD_BASE": str(base),
         "HPC_SLURMDBD_CONF": str(tmp_path / "etc-slurm" / "slurmdbd.conf"), "HPC_SLURMDBD_OWNER": "root:root",
         "HPC_SLURM_READY": str(tmp_path / "ready"), "HPC_SYSTEMCTL": str(tmp_path / "systemctl"),
-        "HPC_MUNGE_KEY_CMD": str(tmp_path / "munge-key"),
+        "HPC_MUNGE_KEY_CMD": str(tmp_path / "munge-key"), "HPC_PRIMARY_DBD_WAIT": "0",
     }
 
 
@@ -432,6 +433,51 @@ def test_boot_starts_what_the_host_runs(tmp_path, position, expect, absent):
         (tmp_path / "calls.log").unlink()
         assert run(["bash", str(script)], env).returncode == 0
         assert "restart" not in (tmp_path / "calls.log").read_text()
+
+
+def test_the_backups_slurmdbd_starts_after_the_primarys_answers(tmp_path):
+    """Two slurmdbds creating the schema of a new database at once leave its TRES table
+    short and slurmctld refuses to start: the backup waits for the primary's port."""
+    import socket
+    import threading
+    import time
+
+    script, env = boot_env(tmp_path, slurm_host("prod", "backup"), "pw")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = Path(env["HPC_SLURMDBD_BASE"])
+    text = re.sub(r"(?m)^DbdAddr=.*$", "DbdAddr=127.0.0.1", base.read_text())
+    base.write_text(re.sub(r"(?m)^DbdPort=.*$", f"DbdPort={port}", text))
+    env["HPC_PRIMARY_DBD_WAIT"] = "60"
+    opened: list[float] = []
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def primary_comes_up() -> None:
+        time.sleep(4)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        opened.append(time.monotonic())
+
+    t = threading.Thread(target=primary_comes_up)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        r = run(["bash", str(script)], env)
+    finally:
+        t.join()
+        listener.close()
+    done = time.monotonic()
+    assert r.returncode == 0, r.stderr
+    assert opened and opened[0] - t0 >= 3.5 and done >= opened[0], "the backup's slurmdbd waited for the primary's"
+    assert "systemctl restart slurmdbd.service" in (tmp_path / "calls.log").read_text().splitlines()
+    # Nobody answers: it starts its own after the wait, and says why.
+    (tmp_path / "calls.log").unlink()
+    env["HPC_PRIMARY_DBD_WAIT"] = "2"
+    r = run(["bash", str(script)], env)
+    assert r.returncode == 0 and "did not answer within 2s" in r.stderr, r.stderr
+    assert "systemctl start slurmdbd.service" in (tmp_path / "calls.log").read_text()
 
 
 # ----------------------------------------------------------------------------- linters
