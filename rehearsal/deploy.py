@@ -64,30 +64,38 @@ def _tags(inputs: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
     return [{"ResourceType": resource_type, "Tags": [{"Key": k, "Value": str(v)} for k, v in sorted(tags.items())]}]
 
 
-def real_key_and_certificate(common_name: str, dns_names: list[str], ip_addresses: list[str] = (),  # type: ignore[assignment]
-                             days: int = 365) -> tuple[str, str]:
-    """A real ECDSA P-256 key and a self-signed certificate (PEM), as pulumi-tls makes."""
+def _self_signed_pem(key: Any, common_name: str, dns_names: list[str], ip_addresses: list[str],
+                     valid: dt.timedelta, ca: bool = False) -> str:
+    """A self-signed certificate on `key`, as PEM."""
     import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + valid)
+               .add_extension(x509.SubjectAlternativeName(sans), critical=False))
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def real_key_and_certificate(common_name: str, dns_names: list[str], ip_addresses: list[str] = (),  # type: ignore[assignment]
+                             days: int = 365) -> tuple[str, str]:
+    """A real ECDSA P-256 key and a self-signed certificate (PEM), as pulumi-tls makes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()
+    return key_pem, _self_signed_pem(key, common_name, dns_names, list(ip_addresses), dt.timedelta(days=days), ca=True)
 
 
 @dataclass
@@ -333,24 +341,15 @@ class StandInMocks(StrictMocks):
         return f"key-{name}", {"privateKeyPem": key_pem, "publicKeyPem": ""}
 
     def _self_signed(self, name: str, i: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        # A certificate for the program's names, on a key of its own (the program pairs
-        # cert_pem with the key resource's PEM: the pair is re-made here from the key).
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.x509.oid import NameOID
+        # A certificate for the program's names on the key the program passes (its
+        # PrivateKey resource's PEM, which it pairs with cert_pem).
+        from cryptography.hazmat.primitives import serialization
 
         key = serialization.load_pem_private_key(i["privateKeyPem"].encode(), password=None)
-        subject = i.get("subject") or {}
-        cn = subject.get("commonName") or (i.get("dnsNames") or ["portal"])[0]
-        xname = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        now = dt.datetime.now(dt.UTC)
-        cert = (x509.CertificateBuilder().subject_name(xname).issuer_name(xname).public_key(key.public_key())  # type: ignore[arg-type]
-                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(hours=_int(i.get("validityPeriodHours", 24 * 365))))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in i.get("dnsNames") or []]),
-                               critical=False)
-                .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
-        return f"cert-{name}", {"certPem": cert.public_bytes(serialization.Encoding.PEM).decode()}
+        dns = list(i.get("dnsNames") or [])
+        cn = (i.get("subject") or {}).get("commonName") or (dns or ["portal"])[0]
+        valid = dt.timedelta(hours=_int(i.get("validityPeriodHours", 24 * 365)))
+        return f"cert-{name}", {"certPem": _self_signed_pem(key, cn, dns, [], valid)}
 
 
 def run_program(stack: str, aws: StandIns, region: str, eip_public_ip: str, *,

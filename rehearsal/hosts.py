@@ -204,8 +204,13 @@ def alive(host: str) -> bool:
 def rss_bytes(host: str) -> int:
     """Resident memory of the host's processes (proportional set size, so shared pages
     of the same binaries count once across hosts)."""
+    return pss_bytes(pids(host))
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """The proportional set size of these processes, from /proc/<pid>/smaps_rollup."""
     total = 0
-    for pid in pids(host):
+    for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

@@ -152,6 +152,17 @@ def put_file(layout: Layout, host: str, name: str, data: bytes) -> str:
     return path
 
 
+def _cloud_init_status(text: str) -> str:
+    """The `status:` of `cloud-init status --long`."""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("status:")), "unknown")
+
+
+def _failed_units(layout: Layout, host: str) -> list[str]:
+    _rc, out = run(layout, host, ["systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager"],
+                   timeout=30)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
 def boot(layout: Layout, host: str, timeout: float = 1200) -> dict[str, Any]:
     """Wait for the first boot to finish: cloud-init's own status and systemd's state,
     the units that failed, and how long it took."""
@@ -159,11 +170,8 @@ def boot(layout: Layout, host: str, timeout: float = 1200) -> dict[str, Any]:
     h = _handle(host)
     rc, ci = C.exec(h, ["cloud-init", "status", "--wait", "--long"], timeout=timeout)
     state = C.wait_running(h, timeout=max(30.0, timeout - (time.monotonic() - t0)))
-    _rc, failed = C.exec(h, ["systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager"], timeout=30)
-    status = next((line.split(":", 1)[1].strip() for line in ci.splitlines() if line.startswith("status:")), "unknown")
-    return {"cloud_init": status, "cloud_init_rc": rc, "cloud_init_detail": ci.strip()[-2000:], "systemd": state,
-            "failed_units": [line.split()[0] for line in failed.splitlines() if line.strip()],
-            "seconds": round(time.monotonic() - t0, 1)}
+    return {"cloud_init": _cloud_init_status(ci), "cloud_init_rc": rc, "cloud_init_detail": ci.strip()[-2000:],
+            "systemd": state, "failed_units": _failed_units(layout, host), "seconds": round(time.monotonic() - t0, 1)}
 
 
 # A cloud-init error the rehearsal cannot avoid and says so: the monitoring tier adds
@@ -182,18 +190,16 @@ def host_state(layout: Layout, host: str) -> dict[str, Any]:
     rehearsal accepts named (see ACCEPTED_CLOUD_INIT_ERRORS)."""
     _rc, system = run(layout, host, ["systemctl", "is-system-running"], timeout=30)
     _rc, ci = run(layout, host, ["cloud-init", "status", "--long"], timeout=30)
-    _rc, failed = run(layout, host, ["systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager"],
-                      timeout=30)
-    status = next((line.split(":", 1)[1].strip() for line in ci.splitlines() if line.startswith("status:")), "unknown")
+    status = _cloud_init_status(ci)
     errors = [line.strip() for line in ci.splitlines() if line.strip().startswith("(")]
     accepted = [name for name, (module, text) in ACCEPTED_CLOUD_INIT_ERRORS.items()
                 if any(module in e and text in e for e in errors)]
     unexplained = [e for e in errors if not any(m in e and t in e for m, t in ACCEPTED_CLOUD_INIT_ERRORS.values())]
-    units = [line.split()[0] for line in failed.splitlines() if line.strip()]
+    units = _failed_units(layout, host)
     # cloud-init's own error marks cloud-config.service failed: accepted with it.
     units_left = [u for u in units if not (accepted and not unexplained and u == "cloud-config.service")]
     ok = (status == "done" or (status == "error" and accepted and not unexplained)) and not units_left and \
-        system.strip() in ("running", "degraded") and (system.strip() == "running" or not units_left)
+        system.strip() in ("running", "degraded")
     return {"systemd": system.strip(), "cloud_init": status, "failed_units": units, "accepted": accepted,
             "errors": unexplained, "ok": ok}
 
@@ -246,18 +252,10 @@ def thaw(host: str) -> None:
 
 
 def rss_bytes(host: str) -> int:
-    """Memory of the host as its cgroup accounts it (v1 memory controller if present,
-    else the processes' proportional set size)."""
-    total = 0
-    for pid in pids(host):
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
+    """Memory of the host's processes, counted as for the hosts without systemd."""
+    from .hosts import pss_bytes
+
+    return pss_bytes(pids(host))
 
 
 # ------------------------------------------------------------------ the init-socket calls
