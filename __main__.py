@@ -40,8 +40,17 @@ cfg = load_config(raw, stack=stack, project=project, region=pulumi.Config("aws")
                   configured_secrets=configured_secrets)
 topo = build_topology(cfg)
 
-# HPC_ROLL_HOST names the one stateful host that may take a template or AMI change in
-# this run (see tools/rolling.py); unset, stateful hosts keep what they run.
-outputs = build_stack(cfg, topo, config, roll_host=os.environ.get("HPC_ROLL_HOST") or None)
+# HPC_ROLL_HOST names the one host that may take a change in this run (tools/rolling.py):
+# HPC_ROLL_STEP=unprotect only lifts its termination protection, =replace (the default)
+# lets it take its new user-data, and HPC_ROLL_AMI=1 the current AMI as well. Unset,
+# stateful hosts keep what they run and no host takes a new image.
+roll_host = os.environ.get("HPC_ROLL_HOST") or None
+roll_step = os.environ.get("HPC_ROLL_STEP") or "replace"
+if roll_step not in ("unprotect", "replace"):
+    raise ValueError(f"HPC_ROLL_STEP={roll_step!r}: allowed are unprotect and replace")
+roll_ami = os.environ.get("HPC_ROLL_AMI", "") not in ("", "0")
+if roll_host is not None and roll_host not in {h.name for h in topo.hosts}:
+    raise ValueError(f"HPC_ROLL_HOST={roll_host!r}: not a host of stack {stack}")
+outputs = build_stack(cfg, topo, config, roll_host=roll_host, roll_step=roll_step, roll_ami=roll_ami)
 for name, value in outputs.items():
     pulumi.export(name, value)

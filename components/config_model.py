@@ -11,6 +11,12 @@ from typing import Any
 PROFILES = ("minimal", "ha")
 ROLES = ("lb", "web", "app", "data", "slurm", "monitoring")
 ARCHS = ("x86_64", "arm64")
+# Canonical's public SSM parameter for the current Ubuntu 24.04 LTS server image (hvm,
+# gp3 root) per architecture, in the naming scheme Canonical documents for its
+# parameters: /aws/service/canonical/ubuntu/<product>/<release>/stable/current/<arch>/
+# <virt>/<volume>/ami-id. Resolved at preview for an architecture the stack does not pin.
+UBUNTU_AMI_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/{arch}/hvm/ebs-gp3/ami-id"
+UBUNTU_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
 NETWORKS = ("external", "internal", "management")
 NAT_MODES = ("per_az", "single")
 

@@ -234,8 +234,6 @@ def _validate_groups(
         if arch not in ARCHS:
             p.add(f"{key}.arch", arch, "one of " + ", ".join(ARCHS))
             arch = "x86_64"
-        elif arch not in amis:
-            p.add("ami", amis, f"a pinned AMI id for architecture {arch} (used by {key})")
         itype = ov.get("instance_type", sizing.instance_type[arch])
         roles_here = spec.roles + spec.first_host_extra
         min_vcpu = max(SIZING[r].min_vcpus for r in roles_here)
@@ -413,10 +411,13 @@ def _validate_hybrid(p: _Problems, raw: Any, onprem: list[str]) -> HybridConfig 
                         str(tgw) if mode == "tgw" else None, tuple(compute), vnc)
 
 
-def _validate_gates(p: _Problems, raw: Any) -> GatesConfig:
+def _validate_gates(p: _Problems, raw: Any, profile: str) -> GatesConfig:
+    """Gates (and the HAProxy drain around a web/app replacement) are on by default for
+    the `ha` profile: an approved `pulumi up` of a production-like stack must never
+    replace a serving host before the previous one serves again."""
     g = _as_dict(p, "gates", raw)
     _unknown_keys(p, "gates", g, {"enabled", "timeout_s"})
-    enabled = g.get("enabled", False)
+    enabled = g.get("enabled", profile == "ha")
     if not isinstance(enabled, bool):
         p.add("gates.enabled", enabled, "true or false")
         enabled = False
@@ -475,8 +476,8 @@ def validate_config(
         if arch not in ARCHS:
             p.add(f"ami.{arch}", ami, "an architecture key: " + ", ".join(ARCHS))
         elif not isinstance(ami, str) or not AMI_RE.match(ami):
-            p.add(f"ami.{arch}", ami, "a pinned AMI id (ami- and 8 or 17 hex digits); print Canonical's "
-                  "current Ubuntu 24.04 id with `make ami-latest`")
+            p.add(f"ami.{arch}", ami, "a verified AMI id (ami- and 8 or 17 hex digits), or no key: "
+                  "Canonical's current Ubuntu 24.04 id is then resolved at preview (`make ami-latest` prints it)")
         else:
             amis[arch] = ami
 
@@ -545,7 +546,7 @@ def validate_config(
     services = _validate_services(p, raw.get("services"))
     slurm = _validate_slurm(p, raw.get("slurm"))
     hybrid = _validate_hybrid(p, raw.get("hybrid"), onprem)
-    gates = _validate_gates(p, raw.get("gates"))
+    gates = _validate_gates(p, raw.get("gates"), profile)
     cutover = _validate_cutover(p, raw.get("cutover"), phase)
 
     if p.items or network is None:

@@ -1,17 +1,21 @@
 """EC2 hosts: a persistent network interface with the plan's fixed address, the
-instance (Ubuntu 24.04 from the pinned AMI, IMDSv2 only, encrypted gp3 root, automatic
-recovery) and, where the role keeps state, a protected encrypted data volume.
+instance (Ubuntu 24.04: a verified pinned AMI, or Canonical's current one resolved at
+preview; IMDSv2 only, encrypted gp3 root, automatic recovery) and, where the role keeps
+state, a protected encrypted data volume.
 
 How template changes reach hosts (Pulumi updates resources in parallel, so a change to
 every Galera node's user-data must never stop them together):
-- stateful roles (lb, data, slurm, monitoring) ignore user-data and AMI changes; the
-  rolling command (`tools/rolling.py`) replaces them one host at a time by running
-  `pulumi up` with HPC_ROLL_HOST=<host> (only that host then takes the change, and loses
-  its termination protection for the replacement), waiting for each to be
-  healthy/Synced before the next (a stop/start would not re-run cloud-init);
-- web/app hosts are replaced on change (delete-before-replace, so the replacement takes
-  over the same interface and address), each after the previous one: host N depends on
-  host N-1, so Pulumi replaces them one at a time.
+- stateful roles (lb, data, slurm, monitoring) ignore user-data changes; the rolling
+  command (`tools/rolling.py`) replaces them one host at a time: a first `pulumi up` with
+  HPC_ROLL_HOST=<host> HPC_ROLL_STEP=unprotect only lifts that host's termination
+  protection, a second with HPC_ROLL_STEP=replace and `--replace` is the one replacement
+  (the new user-data, and with HPC_ROLL_AMI=1 the new image), then its gate, then
+  protection comes back (a stop/start would not re-run cloud-init);
+- web/app hosts are replaced on a user-data change (delete-before-replace, so the
+  replacement takes over the same interface and address), one at a time, each drained on
+  every LB before and put back after its readiness gate (components/gates.py);
+- every host ignores a later change of the AMI (a pin edited, or Canonical publishing a
+  new image): a new image reaches a host only through `tools/rolling.py --ami`.
 """
 
 from __future__ import annotations
@@ -62,12 +66,14 @@ class HostInterface(pulumi.ComponentResource):
 @dataclass
 class ServerArgs:
     host: Host
-    ami: str
+    ami: pulumi.Input[str]
     eni_id: pulumi.Input[str]
     instance_profile: pulumi.Input[str]
     user_data_gz: pulumi.Output[bytes]
     tags: dict[str, str]
-    roll_host: str | None = None  # the one stateful host allowed to take a change now
+    roll_host: str | None = None  # the one host allowed to take a change now
+    roll_step: str = "replace"  # unprotect: only lift termination protection | replace
+    roll_ami: bool = False  # the rolled host takes the current AMI too
     after: list[pulumi.Resource] | None = None  # replace only after these
 
 
@@ -81,10 +87,13 @@ class Server(pulumi.ComponentResource):
         stateful = is_stateful(h)
         tags = {**args.tags, "Name": h.name, "Role": "+".join(h.roles), "Phase": str(h.phase)}
 
-        if stateful and args.roll_host != h.name:
-            ignore = ["user_data_base64", "ami"]
-        else:
-            ignore = []
+        rolling = args.roll_host == h.name
+        taking = rolling and args.roll_step == "replace"
+        ignore = []
+        if not (taking and args.roll_ami):
+            ignore.append("ami")  # a new image only through `tools/rolling.py --ami`
+        if stateful and not taking:
+            ignore.append("user_data_base64")
         self.instance = aws.ec2.Instance(
             f"{name}-instance",
             ami=args.ami,
@@ -107,7 +116,7 @@ class Server(pulumi.ComponentResource):
             maintenance_options={"auto_recovery": "default"},  # EC2 simplified automatic recovery
             # Termination protection would block the rolling replacement of a data host:
             # it is lifted only for the host named by HPC_ROLL_HOST (tools/rolling.py).
-            disable_api_termination="data" in h.roles and args.roll_host != h.name,
+            disable_api_termination="data" in h.roles and not rolling,
             user_data_base64=args.user_data_gz.apply(lambda b: base64.b64encode(b).decode()),
             user_data_replace_on_change=not stateful,
             tags=tags,

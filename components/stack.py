@@ -6,7 +6,9 @@ stack outputs (the contract for the next phase of the migration). `__main__.py` 
   sg, vpce          security groups from the matrix; SSM/EC2/S3 endpoints
   storage, secrets  EFS, the bundle and backup buckets; generated and given secrets
   vip               the Elastic IP (from the LB phase on)
-  per host          interface, bundle object, server, readiness gate
+  amis              per architecture: the stack's pin, else Canonical's current Ubuntu 24.04
+  per host          interface, bundle object, server, readiness gate; for web/app hosts
+                    the HAProxy drain before and the put-back after (components/gates.py)
   per host group    instance role
   cutover           the public DNS record (phase 6)
 """
@@ -25,8 +27,9 @@ import yaml
 from cloud_init.render import RenderedHost, empty_bundle, render_host, render_summary
 
 from .config import StackConfig
+from .config_model import UBUNTU_AMI_PARAMETER, UBUNTU_ARCH
 from .cutover import Cutover, CutoverArgs
-from .gates import ReadinessGate, ReadinessGateArgs
+from .gates import LbDrain, LbDrainArgs, ReadinessGate, ReadinessGateArgs
 from .hostctx import Deployed, host_context
 from .hybrid import Hybrid
 from .iam import HostRole, HostRoleArgs
@@ -42,9 +45,12 @@ ENV_FILE = "/etc/hpc/portal.env"
 
 
 def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
-                roll_host: str | None = None) -> dict[str, Any]:
+                roll_host: str | None = None, roll_step: str = "replace",
+                roll_ami: bool = False) -> dict[str, Any]:
     """Register every resource of the stack and return the outputs to export.
-    `roll_host` is the one stateful host that may take a template or AMI change now."""
+    `roll_host` is the one host that may take a change now (tools/rolling.py): in
+    `roll_step` unprotect only its termination protection is lifted, in replace it takes
+    its new user-data, and with `roll_ami` the current AMI."""
     tags = {"Project": cfg.project, "Stack": cfg.stack, "ManagedBy": "pulumi", **cfg.tags}
     hosts = [h for h in topo.hosts if h.phase <= cfg.phase]
     identity = aws.get_caller_identity_output()
@@ -70,10 +76,14 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
     rendered = _deployed(storage, vip).apply(
         lambda dep: {h.name: render_host(host_context(cfg, topo, h, dep)) for h in hosts})
 
+    amis = _amis(cfg, hosts)
     roles_by_group = _host_roles(cfg, hosts, storage, vip, enis, partition.partition, identity.account_id, tags)
     servers: dict[str, Server] = {}
     gates: dict[str, ReadinessGate] = {}
-    previous_in_group: dict[str, str] = {}
+    # The resource after which the next web/app host of a group may be touched: its
+    # put-back into HAProxy when gates are on, else its instance.
+    previous_in_group: dict[str, pulumi.Resource] = {}
+    lb_names = [h.name for h in hosts if "lb" in h.roles]
     for h in hosts:
         name = h.name
         aws.s3.BucketObjectv2(
@@ -85,28 +95,47 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
             server_side_encryption="aws:kms",
             opts=pulumi.ResourceOptions(parent=storage.bundle_bucket),
         )
-        after: list[pulumi.Resource] = []
+        user_data_sha = rendered.apply(_user_data_sha_of(name))
         prev = previous_in_group.get(h.group)
-        if prev is not None and not is_stateful(h):
-            # web/app hosts are replaced one after the other: after the previous host's
-            # readiness gate passed, or at least after it exists when gates are off
-            after = [gates[prev].command] if prev in gates else [servers[prev].instance]
+        after: list[pulumi.Resource] = []
+        drain: LbDrain | None = None
+        if not is_stateful(h) and cfg.gates.enabled and lb_names:
+            # Drained on every LB before it is touched, after the previous web/app host
+            # is back in service and once the LBs themselves passed their gates.
+            missing = [n for n in lb_names if n not in gates]
+            if missing:
+                raise ValueError(f"{name}: the LB hosts {missing} must come before web/app hosts in the topology")
+            drain = LbDrain(f"{cfg.stack}-{name}-lb", LbDrainArgs(
+                cfg, h, lb_instance_ids=[servers[n].instance.id for n in lb_names],
+                user_data_sha=user_data_sha,
+                after=([prev] if prev is not None else []) + [gates[n].command for n in lb_names]))
+            after = [drain.drain]
+        elif prev is not None and not is_stateful(h):
+            after = [prev]  # one after the other; without gates, after the previous host exists
         servers[name] = Server(f"{cfg.stack}-{name}", ServerArgs(
             host=h,
-            ami=cfg.amis[h.arch],
+            ami=amis[h.arch],
             eni_id=enis[name].eni.id,
             instance_profile=roles_by_group[h.group].profile.name,
             user_data_gz=rendered.apply(_user_data_of(name)),
             tags=tags,
             roll_host=roll_host,
+            roll_step=roll_step,
+            roll_ami=roll_ami,
             after=after,
         ))
-        previous_in_group[h.group] = name
         if cfg.gates.enabled:
             gates[name] = ReadinessGate(f"{cfg.stack}-{name}-gate", ReadinessGateArgs(
-                cfg, h, instance_id=servers[name].instance.id,
-                user_data_sha=rendered.apply(_user_data_sha_of(name))),
+                cfg, h, instance_id=servers[name].instance.id, user_data_sha=user_data_sha,
+                instance_type=h.instance_type),
                 opts=pulumi.ResourceOptions(parent=servers[name]))
+        if not is_stateful(h):
+            if drain is not None:
+                previous_in_group[h.group] = drain.put_back(servers[name].instance.id, gates[name].command)
+            elif name in gates:
+                previous_in_group[h.group] = gates[name].command
+            else:
+                previous_in_group[h.group] = servers[name].instance
 
     # Two controllers: the one that takes control may stop the other (hpc-slurm-fence).
     controllers = [h for h in hosts if "slurm" in h.roles]
@@ -159,7 +188,22 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
         "rendered": rendered.apply(lambda r: {n: render_summary(rh) for n, rh in sorted(r.items())}),
         "cutover": cutover,
         "gates": sorted(gates),
+        "amis": {a: amis[a] for a in sorted({h.arch for h in hosts})},
     }
+
+
+def _amis(cfg: StackConfig, hosts: list[Host]) -> dict[str, pulumi.Input[str]]:
+    """Per architecture the hosts use: the stack's verified pin, else the id Canonical's
+    public SSM parameter names now (resolved at preview, shown by `make plan-diff`).
+    Instances ignore a later change of it (components/server.py)."""
+    amis: dict[str, pulumi.Input[str]] = {}
+    for arch in sorted({h.arch for h in hosts}):
+        if arch in cfg.amis:
+            amis[arch] = cfg.amis[arch]
+        else:
+            amis[arch] = aws.ssm.get_parameter_output(
+                name=UBUNTU_AMI_PARAMETER.format(arch=UBUNTU_ARCH[arch])).value
+    return amis
 
 
 def _deployed(storage: Storage, vip: Vip | None) -> pulumi.Output[Deployed]:

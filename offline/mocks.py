@@ -142,7 +142,27 @@ RESOURCE_TYPES: dict[str, tuple[str, Computed]] = {
     "tls:index/selfSignedCert:SelfSignedCert": ("cert", lambda n, i: {"certPem": _pem("CERTIFICATE", n)}),
 }
 
+CANONICAL_AMI_PREFIX = "/aws/service/canonical/ubuntu/server/24.04/stable/current/"
+
+
+def stand_in_ami(parameter: str) -> str:
+    """The AMI id the stand-ins answer for a Canonical parameter: stable per name (17 hex
+    digits, as EC2's are), starting with ami-0fff so a reader sees it is no real image."""
+    return "ami-0fff" + _hex(parameter, 13)
+
+
+def _get_parameter(a: dict[str, Any]) -> dict[str, Any]:
+    """Only Canonical's public Ubuntu 24.04 AMI parameters: the program reads no other."""
+    name = str(a.get("name", ""))
+    if not (name.startswith(CANONICAL_AMI_PREFIX) and name.endswith("/hvm/ebs-gp3/ami-id")):
+        raise UnknownMock(f"no mock for SSM parameter {name!r}: the program reads only Canonical's Ubuntu AMI ids")
+    value = stand_in_ami(name)
+    return {"name": name, "value": value, "insecureValue": value, "type": "String", "version": 1,
+            "arn": f"arn:aws:ssm:{REGION}::parameter{name}", "id": name, "withDecryption": True}
+
+
 INVOKES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "aws:ssm/getParameter:getParameter": _get_parameter,
     "aws:index/getCallerIdentity:getCallerIdentity": lambda a: {
         "accountId": ACCOUNT, "arn": f"arn:aws:iam::{ACCOUNT}:user/test", "userId": "AIDATEST", "id": ACCOUNT},
     "aws:index/getPartition:getPartition": lambda a: {

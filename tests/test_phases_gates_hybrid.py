@@ -77,15 +77,21 @@ def test_cutover_points_at_the_vip_or_back_at_the_old_server(tally):
 def test_gates_wait_for_each_host_and_chain_web_app_replacements(tally):
     run = run_stack("prod", overrides={"gates": {"enabled": True, "timeout_s": 600}})
     cmds = {r.name: r for r in run.of_type("command:local:Command")}
-    tally.check(len(cmds) == 11)
+    gates = {n: c for n, c in cmds.items() if n.endswith("-gate-ready")}
+    tally.check(len(gates) == 11 and len(cmds) == 11 + 2 * 3, sorted(cmds))  # + drain and put-back per app host
     for c in cmds.values():
         tally.check(c.inputs["create"].startswith("python3 tools/gate.py --region ap-northeast-2 --host "), c.inputs)
-        tally.check("--timeout 600" in c.inputs["create"] and len(c.inputs["triggers"]) == 2)
+        tally.check("--timeout 600" in c.inputs["create"] and len(c.inputs["triggers"]) in (2, 3))
     insts = {r.inputs["tags"]["Name"]: r for r in run.of_type("aws:ec2/instance:Instance")}
-    tally.check(insts["app-2"].opts["depends_on"] == ["prod-app-1-gate-ready"])
-    tally.check(insts["app-3"].opts["depends_on"] == ["prod-app-2-gate-ready"])
-    off = program_run("prod")
-    tally.check(not off.of_type("command:local:Command"), "gates are off unless enabled")
+    tally.check(insts["app-2"].opts["depends_on"] == ["prod-app-2-lb-drain"])
+    tally.check(cmds["prod-app-2-lb-drain"].opts["depends_on"][0] == "prod-app-1-lb-ready")
+    tally.check(cmds["prod-app-1-lb-ready"].opts["depends_on"] == ["prod-app-1-gate-ready"])
+    off = run_stack("prod", overrides={"gates": {"enabled": False}})
+    tally.check(not off.of_type("command:local:Command"), "gates can be switched off")
+    tally.check(insts["app-3"].opts["depends_on"] == ["prod-app-3-lb-drain"])
+    tally.check({r.inputs["tags"]["Name"]: r for r in off.of_type("aws:ec2/instance:Instance")}["app-3"]
+                .opts["depends_on"] == ["prod-app-2-instance"], "without gates, after the previous host exists")
+    tally.check(not program_run("dev").of_type("command:local:Command"), "off by default for the minimal profile")
 
 
 def test_vpn_and_routes_for_onprem_cidrs(tally):

@@ -107,18 +107,34 @@ def test_stateful_hosts_ignore_template_changes_and_web_app_hosts_roll_one_at_a_
             tally.check(set(r.opts["ignore_changes"]) == {"user_data_base64", "ami"}, f"{name} {r.opts}")
             tally.check(r.inputs["userDataReplaceOnChange"] is False, name)
         else:
-            tally.check(r.opts["ignore_changes"] == [], name)
+            # a new image only through the rolling command, user-data replaces
+            tally.check(r.opts["ignore_changes"] == ["ami"], name)
             tally.check(r.inputs["userDataReplaceOnChange"] is True, name)
-    # each web/app host after the first waits for the previous one
+    # each web/app host after the first waits for the previous one: with gates (the ha
+    # profile) for its put-back into HAProxy through its own drain, else for its instance
     app_only = sorted(n for n, h in stack_run.outputs["hosts"].items() if not set(h["roles"]) & STATEFUL)
     for prev, cur in zip(app_only, app_only[1:], strict=False):
-        tally.check(insts[cur].opts["depends_on"] == [f"{stack_run.stack}-{prev}-instance"], (cur, insts[cur].opts))
+        if stack_run.outputs["gates"]:
+            tally.check(insts[cur].opts["depends_on"] == [f"{stack_run.stack}-{cur}-lb-drain"], (cur, insts[cur].opts))
+            drain = stack_run.named(f"{stack_run.stack}-{cur}-lb-drain")
+            tally.check(drain.opts["depends_on"][0] == f"{stack_run.stack}-{prev}-lb-ready", drain.opts)
+        else:
+            tally.check(insts[cur].opts["depends_on"] == [f"{stack_run.stack}-{prev}-instance"], (cur, insts[cur].opts))
 
 
-def test_roll_host_lets_exactly_one_stateful_host_take_a_change(tally):
+def test_roll_host_lets_exactly_one_host_take_a_change(tally):
     run = program_run("prod", env={"HPC_ROLL_HOST": "data-2"})
     for name, r in instances(run).items():
-        tally.check((r.opts["ignore_changes"] == []) == (name == "data-2" or name.startswith("app-")), name)
+        expected = ["ami"] if name == "data-2" or name.startswith("app-") else ["ami", "user_data_base64"]
+        tally.check(r.opts["ignore_changes"] == expected, (name, r.opts["ignore_changes"]))
+    # a new image only with HPC_ROLL_AMI, and never in the unprotect step
+    ami = program_run("prod", env={"HPC_ROLL_HOST": "app-2", "HPC_ROLL_AMI": "1"})
+    for name, r in instances(ami).items():
+        tally.check(("ami" in r.opts["ignore_changes"]) == (name != "app-2"), name)
+    unprotect = program_run("prod", env={"HPC_ROLL_HOST": "data-2", "HPC_ROLL_STEP": "unprotect", "HPC_ROLL_AMI": "1"})
+    d2 = instances(unprotect)["data-2"]
+    tally.check(d2.opts["ignore_changes"] == ["ami", "user_data_base64"] and d2.inputs["disableApiTermination"] is False,
+                "the unprotect step lifts termination protection and nothing else")
 
 
 def test_data_hosts_have_protected_encrypted_data_volumes_and_termination_protection(stack_run, tally):
@@ -318,4 +334,10 @@ def test_template_tests_render_the_bytes_the_program_renders(stack_run, tally):
 def test_invokes_are_only_the_known_ones(stack, tally):
     run = program_run(stack)
     tokens = {t for t, _ in run.calls}
-    tally.check(tokens <= {"aws:index/getCallerIdentity:getCallerIdentity", "aws:index/getPartition:getPartition"}, tokens)
+    tally.check(tokens <= {"aws:index/getCallerIdentity:getCallerIdentity", "aws:index/getPartition:getPartition",
+                           "aws:ssm/getParameter:getParameter"}, tokens)
+    # the only parameters read are Canonical's AMI ids, one per architecture the stack runs
+    params = sorted(a["name"] for t, a in run.calls if t == "aws:ssm/getParameter:getParameter")
+    archs = {h["arch"] for h in run.outputs["hosts"].values()}
+    tally.check(params == sorted(f"/aws/service/canonical/ubuntu/server/24.04/stable/current/"
+                                 f"{'amd64' if a == 'x86_64' else 'arm64'}/hvm/ebs-gp3/ami-id" for a in archs), params)

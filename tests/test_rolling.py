@@ -3,9 +3,18 @@ only for the host being replaced, and a failed gate stops the roll."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.loadfile import load_tool
 
 rolling = load_tool("rolling")
+
+
+REPLACE = ["--target-dependents", "--replace"]
+
+
+def _replaces(step) -> bool:
+    return step.kind == "pulumi" and "--replace" in step.argv
 
 
 def test_web_app_hosts_are_drained_replaced_gated_and_readied_in_turn(tally):
@@ -13,23 +22,79 @@ def test_web_app_hosts_are_drained_replaced_gated_and_readied_in_turn(tally):
     order = [(s.host, s.kind) for s in steps]
     for host in ("app-1", "app-2", "app-3"):
         mine = [k for h, k in order if h == host]
-        tally.check(mine == ["drain", "drain", "pulumi", "gate", "ready", "ready"], (host, mine))
+        tally.check(mine == ["drain", "pulumi", "gate", "ready"], (host, mine))
     hosts_in_order = [h for h, _ in order]
     tally.check(hosts_in_order == sorted(hosts_in_order, key=lambda h: int(h.split("-")[1])), "one host at a time")
     drain = next(s for s in steps if s.kind == "drain")
-    tally.check("set server be_api/app-1-5010 state drain" in drain.argv[1] and "be_web/app-1" in drain.argv[1])
+    tally.check(drain.argv[:2] == ["python3", "tools/gate.py"] and drain.argv[drain.argv.index("--lb-state") + 1] == "drain")
+    tally.check(drain.argv[drain.argv.index("--lb-instance-ids") + 1] == "@lb-1,@lb-2", "every LB")
+    servers = drain.argv[drain.argv.index("--servers") + 1].split(",")
+    tally.check("be_api/app-1-5010" in servers and "be_web/app-1" in servers, servers)
     replace = next(s for s in steps if s.kind == "pulumi")
-    tally.check("--replace" in replace.argv and replace.env == {}, replace.show())
+    tally.check(all(a in replace.argv for a in REPLACE), replace.show())
+    tally.check(replace.env == {"HPC_ROLL_HOST": "app-1", "HPC_ROLL_STEP": "replace"}, replace.env)
 
 
-def test_stateful_hosts_lift_protection_only_for_themselves_and_restore_it(tally):
-    steps = rolling.plan("prod", "data")
-    for host in ("data-1", "data-2", "data-3"):
-        mine = [s for s in steps if s.host == host]
-        tally.check([s.kind for s in mine] == ["pulumi", "pulumi", "gate", "pulumi"], host)
-        tally.check(mine[0].env == {"HPC_ROLL_HOST": host} and "--replace" not in mine[0].argv)
-        tally.check(mine[1].env == {"HPC_ROLL_HOST": host} and "--replace" in mine[1].argv)
-        tally.check(mine[3].env == {} and "--replace" not in mine[3].argv, "protection restored")
+def test_exact_steps_per_role(tally):
+    """Every role: one replacement per host, a gate right after it, and only data hosts
+    (termination protection) get the unprotect step before and the restore after."""
+    expected = {
+        "app": ["drain", "replace", "gate", "ready"],
+        "lb": ["replace", "gate"],
+        "data": ["unprotect", "replace", "gate", "protect"],
+        "slurm": ["replace", "gate"],
+        "monitoring": ["replace", "gate"],
+    }
+
+    def label(s) -> str:
+        if s.kind != "pulumi":
+            return s.kind
+        if "--replace" in s.argv:
+            return "replace"
+        return "unprotect" if s.env.get("HPC_ROLL_STEP") == "unprotect" else "protect"
+
+    for role, kinds in expected.items():
+        steps = rolling.plan("prod", role)
+        hosts = list(dict.fromkeys(s.host for s in steps))
+        tally.check(len(hosts) >= 1, role)
+        for h in hosts:
+            mine = [s for s in steps if s.host == h]
+            tally.check([label(s) for s in mine] == kinds, (role, h, [label(s) for s in mine]))
+            tally.check(sum(_replaces(s) for s in mine) == 1, f"{h}: exactly one replacement")
+            if "unprotect" in kinds:
+                first = mine[0]
+                tally.check(first.env == {"HPC_ROLL_HOST": h, "HPC_ROLL_STEP": "unprotect"}
+                            and "--replace" not in first.argv and "--target-dependents" not in first.argv,
+                            "the first step only lifts termination protection")
+                tally.check(mine[-1].env == {} and "--replace" not in mine[-1].argv, "protection restored")
+
+
+def test_ami_flag_lets_the_replaced_host_take_the_image(tally):
+    for role in ("app", "data"):
+        for s in rolling.plan("prod", role, ami=True):
+            if s.kind == "pulumi":
+                tally.check((s.env.get("HPC_ROLL_AMI") == "1") == _replaces(s), s.show())
+
+
+def test_put_back_readies_a_drained_host_on_every_lb(tally):
+    (step,) = rolling.plan("prod", put_back="app-2")
+    tally.check(step.kind == "ready" and "--lb-state" in step.argv and "@lb-1,@lb-2" in step.argv, step.show())
+    with pytest.raises(SystemExit):
+        rolling.plan("prod", put_back="data-1")
+
+
+def test_unprotect_step_under_the_program_changes_only_protection(tally):
+    """What the first step's `pulumi up` would apply to the data host: protection
+    lifted, user-data and AMI still ignored, so no in-place stop/start and no replacement."""
+    from tests.conftest import program_run
+
+    base = {r.inputs["tags"]["Name"]: r for r in program_run("prod").of_type("aws:ec2/instance:Instance")}
+    run = program_run("prod", env={"HPC_ROLL_HOST": "data-1", "HPC_ROLL_STEP": "unprotect"})
+    inst = {r.inputs["tags"]["Name"]: r for r in run.of_type("aws:ec2/instance:Instance")}
+    d1 = inst["data-1"]
+    tally.check(d1.opts["ignore_changes"] == ["ami", "user_data_base64"], d1.opts)
+    changed = {k for k in d1.inputs if d1.inputs[k] != base["data-1"].inputs[k]}
+    tally.check(changed == {"disableApiTermination"}, changed)
 
 
 def test_a_failed_gate_stops_the_roll(tally, capsys):

@@ -40,6 +40,13 @@ Role checks (each a shell command that exits 0 when the role is healthy): anythi
 `Success` is a failed attempt, retried every RETRY_S seconds until the deadline; the message
 then names the host, the check and its last output.
 
+LB state (`--lb-state drain|ready --lb-instance-ids i-a,i-b --servers be_api/app-2-5010,...`):
+instead of a gate, set a web/app host's HAProxy servers to `drain` (no new requests; the
+gate waits up to DRAIN_WAIT_S for its open sessions to end) or back to `ready` on every LB,
+through HAProxy's runtime API (the admin socket) by the same SSM path. A server or backend
+HAProxy does not know fails now (exit 3 of the script: the command names a server the LB's
+config lacks); an unreachable agent or admin socket is retried until the timeout.
+
 An SSM call that raises with a credential or permission error (AccessDenied, expired token)
 fails now for every check: retrying with the same credentials gives the same answer.
 """
@@ -260,6 +267,79 @@ def run_gate(ssm: Any, host: str, instance_id: str, roles: list[str], timeout: f
             sleep(RETRY_S)
 
 
+ADMIN_SOCKET = "/run/haproxy/admin.sock"
+DRAIN_WAIT_S = 60  # at most this long for a drained server's open sessions to end
+UNKNOWN_SERVER_EXIT = 3
+LB_STATES = ("drain", "ready")
+
+
+def haproxy_state_script(servers: list[str], state: str, wait_s: int = DRAIN_WAIT_S,
+                         sock: str = ADMIN_SOCKET) -> str:
+    """The shell script an LB runs: `set server <b>/<s> state <state>` for each server
+    through the runtime API (an answer means an error: HAProxy answers nothing on
+    success), then for `drain` wait until their current sessions (`show stat` scur) end."""
+    if state not in LB_STATES:
+        raise ValueError(f"state {state!r}: allowed are {', '.join(LB_STATES)}")
+    if not servers or any(s.count("/") != 1 or not re.fullmatch(r"[A-Za-z0-9_.:/-]+", s) for s in servers):
+        raise ValueError(f"servers {servers!r}: <backend>/<server> names")
+    names = " ".join(servers)
+    lines = [
+        f"sock={sock}",
+        f"for s in {names}; do",
+        f'  out=$(echo "set server $s state {state}" | socat stdio "$sock") || {{ echo "$s: no runtime API at $sock"; exit 1; }}',
+        f'  if [ -n "$out" ]; then echo "$s: $out"; exit {UNKNOWN_SERVER_EXIT}; fi',
+        "done",
+    ]
+    if state == "drain":
+        lines += [
+            f"end=$(( $(date +%s) + {int(wait_s)} ))",
+            f"for s in {names}; do",
+            '  b=${s%%/*}; n=${s#*/}',
+            "  while :; do",
+            "    cur=$(echo 'show stat' | socat stdio \"$sock\" | awk -F, -v b=\"$b\" -v n=\"$n\" '$1==b && $2==n {print $5}')",
+            '    [ "${cur:-0}" = 0 ] && break',
+            f'    if [ "$(date +%s)" -ge "$end" ]; then echo "$s: $cur sessions still open after {int(wait_s)} s"; break; fi',
+            "    sleep 1",
+            "  done",
+            "done",
+        ]
+    lines.append(f'echo "{state}: {names} on $(hostname)"')
+    return "\n".join(lines)
+
+
+def set_lb_state(ssm: Any, host: str, lb_instance_ids: list[str], servers: list[str], state: str,
+                 timeout: float, sleep: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] | None = None,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+    """Set `servers` to `state` on every LB, one LB after the other; GateFailed as soon as
+    an LB refuses (unknown server) or when the timeout passes."""
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    deadline = clock() + timeout
+    script = haproxy_state_script(servers, state)
+    check = f"haproxy-{state}"
+    for lb in lb_instance_ids:
+        last = Result(False, "", "NotRun")
+        while True:
+            if clock() > deadline:
+                raise GateFailed(host, check, last.output, f"LB {lb} not set to {state} after {timeout:.0f}s (status {last.status})")
+            try:
+                last = run_remote(ssm, lb, script, sleep, wait_s=max(10.0, min(DRAIN_WAIT_S + 60.0, deadline - clock())))
+            except Exception as e:  # noqa: BLE001 - agent not registered yet, throttling
+                code = _api_error_code(e)
+                fatal = code in FATAL_API_ERRORS
+                last = Result(False, str(e), code if fatal else "Error", fatal=fatal)
+            if last.fatal:
+                raise GateFailed(host, check, last.output, f"the SSM call to LB {lb} failed ({last.status})")
+            if last.ok:
+                log(f"lb-state: {host} {state} on {lb}: {last.output.strip()}")
+                break
+            if last.response_code == UNKNOWN_SERVER_EXIT:
+                raise GateFailed(host, check, last.output, f"LB {lb}'s HAProxy does not know these servers")
+            log(f"lb-state: {host} {state} on {lb}: {last.status}, retrying")
+            sleep(RETRY_S)
+
+
 def accept_degraded_from_env(environ: Mapping[str, str]) -> bool:
     raw = environ.get(ACCEPT_DEGRADED_ENV, "").strip().lower()
     if raw in ("", "0", "false", "no"):
@@ -273,16 +353,33 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--region", required=True)
     ap.add_argument("--host", required=True)
-    ap.add_argument("--instance-id", required=True)
-    ap.add_argument("--roles", required=True)
+    ap.add_argument("--instance-id", help="the host's instance (gate)")
+    ap.add_argument("--roles", help="the host's roles (gate)")
+    ap.add_argument("--lb-state", choices=LB_STATES, help="instead of the gate: set the host's servers on every LB")
+    ap.add_argument("--lb-instance-ids", help="the LB instances (with --lb-state), comma-separated")
+    ap.add_argument("--servers", help="the host's HAProxy <backend>/<server> names (with --lb-state)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--accept-degraded", action="store_true",
                     help="call a host ready when cloud-init finished 'degraded done' (recoverable errors)")
     args = ap.parse_args(argv)
+    if args.lb_state:
+        if not (args.lb_instance_ids and args.servers):
+            ap.error("--lb-state needs --lb-instance-ids and --servers")
+    elif not (args.instance_id and args.roles):
+        ap.error("the gate needs --instance-id and --roles")
     accept = args.accept_degraded or accept_degraded_from_env(environ)
     import boto3
 
     ssm = boto3.client("ssm", region_name=args.region)
+    if args.lb_state:
+        try:
+            set_lb_state(ssm, args.host, args.lb_instance_ids.split(","), args.servers.split(","),
+                         args.lb_state, args.timeout)
+        except GateFailed as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        print(f"{args.host} {args.lb_state} on every LB")
+        return 0
     try:
         run_gate(ssm, args.host, args.instance_id, args.roles.split(","), args.timeout, accept_degraded=accept)
     except GateFailed as e:

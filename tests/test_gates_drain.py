@@ -1,0 +1,230 @@
+"""Readiness gates on by default where it matters, and the HAProxy drain around every
+web/app replacement, proven over the program's resource graph under the strict mocks:
+drain(N) -> instance(N) -> gate(N) -> put-back(N) -> drain(N+1), so never more than one
+web/app host is out of service. The drain script itself runs against a live HAProxy's
+runtime API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.stackfile import load_stack
+from offline.harness import ProgramRun
+from tests.conftest import STACKS, program_run
+from tests.loadfile import load_tool
+
+gate = load_tool("gate")
+
+
+def _ids_in(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_ids_in(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_ids_in(v) for v in value)) if value else set()
+    return set()
+
+
+def graph(run: ProgramRun) -> dict[str, set[str]]:
+    """resource name -> the resources it waits for: its depends_on, and every resource
+    whose id one of its inputs carries (a property dependency, as Pulumi orders them)."""
+    by_id = {r.id: r.name for r in run.resources if r.id and len(r.id) > 6}
+    deps: dict[str, set[str]] = {}
+    for r in run.resources:
+        d = set(r.opts.get("depends_on") or [])
+        d |= {by_id[i] for i in _ids_in(r.inputs) if i in by_id and by_id[i] != r.name}
+        deps[r.name] = d
+    return deps
+
+
+def before(deps: dict[str, set[str]], first: str, then: str) -> bool:
+    """`then` waits (transitively) for `first`."""
+    seen, todo = set(), [then]
+    while todo:
+        n = todo.pop()
+        for d in deps.get(n, ()):
+            if d == first:
+                return True
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return False
+
+
+def web_app(run: ProgramRun) -> list[str]:
+    stateful = {"lb", "data", "slurm", "monitoring"}
+    return [n for n, h in run.outputs["hosts"].items() if not set(h["roles"]) & stateful]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_prod_like_stacks_have_gates_on(stack, tally):
+    """A stack of the ha profile, or the production stack, without gates would let an
+    approved `pulumi up` replace every web/app host back to back."""
+    cfg, _ = load_stack(stack)
+    if cfg.profile == "ha" or stack == "prod":
+        tally.check(cfg.gates.enabled, f"Pulumi.{stack}.yaml: gates must be on for a production-like stack")
+        tally.check(program_run(stack).outputs["gates"], stack)
+    else:
+        tally.check(cfg.profile == "minimal", stack)
+
+
+@pytest.mark.parametrize("stack", [s for s in STACKS if load_stack(s)[0].gates.enabled])
+def test_each_web_app_host_is_drained_replaced_gated_and_put_back_before_the_next(stack, tally):
+    run = program_run(stack)
+    deps = graph(run)
+    s = run.stack
+    hosts = web_app(run)
+    lbs = [n for n, h in run.outputs["hosts"].items() if "lb" in h["roles"]]
+    tally.expect(3 * len(hosts))
+    for n in hosts:
+        drain, inst, gate_, ready = (f"{s}-{n}-lb-drain", f"{s}-{n}-instance", f"{s}-{n}-gate-ready", f"{s}-{n}-lb-ready")
+        tally.check(before(deps, drain, inst), f"{n}: drained before its instance is touched")
+        tally.check(before(deps, inst, gate_) and before(deps, gate_, ready), f"{n}: put back after its gate")
+        for lb in lbs:
+            tally.check(before(deps, f"{s}-{lb}-gate-ready", drain), f"{n}: drained only once {lb} serves")
+    # total order of the out-of-service windows [drain, put-back]
+    for prev, cur in zip(hosts, hosts[1:], strict=False):
+        tally.check(before(deps, f"{s}-{prev}-lb-ready", f"{s}-{cur}-lb-drain"), (prev, cur))
+    for a in hosts:
+        for b in hosts:
+            if a < b:
+                tally.check(before(deps, f"{s}-{a}-lb-ready", f"{s}-{b}-lb-drain")
+                            or before(deps, f"{s}-{b}-lb-ready", f"{s}-{a}-lb-drain"),
+                            f"{a} and {b} could be out of service together")
+
+
+def test_drain_and_put_back_name_every_lb_and_every_server_and_are_keyed_to_re_run(prod, tally):
+    ids = {n: h["instance_id"] for n, h in prod.outputs["hosts"].items()}
+    cfg, _ = load_stack("prod")
+    drain = prod.named("prod-app-2-lb-drain")
+    ready = prod.named("prod-app-2-lb-ready")
+    servers = ",".join([f"be_{s.name}/app-2-{p}" for s in cfg.services for p in s.ports] + ["be_web/app-2"])
+    for cmd, state in ((drain, "drain"), (ready, "ready")):
+        c = cmd.inputs["create"]
+        tally.check(f"--lb-state {state} --lb-instance-ids {ids['lb-1']},{ids['lb-2']} --servers {servers}" in c, c)
+    user_data_sha = prod.named("prod-app-2-gate-ready").inputs["triggers"][1]
+    tally.check(drain.inputs["triggers"] == [user_data_sha, prod.outputs["hosts"]["app-2"]["instance_type"]],
+                "a new user-data or instance type drains the host first")
+    tally.check(ready.inputs["triggers"] == [ids["app-2"], drain.id], "every drain and every new instance is followed by a put-back")
+
+
+def test_gates_can_be_refused_for_a_prod_like_override(tally):
+    """The default follows the profile: switching them off is explicit."""
+    from components.config import load_config
+    from components.stackfile import namespace, project_name, read_stack
+
+    config, _ = read_stack("prod")
+    raw = namespace(config, project_name())
+    raw.pop("gates", None)
+    cfg = load_config(raw, stack="prod", project=project_name(), region="ap-northeast-2",
+                      configured_secrets=frozenset({"tls_cert", "tls_key"}))
+    tally.check(cfg.gates.enabled and cfg.gates.timeout_s == 900, "the ha profile's default")
+    raw["gates"] = {"enabled": False}
+    cfg = load_config(raw, stack="prod", project=project_name(), region="ap-northeast-2",
+                      configured_secrets=frozenset({"tls_cert", "tls_key"}))
+    tally.check(not cfg.gates.enabled)
+
+
+# ------------------------------------------------------------------ the LB-state command
+
+
+class FakeSsm:
+    """send_command/get_command_invocation answering from a list per instance."""
+
+    def __init__(self, answers: dict[str, list[dict[str, Any]]]):
+        self.answers = answers
+        self.sent: list[tuple[str, str]] = []
+
+    def send_command(self, InstanceIds, DocumentName, Parameters, TimeoutSeconds):  # noqa: N803 - boto3's names
+        self.sent.append((InstanceIds[0], Parameters["commands"][0]))
+        return {"Command": {"CommandId": f"c{len(self.sent)}"}}
+
+    def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803
+        queue = self.answers[InstanceId]
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+def _inv(status: str, out: str = "", rc: int | None = None) -> dict[str, Any]:
+    return {"Status": status, "StandardOutputContent": out, "StandardErrorContent": "",
+            **({"ResponseCode": rc} if rc is not None else {})}
+
+
+def test_lb_state_sets_every_lb_and_fails_now_on_an_unknown_server(tally):
+    clock = [0.0]
+    ok = FakeSsm({"i-a": [_inv("Failed", "no runtime API", 1), _inv("Success", "drain: ...")],
+                  "i-b": [_inv("Success", "drain: ...")]})
+    gate.set_lb_state(ok, "app-2", ["i-a", "i-b"], ["be_web/app-2"], "drain", 600,
+                      sleep=lambda s: clock.__setitem__(0, clock[0] + s), clock=lambda: clock[0], log=lambda m: None)
+    tally.check([i for i, _ in ok.sent] == ["i-a", "i-a", "i-b"], ok.sent)
+    tally.check("set server $s state drain" in ok.sent[0][1] and "be_web/app-2" in ok.sent[0][1])
+    clock[0] = 0.0
+    bad = FakeSsm({"i-a": [_inv("Failed", "be_web/app-9: No such server.", gate.UNKNOWN_SERVER_EXIT)]})
+    with pytest.raises(gate.GateFailed) as info:
+        gate.set_lb_state(bad, "app-9", ["i-a"], ["be_web/app-9"], "ready", 600,
+                          sleep=lambda s: clock.__setitem__(0, clock[0] + s), clock=lambda: clock[0], log=lambda m: None)
+    tally.check("does not know these servers" in str(info.value) and clock[0] < 60, (str(info.value), clock[0]))
+    with pytest.raises(ValueError):
+        gate.haproxy_state_script(["be_web/app-2; reboot"], "drain")
+
+
+HAPROXY_CFG = """global
+    stats socket {sock} mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+backend be_web
+    server app-2 127.0.0.1:{port}
+backend be_api
+    server app-2-5010 127.0.0.1:{port}
+frontend fe
+    bind 127.0.0.1:{front}
+    default_backend be_web
+"""
+
+
+def _state(sock: str, backend: str, server: str) -> str:
+    out = subprocess.run(["socat", "stdio", sock], input="show servers state\n", capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) > 6 and f[1] == backend and f[3] == server:
+            return f[6]  # srv_admin_state: 0 ready, 8 drain
+    raise AssertionError(f"{backend}/{server} not in {out}")
+
+
+def test_the_drain_script_against_a_live_haproxy(tmp_path: Path, tally):
+    for tool in ("haproxy", "socat"):
+        assert shutil.which(tool), f"{tool} is needed (tools/install-debian-deps.sh installs it)"
+    sock = str(tmp_path / "admin.sock")
+    port = 20000 + os.getpid() % 20000
+    (tmp_path / "h.cfg").write_text(HAPROXY_CFG.format(sock=sock, port=port + 1, front=port))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        servers = ["be_web/app-2", "be_api/app-2-5010"]
+        drain = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "drain", wait_s=5, sock=sock)],
+                               capture_output=True, text=True)
+        tally.check(drain.returncode == 0, drain.stdout + drain.stderr)
+        tally.check(_state(sock, "be_web", "app-2") == "8" and _state(sock, "be_api", "app-2-5010") == "8")
+        ready = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "ready", sock=sock)],
+                               capture_output=True, text=True)
+        tally.check(ready.returncode == 0 and _state(sock, "be_web", "app-2") == "0", ready.stdout)
+        unknown = subprocess.run(["sh", "-c", gate.haproxy_state_script(["be_web/app-9"], "drain", sock=sock)],
+                                 capture_output=True, text=True)
+        tally.check(unknown.returncode == gate.UNKNOWN_SERVER_EXIT and "app-9" in unknown.stdout, unknown.stdout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
