@@ -146,7 +146,7 @@ def workflow_problems(pr: dict[str, Any], preview: dict[str, Any], deploy: dict[
 def test_actionlint_passes_on_every_workflow(tally):
     files = workflow_files()
     # A new workflow needs its promises checked here before it is accepted.
-    tally.check(sorted(f.name for f in files) == ["deploy.yml", "pr.yml", "preview.yml"], files)
+    tally.check(sorted(f.name for f in files) == ["ami-pins.yml", "deploy.yml", "pr.yml", "preview.yml"], files)
     p = subprocess.run([actionlint(), "-no-color", "-verbose", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
     tally.check(p.returncode == 0, p.stdout + p.stderr)
     # Every file was linted, and shellcheck ran on the `run:` scripts (actionlint quietly
@@ -242,3 +242,42 @@ def test_the_promise_checks_catch_each_break(tally):
                    no_summary, only_prod_preview, fast_tests_only, suite_not_as_root, suite_deselects_daemons,
                    suite_deselects_more, no_smoke_job, smoke_on_debian):
         tally.check(broken(change) != [], f"{change.__name__} was not caught")
+
+
+def ami_pins_problems(doc: dict[str, Any]) -> list[str]:
+    """ami-pins.yml: scheduled, OIDC credentials, checks and writes the pins with
+    tools/ami_latest.py, proposes them as a pull request, never deploys."""
+    p: list[str] = []
+    on = doc["on"] or {}
+    if "schedule" not in on or "pull_request" in on or "push" in on:
+        p.append("ami-pins.yml must run on a schedule only (and by hand)")
+    job = doc["jobs"].get("pins") or {}
+    runs = "\n".join(str(s.get("run", "")) for s in steps(job))
+    if not uses(job, "aws-actions/configure-aws-credentials") or \
+            any("aws-access-key-id" in (s.get("with") or {}) for s in steps(job)):
+        p.append("ami-pins.yml must take AWS credentials from OIDC (role-to-assume), no stored keys")
+    if (job.get("permissions") or {}).get("id-token") != "write":
+        p.append("ami-pins.yml lacks `id-token: write`")
+    if "tools/ami_latest.py" not in runs or "--write" not in runs:
+        p.append("ami-pins.yml must resolve and write the pins with tools/ami_latest.py --write")
+    if "gh pr create" not in runs:
+        p.append("ami-pins.yml must propose the pins as a pull request, not push them to main")
+    if re.search(r"git push[^\n]*\bmain\b", runs) or "pulumi" in runs:
+        p.append("ami-pins.yml must never push to main or run pulumi")
+    return p
+
+
+def test_ami_pins_workflow_proposes_checked_pins_as_a_pull_request(tally):
+    doc = load("ami-pins.yml")
+    tally.check(ami_pins_problems(doc) == [], ami_pins_problems(doc))
+    broken = copy.deepcopy(doc)
+    broken["on"]["push"] = {"branches": ["main"]}
+    tally.check(ami_pins_problems(broken), "a push trigger went unnoticed")
+    broken = copy.deepcopy(doc)
+    for s in broken["jobs"]["pins"]["steps"]:
+        if "gh pr create" in str(s.get("run", "")):
+            s["run"] = "git push origin HEAD:main"
+    tally.check(len(ami_pins_problems(broken)) == 2, ami_pins_problems(broken))
+    preview = load("preview.yml")
+    tally.check(any("tools/ami_latest.py" in str(s.get("run", "")) and "--summary" in str(s.get("run", ""))
+                    for s in steps(preview["jobs"]["preview"])), "the preview shows the AMIs it resolves")
