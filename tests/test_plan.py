@@ -37,7 +37,7 @@ def plan_of(stack: str) -> dict:
 def test_the_plan_has_every_section(stack_run, tally):
     p = plan_of(stack_run.stack)
     tally.expect(8)
-    for key in ("resources", "hosts", "address_plan", "security_matrix", "outputs", "monthly_cost", "diagram"):
+    for key in ("resources", "hosts", "amis", "address_plan", "security_matrix", "outputs", "monthly_cost", "diagram"):
         tally.check(key in p, key)
     r = p["resources"][0]
     tally.check({"type", "name", "parent", "inputs", "protect"} <= set(r), r.keys())

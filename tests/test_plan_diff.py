@@ -127,7 +127,23 @@ def test_ami_change_on_an_ignoring_host_is_flagged_not_applied(tally):
     res(new, "prod-app-1-instance")["inputs"]["ami"] = "ami-0123456789abcdef0"
     d = pd.diff_plans(base_plan(), new, TABLE)
     c = changed(d)
-    tally.check(c["prod-lb-1-instance"]["action"] == "none" and c["prod-app-1-instance"]["action"] == "replace", c)
+    # every host ignores a new image: it arrives only through tools/rolling.py --ami
+    tally.check(c["prod-lb-1-instance"]["action"] == "none" and c["prod-app-1-instance"]["action"] == "none", c)
+    tally.check(c["prod-app-1-instance"]["ignored"] == ["ami"], c["prod-app-1-instance"])
+
+
+def test_the_amis_new_hosts_boot_are_shown_prominently_and_a_move_is_flagged(tally):
+    base = base_plan()
+    tally.check(set(base["amis"]) == {"x86_64"} and base["amis"]["x86_64"]["source"].startswith(
+        "resolved at preview from /aws/service/canonical/ubuntu/server/24.04/"), base["amis"])
+    same = pd.markdown(pd.diff_plans(base_plan(), base_plan(), TABLE))
+    ami = base["amis"]["x86_64"]["id"]
+    tally.check(f"**AMIs new hosts boot**: x86_64 **`{ami}`**" in same, same[:600])
+    tally.check(same.index("**AMIs new hosts boot**") < same.index("No changes."), "before everything else")
+    new = base_plan()
+    new["amis"]["x86_64"] = {"id": "ami-0123456789abcdef0", "source": "pinned"}
+    text = pd.markdown(pd.diff_plans(base_plan(), new, TABLE))
+    tally.check(f"x86_64: `{ami}` → `ami-0123456789abcdef0`" in text and "tools/rolling.py --ami" in text, text[:900])
 
 
 def test_replacing_a_stateful_resource_is_a_danger_flag(tally):

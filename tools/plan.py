@@ -6,6 +6,9 @@ Writes, for review in pull requests:
   blobs replaced by their sha256, secrets by "<secret>"), hosts (roles, AZ, subnet, IP,
   type, every rendered file as path -> sha256), address_plan, security_matrix (from the
   created rule resources), outputs, monthly_cost (tools/cost.py), the diagram's source;
+- amis: per architecture the image id new hosts boot and where it comes from (the
+  stack's pin, or Canonical's public SSM parameter read at preview: offline the
+  parameter's answer is the mocks' stand-in, a real `pulumi preview` reads the real one);
 - build/plan-<stack>.md: the same as tables;
 - build/plan-<stack>.dot/.svg/.png: the topology (Graphviz `dot`).
 
@@ -258,6 +261,17 @@ def render_diagram(dot_text: str, base: Path) -> list[Path]:
 # ------------------------------------------------------------------------ the plan
 
 
+def ami_section(run: Any) -> dict[str, dict[str, str]]:
+    """arch -> {id, source}: `pinned`, or the SSM parameter the program read for it."""
+    params = {a["name"] for t, a in run.calls if t == "aws:ssm/getParameter:getParameter"}
+    out: dict[str, dict[str, str]] = {}
+    for arch, ami in sorted((run.outputs.get("amis") or {}).items()):
+        canonical = "amd64" if arch == "x86_64" else arch
+        read = sorted(p for p in params if f"/{canonical}/" in p)
+        out[arch] = {"id": str(ami), "source": f"resolved at preview from {read[0]}" if read else "pinned"}
+    return out
+
+
 def build_plan(run: Any, stack: str, prices: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plan document of one program run (see the module docstring)."""
     o = run.outputs
@@ -272,6 +286,7 @@ def build_plan(run: Any, stack: str, prices: dict[str, Any] | None = None) -> di
         "resource_counts": dict(sorted(counts.items())),
         "resources": resources,
         "hosts": hosts_section(o),
+        "amis": ami_section(run),
         "primaries": dict(sorted(o["primaries"].items())),
         "address_plan": address_plan(o),
         "security_matrix": security_matrix(resources),
@@ -302,6 +317,9 @@ def markdown(plan: dict[str, Any]) -> str:
         f"resources, {len(plan['hosts'])} hosts; built under mocks (no cloud credentials).",
         f"Monthly on-demand estimate: **${cost['total']:,.2f}** ({b['status']} the plan's ${b['low']:,.0f}-{b['high']:,.0f}; "
         f"prices of {cost['region']} dated {cost['price_date']}).",
+        "",
+        "AMIs new hosts boot: " + "; ".join(f"{a} **`{v['id']}`** ({v['source']})" for a, v in plan["amis"].items())
+        + " - running hosts keep theirs until `tools/rolling.py --ami`.",
         "",
         f"![topology](plan-{plan['stack']}.svg)",
         "",

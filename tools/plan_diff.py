@@ -284,6 +284,7 @@ def diff_plans(old: dict[str, Any], new: dict[str, Any], table: dict[str, Any] |
         "hosts": hosts,
         "files": file_diffs(old_files, new_files, hosts["changed"], hosts["added"]),
         "cost": diff_cost(old.get("monthly_cost", {}), new.get("monthly_cost", {})),
+        "amis": {"before": old.get("amis", {}), "after": new.get("amis", {})},
     }
 
 
@@ -307,6 +308,18 @@ def markdown(d: dict[str, Any], base_label: str = "base", head_label: str = "wor
                f"hosts +{len(h['added'])}/-{len(h['removed'])}, {len(h['changed'])} changed; "
                f"monthly cost ${c['before']:,.2f} → ${c['after']:,.2f} ({sign}${abs(c['delta']):,.2f}).")
     out.append("")
+    amis = d.get("amis") or {"before": {}, "after": {}}
+    if amis["after"]:
+        # Prominent on every diff: the image new hosts boot (a real preview resolves the
+        # unpinned ones from Canonical's parameter; offline it is the mocks' stand-in).
+        out.append("**AMIs new hosts boot**: " + "; ".join(
+            f"{a} **`{v['id']}`** ({v['source']})" for a, v in sorted(amis["after"].items())))
+        moved = [a for a, v in amis["after"].items() if (amis["before"].get(a) or {}).get("id", v["id"]) != v["id"]]
+        for a in moved:
+            out.append(f"- {ICON['warning']} {a}: `{amis['before'][a]['id']}` → `{amis['after'][a]['id']}`: new hosts "
+                       "boot this one; running hosts keep theirs (a replacement too: the program ignores the AMI) "
+                       "until `tools/rolling.py --ami`")
+        out.append("")
     if not (r["added"] or r["changed"] or r["removed"] or m["added"] or m["removed"] or h["added"] or h["removed"]
             or h["changed"] or d["files"] or c["delta"]):
         out += ["No changes.", ""]
