@@ -156,6 +156,8 @@ CLAIMS = [
     # config defaults
     Claim("README.md", r"`gates: \{enabled: true, timeout_s: (\d+)\}`", "gates.timeout_s default",
           default(lambda c: c.gates.timeout_s)),
+    Claim("README.md", r"Readiness gates are (on|off) by default for the `ha` profile", "gates.enabled default (ha)",
+          default(lambda c: "on" if c.gates.enabled else "off")),
     Claim("README.md", r"`vpc_cidr` \(default ([\d./]+),", "network.vpc_cidr default",
           default(lambda c: c.network.vpc_cidr)),
     Claim("README.md", r"\bexternal (\d+\.\d+\.\d+-\d+\.0/\d+)", "default external subnets", subnet_range("external")),

@@ -22,14 +22,18 @@ def test_web_app_hosts_are_drained_replaced_gated_and_readied_in_turn(tally):
     order = [(s.host, s.kind) for s in steps]
     for host in ("app-1", "app-2", "app-3"):
         mine = [k for h, k in order if h == host]
-        tally.check(mine == ["drain", "pulumi", "gate", "ready"], (host, mine))
+        tally.check(mine == ["drain", "drain", "pulumi", "gate", "ready", "ready"], (host, mine))
     hosts_in_order = [h for h, _ in order]
     tally.check(hosts_in_order == sorted(hosts_in_order, key=lambda h: int(h.split("-")[1])), "one host at a time")
-    drain = next(s for s in steps if s.kind == "drain")
-    tally.check(drain.argv[:2] == ["python3", "tools/gate.py"] and drain.argv[drain.argv.index("--lb-state") + 1] == "drain")
-    tally.check(drain.argv[drain.argv.index("--lb-instance-ids") + 1] == "@lb-1,@lb-2", "every LB")
-    servers = drain.argv[drain.argv.index("--servers") + 1].split(",")
-    tally.check("be_api/app-1-5010" in servers and "be_web/app-1" in servers, servers)
+    drains = [s for s in steps if s.kind == "drain" and s.host == "app-1"]
+    tally.check([d.argv[0] for d in drains] == ["lb-1", "lb-2"], "every LB")
+    for d in drains:
+        via = d.via
+        tally.check(via[:2] == ["python3", "tools/gate.py"] and via[via.index("--lb-state") + 1] == "drain")
+        tally.check(via[via.index("--lb-instance-ids") + 1] == "@" + d.argv[0], via)
+        servers = via[via.index("--servers") + 1].split(",")
+        tally.check("be_api/app-1-5010" in servers and "be_web/app-1" in servers, servers)
+        tally.check("set server $s state drain" in d.argv[1] and "be_web/app-1" in d.argv[1], d.argv[1])
     replace = next(s for s in steps if s.kind == "pulumi")
     tally.check(all(a in replace.argv for a in REPLACE), replace.show())
     tally.check(replace.env == {"HPC_ROLL_HOST": "app-1", "HPC_ROLL_STEP": "replace"}, replace.env)
@@ -39,7 +43,7 @@ def test_exact_steps_per_role(tally):
     """Every role: one replacement per host, a gate right after it, and only data hosts
     (termination protection) get the unprotect step before and the restore after."""
     expected = {
-        "app": ["drain", "replace", "gate", "ready"],
+        "app": ["drain", "drain", "replace", "gate", "ready", "ready"],
         "lb": ["replace", "gate"],
         "data": ["unprotect", "replace", "gate", "protect"],
         "slurm": ["replace", "gate"],
@@ -77,8 +81,9 @@ def test_ami_flag_lets_the_replaced_host_take_the_image(tally):
 
 
 def test_put_back_readies_a_drained_host_on_every_lb(tally):
-    (step,) = rolling.plan("prod", put_back="app-2")
-    tally.check(step.kind == "ready" and "--lb-state" in step.argv and "@lb-1,@lb-2" in step.argv, step.show())
+    steps = rolling.plan("prod", put_back="app-2")
+    tally.check([(s.kind, s.argv[0]) for s in steps] == [("ready", "lb-1"), ("ready", "lb-2")], steps)
+    tally.check(all("--lb-state" in s.via and "ready" in s.via for s in steps), [s.show() for s in steps])
     with pytest.raises(SystemExit):
         rolling.plan("prod", put_back="data-1")
 

@@ -41,21 +41,27 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+
+import gate  # noqa: E402  tools/gate.py: the runtime-API script and its SSM path
 
 
 @dataclass
 class Step:
     kind: str  # pulumi | drain | ready | gate
-    argv: list[str]
+    argv: list[str]  # drain/ready: [LB host, the runtime-API script it runs]
     env: dict[str, str] = field(default_factory=dict)
     host: str = ""
+    via: list[str] = field(default_factory=list)  # drain/ready: tools/gate.py --lb-state for that LB, through SSM
 
     def show(self) -> str:
         env = " ".join(f"{k}={v}" for k, v in self.env.items())
-        return (env + " " if env else "") + shlex.join(self.argv)
+        return (env + " " if env else "") + shlex.join(self.via or self.argv)
 
 
 def urn(project: str, stack: str, host: str) -> str:
@@ -71,18 +77,26 @@ def _resolve_later(name: str) -> str:
 
 def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami: bool = False,
          put_back: str | None = None) -> list[Step]:
-    from components.gates import lb_state_command
+    from components.gates import haproxy_servers, lb_state_command
     from components.server import STATEFUL_ROLES
     from components.stackfile import load_stack, project_name
 
     project = project_name()
     cfg, topo = load_stack(stack)
-    lbs = [_resolve_later(h.name) for h in topo.hosts if "lb" in h.roles]
+    lbs = [h.name for h in topo.hosts if "lb" in h.roles]
     by_name = {h.name: h for h in topo.hosts}
+
+    def lb_steps(kind: str, h: Any) -> list[Step]:
+        """One step per LB: the script HAProxy's admin socket takes there, run through
+        SSM by tools/gate.py --lb-state (retries, an unknown server fails now)."""
+        script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind)
+        return [Step(kind, [lb, script], host=h.name,
+                     via=shlex.split(lb_state_command(cfg, h, kind, [_resolve_later(lb)]))) for lb in lbs]
+
     if put_back is not None:
         if put_back not in by_name or any(r in STATEFUL_ROLES for r in by_name[put_back].roles) or not lbs:
             raise SystemExit(f"--put-back {put_back}: not a web/app host behind the LBs of stack {stack}")
-        return [Step("ready", shlex.split(lb_state_command(cfg, by_name[put_back], "ready", lbs)), host=put_back)]
+        return lb_steps("ready", by_name[put_back])
     hosts = [h for h in topo.hosts if role in h.roles and (not only or h.name in only)]
     if not hosts:
         raise SystemExit(f"no {role} hosts in stack {stack}" + (f" among {only}" if only else ""))
@@ -93,7 +107,7 @@ def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami
         replace = Step("pulumi", base + ["--target", target, "--target-dependents", "--replace", target],
                        {"HPC_ROLL_HOST": h.name, "HPC_ROLL_STEP": "replace", **({"HPC_ROLL_AMI": "1"} if ami else {})},
                        h.name)
-        gate = Step("gate", ["python3", "tools/gate.py", "--region", cfg.region, "--host", h.name,
+        gate_step = Step("gate", ["python3", "tools/gate.py", "--region", cfg.region, "--host", h.name,
                              "--instance-id", _resolve_later(h.name), "--roles", ",".join(h.roles),
                              "--timeout", "1200"], host=h.name)
         if any(r in STATEFUL_ROLES for r in h.roles):
@@ -101,15 +115,13 @@ def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami
             if protected:
                 steps.append(Step("pulumi", base + ["--target", target],
                                   {"HPC_ROLL_HOST": h.name, "HPC_ROLL_STEP": "unprotect"}, h.name))
-            steps += [replace, gate]
+            steps += [replace, gate_step]
             if protected:
                 steps.append(Step("pulumi", base + ["--target", target], {}, h.name))
         else:
-            if lbs:
-                steps.append(Step("drain", shlex.split(lb_state_command(cfg, h, "drain", lbs)), host=h.name))
-            steps += [replace, gate]
-            if lbs:
-                steps.append(Step("ready", shlex.split(lb_state_command(cfg, h, "ready", lbs)), host=h.name))
+            steps += lb_steps("drain", h)
+            steps += [replace, gate_step]
+            steps += lb_steps("ready", h)
     return steps
 
 
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         def resolved(arg: str) -> str:
             return ",".join(ids[p[1:]] if p.startswith("@") else p for p in arg.split(","))
 
-        return subprocess.run([resolved(a) for a in step.argv], cwd=ROOT).returncode
+        return subprocess.run([resolved(a) for a in (step.via or step.argv)], cwd=ROOT).returncode
 
     return execute(steps, run)
 
