@@ -68,11 +68,14 @@ def haproxy_servers(cfg: StackConfig, host: Host) -> list[str]:
     return servers
 
 
-def lb_state_command(cfg: StackConfig, host: Host, state: str, lb_instance_ids: list[str]) -> str:
-    """Set the host's servers to `state` (drain | ready) on every LB, through SSM."""
+def lb_state_command(cfg: StackConfig, host: Host, state: str, lb_hosts: list[str]) -> str:
+    """Set the host's servers to `state` (drain | ready) on every LB, through SSM. The LBs
+    are named by host, their instances looked up when it runs: the text stays the same
+    when an LB is replaced, so that never re-runs a drain (pulumi-command runs `create`
+    again on an update whose command text changed)."""
     return shlex.join([
         "python3", GATE_SCRIPT, "--region", cfg.region, "--host", host.name,
-        "--lb-state", state, "--lb-instance-ids", ",".join(lb_instance_ids),
+        "--lb-state", state, "--stack", cfg.stack, "--lb-hosts", ",".join(lb_hosts),
         "--servers", ",".join(haproxy_servers(cfg, host)),
         "--timeout", str(cfg.gates.timeout_s),
     ])
@@ -101,11 +104,14 @@ class ReadinessGate(pulumi.ComponentResource):
         self.register_outputs({"stdout": self.command.stdout})
 
 
+DRAIN_UPDATE = "echo 'drain command changed, host not replaced: nothing drained'"
+
+
 @dataclass
 class LbDrainArgs:
     cfg: StackConfig
     host: Host
-    lb_instance_ids: list[pulumi.Output[str]]
+    lb_hosts: list[str]
     user_data_sha: pulumi.Output[str]
     after: list[pulumi.Resource] = field(default_factory=list)  # the previous host's put-back, the LBs' gates
 
@@ -116,10 +122,13 @@ class LbDrain(pulumi.ComponentResource):
     def __init__(self, name: str, args: LbDrainArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("hpc:gates:LbDrain", name, None, opts)
         self.args, self.name = args, name
-        lbs = pulumi.Output.all(*args.lb_instance_ids)
         self.drain = command.local.Command(
             f"{name}-drain",
-            create=lbs.apply(lambda ids: lb_state_command(args.cfg, args.host, "drain", list(ids))),
+            create=lb_state_command(args.cfg, args.host, "drain", args.lb_hosts),
+            # An update (a changed command text: a new timeout, a new service) must not
+            # drain the host with no replacement and no put-back after it: only a new
+            # trigger (a replacement of this resource) runs the drain.
+            update=DRAIN_UPDATE,
             # what replaces (user-data) or restarts (instance type) the instance re-runs it first
             triggers=[args.user_data_sha, args.host.instance_type],
             opts=pulumi.ResourceOptions(parent=self, depends_on=args.after),
@@ -128,10 +137,10 @@ class LbDrain(pulumi.ComponentResource):
 
     def put_back(self, instance_id: pulumi.Output[str], gate: pulumi.Resource) -> command.local.Command:
         args = self.args
-        lbs = pulumi.Output.all(*args.lb_instance_ids)
         self.ready = command.local.Command(
             f"{self.name}-ready",
-            create=lbs.apply(lambda ids: lb_state_command(args.cfg, args.host, "ready", list(ids))),
+            # an update runs it again: putting a serving host back is harmless
+            create=lb_state_command(args.cfg, args.host, "ready", args.lb_hosts),
             # every drain (a new drain id) and every new instance is followed by a put-back
             triggers=[instance_id, self.drain.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[gate]),

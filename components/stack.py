@@ -106,7 +106,7 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
             if missing:
                 raise ValueError(f"{name}: the LB hosts {missing} must come before web/app hosts in the topology")
             drain = LbDrain(f"{cfg.stack}-{name}-lb", LbDrainArgs(
-                cfg, h, lb_instance_ids=[servers[n].instance.id for n in lb_names],
+                cfg, h, lb_hosts=lb_names,
                 user_data_sha=user_data_sha,
                 after=([prev] if prev is not None else []) + [gates[n].command for n in lb_names]))
             after = [drain.drain]

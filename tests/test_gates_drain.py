@@ -109,11 +109,43 @@ def test_drain_and_put_back_name_every_lb_and_every_server_and_are_keyed_to_re_r
     servers = ",".join([f"be_{s.name}/app-2-{p}" for s in cfg.services for p in s.ports] + ["be_web/app-2"])
     for cmd, state in ((drain, "drain"), (ready, "ready")):
         c = cmd.inputs["create"]
-        tally.check(f"--lb-state {state} --lb-instance-ids {ids['lb-1']},{ids['lb-2']} --servers {servers}" in c, c)
+        tally.check(f"--lb-state {state} --stack prod --lb-hosts lb-1,lb-2 --servers {servers}" in c, c)
+        tally.check(not any(i in c for i in ids.values()), "no instance id: an LB replacement must not change the text")
+    tally.check(drain.inputs["update"] == gate_update(), "an update of the drain drains nothing")
+    tally.check("update" not in ready.inputs or ready.inputs["update"] in ("", None), "a put-back may run again")
     user_data_sha = prod.named("prod-app-2-gate-ready").inputs["triggers"][1]
     tally.check(drain.inputs["triggers"] == [user_data_sha, prod.outputs["hosts"]["app-2"]["instance_type"]],
                 "a new user-data or instance type drains the host first")
     tally.check(ready.inputs["triggers"] == [ids["app-2"], drain.id], "every drain and every new instance is followed by a put-back")
+
+
+def gate_update() -> str:
+    from components.gates import DRAIN_UPDATE
+
+    return DRAIN_UPDATE
+
+
+def test_lb_instances_are_looked_up_by_stack_and_name_tags(tally):
+    """moto's EC2: the running instance tagged Stack and Name, the terminated one not."""
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="ap-northeast-2", aws_access_key_id="x", aws_secret_access_key="x")
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+
+        def launch(name: str, stack: str) -> str:
+            return ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}, {"Key": "Stack", "Value": stack}]}],
+            )["Instances"][0]["InstanceId"]
+
+        old = launch("lb-1", "prod")
+        ec2.terminate_instances(InstanceIds=[old])
+        lb1, lb2, _ = launch("lb-1", "prod"), launch("lb-2", "prod"), launch("lb-1", "dev")
+        tally.check(gate.lb_instance_ids(ec2, "prod", ["lb-1", "lb-2"]) == [lb1, lb2])
+        with pytest.raises(SystemExit) as info:
+            gate.lb_instance_ids(ec2, "prod", ["lb-3"])
+        tally.check("Name=lb-3" in str(info.value))
 
 
 def test_gates_can_be_refused_for_a_prod_like_override(tally):

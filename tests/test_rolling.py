@@ -30,7 +30,7 @@ def test_web_app_hosts_are_drained_replaced_gated_and_readied_in_turn(tally):
     for d in drains:
         via = d.via
         tally.check(via[:2] == ["python3", "tools/gate.py"] and via[via.index("--lb-state") + 1] == "drain")
-        tally.check(via[via.index("--lb-instance-ids") + 1] == "@" + d.argv[0], via)
+        tally.check(via[via.index("--lb-hosts") + 1] == d.argv[0] and via[via.index("--stack") + 1] == "prod", via)
         servers = via[via.index("--servers") + 1].split(",")
         tally.check("be_api/app-1-5010" in servers and "be_web/app-1" in servers, servers)
         tally.check("set server $s state drain" in d.argv[1] and "be_web/app-1" in d.argv[1], d.argv[1])

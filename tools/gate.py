@@ -40,12 +40,15 @@ Role checks (each a shell command that exits 0 when the role is healthy): anythi
 `Success` is a failed attempt, retried every RETRY_S seconds until the deadline; the message
 then names the host, the check and its last output.
 
-LB state (`--lb-state drain|ready --lb-instance-ids i-a,i-b --servers be_api/app-2-5010,...`):
+LB state (`--lb-state drain|ready --stack S --lb-hosts lb-1,lb-2 --servers be_api/app-2-5010,...`):
 instead of a gate, set a web/app host's HAProxy servers to `drain` (no new requests; the
 gate waits up to DRAIN_WAIT_S for its open sessions to end) or back to `ready` on every LB,
 through HAProxy's runtime API (the admin socket) by the same SSM path. A server or backend
 HAProxy does not know fails now (exit 3 of the script: the command names a server the LB's
-config lacks); an unreachable agent or admin socket is retried until the timeout.
+config lacks); an unreachable agent or admin socket is retried until the timeout. The LB
+instances are looked up when the command runs (EC2, running instances tagged Stack=S and
+Name=<lb>), so the command text, and with it the program's drain resource, does not change
+when an LB is replaced (`--lb-instance-ids` names them directly instead).
 
 An SSM call that raises with a credential or permission error (AccessDenied, expired token)
 fails now for every check: retrying with the same credentials gives the same answer.
@@ -340,6 +343,22 @@ def set_lb_state(ssm: Any, host: str, lb_instance_ids: list[str], servers: list[
             sleep(RETRY_S)
 
 
+def lb_instance_ids(ec2: Any, stack: str, lb_hosts: list[str]) -> list[str]:
+    """The running instances of these LB hosts (tags Stack and Name, as the program sets
+    them); SystemExit naming the host that has none."""
+    ids: list[str] = []
+    for lb in lb_hosts:
+        found = [i["InstanceId"]
+                 for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+                     {"Name": "tag:Stack", "Values": [stack]}, {"Name": "tag:Name", "Values": [lb]},
+                     {"Name": "instance-state-name", "Values": ["running"]}])
+                 for r in page["Reservations"] for i in r["Instances"]]
+        if not found:
+            raise SystemExit(f"lb-state: no running instance tagged Stack={stack} Name={lb}")
+        ids += sorted(found)
+    return ids
+
+
 def accept_degraded_from_env(environ: Mapping[str, str]) -> bool:
     raw = environ.get(ACCEPT_DEGRADED_ENV, "").strip().lower()
     if raw in ("", "0", "false", "no"):
@@ -357,14 +376,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     ap.add_argument("--roles", help="the host's roles (gate)")
     ap.add_argument("--lb-state", choices=LB_STATES, help="instead of the gate: set the host's servers on every LB")
     ap.add_argument("--lb-instance-ids", help="the LB instances (with --lb-state), comma-separated")
+    ap.add_argument("--lb-hosts", help="the LB hosts (with --lb-state and --stack), looked up when the command runs")
+    ap.add_argument("--stack", help="the stack whose LB hosts --lb-hosts names")
     ap.add_argument("--servers", help="the host's HAProxy <backend>/<server> names (with --lb-state)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--accept-degraded", action="store_true",
                     help="call a host ready when cloud-init finished 'degraded done' (recoverable errors)")
     args = ap.parse_args(argv)
     if args.lb_state:
-        if not (args.lb_instance_ids and args.servers):
-            ap.error("--lb-state needs --lb-instance-ids and --servers")
+        if not ((args.lb_instance_ids or (args.lb_hosts and args.stack)) and args.servers):
+            ap.error("--lb-state needs --servers and --lb-instance-ids or --lb-hosts with --stack")
     elif not (args.instance_id and args.roles):
         ap.error("the gate needs --instance-id and --roles")
     accept = args.accept_degraded or accept_degraded_from_env(environ)
@@ -372,8 +393,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
 
     ssm = boto3.client("ssm", region_name=args.region)
     if args.lb_state:
+        lbs = (args.lb_instance_ids.split(",") if args.lb_instance_ids else
+               lb_instance_ids(boto3.client("ec2", region_name=args.region), args.stack, args.lb_hosts.split(",")))
         try:
-            set_lb_state(ssm, args.host, args.lb_instance_ids.split(","), args.servers.split(","),
+            set_lb_state(ssm, args.host, lbs, args.servers.split(","),
                          args.lb_state, args.timeout)
         except GateFailed as e:
             print(str(e), file=sys.stderr)

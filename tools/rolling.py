@@ -91,7 +91,7 @@ def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami
         SSM by tools/gate.py --lb-state (retries, an unknown server fails now)."""
         script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind)
         return [Step(kind, [lb, script], host=h.name,
-                     via=shlex.split(lb_state_command(cfg, h, kind, [_resolve_later(lb)]))) for lb in lbs]
+                     via=shlex.split(lb_state_command(cfg, h, kind, [lb]))) for lb in lbs]
 
     if put_back is not None:
         if put_back not in by_name or any(r in STATEFUL_ROLES for r in by_name[put_back].roles) or not lbs:
