@@ -94,6 +94,30 @@ def load_manifests(root: Path = TEMPLATES) -> dict[str, dict[str, Any]]:
     return out
 
 
+# Manifests' conditions and command arguments are compiled once per process, not once per
+# host: Jinja compiles every string it is given anew.
+@functools.lru_cache(maxsize=512)
+def _condition(cond: str) -> Any:
+    return _ENV.compile_expression(cond, undefined_to_none=False)
+
+
+@functools.lru_cache(maxsize=512)
+def _argument(text: str) -> jinja2.Template:
+    return _ENV.from_string(text)
+
+
+def _script(name: str) -> bytes:
+    """A host script's bytes, read once per process while the file stays the same."""
+    path = SCRIPTS / name
+    st = path.stat()
+    return _script_bytes(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _script_bytes(path: Path, mtime_ns: int, size: int) -> bytes:
+    return path.read_bytes()
+
+
 def _applies(entry: dict[str, Any], roles: list[str], ctx: dict[str, Any], where: str) -> bool:
     want = entry.get("roles", ["all"])
     if want != ["all"] and want != "all" and not set(want) & set(roles):
@@ -101,7 +125,7 @@ def _applies(entry: dict[str, Any], roles: list[str], ctx: dict[str, Any], where
     cond = entry.get("when")
     if cond:
         try:
-            return bool(_ENV.compile_expression(cond, undefined_to_none=False)(**ctx))
+            return bool(_condition(cond)(**ctx))
         except jinja2.UndefinedError as e:
             raise ValueError(f"{where}: condition {cond!r}: {e}") from e
     return True
@@ -114,18 +138,30 @@ def _deterministic_gzip(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1024)
+def _gzip_size(content: bytes) -> int:
+    """The size of one file's deterministic gzip (hosts of a tier share most files)."""
+    return len(_deterministic_gzip(content))
+
+
 def _tar(files: list[HostFile]) -> bytes:
+    # Hosts of the same roles bundle the same scripts: one archive for all of them.
+    return _tar_members(tuple((f.path, f.content, f.mode, f.owner) for f in sorted(files, key=lambda f: f.path)))
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_members(members: tuple[tuple[str, bytes, str, str], ...]) -> bytes:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for f in sorted(files, key=lambda f: f.path):
-            info = tarfile.TarInfo(f.path.lstrip("/"))
-            info.size = len(f.content)
-            info.mode = int(f.mode, 8)
+        for path, content, mode, owner in members:
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size = len(content)
+            info.mode = int(mode, 8)
             info.mtime = 0
-            user, _, group = f.owner.partition(":")
+            user, _, group = owner.partition(":")
             info.uname, info.gname = user, group or user
             info.uid = info.gid = 0
-            tar.addfile(info, io.BytesIO(f.content))
+            tar.addfile(info, io.BytesIO(content))
     return _deterministic_gzip(raw.getvalue())
 
 
@@ -191,21 +227,24 @@ def _cloud_config(rh_files: list[HostFile], packages: list[str], commands: list[
     return "#cloud-config\n" + text
 
 
-_CACHE: dict[tuple[str, int], RenderedHost] = {}
+_CACHE: dict[tuple[str, str, int], RenderedHost] = {}
 
 
 def render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]] | None = None,
-                limit: int = USER_DATA_LIMIT) -> RenderedHost:
+                limit: int = USER_DATA_LIMIT, *, key: str | None = None) -> RenderedHost:
     """Render every file of one host and pack its user-data (see the module docstring).
 
     Pure, so results are memoized by the context's canonical JSON (the program renders the
-    same hosts again in every run of the tests)."""
+    same hosts again in every run of the tests). A caller that can name the context's
+    content more cheaply passes it as `key` (components.hostctx.render_hosts: the digest
+    of the stack's part and the JSON of the host's own); equal keys must mean equal
+    contexts."""
     if manifests is not None:
         return _render_host(ctx, manifests, limit)
-    key = (json.dumps(ctx, sort_keys=True), limit)
-    if key not in _CACHE:
-        _CACHE[key] = _render_host(ctx, load_manifests(), limit)
-    return _CACHE[key]
+    memo = ("key" if key is not None else "json", key if key is not None else json.dumps(ctx, sort_keys=True), limit)
+    if memo not in _CACHE:
+        _CACHE[memo] = _render_host(ctx, load_manifests(), limit)
+    return _CACHE[memo]
 
 
 def _render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]], limit: int) -> RenderedHost:
@@ -223,7 +262,7 @@ def _render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]], limi
                 content = render_template(e["src"], ctx).encode()
                 source = f"templates/{e['src']}"
             else:
-                content = (SCRIPTS / e["script"]).read_bytes()
+                content = _script(e["script"])
                 source = f"scripts/{e['script']}"
             dest = e["dest"]
             if dest in files:
@@ -238,7 +277,7 @@ def _render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]], limi
                 run = e["run"]
                 argv = [str(x) for x in run] if isinstance(run, list) else ["sh", "-c", str(run)]
                 # arguments may name context values: "{{ host.data_volume.size_gb }}"
-                argv = [_ENV.from_string(a).render(**ctx) if "{{" in a else a for a in argv]
+                argv = [_argument(a).render(**ctx) if "{{" in a else a for a in argv]
                 commands.append((int(e.get("order", 50)), tier, i, argv))
         for k, v in (doc.get("cloud_config") or {}).items():
             if k not in ALLOWED_CLOUD_CONFIG_KEYS:
@@ -274,11 +313,11 @@ def _render_host(ctx: dict[str, Any], manifests: dict[str, dict[str, Any]], limi
         for f in sorted(movable, key=lambda f: (-len(f.content), f.path)):
             inline.remove(f)
             bundled.append(f)
-            excess -= len(_deterministic_gzip(f.content))
+            excess -= _gzip_size(f.content)
             if excess <= 0:
                 break
         if not any(f.path == BUNDLE_FETCHER for f in inline) and (SCRIPTS / "hpc-fetch-bundle").exists():
-            inline.append(HostFile(BUNDLE_FETCHER, (SCRIPTS / "hpc-fetch-bundle").read_bytes(), "0755",
+            inline.append(HostFile(BUNDLE_FETCHER, _script("hpc-fetch-bundle"), "0755",
                                    "root:root", "render", "python-tests", "scripts/hpc-fetch-bundle"))
             inline.sort(key=lambda f: f.path)
         bundle = _tar(bundled)

@@ -2,13 +2,21 @@
 topology and the few values only known once AWS created them (EFS name, EIP allocation,
 bucket names: `Deployed`). Pure: no Pulumi here; `build_stack` resolves the Outputs into
 a `Deployed` first, the offline render contexts take the mocks' values the same way.
+
+The stack-wide values (every host, the endpoints, the services...) are built once per
+stack (`stack_context`) and shared by every host's context, not copied into each: a
+stack's contexts and renders grow linearly with its hosts (`render_hosts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from cloud_init.render import RenderedHost, render_host
 
 from .config import StackConfig
 from .topology import Host, Topology
@@ -59,7 +67,23 @@ def _brief(h: Host) -> dict[str, Any]:
     return {"name": h.name, "ip": h.ip}
 
 
-def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) -> dict[str, Any]:
+# The keys of a host's render context, in order. HOST_KEYS differ between hosts (of "lb",
+# only the priority: its peers are the stack's); every other value is the stack's, the
+# same object in every host's context (see stack_context).
+CONTEXT_KEYS = (
+    "project", "stack", "region", "profile", "domain", "ssm_path", "vpc_cidr", "host", "hosts", "role_hosts",
+    "endpoints", "loghost", "efs", "vip", "services", "web", "app", "lb", "galera", "redis", "slurm",
+    "monitoring", "backup", "bundle", "secrets", "aws_endpoint_url",
+)
+HOST_KEYS = frozenset({"host", "efs", "lb", "bundle"})
+
+
+def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, Any]:
+    """The part of every host's render context that is the same for all hosts of the
+    stack (every key but HOST_KEYS, and the LB peers), built once. `host_context(...,
+    shared=)` puts these very objects into each host's context instead of a copy per
+    host, so a stack's contexts cost time and memory linear in its hosts (the templates
+    only read them)."""
     d = cfg.domain
     by_name = {h.name: h for h in topo.hosts}
     data_hosts = [by_name[n] for n in topo.role_hosts["data"]]
@@ -67,15 +91,6 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
     ctl_hosts = [by_name[n] for n in topo.role_hosts["slurm"]]
     mon = by_name[topo.role_hosts["monitoring"][0]]
     redis_master = by_name[topo.primaries["redis_master"]]
-    mounts = [
-        {"name": n, "path": p, "ap": dep.efs_access_points.get(n, "")}
-        for n, p, roles in EFS_MOUNTS
-        if any(r in host.roles for r in roles)
-    ]
-    data_volume = None
-    if host.data_gb:
-        mount = "/var/lib/hpc-data"
-        data_volume = {"device": "/dev/sdf", "mount": mount, "size_gb": host.data_gb}
     services = [
         {
             "name": s.name, "ports": list(s.ports), "route": {"path_beg": s.path_beg, "websocket": s.websocket},
@@ -92,12 +107,6 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
         "domain": d,
         "ssm_path": cfg.ssm_path,
         "vpc_cidr": cfg.network.vpc_cidr,
-        "host": {
-            "name": host.name, "fqdn": f"{host.name}.{d}", "ip": host.ip, "az": host.az,
-            "network": host.network, "roles": list(host.roles), "ordinal": host.ordinal,
-            "arch": host.arch, "instance_type": host.instance_type, "data_volume": data_volume,
-            "nic": "ens5",
-        },
         "hosts": [
             {"name": h.name, "fqdn": f"{h.name}.{d}", "ip": h.ip, "az": h.az, "network": h.network,
              "roles": list(h.roles), "ordinal": h.ordinal}
@@ -106,17 +115,11 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
         "role_hosts": {r: list(v) for r, v in topo.role_hosts.items()},
         "endpoints": dict(topo.endpoints),
         "loghost": {"name": f"loghost.{d}", "ip": mon.ip, "port": 514},
-        "efs": {"dns_name": dep.efs_dns_name, "mounts": mounts},
         "vip": {"allocation_id": dep.eip_allocation_id, "public_ip": dep.eip_public_ip},
         "services": services,
         "web": {"port": 8080, "dist_root": "/dist", "health": "/health"},
         "app": {"artifact": cfg.app_artifact},
-        "lb": {
-            "peers": [_brief(h) for h in lb_hosts],
-            "priority": 101 if host.name == topo.primaries["active_lb"] else 100,
-            "stats_port": 8404,
-            "vrrp_router_id": 51,
-        },
+        "lb": {"peers": [_brief(h) for h in lb_hosts], "stats_port": 8404, "vrrp_router_id": 51},
         "galera": {
             "cluster_name": "hpc_cluster",
             "bootstrap_host": topo.primaries["galera_bootstrap"],
@@ -152,10 +155,66 @@ def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed) ->
             "expected_galera_size": len(data_hosts),
         },
         "backup": {"bucket": dep.backup_bucket, "retention_days": cfg.backup_retention_days},
-        "bundle": {"bucket": dep.bundle_bucket, "key": f"{cfg.stack}/{host.name}/bundle.tar.gz"},
         "secrets": {"path": f"{cfg.ssm_path}/secrets", "names": list(SECRET_NAMES)},
         # Never set by the program (a rehearsal host reads its endpoint from
         # /etc/hpc/aws-endpoint); the templates still test it, and a template test sets
         # it in the context to check the override.
         "aws_endpoint_url": None,
     }
+
+
+def host_values(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed,
+                shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a host's render context that is its own (the HOST_KEYS)."""
+    d = cfg.domain
+    data_volume = None
+    if host.data_gb:
+        mount = "/var/lib/hpc-data"
+        data_volume = {"device": "/dev/sdf", "mount": mount, "size_gb": host.data_gb}
+    mounts = [
+        {"name": n, "path": p, "ap": dep.efs_access_points.get(n, "")}
+        for n, p, roles in EFS_MOUNTS
+        if any(r in host.roles for r in roles)
+    ]
+    lb = shared["lb"]
+    return {
+        "host": {
+            "name": host.name, "fqdn": f"{host.name}.{d}", "ip": host.ip, "az": host.az,
+            "network": host.network, "roles": list(host.roles), "ordinal": host.ordinal,
+            "arch": host.arch, "instance_type": host.instance_type, "data_volume": data_volume,
+            "nic": "ens5",
+        },
+        "efs": {"dns_name": dep.efs_dns_name, "mounts": mounts},
+        "lb": {
+            "peers": lb["peers"],
+            "priority": 101 if host.name == topo.primaries["active_lb"] else 100,
+            "stats_port": lb["stats_port"],
+            "vrrp_router_id": lb["vrrp_router_id"],
+        },
+        "bundle": {"bucket": dep.bundle_bucket, "key": f"{cfg.stack}/{host.name}/bundle.tar.gz"},
+    }
+
+
+def host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed,
+                 shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the templates of one host read. `shared` is the stack's
+    `stack_context` (built here when not given): its objects are taken as they are, so
+    the contexts of one stack share them and a caller must copy before changing one."""
+    if shared is None:
+        shared = stack_context(cfg, topo, dep)
+    own = host_values(cfg, topo, host, dep, shared)
+    return {k: own[k] if k in HOST_KEYS else shared[k] for k in CONTEXT_KEYS}
+
+
+def render_hosts(cfg: StackConfig, topo: Topology, hosts: Iterable[Host], dep: Deployed) -> dict[str, RenderedHost]:
+    """Every host's render, from one stack context. Memoized by the digest of the stack's
+    part and the JSON of each host's own, so the key costs what the host's part does,
+    not what every host's context holds."""
+    shared = stack_context(cfg, topo, dep)
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+    out: dict[str, RenderedHost] = {}
+    for h in hosts:
+        own = host_values(cfg, topo, h, dep, shared)
+        ctx = {k: own[k] if k in HOST_KEYS else shared[k] for k in CONTEXT_KEYS}
+        out[h.name] = render_host(ctx, key=f"{digest} {json.dumps(own, sort_keys=True)}")
+    return out

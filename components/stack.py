@@ -24,13 +24,13 @@ import pulumi
 import pulumi_aws as aws
 import yaml
 
-from cloud_init.render import RenderedHost, empty_bundle, render_host, render_summary
+from cloud_init.render import RenderedHost, empty_bundle, render_summary
 
 from .config import StackConfig
 from .config_model import UBUNTU_AMI_PARAMETER, UBUNTU_ARCH
 from .cutover import Cutover, CutoverArgs
 from .gates import LbDrain, LbDrainArgs, ReadinessGate, ReadinessGateArgs
-from .hostctx import Deployed, host_context
+from .hostctx import Deployed, render_hosts
 from .hybrid import Hybrid
 from .iam import HostRole, HostRoleArgs
 from .network import Endpoints, Network, NetworkArgs
@@ -74,7 +74,7 @@ def build_stack(cfg: StackConfig, topo: Topology, config: pulumi.Config,
 
     # One render of every host, once AWS's values are known. Pure and cached per run.
     rendered = _deployed(storage, vip).apply(
-        lambda dep: {h.name: render_host(host_context(cfg, topo, h, dep)) for h in hosts})
+        lambda dep: render_hosts(cfg, topo, hosts, dep))
 
     amis = _amis(cfg, hosts)
     roles_by_group = _host_roles(cfg, hosts, storage, vip, enis, partition.partition, identity.account_id, tags)

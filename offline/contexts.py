@@ -12,7 +12,7 @@ from typing import Any
 
 import pulumi
 
-from components.hostctx import Deployed, host_context
+from components.hostctx import Deployed, host_context, stack_context
 from components.stackfile import load_stack
 from components.storage import EFS_ACCESS_POINTS
 from components.topology import ROLE_PHASE
@@ -56,6 +56,9 @@ FAKE_DEPLOYED = mocked_deployed("prod")
 
 
 def contexts(stack: str) -> dict[str, dict[str, Any]]:
+    """Every host's context, fresh on each call; the hosts of one call share the stack's
+    values (components.hostctx.stack_context), so copy a context before changing it."""
     cfg, topo = _load(stack)
     dep = mocked_deployed(stack)
-    return {h.name: host_context(cfg, topo, h, dep) for h in topo.hosts}
+    shared = stack_context(cfg, topo, dep)
+    return {h.name: host_context(cfg, topo, h, dep, shared) for h in topo.hosts}

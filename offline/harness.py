@@ -124,11 +124,13 @@ def run_stack(
     stack_config: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     mocks: StrictMocks | None = None,
+    program: str | None = None,
 ) -> ProgramRun:
     """Run `__main__.py` for `stack` under mocks. `overrides` replace project keys
     (e.g. {"roles": {...}}); `secrets` are set as secret config (default: TEST_SECRETS);
     `mocks` answer for the resources (default: the strict offline mocks; the rehearsal
-    passes its own, which create them in the AWS stand-ins)."""
+    passes its own, which create them in the AWS stand-ins); `program` runs another
+    file in its place (tools/bench.py times the SDK's floor with it)."""
     project = project_name()
     if stack_config is None:
         stack_config, _ = read_stack(stack)
@@ -151,7 +153,7 @@ def run_stack(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return _run(stack, preview, project, flat, secret_keys, mocks, env)
+        return _run(stack, preview, project, flat, secret_keys, mocks, env, program)
     finally:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for t in pending:
@@ -171,7 +173,7 @@ def _has_loop() -> bool:
 
 
 def _run(stack: str, preview: bool, project: str, flat: dict[str, str], secret_keys: list[str],
-         mocks: StrictMocks, env: dict[str, str] | None) -> ProgramRun:
+         mocks: StrictMocks, env: dict[str, str] | None, program_file: str | None = None) -> ProgramRun:
     pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_all_config(flat, secret_keys)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=preview)
@@ -195,7 +197,7 @@ def _run(stack: str, preview: bool, project: str, flat: dict[str, str], secret_k
         return None
 
     pulumi.runtime.register_stack_transformation(record)  # type: ignore[arg-type]
-    main = str(ROOT / "__main__.py")
+    main = program_file or str(ROOT / "__main__.py")
     with _env(env):
         try:
             def program() -> None:
