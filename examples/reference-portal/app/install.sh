@@ -16,9 +16,13 @@ if [[ -x $VENV/bin/python ]] && cmp -s "$VENV/$STAMP" "$HERE/wheelhouse/requirem
 fi
 TMP=$(mktemp -d "$HERE/.venv-$VER.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
-"$PY" -m venv "$TMP" || { echo "install.sh: $PY -m venv failed (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
-"$TMP/bin/python" -m pip install --quiet --no-index --find-links "$HERE/wheelhouse" --require-hashes \
-    --only-binary=:all: -r "$HERE/wheelhouse/requirements.txt"
+# --without-pip, and pip run from its wheel in the wheelhouse: no ensurepip needed
+# (Debian and Ubuntu ship it in python3-venv, which minimal hosts do not have).
+"$PY" -m venv --without-pip "$TMP" || { echo "install.sh: $PY -m venv --without-pip failed" >&2; exit 1; }
+PIP_WHEEL=$(find "$HERE/wheelhouse" -maxdepth 1 -name 'pip-*-py3-none-any.whl' | sort | tail -n 1)
+[[ -n $PIP_WHEEL ]] || { echo "install.sh: no pip wheel in $HERE/wheelhouse" >&2; exit 1; }
+"$TMP/bin/python" "$PIP_WHEEL/pip" install --quiet --disable-pip-version-check --no-index \
+    --find-links "$HERE/wheelhouse" --require-hashes --only-binary=:all: -r "$HERE/wheelhouse/requirements.txt"
 cp "$HERE/wheelhouse/requirements.txt" "$TMP/$STAMP"
 # The venv's interpreter finds its pyvenv.cfg next to bin/, so the directory can move;
 # only console-script shebangs would not (bin/hpc-portal-service uses python -m).
