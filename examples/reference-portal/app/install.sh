@@ -16,6 +16,7 @@ if [[ -x $VENV/bin/python ]] && cmp -s "$VENV/$STAMP" "$HERE/wheelhouse/requirem
 fi
 TMP=$(mktemp -d "$HERE/.venv-$VER.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
+chmod 0755 "$TMP"  # mktemp's 0700 would hide the venv from the units' user (portal) when root installs
 # --without-pip, and pip run from its wheel in the wheelhouse: no ensurepip needed
 # (Debian and Ubuntu ship it in python3-venv, which minimal hosts do not have).
 "$PY" -m venv --without-pip "$TMP" || { echo "install.sh: $PY -m venv --without-pip failed" >&2; exit 1; }
