@@ -168,9 +168,11 @@ def journey(pw: Any, protocol: str, url: str, resolve: str, home: Path, user: st
                 "if (tr.firstChild.textContent === id) return tr.lastChild.textContent; return null }")
     j.job_states.append(page.evaluate(state_of, j.job) or "")
 
+    # SUBMITTED (or nothing) is what the page writes itself; any other state came over
+    # the websocket (the poller's change for this job, before or after the POST's answer).
     def state_change() -> None:
-        page.wait_for_function(f"([id, first]) => {{ const s = ({state_of})(id); return s !== null && s !== first }}",
-                               arg=[j.job, j.job_states[0]])
+        page.wait_for_function(f"id => {{ const s = ({state_of})(id); return s !== null && s !== 'SUBMITTED' }}",
+                               arg=j.job)
 
     step("state_change", state_change)
     j.job_states.append(page.evaluate(state_of, j.job) or "")
