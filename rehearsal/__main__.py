@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
                        help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
                             "none: the stack as committed")
+        s.add_argument("--portal", choices=("standin", "reference"),
+                       default=os.environ.get("HPC_REHEARSAL_PORTAL", "standin"),
+                       help="the portal on the app hosts: the stand-in (default), or examples/reference-portal "
+                            "deployed through the git artifact kind, with the browser journey in the drills")
         if name == "run":
             s.add_argument("--drills", default=os.environ.get("DRILLS", ""))
             s.add_argument("--report", type=Path, default=Path("rehearsal-report.json"))
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init, portal=a.portal)
                 say("up; `python -m rehearsal drill lb` to drill, `python -m rehearsal down` to stop")
                 return 0
             if a.cmd == "drill":
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             t0 = time.time()
             try:
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init, portal=a.portal)
                 say(f"booted in {time.time() - t0:.0f}s; drills: {', '.join(names)}")
                 rc = do_drills(a.stack, a.workdir, names, a.report, a.ceiling, a.alert_checks)
             finally:

@@ -71,7 +71,7 @@ def deploy(layout: Layout) -> dict[str, Any]:
     """`pulumi up` of the stack against the stand-ins (rehearsal/deploy.py): the program's
     own __main__.py creates what the hosts need; nothing is rendered here."""
     from .deploy import StandIns, cross_check, deployment_record, run_program
-    from .layout import ONPREM_SITE
+    from .layout import ONPREM_SITE, read_state
 
     region = layout.cfg.region
     aws = StandIns(lambda svc: client(svc, region))
@@ -80,6 +80,9 @@ def deploy(layout: Layout) -> dict[str, Any]:
         import yaml
 
         overlay = yaml.safe_load(ONPREM_SITE.read_text())["config"]
+    portal_overlay = read_state(layout.workdir).get("portal_overlay")  # `--portal reference`: its artifact
+    if portal_overlay:
+        overlay = {**(overlay or {}), **portal_overlay}
     t0 = time.monotonic()
     run, mocks = run_program(layout.stack, aws, region, EIP_PUBLIC_IP, overlay=overlay,
                              secret_config=tls_config(layout.cfg, EIP_PUBLIC_IP))

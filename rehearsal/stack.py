@@ -220,7 +220,7 @@ def use_init(init: str) -> None:
 
 
 def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
-       init: str = "systemd") -> Layout:
+       init: str = "systemd", portal: str = "standin") -> Layout:
     preflight()
     use_init(init)
     if running(workdir):
@@ -259,6 +259,12 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
             f"the stack has none: the example site {o.source} is laid over it; --onprem none for the stack as committed"
         say(f"on-prem site behind a VPN ({how}): {', '.join(o.cidrs)}, "
             f"nodes {', '.join(n for n, _a in o.nodes) or '-'} configured, slurmd not running")
+    if portal == "reference":  # the reference portal through the git artifact kind (rehearsal/portal_artifact.py)
+        from . import portal_artifact
+
+        state["portal_overlay"] = portal_artifact.publish(layout.shared, portal_artifact.ensure_built(say))
+        say(f"reference portal: {state['portal_overlay']['app']['artifact']} on the EFS stand-in")
+        write_state(workdir, state)
     netns.create(layout)
     say("AWS stand-ins: moto (EC2, EFS, SSM, S3, IAM) + instance metadata; `pulumi up` of the program against them")
     deploy = start_awsd(layout, state)
@@ -313,6 +319,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     if not only:
         wait_ready(layout)
         state["http_hygiene"] = check_http_hygiene()
+        if portal == "reference":  # the browser's login and trust (rehearsal/browser.py)
+            from . import portal_artifact
+
+            app_host = next(h.name for h in layout.hosts if "app" in h.roles)
+            lb_host = next(h.name for h in layout.hosts if "lb" in h.roles)
+            state["portal"] = portal_artifact.after_boot(workdir, lambda h, a, t: H.run(layout, h, a, timeout=t),
+                                                         app_host, lb_host)
         if layout.onprem:
             state["onprem"] = check_onprem(layout)
     state["booted"] = time.time()

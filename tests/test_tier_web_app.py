@@ -524,6 +524,40 @@ def test_fetch_app_checks_out_the_configured_git_ref_and_moves_with_it(tmp_path:
     assert os.access(dest / "bin" / "hpc-portal-service", os.X_OK)
 
 
+def test_fetch_app_runs_the_artifacts_install_step_after_each_checkout(tmp_path: Path) -> None:
+    """install.sh at the artifact's top runs (as the fetch's user, root on a host) after
+    every checkout, before the units start; its failure fails the fetch."""
+    repo = tmp_path / "repo"
+    (repo / "bin").mkdir(parents=True)
+    git("init", "-q", ".", cwd=repo)
+    entry = repo / "bin" / "hpc-portal-service"
+    entry.write_text("#!/bin/sh\n")
+    entry.chmod(0o755)
+    install = repo / "install.sh"
+    install.write_text('#!/bin/sh\ncd "$(dirname "$0")" && echo "$(git rev-parse --short HEAD)" >> installed\n')
+    install.chmod(0o755)
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "good", cwd=repo)
+    git("tag", "good", cwd=repo)
+    install.write_text("#!/bin/sh\necho 'no wheelhouse' >&2; exit 3\n")
+    git("commit", "-qam", "bad", cwd=repo)
+    git("tag", "bad", cwd=repo)
+    dest = tmp_path / "app"
+
+    def run(ref: str) -> subprocess.CompletedProcess[str]:
+        script = tmp_path / "fetch"
+        ctx = with_artifact(contexts("prod")["app-1"], {"kind": "git", "url": f"file://{repo}", "ref": ref})
+        script.write_text(render_template("app/hpc-portal-fetch-app", ctx))
+        return subprocess.run(["bash", str(script)], env=dict(os.environ, HPC_PORTAL_APP_DIR=str(dest)),
+                              capture_output=True, text=True, timeout=30)
+
+    assert run("good").returncode == 0
+    assert run("good").returncode == 0
+    assert len((dest / "installed").read_text().split()) == 2, "the install step runs on every fetch"
+    r = run("bad")
+    assert r.returncode == 1 and "install.sh failed (bad)" in r.stderr and "no wheelhouse" in r.stderr
+
+
 # ---- manifests and ordering ----------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ PACKAGES=(
   systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql python3-venv
   prometheus-mysqld-exporter prometheus-redis-exporter
   systemd-container debootstrap dpkg-dev
+  chromium libnss3-tools
 )
 
 # /etc/os-release names the system (os-release(5)); read in a subshell so its variables
@@ -41,15 +42,29 @@ os="$os_id-$os_version"
 # from here: prometheus-blackbox-exporter, prometheus-mysqld-exporter,
 # prometheus-redis-exporter, slurmdbd, python3-boto3 and the rest of the list. The
 # availability check below stops with the names a system's archive lacks.
+# - chromium (the browser tests, rehearsal/browser.py): noble has no deb of it; its
+#   `chromium-browser` only installs the snap, which needs snapd (absent in containers
+#   and CI jobs) and whose confinement keeps the browser from `ip netns exec` and from an
+#   NSS database outside ~/snap. So nothing is installed for it there: point
+#   HPC_CHROMIUM at a Chrome or Chromium binary the system already has (GitHub's
+#   ubuntu-24.04 image ships /usr/bin/google-chrome). libnss3-tools (certutil) has the
+#   same name in noble.
 declare -A RENAMED=()
 case "$os" in
   debian-12) ;;
-  ubuntu-24.04) RENAMED=([nginx-light]=nginx) ;;
+  ubuntu-24.04) RENAMED=([nginx-light]=nginx [chromium]="") ;;
   *) echo "install-debian-deps: $os is neither Debian 12 nor Ubuntu 24.04: trying Debian 12's package names" >&2 ;;
 esac
-for i in "${!PACKAGES[@]}"; do
-  PACKAGES[i]=${RENAMED[${PACKAGES[i]}]:-${PACKAGES[i]}}
+kept=()
+for p in "${PACKAGES[@]}"; do
+  if [[ -v RENAMED[$p] ]]; then
+    [ -n "${RENAMED[$p]}" ] && kept+=("${RENAMED[$p]}")
+    [ -n "${RENAMED[$p]}" ] || echo "install-debian-deps: $p is not installed on $os (see the comment in $0)" >&2
+  else
+    kept+=("$p")
+  fi
 done
+PACKAGES=("${kept[@]}")
 if [ "${1:-}" = --list ]; then  # the names for this system, one a line; installs nothing
   printf '%s\n' "${PACKAGES[@]}"
   exit 0

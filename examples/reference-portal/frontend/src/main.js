@@ -5,6 +5,9 @@ import './style.css'
 
 const $ = (id) => document.getElementById(id)
 const jobs = new Map() // job id -> {name, state}
+// The last state the websocket reported per job id, also for jobs not listed yet: the
+// change for a job just submitted can arrive before the answer to its POST.
+const seen = new Map()
 
 async function call(method, path, body) {
   const r = await fetch(path, {
@@ -79,7 +82,9 @@ $('submit').addEventListener('submit', async (e) => {
   $('submit-error').textContent = ''
   try {
     const doc = await submit(String(f.get('name')), Number(f.get('seconds')))
-    if (!jobs.has(doc.job_id)) jobs.set(doc.job_id, { name: String(f.get('name')), state: 'SUBMITTED' })
+    if (!jobs.has(doc.job_id)) {
+      jobs.set(doc.job_id, { name: String(f.get('name')), state: seen.get(doc.job_id) || 'SUBMITTED' })
+    }
     render()
   } catch (err) {
     $('submit-error').textContent = err.message
@@ -134,6 +139,7 @@ const live = {
   receive(msg) {
     if (msg.type === 'snapshot') {
       for (const [id, state] of Object.entries(msg.jobs)) {
+        seen.set(id, state)
         if (jobs.has(id)) jobs.get(id).state = state
       }
       this.lastSeq = msg.seq
@@ -145,6 +151,7 @@ const live = {
         return
       }
       this.lastSeq = msg.seq
+      seen.set(msg.job_id, msg.state)
       if (jobs.has(msg.job_id)) jobs.get(msg.job_id).state = msg.state
     }
     render()
