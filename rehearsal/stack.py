@@ -233,7 +233,7 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
         how = "the stack's own" if o.source == "stack" else \
             f"the stack has none: the example site {o.source} is laid over it; --onprem none for the stack as committed"
         say(f"on-prem site behind a VPN ({how}): {', '.join(o.cidrs)}, "
-            f"nodes {', '.join(n for n, _a in o.nodes) or '-'} configured, slurmd not running")
+            f"compute nodes {', '.join(n for n, _a in o.nodes) or '-'}")
     netns.create(layout)
     say("AWS stand-ins: moto (EC2, EFS, SSM, S3, IAM) + instance metadata; `pulumi up` of the program against them")
     deploy = start_awsd(layout, state)
@@ -282,6 +282,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
         wait_ready(layout)
         state["http_hygiene"] = check_http_hygiene()
         if layout.onprem:
+            if layout.onprem.nodes:
+                from . import onprem as site
+
+                say("on-prem compute nodes: systemd containers with munged and slurmd, the program's "
+                    "slurm.conf and munge key (rehearsal/onprem.py)")
+                state["onprem_nodes"] = site.start_nodes(layout, root, say)
+                write_state(workdir, state)
             state["onprem"] = check_onprem(layout)
     state["booted"] = time.time()
     write_state(workdir, state)

@@ -53,7 +53,7 @@ def test_hosts_render_the_sites_nodes_and_matrix_cells(tmp_path: Path) -> None:
     files = {f.path: f for f in render_host(host_context(lay.cfg, lay.topo, slurm1, FAKE_DEPLOYED)).files}
     conf = files["/etc/slurm/slurm.conf"].content
     conf = conf.decode() if isinstance(conf, bytes) else conf
-    assert "NodeName=cn001 NodeAddr=172.20.10.11 CPUs=4 RealMemory=15000 State=UNKNOWN" in conf
+    assert "NodeName=cn001 NodeAddr=172.20.10.11 CPUs=2 RealMemory=2000 State=UNKNOWN" in conf
     assert "PartitionName=compute Nodes=cn[001-004] Default=YES" in conf and "NodeName=placeholder" not in conf
     rules = host_rules(lay, lay.host("slurm-1"))
     assert "ip saddr 172.20.10.0/24 tcp dport 6817 accept" in rules
@@ -82,4 +82,31 @@ def test_only_private_subnets_route_to_the_site_and_the_vpn_carries_nothing_else
 
 def test_the_site_file_says_what_it_is() -> None:
     text = ONPREM_SITE.read_text()
-    assert "slurmd does not run there" in text and "--onprem none" in text
+    assert "munged and slurmd run there" in text and "--onprem none" in text
+    assert "INVAL" in text  # why the nodes are sized to this machine
+
+
+def test_each_node_has_its_own_namespace_on_the_site(tmp_path: Path) -> None:
+    """A compute node is a host: its own namespace and address; the site's namespace keeps
+    only the addresses of compute networks without a node."""
+    from rehearsal.layout import node_ns
+
+    lay = build_layout("prod", tmp_path, onprem="auto")
+    assert lay.onprem is not None
+    assert [node_ns(n) for n, _a in lay.onprem.nodes] == ["rh-cn001", "rh-cn002", "rh-cn003", "rh-cn004"]
+    assert all(node_ns(n) in lay.namespaces for n, _a in lay.onprem.nodes)
+    assert lay.onprem.extra_addresses == []
+
+
+def test_a_node_gets_the_slurm_hosts_files_and_the_sites_own() -> None:
+    """slurm.conf and the munge key come from an app host (never written here); the node's
+    own files are the site's: its /etc/hosts, no cloud-init, a cgroup.conf with Slurm's
+    defaults (slurmd 22.05 fails proctrack/cgroup's init without the file)."""
+    from rehearsal import onprem
+
+    lay = build_layout("prod", onprem="auto")
+    files = onprem._node_files(lay, "cn002", "172.20.10.12")
+    assert set(files) == {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/cloud/cloud-init.disabled"}
+    assert "172.20.10.12 cn002" in files["/etc/hosts"] and files["/etc/hostname"] == "cn002\n"
+    conf = [line for line in onprem.SITE_CGROUP_CONF.splitlines() if line and not line.startswith("#")]
+    assert conf == ["CgroupPlugin=autodetect"]
