@@ -196,7 +196,8 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
         assert onprem["source"] == "rehearsal/onprem-site.yaml"
         assert len(onprem["checks"]) >= 10 and onprem["passed"], onprem
         names = " ".join(c["name"] for c in onprem["checks"])
-        assert "scontrol ping from 172.20.10.11" in names and "not in the matrix" in names
+        assert "scontrol ping on cn001" in names and "not in the matrix" in names
+        assert "runs to completion on a node" in names  # slurmd runs on the on-prem nodes
         # Every host under real systemd, booted by the real cloud-init: running and done
         # (the one accepted cloud-init error is named in the report, rehearsal/hosts.py).
         hosts = doc["hosts"]
