@@ -4,9 +4,15 @@ Each on-prem node with a literal address is a systemd container (the host image,
 own network namespace `rh-<node>` on the site's switch behind `rh-vpn`), booted once the
 controllers and the app hosts are up, running munged and slurmd from what a Slurm host of
 the program holds: `/etc/slurm/slurm.conf` and `/etc/munge/munge.key` copied byte for
-byte from an app host, and the portal's user (same uid/gid, as the center's directory
-would give it). Two things the program does not produce come from the site, as on a real
-node: its `/etc/hosts`, and a node-local `cgroup.conf` (SITE_CGROUP_CONF).
+byte from an app host. Two things the program does not produce come from the site, as on
+a real node: its `/etc/hosts`, and a node-local `cgroup.conf` (SITE_CGROUP_CONF).
+
+The user jobs run as must exist, with the same uid and gid, on the controllers (slurmctld
+resolves it to sign the job's credential: "_fill_cred_gids: getpwuid failed", the job
+requeued forever otherwise) and on the nodes; on a site that is the center's directory
+(LDAP/SSSD on every host). The program creates the portal's user on the app hosts only,
+so the rehearsal plays the directory (directory_user): that user, as an app host holds
+it, is added to the Slurm controllers and to every node.
 
 nspawn mounts the cgroup v1 controllers read-only in a container without a user
 namespace; Slurm's proctrack/cgroup, task/cgroup and jobacct_gather/cgroup need them
@@ -123,21 +129,40 @@ def writable_cgroups(node: str) -> None:
             raise NodeError(f"{node}: remounting /sys/fs/cgroup/{c} read-write: {cp.stderr.strip()}")
 
 
+def directory_script(passwd: str) -> str:
+    """Shell that adds the user of this passwd line with its uid and gid, as the site's
+    directory would resolve it; fails if the host has another user or group there."""
+    user, _x, uid, gid = passwd.split(":")[:4]
+    return (
+        "set -e\n"
+        f"g=$(getent group {gid} | cut -d: -f1); [ -z \"$g\" ] && groupadd -g {gid} {user} && g={user}\n"
+        f"[ \"$g\" = {user} ] || {{ echo \"gid {gid} is $g here, not {user}\"; exit 1; }}\n"
+        f"u=$(getent passwd {uid} | cut -d: -f1); [ -z \"$u\" ] && "
+        f"useradd -u {uid} -g {gid} -M -d /nonexistent -s /usr/sbin/nologin {user} 2>/dev/null && u={user}\n"
+        f"[ \"$u\" = {user} ] || {{ echo \"uid {uid} is $u here, not {user}\"; exit 1; }}\n"
+    )
+
+
+def directory_user(layout: Layout, passwd: str) -> None:
+    """The jobs' user on the Slurm controllers, as the site's directory would give it."""
+    for host in layout.topo.role_hosts["slurm"]:
+        rc, out = H.run(layout, host, ["sh", "-c", directory_script(passwd)], timeout=60)
+        if rc != 0:
+            raise NodeError(f"{host}: adding the jobs' user {passwd.split(':')[0]}: {out.strip()[-300:]}")
+
+
 def _setup_node(layout: Layout, node: str, conf: str, key: bytes, passwd: str) -> dict[str, Any]:
     t0 = time.monotonic()
     h = C.handle(node)
     state = C.wait_running(h, timeout=300)
     writable_cgroups(node)
-    user, _x, uid, gid = passwd.split(":")[:4]
-    script = (
-        "set -e\n"
-        "install -m 0644 /dev/stdin /etc/slurm/slurm.conf\n"
-        f"getent group {gid} >/dev/null || groupadd -g {gid} {user}\n"
-        f"getent passwd {user} >/dev/null || useradd -u {uid} -g {gid} -M -d /nonexistent -s /usr/sbin/nologin {user}\n"
-    )
-    rc, out = node_run(node, ["sh", "-c", script], timeout=60, input=conf.encode())
+    rc, out = node_run(node, ["sh", "-c", "install -m 0644 /dev/stdin /etc/slurm/slurm.conf"], timeout=60,
+                       input=conf.encode())
     if rc != 0:
-        raise NodeError(f"{node}: installing slurm.conf and the portal user: {out.strip()[-300:]}")
+        raise NodeError(f"{node}: installing slurm.conf: {out.strip()[-300:]}")
+    rc, out = node_run(node, ["sh", "-c", directory_script(passwd)], timeout=60)
+    if rc != 0:
+        raise NodeError(f"{node}: adding the jobs' user: {out.strip()[-300:]}")
     rc, out = node_run(node, ["sh", "-c", "install -o munge -g munge -m 0400 /dev/stdin /etc/munge/munge.key"],
                        timeout=30, input=key)
     if rc != 0:
@@ -160,6 +185,7 @@ def start_nodes(layout: Layout, image: Path, say: Any = print) -> dict[str, Any]
     if not o or not o.nodes:
         return {}
     conf, key, passwd = _slurm_host_files(layout)
+    directory_user(layout, passwd)
     for node, addr in o.nodes:
         d = layout.hostdir(node)
         if d.exists():

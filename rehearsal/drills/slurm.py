@@ -94,6 +94,9 @@ class SlurmDrills(DrillBase):
             res.checks["queued_jobs_known_via_portal"] = sorted(states) == sorted(queued) and \
                 all(v in ("PENDING", "RUNNING") for v in states.values())
             res.notes.append(f"portal's jobs through the portal: {states}")
+            # The alert is awaited here, before the running jobs' end: its window starts at
+            # the kill.
+            self.wait_alert(TARGETS["slurm"]["alerts"], state["t0"], alert_match, res)
             if running:
                 # The jobs that were running when the primary died finish under the backup.
                 deadline = time.time() + RUN_SECONDS + 60
@@ -123,8 +126,10 @@ class SlurmDrills(DrillBase):
             H.call(self.layout, primary, {"op": "hold", "unit": "slurmctld.service", "hold": False})
             H.call(self.layout, primary, {"op": "systemctl", "argv": ["start", "slurmctld.service"]})
 
-        res = self._under_load("slurm", inject, restore, (), None, TARGETS["slurm"]["alerts"],
-                               lambda a: primary in json.dumps(a.get("labels", {})), extra)
+        def alert_match(a: dict[str, Any]) -> bool:
+            return primary in json.dumps(a.get("labels", {}))
+
+        res = self._under_load("slurm", inject, restore, (), None, [], alert_match, extra)
         res.target_rto_s = TARGETS["slurm"]["rto"]
         res.checks["rto"] = res.rto_s is not None and res.rto_s <= TARGETS["slurm"]["rto"] * self.ceiling
         # The primary back: it takes control again (REQUEST_CONTROL), every job record kept.
