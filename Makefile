@@ -7,8 +7,8 @@ STACK ?= prod
 .PHONY: help venv deps test test-fast lint typecheck rehearse rehearse-down plan plan-diff ami-latest bench bench-rehearsal clean
 
 help:
-	@echo "make rehearse      boot STACK=$(STACK) in network namespaces, drill every failover (DRILLS=lb,redis for a subset,"
-	@echo "                   INIT=systemd: hosts as systemd containers booted by cloud-init from the host image)"
+	@echo "make rehearse      boot STACK=$(STACK) as systemd containers booted by cloud-init from the host image,"
+	@echo "                   drill every failover (DRILLS=lb,redis for a subset)"
 	@echo "make rehearse-down remove whatever a rehearsal left behind"
 	@echo "make test          venv + Debian checkers + lint + types + the whole test suite"
 	@echo "make plan STACK=x  the offline plan of one stack (build/plan-x.json, .md, .svg)"
@@ -44,7 +44,7 @@ plan: venv
 
 rehearse: venv deps
 	$(PY) tools/plan.py --stack $(STACK) --no-diagram
-	$(PY) -m rehearsal run --stack $(STACK) $(if $(DRILLS),--drills $(DRILLS)) $(if $(INIT),--init $(INIT))
+	$(PY) -m rehearsal run --stack $(STACK) $(if $(DRILLS),--drills $(DRILLS))
 
 rehearse-down: venv
 	$(PY) -m rehearsal down

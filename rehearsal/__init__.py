@@ -1,5 +1,5 @@
-"""The rehearsal: boot the rendered topology on this machine in network namespaces, run
-the real daemons from each host's rendered user-data, and drill failovers under load.
+"""The rehearsal: boot the program's hosts on this machine as systemd containers in network
+namespaces, let the real cloud-init run each host's user-data, and drill failovers under load.
 
 Layers (a newcomer can follow them from the file names):
   layout.py      which hosts, subnets and stand-in addresses (from the real config model)
@@ -11,11 +11,8 @@ Layers (a newcomer can follow them from the file names):
   imds_tree.py   the instance metadata tree, as EC2 serves it (/latest/ and dated versions)
   image.py       the Debian host image (debootstrap), cached and rebuilt when its recipe changes
   container.py   one host as a systemd-nspawn container over an overlay of that image
-  hostsetup.sh   one host's private root, mounts and hostname, then its init
-  hostinit.py    PID 1 of a host: fetches its user-data from IMDS, writes the files, runs
-                 runcmd, and starts what the systemd units would start
-  systemctl_shim.py  /usr/bin/systemctl inside a host: asks the host's init
-  hosts.py       host lifecycle seen from outside (start, kill -9, reboot, exec)
+  hosts.py       host lifecycle seen from outside (prepare, start, boot report, kill -9,
+                 freeze, exec, systemctl operations)
   (the stand-in portal service ships as cloud_init/scripts/portal_standin.py)
   load.py        the load generator (runs in the client namespace: "the internet")
   http_hygiene.py  HSTS, Server header and TLS floor as a client sees them

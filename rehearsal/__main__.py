@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .layout import DEFAULT_WORKDIR, build_layout
-from .stack import INITS, Lock, RehearsalError, down, preflight, read_state, running, say, up, use_init
+from .stack import Lock, RehearsalError, down, preflight, read_state, running, say, up
 
 
 def _drills(spec: str | None, default: list[str]) -> list[str]:
@@ -62,23 +62,21 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
         failed = [c["name"] for c in extra["http_hygiene"]["checks"] if not c["ok"]]
         print("HTTP hygiene at the Elastic IP: " + ("all checks as expected" if hygiene_ok else
                                                      f"FAILED: {'; '.join(failed)}"), flush=True)
-    hosts_ok = True
-    if st.get("init") == "systemd":
-        from . import hosts_systemd
+    from . import hosts as H
 
-        boot = st.get("boot", {})
-        states = {h.name: {**hosts_systemd.host_state(layout, h.name), "boot_s": boot.get(h.name, {}).get("seconds")}
-                  for h in layout.hosts}
-        extra["hosts"] = states
-        write_report(report, stack, results, extra)
-        hosts_ok = all(s["ok"] for s in states.values())
-        for name, s in states.items():
-            line = f"{name:<8} systemd {s['systemd']:<9} cloud-init {s['cloud_init']:<7} boot {s['boot_s']}s"
-            if s["accepted"]:
-                line += f"  accepted: {'; '.join(s['accepted'])}"
-            if s["errors"] or (s["failed_units"] and not s["ok"]):
-                line += f"  FAILED: {'; '.join(s['errors'] + s['failed_units'])}"
-            print(line, flush=True)
+    boot = st.get("boot", {})
+    states = {h.name: {**H.host_state(layout, h.name), "boot_s": boot.get(h.name, {}).get("seconds")}
+              for h in layout.hosts}
+    extra["hosts"] = states
+    write_report(report, stack, results, extra)
+    hosts_ok = all(s["ok"] for s in states.values())
+    for name, s in states.items():
+        line = f"{name:<8} systemd {s['systemd']:<9} cloud-init {s['cloud_init']:<7} boot {s['boot_s']}s"
+        if s["accepted"]:
+            line += f"  accepted: {'; '.join(s['accepted'])}"
+        if s["errors"] or (s["failed_units"] and not s["ok"]):
+            line += f"  FAILED: {'; '.join(s['errors'] + s['failed_units'])}"
+        print(line, flush=True)
     say(f"report: {report}")
     return 0 if results and all(r.passed for r in results) and onprem_ok and hygiene_ok and hosts_ok else 1
 
@@ -91,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name)
         s.add_argument("--stack", default=os.environ.get("STACK", "prod"))
         s.add_argument("--hosts", default="", help="comma-separated subset of hosts to boot (default: all)")
-        s.add_argument("--init", choices=INITS, default=os.environ.get("HPC_REHEARSAL_INIT", "systemd"),
-                       help="the hosts' PID 1: systemd in containers booted by cloud-init from the host image "
-                            "(default), or the namespaces' own init of earlier rehearsals (HPC_REHEARSAL_INIT)")
         s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
                        help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
                             "none: the stack as committed")
@@ -117,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     a = p.parse_args(argv)
-    if a.cmd in ("drill", "status", "down"):
-        use_init(read_state(a.workdir).get("init", "namespaces"))
     try:
         if a.cmd == "down":
             preflight()
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init, portal=a.portal)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal)
                 say("up; `python -m rehearsal drill lb` to drill, `python -m rehearsal down` to stop")
                 return 0
             if a.cmd == "drill":
@@ -149,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             t0 = time.time()
             try:
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, init=a.init, portal=a.portal)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal)
                 say(f"booted in {time.time() - t0:.0f}s; drills: {', '.join(names)}")
                 rc = do_drills(a.stack, a.workdir, names, a.report, a.ceiling, a.alert_checks)
             finally:

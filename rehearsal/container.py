@@ -19,10 +19,12 @@ overlay is mounted: writing into a mounted overlay's upper layer is undefined.
 
 Cgroups: systemd-nspawn --keep-unit puts the container under its own cgroup
 (<cgroup>/payload and <cgroup>/supervisor). Started from the root cgroup, two containers
-would share /payload, so each nspawn is first moved into CGROUP_PARENT/<name> of the
-name=systemd, unified (cgroup2) and freezer hierarchies; every process of the host lives
-below those three directories: cgroup.kill of the unified one kills them all at once, the
-freezer one pauses them. A record of each running host (its mount, cgroups and pids) is
+would share /payload, so each nspawn is first moved into CGROUP_PARENT/<name> of every
+hierarchy (name=systemd, unified (cgroup2) and each v1 controller); every process of the
+host lives below those directories: cgroup.kill of the unified one kills them all at
+once, the freezer one pauses them, and inside the container's cgroup namespace each v1
+controller's root is the host's own cgroup (what Slurm's cgroup plugins on an on-prem
+node create stays under that node). A record of each running host (its mount, cgroups and pids) is
 kept in STATE_DIR/<name>.json so that leftovers() finds what a crashed caller left.
 """
 
@@ -45,8 +47,9 @@ from typing import Any
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "hpc-containers"
 # name=systemd: nspawn --keep-unit derives the container's cgroup from it (hybrid layout);
-# unified: where cgroup.kill is; freezer: the v1 freezer pauses the whole host.
-HIERARCHIES = ("systemd", "unified", "freezer")
+# unified: where cgroup.kill is; freezer: the v1 freezer pauses the whole host; the other
+# v1 controllers: the host's own root there (cgroup namespace).
+HIERARCHIES = ("systemd", "unified", "freezer", "memory", "cpuacct", "cpu", "cpuset", "devices", "pids", "blkio")
 STATE_DIR = Path("/run/hpc-containers")
 NSPAWN = "/usr/bin/systemd-nspawn"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -74,7 +77,20 @@ class Handle:
 
 
 def cgroup_dirs(name: str) -> dict[str, Path]:
-    return {h: CGROUP_ROOT / h / CGROUP_PARENT / name for h in HIERARCHIES}
+    """The host's cgroup in each hierarchy this machine mounts (of HIERARCHIES)."""
+    return {h: CGROUP_ROOT / h / CGROUP_PARENT / name for h in HIERARCHIES if (CGROUP_ROOT / h).is_dir()}
+
+
+def _make_cgroup(path: Path) -> None:
+    """mkdir -p; a new v1 cpuset starts with no CPUs and no memory nodes (no process
+    could join it): it gets its parent's."""
+    for d in reversed([path, *path.parents]):
+        if d.exists() or not d.parent.exists():
+            continue
+        d.mkdir()
+        if (d / "cpuset.cpus").exists():
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                (d / f).write_text((d.parent / f).read_text())
 
 
 def nspawn_argv(name: str, root: Path, netns: str, binds: Sequence[tuple[str, str]] = (),
@@ -225,7 +241,7 @@ def start(name: str, image: Path, hostdir: Path, netns: str, *, binds: Sequence[
         raise ContainerError(f"{name}: mounting its overlay on {root} failed: {cp.stderr.strip()}")
     cgs = cgroup_dirs(name)
     for p in cgs.values():
-        p.mkdir(parents=True, exist_ok=True)
+        _make_cgroup(p)
     (cgs["freezer"] / "freezer.state").write_text("THAWED")
     argv = nspawn_argv(name, root, netns, binds, ro_binds, env, init_args)
     console = open(hostdir / "console.log", "ab")

@@ -77,11 +77,22 @@ class OnPrem:
                 addrs.append(str(net.network_address + 10))
         return addrs
 
+    @property
+    def extra_addresses(self) -> list[str]:
+        """Addresses on the on-prem namespace itself: one per compute network that has no
+        node with a literal address (the nodes have their own namespaces, node_ns)."""
+        return self.addresses[len(self.nodes):]
+
     def gateway(self, cidr: str) -> str:
         return str(ipaddress.IPv4Network(cidr).network_address + 1)
 
     def cidr_of(self, addr: str) -> str:
         return next(c for c in self.compute_cidrs if ipaddress.IPv4Address(addr) in ipaddress.IPv4Network(c))
+
+
+def node_ns(node: str) -> str:
+    """The network namespace of an on-prem compute node (a systemd container there)."""
+    return f"rh-{node}"
 
 
 def onprem_of(cfg: StackConfig, source: str) -> OnPrem | None:
@@ -164,8 +175,8 @@ class Layout:
 
     @property
     def namespaces(self) -> list[str]:
-        return [NS_ROUTER, NS_AWS, NS_CLIENT] + ([NS_VPN, NS_ONPREM] if self.onprem else []) + \
-            [h.ns for h in self.hosts]
+        site = [NS_VPN, NS_ONPREM] + [node_ns(n) for n, _a in self.onprem.nodes] if self.onprem else []
+        return [NS_ROUTER, NS_AWS, NS_CLIENT] + site + [h.ns for h in self.hosts]
 
     def hostdir(self, name: str) -> Path:
         return self.workdir / "hosts" / name

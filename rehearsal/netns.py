@@ -39,6 +39,7 @@ from .layout import (
     VPN_NET,
     Layout,
     RHost,
+    node_ns,
 )
 
 NFT_HOST_TABLE = "rh_sg"
@@ -148,11 +149,24 @@ def attach_onprem(layout: Layout) -> None:
     for c in o.compute_cidrs:
         ip(vpn, "addr", "add", f"{o.gateway(c)}/{ipaddress.IPv4Network(c).prefixlen}", "dev", "cgw")
     ip(vpn, "link", "set", "cgw", "up")
-    # The nodes' addresses; the first is the source of what the site sends.
-    for a in o.addresses:
-        ip(site, "addr", "add", f"{a}/{ipaddress.IPv4Network(o.cidr_of(a)).prefixlen}", "dev", "eth0")
+    # The site's switch: each compute node is a host of its own (its namespace, its
+    # address); a compute network without such a node gets an address here.
+    ip(site, "link", "add", "br0", "type", "bridge")
+    ip(site, "link", "set", "eth0", "master", "br0")
     ip(site, "link", "set", "eth0", "up")
-    ip(site, "route", "add", "default", "via", o.gateway(o.compute_cidrs[0]))
+    ip(site, "link", "set", "br0", "up")
+    for a in o.extra_addresses:
+        ip(site, "addr", "add", f"{a}/{ipaddress.IPv4Network(o.cidr_of(a)).prefixlen}", "dev", "br0")
+    if o.extra_addresses:
+        ip(site, "route", "add", "default", "via", o.gateway(o.cidr_of(o.extra_addresses[0])))
+    for name, a in o.nodes:
+        ns, cidr = node_ns(name), o.cidr_of(a)
+        ip(site, "link", "add", f"v{name}"[:15], "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip(site, "link", "set", f"v{name}"[:15], "master", "br0")
+        ip(site, "link", "set", f"v{name}"[:15], "up")
+        ip(ns, "addr", "add", f"{a}/{ipaddress.IPv4Network(cidr).prefixlen}", "dev", "eth0")
+        ip(ns, "link", "set", "eth0", "up")
+        ip(ns, "route", "add", "default", "via", o.gateway(cidr))
     nft(vpn, vpn_rules(layout))
 
 

@@ -24,7 +24,7 @@ from . import netns
 from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout, read_state, state_path
 
 HERE = Path(__file__).resolve().parent
-TOOLS = ["ip", "nft", "nsenter", "unshare", "setpriv", "pivot_root", "openssl", "haproxy", "keepalived", "mariadbd",
+TOOLS = ["ip", "nft", "nsenter", "systemd-nspawn", "curl", "openssl", "haproxy", "keepalived", "mariadbd",
          "redis-server", "redis-sentinel", "nginx", "rsyslogd", "prometheus", "prometheus-alertmanager"]
 STANDIN_DEST = "usr/local/lib/hpc/portal_standin.py"
 
@@ -106,9 +106,8 @@ def machine_in_use() -> list[str]:
     """What of a rehearsal exists on this kernel: its namespaces and its cgroups. They
     are shared by everything on the machine even where /run/lock is not."""
     found = [n for n in netns.existing_namespaces() if n.startswith("rh-")]
-    if H.CGROUP_BASE.is_dir():
-        # An empty cgroup holds nothing to collide with (`up` removes it).
-        found += [f"cgroup {p.name}" for p in H.CGROUP_BASE.iterdir() if p.is_dir() and H.pids(p.name)]
+    # A container of a rehearsal (in an rh- namespace) whose record is here.
+    found += [f"host {name}" for name in H.running_in("rh-")]
     return found
 
 
@@ -117,8 +116,6 @@ def machine_pids() -> int:
     n = 0
     for ns in (x for x in netns.existing_namespaces() if x.startswith("rh-")):
         n += len(netns.sh(["ip", "netns", "pids", ns], check=False).stdout.split())
-    if H.CGROUP_BASE.is_dir():
-        n += sum(len(H.pids(c.name)) for c in H.CGROUP_BASE.iterdir() if c.is_dir())
     return n
 
 
@@ -128,10 +125,8 @@ def preflight() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         raise RehearsalError(f"missing tools: {', '.join(missing)} (make rehearse installs them: tools/install-debian-deps.sh)")
-    if not Path("/sys/fs/cgroup/unified/cgroup.procs").exists() and not Path("/sys/fs/cgroup/cgroup.procs").exists():
-        raise RehearsalError("no cgroup v2 hierarchy at /sys/fs/cgroup/unified")
-    if not H.CGROUP_BASE.parent.exists():
-        raise RehearsalError(f"{H.CGROUP_BASE.parent} does not exist (cgroup v2 needed for process tracking)")
+    if not Path("/sys/fs/cgroup/unified/cgroup.procs").exists():
+        raise RehearsalError("no cgroup v2 hierarchy at /sys/fs/cgroup/unified (the hosts' cgroup.kill is there)")
 
 
 def _alive(pid: int | None) -> bool:
@@ -205,30 +200,12 @@ def install_standin(layout: Layout, name: str) -> bool:
     return True
 
 
-INITS = ("namespaces", "systemd")
-
-
-def use_init(init: str) -> None:
-    """Which PID 1 the hosts get: systemd in containers (rehearsal/hosts_systemd.py) or
-    the namespaces' own init (rehearsal/hostinit.py)."""
-    if init not in INITS:
-        raise RehearsalError(f"init {init!r}: one of {', '.join(INITS)}")
-    if init == "systemd":
-        from . import hosts_systemd
-
-        hosts_systemd.install(H)
-
-
 def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
-       init: str = "systemd", portal: str = "standin") -> Layout:
+       portal: str = "standin") -> Layout:
     preflight()
-    use_init(init)
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
     layout = build_layout(stack, workdir, onprem=onprem)
-    if H.CGROUP_BASE.is_dir():  # empty cgroups an earlier run could not remove in time
-        for leftover in [c.name for c in H.CGROUP_BASE.iterdir() if c.is_dir() and not H.pids(c.name)]:
-            H.remove_cgroups(leftover)
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("hosts", "efs"):
         if (workdir / sub).exists():
@@ -243,14 +220,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (rel / "assets" / "app.js").write_text("console.log('rehearsal');\n")
     (workdir / "efs" / "dist" / "current").symlink_to("releases/rehearsal")
     state: dict[str, Any] = {"stack": stack, "started": time.time(), "namespaces": layout.namespaces, "hosts": {},
-                             "pid": os.getpid(), "onprem_mode": onprem, "init": init}
-    if init == "systemd":
-        from . import image, mirror
+                             "pid": os.getpid(), "onprem_mode": onprem}
+    from . import image, mirror
 
-        say("host image: Debian 12 with systemd and cloud-init (rehearsal/image.py; built once, then cached)")
-        root = image.ensure("debian-12", tiers=True, progress=say)
-        state["mirror"] = str(mirror.ensure(image.CACHE_DIR.parent / "debs" / image.OSES["debian-12"].suite))
-        state["image"] = str(root)
+    say("host image: Debian 12 with systemd and cloud-init (rehearsal/image.py; built once, then cached)")
+    root = image.ensure("debian-12", tiers=True, progress=say)
+    state["mirror"] = str(mirror.ensure(image.CACHE_DIR.parent / "debs" / image.OSES["debian-12"].suite))
+    state["image"] = str(root)
     write_state(workdir, state)
     say(f"stack {stack}: {len(layout.hosts)} hosts in {len(layout.subnets)} subnets; namespaces")
     if layout.onprem:
@@ -258,7 +234,7 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
         how = "the stack's own" if o.source == "stack" else \
             f"the stack has none: the example site {o.source} is laid over it; --onprem none for the stack as committed"
         say(f"on-prem site behind a VPN ({how}): {', '.join(o.cidrs)}, "
-            f"nodes {', '.join(n for n, _a in o.nodes) or '-'} configured, slurmd not running")
+            f"compute nodes {', '.join(n for n, _a in o.nodes) or '-'}")
     if portal == "reference":  # the reference portal through the git artifact kind (rehearsal/portal_artifact.py)
         from . import portal_artifact
 
@@ -297,22 +273,15 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
             t.join()
         for n in group:
             r = results[n]
-            if "boot" in r:  # systemd hosts: cloud-init's and systemd's own word
-                b = r["boot"]
-                say(f"  {n}: cloud-init {b['cloud_init']}, systemd {b['systemd']}, {b['seconds']}s"
-                    + (f", failed units: {', '.join(b['failed_units'])}" if b["failed_units"] else ""))
-                if b["cloud_init"] != "done":
-                    for line in b["cloud_init_detail"].splitlines()[-12:]:
-                        say(f"     {line}")
+            if "boot" not in r:
+                say(f"  {n}: boot FAILED: {r.get('error')}")
                 continue
-            failed = r.get("result", {}).get("failed", []) if r.get("rc") == 0 else None
-            if failed is None:
-                say(f"  {n}: cloud-init FAILED: {r.get('error')}")
-            else:
-                say(f"  {n}: {len(r['result']['write_files'])} files, {len(r['result']['runcmd'])} commands, "
-                    f"{len(failed)} failed, {r['seconds']}s")
-                for c in failed:
-                    say(f"     rc={c['rc']}: {' '.join(c['argv'])[:150]}")
+            b = r["boot"]  # cloud-init's and systemd's own word
+            say(f"  {n}: cloud-init {b['cloud_init']}, systemd {b['systemd']}, {b['seconds']}s"
+                + (f", failed units: {', '.join(b['failed_units'])}" if b["failed_units"] else ""))
+            if b["cloud_init"] != "done":
+                for line in b["cloud_init_detail"].splitlines()[-12:]:
+                    say(f"     {line}")
     (workdir / "boot-report.json").write_text(json.dumps(results, indent=2, default=str))
     state["boot"] = {n: {"seconds": r.get("seconds"), **({k: r["boot"][k] for k in ("cloud_init", "systemd")}
                                                          if "boot" in r else {})} for n, r in results.items()}
@@ -327,6 +296,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
             state["portal"] = portal_artifact.after_boot(workdir, lambda h, a, t: H.run(layout, h, a, timeout=t),
                                                          app_host, lb_host)
         if layout.onprem:
+            if layout.onprem.nodes:
+                from . import onprem as site
+
+                say("on-prem compute nodes: systemd containers with munged and slurmd, the program's "
+                    "slurm.conf and munge key (rehearsal/onprem.py)")
+                state["onprem_nodes"] = site.start_nodes(layout, root, say)
+                write_state(workdir, state)
             state["onprem"] = check_onprem(layout)
     state["booted"] = time.time()
     write_state(workdir, state)
@@ -383,24 +359,18 @@ def wait_ready(layout: Layout, timeout: float = 120) -> None:
             return
         time.sleep(1)
     raise RehearsalError(f"the portal does not answer through {EIP_PUBLIC_IP} (last: {last}); "
-                         f"see {layout.workdir}/hosts/*/console.log (systemd hosts) or hosts/*/ctl/init.log")
+                         f"see {layout.workdir}/hosts/*/console.log and `journalctl` inside the hosts")
 
 
 def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:
     """Remove everything a rehearsal started, by pid and by name. Safe to repeat."""
     st = read_state(workdir)
     done: list[str] = []
-    from . import hosts_systemd
-
-    done += hosts_systemd.cleanup(workdir)  # containers of this workdir, recorded or not in state.json
-    for name in list(st.get("hosts", {})) or ([p.name for p in H.CGROUP_BASE.iterdir()] if H.CGROUP_BASE.exists() else []):
+    done += H.cleanup(workdir)  # containers of this workdir, recorded or not in state.json
+    for name in list(st.get("hosts", {})):
         victims = H.kill(name)
         if victims:
             done.append(f"host {name}: killed {len(victims)} processes")
-        upid = st.get("hosts", {}).get(name, {}).get("unshare_pid")
-        if _alive(upid):
-            os.kill(upid, signal.SIGKILL)
-        H.remove_cgroups(name)
     for key in ("load_pid", "awsd_pid"):
         pid = st.get(key)
         if pid and _alive(pid):
@@ -409,15 +379,6 @@ def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:
             except (ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
             done.append(f"{key.split('_')[0]}: killed pid {pid}")
-    if H.CGROUP_BASE.exists():
-        for p in H.CGROUP_BASE.iterdir():
-            if p.is_dir():
-                H.kill(p.name)
-                H.remove_cgroups(p.name)
-        try:
-            H.CGROUP_BASE.rmdir()
-        except OSError:
-            pass
     names = st.get("namespaces") or [n for n in netns.existing_namespaces() if n.startswith("rh-")]
     gone = netns.destroy(names)
     if gone:

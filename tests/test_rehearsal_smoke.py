@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from components.catalog import expand_matrix, load_matrix
-from rehearsal import hostinit
 from rehearsal.drills import rto_of
 from rehearsal.layout import ENDPOINT_IP, build_layout
 from rehearsal.netns import host_rules
@@ -99,30 +98,6 @@ def test_a_port_the_matrix_forgot_is_dropped_between_hosts() -> None:
     assert f"{data.ip} . 26379" in drops
 
 
-# ------------------------------------------------------------------ unit files
-
-
-def test_unit_parsing_follows_systemd(tmp_path: Path) -> None:
-    unit = tmp_path / "x.service"
-    unit.write_text('[Unit]\nRequires=a.service\n[Service]\nType=notify\nEnvironment="CONFIG=/etc/x.cfg" "OPTS=-a -b"\n'
-                    "ExecStart=/usr/bin/x -f $CONFIG $OPTS ${CONFIG}.d \\\n  --flag\nRestart=always\n")
-    drop = tmp_path / "x.service.d"
-    drop.mkdir()
-    (drop / "10.conf").write_text("[Service]\nExecStart=\nExecStart=/usr/bin/y $OPTS\n")
-    u = hostinit.Unit("x.service", str(unit), [])
-    m = hostinit.Manager()
-    env = {"CONFIG": "/etc/x.cfg", "OPTS": "-a -b"}
-    argv, prefixes = m.expand(u, u.lst("ExecStart")[0], env)
-    assert argv == ["/usr/bin/x", "-f", "/etc/x.cfg", "-a", "-b", "/etc/x.cfg.d", "--flag"]
-    assert u.type == "notify" and u.get("Restart") == "always" and u.lst("Requires", "Unit") == ["a.service"]
-    with_drop = hostinit.Unit("x.service", str(unit), [str(drop / "10.conf")])
-    assert with_drop.lst("ExecStart") == ["/usr/bin/y $OPTS"]  # an empty ExecStart= resets the list
-    envfile = tmp_path / "env"
-    envfile.write_text('# c\nA=1\nB="two words"\nexport C=\'3\'\n')
-    assert hostinit.read_env_file(str(envfile)) == {"A": "1", "B": "two words", "C": "3"}
-    assert hostinit._seconds("1min 30s", 0) == 90 and hostinit._seconds("15s", 0) == 15
-
-
 # ------------------------------------------------------------------ measurements
 
 
@@ -171,20 +146,20 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
         stack.Lock(lock_file).acquire(wait=3600, stale_after=0)
 
 
-def test_only_cgroups_with_processes_count_as_a_running_rehearsal(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cgroup left empty by a run that is gone (rmdir raced the last exit) is no
-    reason to wait; one with a process is."""
-    from rehearsal import hosts, netns, stack
+def test_only_a_rehearsals_running_hosts_count_as_a_running_rehearsal(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container record left by a run that is gone (no process) is no reason to wait;
+    a running container in a rehearsal's namespace is; containers of other tools (not in
+    an rh- namespace) are not the rehearsal's."""
+    from rehearsal import container, netns, stack
 
-    (tmp_path / "mon-1" / "prometheus.service").mkdir(parents=True)
-    (tmp_path / "mon-1" / "prometheus.service" / "cgroup.procs").write_text("")
-    (tmp_path / "app-1" / "init").mkdir(parents=True)
-    (tmp_path / "app-1" / "init" / "cgroup.procs").write_text("4242\n")
-    monkeypatch.setattr(hosts, "CGROUP_BASE", tmp_path)
+    for name, ns in (("mon-1", "rh-mon-1"), ("app-1", "rh-app-1"), ("hs-t1-a", "hs-t1")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"netns": ns}))
+    monkeypatch.setattr(container, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(container, "alive", lambda name: name in ("app-1", "hs-t1-a"))
     monkeypatch.setattr(netns, "existing_namespaces", lambda: ["rh-vpc", "other-ns"])
-    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(cmd, 0, "", ""))
-    assert stack.machine_in_use() == ["rh-vpc", "cgroup app-1"]
+    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(cmd, 0, "4242\n", ""))
+    assert stack.machine_in_use() == ["rh-vpc", "host app-1"]
     assert stack.machine_pids() == 1
 
 
@@ -221,9 +196,10 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
         assert onprem["source"] == "rehearsal/onprem-site.yaml"
         assert len(onprem["checks"]) >= 10 and onprem["passed"], onprem
         names = " ".join(c["name"] for c in onprem["checks"])
-        assert "scontrol ping from 172.20.10.11" in names and "not in the matrix" in names
+        assert "scontrol ping on cn001" in names and "not in the matrix" in names
+        assert "runs to completion on a node" in names  # slurmd runs on the on-prem nodes
         # Every host under real systemd, booted by the real cloud-init: running and done
-        # (the one accepted cloud-init error is named in the report, rehearsal/hosts_systemd.py).
+        # (the one accepted cloud-init error is named in the report, rehearsal/hosts.py).
         hosts = doc["hosts"]
         assert len(hosts) == 11, hosts
         for name, h in hosts.items():
@@ -233,7 +209,7 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
             assert h["cloud_init"] == "done" or (h["cloud_init"] == "error" and h["accepted"] and not h["errors"]), (name, h)
         assert cp.returncode == 0, out
         leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "rh-vpc" not in leftovers and not Path("/sys/fs/cgroup/unified/hpc-rehearsal").exists()
-        from rehearsal import hosts_systemd
+        assert "rh-vpc" not in leftovers
+        from rehearsal import hosts
 
-        assert hosts_systemd.leftovers(workdir) == [], "containers left running or mounted"
+        assert hosts.leftovers(workdir) == [], "containers left running or mounted"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rehearsal import hosts_systemd as HS
+from rehearsal import hosts as HS
 from rehearsal import mirror
 from rehearsal.layout import ENDPOINT_IP, MIRROR_IP, build_layout
 
