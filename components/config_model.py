@@ -206,6 +206,10 @@ class StackConfig:
     hybrid: HybridConfig | None = None
     gates: GatesConfig = GatesConfig(False, 900)
     cutover: CutoverConfig | None = None
+    # uid and gid of the portal's account (app hosts submit jobs as it; the Slurm
+    # controllers must resolve it to sign the job's credential; the compute nodes get it
+    # from the center's directory with the same ids)
+    portal_uid: int = 2500
 
     @property
     def ssm_path(self) -> str:

@@ -526,9 +526,11 @@ def validate_config(
 
     app = raw.get("app")
     artifact: dict[str, str] | None = None
+    portal_uid = 2500
     if app is not None:
         app_d = _as_dict(p, "app", app)
-        _unknown_keys(p, "app", app_d, {"artifact"})
+        _unknown_keys(p, "app", app_d, {"artifact", "portal_uid"})
+        portal_uid = _int(p, "app.portal_uid", app_d.get("portal_uid", 2500), 1000, 59999) or 2500
         art = app_d.get("artifact")
         if art is not None:
             art = _as_dict(p, "app.artifact", art)
@@ -558,6 +560,6 @@ def validate_config(
         network=network, onprem_cidrs=tuple(onprem), amis=amis, groups=groups,
         services=services, domain=str(domain), require_tls_config=bool(require_tls),
         tls_configured=tls_configured, slack_channel=str(channel),
-        backup_retention_days=retention, slurm=slurm, app_artifact=artifact, tags=tags,
+        backup_retention_days=retention, slurm=slurm, app_artifact=artifact, portal_uid=portal_uid, tags=tags,
         hybrid=hybrid, gates=gates, cutover=cutover,
     )

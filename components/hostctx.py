@@ -118,7 +118,7 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
         "vip": {"allocation_id": dep.eip_allocation_id, "public_ip": dep.eip_public_ip},
         "services": services,
         "web": {"port": 8080, "dist_root": "/dist", "health": "/health"},
-        "app": {"artifact": cfg.app_artifact},
+        "app": {"artifact": cfg.app_artifact, "portal_uid": cfg.portal_uid},
         "lb": {"peers": [_brief(h) for h in lb_hosts], "stats_port": 8404, "vrrp_router_id": 51},
         "galera": {
             "cluster_name": "hpc_cluster",

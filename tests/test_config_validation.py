@@ -57,6 +57,8 @@ CASES = [
     ("slurm-setting-managed-by-stack", "prod", {"slurm": {"settings": {"SlurmctldPort": 7000}}},
      "slurm.settings.SlurmctldPort: 7000 -> an extra slurm.conf setting"),
     ("too-many-app-hosts", "prod", {"roles": {"app": {"count": 401}}}, "roles.app.count: 401 -> 2 to 400 in profile ha"),
+    ("portal-uid-system-range", "prod", {"app": {"portal_uid": 999}}, "app.portal_uid: 999 -> an integer from 1000 to 59999"),
+    ("portal-uid-not-int", "prod", {"app": {"portal_uid": "portal"}}, 'app.portal_uid: "portal" -> an integer from 1000'),
     ("too-many-app-hosts-for-subnet", "prod", {"network": {**PROD_NET, "subnet_prefix": 26}, "roles": {"app": {"count": 30}}},
      "roles.app.count: 30 -> at most"),
 ]

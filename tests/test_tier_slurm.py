@@ -666,3 +666,25 @@ def test_broken_boot_script_is_rejected_by_shellcheck(tmp_path):
     _, _, _, text = rendered("slurm/hpc-slurm-boot")[0]
     r = _shellcheck(text.replace('[ -f "$dbd_base" ]', "[ -f $dbd_base ]"), tmp_path, "broken")
     assert r.returncode != 0 and "SC2086" in r.stdout
+
+
+def test_portal_account_has_one_uid_on_app_hosts_and_controllers():
+    """slurmctld signs a job's credential with the submitting uid's passwd entry: the
+    portal's account must exist with the same ids where jobs are submitted (app hosts) and
+    where they are signed (controllers), and nowhere else."""
+    from cloud_init.render import render_host
+
+    checked = 0
+    for stack in ("prod", "dev"):
+        for name, ctx in contexts(stack).items():
+            roles = set(ctx["host"]["roles"])
+            cmds = [c for c in render_host(ctx).commands if any("u=portal" in a for a in c)]
+            if roles & {"app", "slurm"}:
+                assert len(cmds) == 1, (stack, name, cmds)
+                script = cmds[0][-1]
+                uid = ctx["app"]["portal_uid"]
+                assert f"id={uid};" in script and "--uid $id --gid $id" in script, script
+                checked += 1
+            else:
+                assert cmds == [], (stack, name)
+    assert checked >= 5
