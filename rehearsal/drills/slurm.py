@@ -49,6 +49,7 @@ class SlurmDrills(DrillBase):
                 if ok and jobs <= seen and "is UP" in ping.split("backup")[-1]:
                     state["control"] = time.time() - state["t0"]
                     res.notes.append(f"backup in control after {state['control']:.1f}s, jobs intact: {len(jobs)}")
+                    res.fault_effect = f"slurmctld on {primary} killed; {backup} in control"
                     break
                 time.sleep(1)
             res.rto_s = round(state["control"], 1) if "control" in state else None
@@ -72,6 +73,7 @@ class SlurmDrills(DrillBase):
                                lambda a: primary in json.dumps(a.get("labels", {})), extra)
         res.target_rto_s = TARGETS["slurm"]["rto"]
         res.checks["rto"] = res.rto_s is not None and res.rto_s <= TARGETS["slurm"]["rto"] * self.ceiling
+        res.checks["fault_effect"] = bool(res.fault_effect)
         res.passed = all(res.checks.values())
         self.run(client, f"scancel {' '.join(sorted(jobs))} 2>/dev/null", timeout=30)
         return res
