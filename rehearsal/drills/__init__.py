@@ -6,6 +6,8 @@
   slurm.py       slurm: the slurmctld pair with jobs queued through the portal
   site.py        az: a whole availability zone goes dark
   deploy.py      rolling: the phased replacement of the web/app hosts
+  gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
+                 no-false-failover: whole hosts paused (cgroup freezer), then thawed
 
 `Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
 registered under `name` and ORDER is the order a full rehearsal runs them in.
@@ -16,12 +18,13 @@ from __future__ import annotations
 from .base import ORDER, REGISTRY, SMOKE, TARGETS, Result, rto_of, table, write_report
 from .data import DataDrills
 from .deploy import DeployDrills
+from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
 from .site import SiteDrills
 from .slurm import SlurmDrills
 
 
-class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills):
+class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 
