@@ -8,6 +8,8 @@
   deploy.py      rolling: the phased replacement of the web/app hosts
   gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
+  partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
+                 peers only (asymmetric), probed both ways
 
 `Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
 registered under `name` and ORDER is the order a full rehearsal runs them in.
@@ -20,11 +22,13 @@ from .data import DataDrills
 from .deploy import DeployDrills
 from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
+from .partition import PartitionDrills
 from .site import SiteDrills
 from .slurm import SlurmDrills
 
 
-class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills):
+class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
+             PartitionDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 

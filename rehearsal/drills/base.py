@@ -58,7 +58,8 @@ TARGETS: dict[str, dict[str, Any]] = {
     "az": {"rto": 10.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
 }
 ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore",
-         "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm"]
+         "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
+         "partition-redis", "partition-galera", "partition-lb"]
 SMOKE = ["lb", "redis", "galera"]
 
 
