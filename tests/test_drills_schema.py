@@ -11,8 +11,17 @@ import pytest
 
 from rehearsal import load
 from rehearsal.drills import ORDER, TARGETS, Result, table, write_report
-from rehearsal.drills.base import (MIN_ACKED, REGISTRY, SESSION_WINDOW_S, finish, history, judge_jobs, parse_jobs,
-                                   split_window, tally)
+from rehearsal.drills.base import (
+    MIN_ACKED,
+    REGISTRY,
+    SESSION_WINDOW_S,
+    finish,
+    history,
+    judge_jobs,
+    parse_jobs,
+    split_window,
+    tally,
+)
 
 SCHEMA = ["name", "rto_s", "target_rto_s", "requests", "failed_reads", "failed_writes", "in_flight_writes", "errors",
           "acked_writes", "lost_writes", "duplicates", "ghost_jobs", "per_kind", "acked_in_fault_window",
