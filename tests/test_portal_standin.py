@@ -310,3 +310,18 @@ def test_noreplicas_forgets_the_master_and_the_next_call_finds_the_new_one(senti
     world["d2:26379"]["says"] = world["d3:26379"]["says"] = "d2:6379"
     world["d2:6379"]["role"] = "master"
     assert r.master.set("c") is True and world["d2:6379"]["keys"] == ["c"]
+
+
+def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every API backend shares the Slurm controllers: failing the check on Slurm would
+    take them all out of the load balancer at once."""
+    mod = load_script("portal_standin.py")
+    monkeypatch.setattr(mod, "check_redis", lambda: "ok")
+    monkeypatch.setattr(mod, "check_db", lambda: "ok")
+    monkeypatch.setattr(mod, "check_slurm", lambda: "error: no slurmctld answers")
+    monkeypatch.setattr(mod, "CACHE_S", 0)
+    code, doc = mod.health()
+    assert code == 200 and doc["status"] == "degraded" and doc["checks"]["slurm"].startswith("error")
+    monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
+    code, doc = mod.health()
+    assert code == 503 and doc["status"] == "unhealthy"
