@@ -128,3 +128,18 @@ def test_report_has_the_common_schema(tmp_path: Path) -> None:
     d = json.loads((tmp_path / "r.json").read_text())["drills"][0]
     assert [k for k in SCHEMA if k not in d] == [] and doc["drills"][0]["fault_effect"] == "killed"
     assert "PASS" in table([r]) and "fault: killed" in table([r])
+
+
+def test_a_partial_outage_counts_until_its_last_failure() -> None:
+    from rehearsal.drills.base import settled_rto
+
+    res = Result("p", rto_s=0.1, fault_window=(100.0, 130.0))
+    recs = [(100.5, 101.0, "session", True, 200, "-")] * 10 + [
+        (104.0, 107.0, "session", False, 0, "-"),   # a request stuck on the cut side
+        (120.0, 121.0, "page", False, 0, "-"),      # a kind the fault does not touch
+        (140.0, 141.0, "session", False, 0, "-")]   # after the fault window
+    settled_rto(res, recs, ("session",), 5.0)
+    assert res.rto_s == 7.0 and res.checks["rto"] is False
+    res = Result("p", rto_s=2.0, fault_window=(100.0, 130.0))
+    settled_rto(res, [(100.5, 101.0, "session", False, 0, "-")], ("session",), 5.0)
+    assert res.rto_s == 2.0 and res.checks["rto"] is True

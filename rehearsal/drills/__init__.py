@@ -8,6 +8,7 @@
   deploy.py      rolling: the phased replacement of the web/app hosts
   gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
+  crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
                  peers only (asymmetric), probed both ways
 
@@ -18,6 +19,7 @@ registered under `name` and ORDER is the order a full rehearsal runs them in.
 from __future__ import annotations
 
 from .base import ORDER, REGISTRY, SMOKE, TARGETS, Result, rto_of, table, write_report
+from .crash import CrashDrills
 from .data import DataDrills
 from .deploy import DeployDrills
 from .gray import GrayDrills
@@ -28,7 +30,7 @@ from .slurm import SlurmDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills):
+             PartitionDrills, CrashDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 

@@ -59,7 +59,7 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore",
          "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
-         "partition-redis", "partition-galera", "partition-lb"]
+         "partition-redis", "partition-galera", "partition-lb", "crash-burst"]
 SMOKE = ["lb", "redis", "galera"]
 
 
@@ -543,6 +543,25 @@ def finish(res: Result, rto_target: float | None, ceiling: float = 1.0) -> Resul
         res.notes.append("no sign that the fault took effect: the drill injected nothing")
     res.passed = all(res.checks.values())
     return res
+
+
+def settled_rto(res: Result, recs: list[tuple[float, float, str, bool, int, str]], kinds: tuple[str, ...],
+                target: float | None, ceiling: float = 1.0) -> None:
+    """For faults that fail only part of the traffic (a paused or cut node behind a
+    balancer, some clients on the wrong side): ten successes in a row come at once, so
+    the RTO is also at least the end of the last failed request of those kinds that
+    began inside the fault window. Updates rto_s and the rto check."""
+    if res.fault_window is None or res.rto_s is None or not kinds:
+        return
+    t0, t1 = res.fault_window
+    fails = [r[1] for r in recs if r[2] in kinds and not r[3] and t0 <= r[0] <= t1]
+    if fails:
+        last = round(max(fails) - t0, 2)
+        if last > res.rto_s:
+            res.notes.append(f"RTO {res.rto_s}s by ten successes in a row; the last failure ended {last}s after the fault")
+            res.rto_s = last
+    if target is not None:
+        res.checks["rto"] = res.rto_s <= target * ceiling
 
 
 def frozen(host: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from .. import hosts as H
 from ..awsd import ops_call
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, register
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, register, settled_rto
 
 # Detection of each tier (the templates' settings) and how long a freeze outlasts it.
 DETECT_S = {
@@ -178,9 +178,11 @@ class GrayDrills(DrillBase):
             after_thaw(res)
 
         try:
-            return self._under_load(name, inject, lambda: thaw(host), kinds, rto, [], lambda a: False, extra)
+            res = self._under_load(name, inject, lambda: thaw(host), kinds, rto, [], lambda a: False, extra)
         finally:
             thaw(host)
+        settled_rto(res, self.records(self.out_dir / f"load-{name}.log"), kinds, rto, self.ceiling)
+        return res
 
     # ------------------------------------------------------------------ drills
     @register("freeze-lb")

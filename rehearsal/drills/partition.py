@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .. import netns
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, register
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, register, settled_rto
 
 CUT_S = {"redis": 20.0, "galera": 20.0, "lb": 15.0}
 # (port probed between the cut hosts, port probed on the path that stays open). The LBs
@@ -70,10 +70,12 @@ class PartitionDrills(DrillBase):
             after(res)
 
         try:
-            return self._under_load(name, inject, lambda: netns.heal(self.layout, victim), kinds, rto, [],
-                                    lambda a: False, extra)
+            res = self._under_load(name, inject, lambda: netns.heal(self.layout, victim), kinds, rto, [],
+                                   lambda a: False, extra)
         finally:
             netns.heal(self.layout, victim)
+        settled_rto(res, self.records(self.out_dir / f"load-{name}.log"), kinds, rto, self.ceiling)
+        return res
 
     @register("partition-redis")
     def drill_partition_redis(self) -> Result:
