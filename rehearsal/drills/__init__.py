@@ -9,6 +9,7 @@
   gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
   crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
+  ec2api.py      ec2-api: an LB failover while EC2 throttles, then while it answers late
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
                  peers only (asymmetric), probed both ways
 
@@ -22,6 +23,7 @@ from .base import ORDER, REGISTRY, SMOKE, TARGETS, Result, rto_of, table, write_
 from .crash import CrashDrills
 from .data import DataDrills
 from .deploy import DeployDrills
+from .ec2api import Ec2ApiDrills
 from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
 from .partition import PartitionDrills
@@ -30,7 +32,7 @@ from .slurm import SlurmDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills, CrashDrills):
+             PartitionDrills, CrashDrills, Ec2ApiDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 

@@ -59,7 +59,7 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore",
          "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
-         "partition-redis", "partition-galera", "partition-lb", "crash-burst"]
+         "partition-redis", "partition-galera", "partition-lb", "crash-burst", "ec2-api"]
 SMOKE = ["lb", "redis", "galera"]
 
 
