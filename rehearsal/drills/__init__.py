@@ -10,6 +10,7 @@
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
   crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
   ec2api.py      ec2-api: an LB failover while EC2 throttles, then while it answers late
+  slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
                  peers only (asymmetric), probed both ways
 
@@ -29,10 +30,11 @@ from .lb_network import LbNetworkDrills
 from .partition import PartitionDrills
 from .site import SiteDrills
 from .slurm import SlurmDrills
+from .slurmhost import SlurmHostDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills, CrashDrills, Ec2ApiDrills):
+             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 
