@@ -128,11 +128,12 @@ class Redis:
             if not a.startswith("error"):
                 votes[a] = votes.get(a, 0) + 1
         need = len(self.sentinels) // 2 + 1
-        best = max(votes.items(), key=lambda kv: kv[1]) if votes else ("", 0)
-        if best[1] < need:
+        best_addr, best_votes = max(votes.items(), key=lambda kv: kv[1]) if votes else ("", 0)
+        if best_votes < need:
             raise NoMaster(f"no master reported by {need} of {len(self.sentinels)} Sentinels: {answers}")
-        host, _, port = best[0].rpartition(":")
-        m = self.client(host, int(port), self.password, 1.5)
+        host, _, port_text = best_addr.rpartition(":")
+        port = int(port_text)
+        m = self.client(host, port, self.password, 1.5)
         try:
             role = m.execute_command("ROLE")
         except self.errors:
@@ -140,7 +141,7 @@ class Redis:
             raise
         if not role or _text(role[0]) != "master":
             m.close()
-            raise NoMaster(f"{best[0]}, reported by the Sentinels, says ROLE {_text(role[0]) if role else '?'}")
+            raise NoMaster(f"{best_addr}, reported by the Sentinels, says ROLE {_text(role[0]) if role else '?'}")
         return m
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
