@@ -139,7 +139,9 @@ def test_a_partial_outage_counts_until_its_last_failure() -> None:
         (120.0, 121.0, "page", False, 0, "-"),      # a kind the fault does not touch
         (140.0, 141.0, "session", False, 0, "-")]   # after the fault window
     settled_rto(res, recs, ("session",), 5.0)
-    assert res.rto_s == 7.0 and res.checks["rto"] is False
+    assert res.rto_s == 4.0 and res.checks["rto"] is True  # began 4 s after the fault (its end is the time-out)
+    settled_rto(res, recs + [(106.0, 106.5, "session", False, 503, "-")], ("session",), 5.0)
+    assert res.rto_s == 6.0 and res.checks["rto"] is False
     res = Result("p", rto_s=2.0, fault_window=(100.0, 130.0))
     settled_rto(res, [(100.5, 101.0, "session", False, 0, "-")], ("session",), 5.0)
     assert res.rto_s == 2.0 and res.checks["rto"] is True

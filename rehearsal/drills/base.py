@@ -549,16 +549,19 @@ def settled_rto(res: Result, recs: list[tuple[float, float, str, bool, int, str]
                 target: float | None, ceiling: float = 1.0) -> None:
     """For faults that fail only part of the traffic (a paused or cut node behind a
     balancer, some clients on the wrong side): ten successes in a row come at once, so
-    the RTO is also at least the end of the last failed request of those kinds that
-    began inside the fault window. Updates rto_s and the rto check."""
+    the RTO is also at least the start of the last failed request of those kinds that
+    began inside the fault window (a request begun then still failed: the service was
+    not back; its end would add the client's own time-out). Updates rto_s and the rto
+    check."""
     if res.fault_window is None or res.rto_s is None or not kinds:
         return
     t0, t1 = res.fault_window
-    fails = [r[1] for r in recs if r[2] in kinds and not r[3] and t0 <= r[0] <= t1]
+    fails = [r[0] for r in recs if r[2] in kinds and not r[3] and t0 <= r[0] <= t1]
     if fails:
         last = round(max(fails) - t0, 2)
         if last > res.rto_s:
-            res.notes.append(f"RTO {res.rto_s}s by ten successes in a row; the last failure ended {last}s after the fault")
+            res.notes.append(f"RTO {res.rto_s}s by ten successes in a row; the last failed request began {last}s "
+                             "after the fault")
             res.rto_s = last
     if target is not None:
         res.checks["rto"] = res.rto_s <= target * ceiling
