@@ -80,11 +80,12 @@ class ApiFaults:
             raise ValueError("api faults: throttle_s, delay_s and delay_for_s must be 0..600 seconds")
         now = self.clock()
         with self.lock:
+            before = dict(self.counts)  # what the faults just turned off did
             self.throttle = frozenset(throttle or [])
             self.throttle_until = now + throttle_s
             self.delay_s, self.delay_until = delay_s, now + delay_for_s
             self.counts = {"throttled": 0, "delayed": 0}
-        return self.state()
+        return {**self.state(), "before": before}
 
     def state(self) -> dict[str, Any]:
         with self.lock:

@@ -63,7 +63,7 @@ def test_every_ec2_call_answers_late_while_the_delay_holds(server: tuple[str, aw
     t = time.time()
     host.describe_instances()
     assert time.time() - t >= 0.5
-    faults.set()
+    assert faults.set()["before"]["delayed"] == 1  # turning the faults off tells what they did
     t = time.time()
     host.describe_instances()
     assert time.time() - t < 0.5
@@ -82,7 +82,8 @@ def test_the_drill_throttles_then_delays_and_reports_both_runs(tmp_path: Any, mo
 
     def fake_faults(wd: Any, **kw: Any) -> dict[str, Any]:
         set_calls.append(kw)
-        return {"throttled": 3} if not kw and len(set_calls) < 3 else ({"delayed": 5} if not kw else {})
+        return {"before": {"throttled": 3}} if not kw and len(set_calls) < 3 else (
+            {"before": {"delayed": 5}} if not kw else {})
 
     monkeypatch.setattr(ec2api, "api_faults", fake_faults)
     monkeypatch.setattr(ec2api.H, "kill", lambda h: [], raising=False)

@@ -47,7 +47,7 @@ class Ec2ApiDrills(DrillBase):
                     break
                 time.sleep(0.5)
             res.checks["eip_moved"] = moved is not None
-            state = api_faults(self.wd)  # off, and what it did
+            state = dict(api_faults(self.wd).get("before", {}))  # off, and what it did
             res.notes.append(f"{label}: {state.get('throttled', 0)} calls throttled, {state.get('delayed', 0)} late")
             hit = int(state.get("throttled", 0)) + int(state.get("delayed", 0))
             res.checks["fault_hit_the_takeover"] = hit > 0
