@@ -45,10 +45,122 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} awsd: {msg}", flush=True)
 
 
+# The rehearsal's own calls (EIP watcher, operations) carry this in their User-Agent:
+# the API faults below are for the hosts' calls, not for the stand-in's plumbing.
+OPS_AGENT = "hpc-rehearsal-ops"
+
+
 def client(service: str, region: str) -> Any:
     return boto3.client(service, region_name=region, endpoint_url=ENDPOINT_URL,
                         aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal",
-                        config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=20))
+                        config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=20,
+                                      user_agent_extra=OPS_AGENT))
+
+
+# ----------------------------------------------------------------------- API faults
+
+
+class ApiFaults:
+    """What the EC2 and metadata stand-ins do wrong on purpose (the ec2-api drill), until
+    a deadline: answer the named EC2 actions with RequestLimitExceeded (HTTP 503, EC2's
+    own error document), and/or answer every EC2 and metadata call `delay_s` late."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.throttle: frozenset[str] = frozenset()
+        self.throttle_until = 0.0
+        self.delay_s = 0.0
+        self.delay_until = 0.0
+        self.counts = {"throttled": 0, "delayed": 0}
+
+    def set(self, throttle: list[str] | None = None, throttle_s: float = 0.0, delay_s: float = 0.0,
+            delay_for_s: float = 0.0) -> dict[str, Any]:
+        if throttle_s < 0 or delay_s < 0 or delay_for_s < 0 or throttle_s > 600 or delay_for_s > 600:
+            raise ValueError("api faults: throttle_s, delay_s and delay_for_s must be 0..600 seconds")
+        now = self.clock()
+        with self.lock:
+            before = dict(self.counts)  # what the faults just turned off did
+            self.throttle = frozenset(throttle or [])
+            self.throttle_until = now + throttle_s
+            self.delay_s, self.delay_until = delay_s, now + delay_for_s
+            self.counts = {"throttled": 0, "delayed": 0}
+        return {**self.state(), "before": before}
+
+    def state(self) -> dict[str, Any]:
+        with self.lock:
+            return {"throttle": sorted(self.throttle), "throttle_until": self.throttle_until,
+                    "delay_s": self.delay_s, "delay_until": self.delay_until, **self.counts}
+
+    def throttled(self, action: str) -> bool:
+        with self.lock:
+            hit = action in self.throttle and self.clock() < self.throttle_until
+            if hit:
+                self.counts["throttled"] += 1
+            return hit
+
+    def delay(self) -> float:
+        with self.lock:
+            if self.delay_s and self.clock() < self.delay_until:
+                self.counts["delayed"] += 1
+                return self.delay_s
+            return 0.0
+
+
+FAULTS = ApiFaults()
+THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code>'
+             b'<Message>Request limit exceeded.</Message></Error></Errors><RequestID>rehearsal-throttle</RequestID>'
+             b'</Response>')
+
+
+def ec2_action(environ: dict[str, Any]) -> str | None:
+    """The EC2 action of a request to the moto server (None: not EC2, or the rehearsal's
+    own call). EC2's query API: Action in the form body or the query string; the service
+    is in the SigV4 credential scope."""
+    if OPS_AGENT in environ.get("HTTP_USER_AGENT", ""):
+        return None
+    if "/ec2/aws4_request" not in environ.get("HTTP_AUTHORIZATION", ""):
+        return None
+    import io
+    from urllib.parse import parse_qs
+
+    n = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(n) if n else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    fields = parse_qs(body.decode("utf-8", "replace")) or parse_qs(environ.get("QUERY_STRING", ""))
+    return (fields.get("Action") or [""])[0]
+
+
+def faulty_moto_server(ip: str, port: int, faults: ApiFaults) -> Any:
+    """moto's threaded server with the API faults in front (none until set)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    class FaultyMotoServer(ThreadedMotoServer):  # type: ignore[misc]
+        def _server_entry(self) -> None:
+            app = with_faults(DomainDispatcherApplication(create_backend_app), faults)
+            self._server = make_server(self._ip_address, self._port, app, True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return FaultyMotoServer(ip_address=ip, port=port, verbose=False)
+
+
+def with_faults(app: Any, faults: ApiFaults) -> Any:
+    """WSGI middleware in front of moto: EC2 calls get the configured faults."""
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        action = ec2_action(environ)
+        if action is not None:
+            d = faults.delay()
+            if d:
+                time.sleep(d)
+            if faults.throttled(action):
+                start_response("503 Service Unavailable", [("Content-Type", "text/xml"),
+                                                            ("Content-Length", str(len(THROTTLED)))])
+                return [THROTTLED]
+        return app(environ, start_response)
+    return wsgi
 
 
 # ---------------------------------------------------------------------------- deploy
@@ -199,7 +311,13 @@ def serve_imds(imds: Imds) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-        do_GET = do_PUT = _do
+        def _do_late(self) -> None:
+            d = FAULTS.delay()
+            if d:
+                time.sleep(d)
+            self._do()
+
+        do_GET = do_PUT = _do_late
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -271,6 +389,8 @@ def serve_ops(path: Path, region: str) -> None:
                     out = {"ok": True, "result": result}
                 elif req.get("op") == "ping":
                     out = {"ok": True}
+                elif req.get("op") == "api-faults":
+                    out = {"ok": True, "result": FAULTS.set(**req.get("kwargs", {}))}
                 else:
                     out = {"ok": False, "error": f"unknown op {req.get('op')!r}"}
             except Exception as e:  # noqa: BLE001
@@ -282,6 +402,14 @@ def serve_ops(path: Path, region: str) -> None:
     srv = socketserver.ThreadingUnixStreamServer(str(path), Handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True, name="ops").start()
+
+
+def api_faults(workdir: Path, **kwargs: Any) -> dict[str, Any]:
+    """Set the API faults of the running stand-ins (see ApiFaults.set); {} turns them off."""
+    out = sockcall.call(workdir / "awsd.sock", {"op": "api-faults", "kwargs": kwargs}, 10)
+    if not out or not out.get("ok"):
+        raise RuntimeError(f"api faults: {(out or {}).get('error', 'no answer')}")
+    return dict(out["result"])
 
 
 def ops_call(workdir: Path, service: str, method: str, timeout: float = 30, **kwargs: Any) -> Any:
@@ -299,11 +427,9 @@ def main(argv: list[str]) -> int:
     layout = build_layout(stack, workdir)
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
-    server = ThreadedMotoServer(ip_address=ENDPOINT_IP, port=ENDPOINT_PORT, verbose=False)
+    server = faulty_moto_server(ENDPOINT_IP, ENDPOINT_PORT, FAULTS)
     server.start()
     log(f"moto server on {ENDPOINT_URL}")
     try:

@@ -1,15 +1,22 @@
 """Load through the VIP, from the client namespace ("the internet"), bounded in count and
-time. Every request is one line in the output file:
+time. Every request is one line in the output file (the history the drills read back):
 
-    start end kind ok status request_id
+    start end kind ok status request_id server ref
 
 kinds: `write` (POST /api/records with a fresh request id: idempotent on the server),
-`session` (GET /api/session: Redis through Sentinel), `page` (GET /: nginx), `record`
-(GET /api/records/<an acknowledged id>: MariaDB through the DB writer).
+`snew` (GET /api/session without a cookie: a new session written to the Redis master;
+request_id is the session id), `session` (GET /api/session with the newest session's
+cookie: Redis through Sentinel; ref `lost` when the server no longer knew it), `page`
+(GET /: nginx), `record` (GET /api/records/<an acknowledged id>: MariaDB through the DB
+writer), `job` (POST /api/jobs with a request id, one every --job-interval s from its
+own thread; a failed attempt is repeated with the same request id until --job-deadline,
+as a portal's retry would; ref is the job id). `server` is the web/app host that
+answered ("-" when none did).
 
     python -m rehearsal.load run --url https://203.0.113.10 --out F [--rate 60] [--writes 0.3]
                                  [--duration 600] [--max-requests 40000]
     python -m rehearsal.load verify --url ... --ids F     read every acknowledged write back
+    python -m rehearsal.load sessions --url ... --ids F   which acknowledged sessions are gone
     python -m rehearsal.load jobs --url ... submit --count 5 | states --ids 1,2
                                                            Slurm jobs through the portal
 """
@@ -32,6 +39,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 TIMEOUT = 3.0
+WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
 
 class Conn:
@@ -99,41 +107,82 @@ def run(args: argparse.Namespace) -> int:
             rid = ""
             t0 = time.time()
             status = 0
+            server = ref = "-"
             try:
                 if kind == "write":
                     rid = f"{args.tag}-{uuid.uuid4().hex[:20]}"
                     status, body = conn.request("POST", "/api/records", {"request_id": rid, "payload": f"load {t0:.3f}"})
-                    ok = status == 200 and json.loads(body or b"{}").get("ok") is True
-                elif kind == "session":
-                    status, _b = conn.request("GET", "/api/session")
-                    ok = status == 200
-                elif kind == "record":
-                    with lock:
-                        rid = random.choice(acked[-200:]) if acked else ""
-                    if not rid:
-                        status, _b = conn.request("GET", "/")
-                    else:
-                        status, _b = conn.request("GET", f"/api/records/{rid}")
-                    ok = status == 200
+                    doc = json.loads(body or b"{}") if status == 200 else {}
+                    ok = doc.get("ok") is True
+                    server = str(doc.get("server", "-"))
+                elif kind in ("session", "snew"):
+                    if kind == "snew" or not conn.cookie:
+                        kind = "snew"
+                        conn.cookie = ""
+                    status, body = conn.request("GET", "/api/session")
+                    doc = json.loads(body or b"{}") if status == 200 else {}
+                    ok = status == 200 and bool(doc.get("session"))
+                    server = str(doc.get("server", "-"))
+                    if ok and kind == "snew":
+                        rid = str(doc["session"])
+                    elif ok and doc.get("new"):
+                        ref = "lost"  # the cookie's session was gone: the server made a new one
+                        rid = str(doc["session"])
                 else:
-                    status, _b = conn.request("GET", "/")
+                    if kind == "record":
+                        with lock:
+                            rid = random.choice(acked[-200:]) if acked else ""
+                    path = f"/api/records/{rid}" if rid else "/"
+                    status, body = conn.request("GET", path)
                     ok = status == 200
+                    server = _server_of(body)
             except Exception:  # noqa: BLE001 - timeouts, resets, refused: a failed request
                 ok = False
             t1 = time.time()
             if ok and kind == "write":
                 with lock:
                     acked.append(rid)
-            out.write(f"{t0:.3f} {t1:.3f} {kind} {int(ok)} {status} {rid or '-'}\n")
+            out.write(line(t0, t1, kind, ok, status, rid, server, ref))
+
+    def job_worker() -> None:
+        """One job every --job-interval s; a failed attempt is repeated with the same
+        request id (the portal finds the job a timed-out attempt created) until the
+        deadline: a job is acknowledged once, lost never, duplicated never."""
+        conn = Conn(args.url)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            rid = f"{args.tag}-job-{uuid.uuid4().hex[:16]}"
+            first = time.time()
+            while not stop.is_set():
+                t0 = time.time()
+                status, server, ref, ok = 0, "-", "-", False
+                try:
+                    status, body = conn.request("POST", "/api/jobs", {"name": f"{args.tag}-load", "seconds": 3600,
+                                                                      "request_id": rid}, timeout=args.job_timeout)
+                    doc = json.loads(body or b"{}")
+                    server = str(doc.get("server", "-"))
+                    ok = status == 200 and bool(doc.get("job_id"))
+                    ref = str(doc.get("job_id", "-"))
+                except Exception:  # noqa: BLE001
+                    ok = False
+                out.write(line(t0, time.time(), "job", ok, status, rid, server, ref))
+                if ok or time.time() - first > args.job_deadline:
+                    break
+                stop.wait(1.0)
+            stop.wait(max(0.0, first + args.job_interval - time.time()))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
+    if args.job_interval > 0:
+        threads.append(threading.Thread(target=job_worker, daemon=True))
     for t in threads:
         t.start()
     interval = 1.0 / args.rate
     nxt = time.monotonic()
     reads = ["session", "page", "record"]
     while not stop.is_set() and time.monotonic() < deadline and counts["sent"] < args.max_requests:
-        kind = "write" if random.random() < args.writes else random.choice(reads)
+        x = random.random()
+        kind = "write" if x < args.writes else "snew" if x < args.writes + args.new_sessions else random.choice(reads)
         try:
             tickets.put_nowait(kind)
             counts["sent"] += 1
@@ -143,9 +192,55 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(max(0.0, nxt - time.monotonic()))
     stop.set()
     for t in threads:
-        t.join(TIMEOUT + 2)
+        t.join(max(TIMEOUT, args.job_timeout) + 2)
     out.close()
     print(json.dumps({"sent": counts["sent"], "skipped": counts["skipped"], "acked_writes": len(acked)}), flush=True)
+    return 0
+
+
+def line(t0: float, t1: float, kind: str, ok: bool, status: int, rid: str, server: str, ref: str) -> str:
+    """One request as a line of the history (no field may hold a blank)."""
+    def clean(x: str) -> str:
+        return "".join(c for c in x if not c.isspace())[:80] or "-"
+    return f"{t0:.3f} {t1:.3f} {kind} {int(ok)} {status} {clean(rid)} {clean(server)} {clean(ref)}\n"
+
+
+def _server_of(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "-"
+    return str(doc.get("server", "-")) if isinstance(doc, dict) else "-"
+
+
+def sessions(args: argparse.Namespace) -> int:
+    """Which of the session ids in --ids the portal no longer knows: GET /api/session
+    with each one's cookie (a known session answers new=false)."""
+    with open(args.ids) as f:
+        ids = [x.strip() for x in f if x.strip()]
+    gone: list[str] = []
+    errors = 0
+    for sid in ids:
+        for _attempt in range(10):
+            conn = Conn(args.url)
+            conn.cookie = f"sid={sid}"
+            try:
+                status, body = conn.request("GET", "/api/session", timeout=5)
+                if status == 200:
+                    if json.loads(body).get("new"):
+                        gone.append(sid)
+                    break
+            except Exception:  # noqa: BLE001
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.5)
+        else:
+            errors += 1
+    if errors:
+        print(json.dumps({"error": f"{errors} of {len(ids)} sessions could not be read back"}))
+        return 1
+    print(json.dumps({"checked": len(ids), "missing": gone}))
     return 0
 
 
@@ -229,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--duration", type=float, default=600.0)
     r.add_argument("--max-requests", type=int, default=60000)
     r.add_argument("--tag", default=os.environ.get("HPC_REHEARSAL_TAG", "rh"))
+    r.add_argument("--new-sessions", type=float, default=0.05, help="share of requests that create a session")
+    r.add_argument("--job-interval", type=float, default=5.0, help="seconds between job submissions (0: none)")
+    r.add_argument("--job-timeout", type=float, default=25.0, help="one job submission's HTTP time-out")
+    r.add_argument("--job-deadline", type=float, default=90.0, help="retry a failed job submission this long")
+    ss = sub.add_parser("sessions")
+    ss.add_argument("--url", required=True)
+    ss.add_argument("--ids", required=True)
     v = sub.add_parser("verify")
     v.add_argument("--url", required=True)
     v.add_argument("--ids", required=True)
@@ -238,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--count", type=int, default=5)
     j.add_argument("--ids", default="")
     a = p.parse_args(argv)
-    return {"run": run, "verify": verify, "jobs": jobs}[a.cmd](a)
+    return {"run": run, "verify": verify, "jobs": jobs, "sessions": sessions}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,48 @@ def set_link(layout: Layout, host: str, up: bool) -> None:
     ip(NS_ROUTER, "link", "set", layout.host(host).veth, "up" if up else "down")
 
 
+NFT_PARTITION_TABLE = "partition"
+
+
+def partition_rules(peer_ips: Sequence[str]) -> str:
+    """nftables for one host that drop every packet to and from `peer_ips` (both
+    directions, established connections too), ahead of its security groups."""
+    if not peer_ips:
+        raise ValueError("a partition needs at least one peer address")
+    peers = ", ".join(peer_ips)
+    return (f"table inet {NFT_PARTITION_TABLE} {{\n"
+            f"  chain in {{ type filter hook input priority -10; policy accept; ip saddr {{ {peers} }} drop; }}\n"
+            f"  chain out {{ type filter hook output priority -10; policy accept; ip daddr {{ {peers} }} drop; }}\n"
+            "}\n")
+
+
+def cut_from(layout: Layout, host: str, peers: Sequence[str]) -> None:
+    """Cut `host` from `peers` only (everyone else still reaches it): an asymmetric
+    partition, as when one AZ's link to another fails while the internet path holds."""
+    heal(layout, host)
+    nft(layout.host(host).ns, partition_rules([layout.host(p).ip for p in peers]))
+
+
+def heal(layout: Layout, host: str) -> None:
+    ns = layout.host(host).ns
+    sh(in_ns(ns, ["nft", "delete", "table", "inet", NFT_PARTITION_TABLE]), check=False)
+
+
+PROBE = ("import socket,sys\n"
+         "s=socket.socket();s.settimeout(float(sys.argv[3]))\n"
+         "try:\n s.connect((sys.argv[1],int(sys.argv[2])));print('open')\n"
+         "except ConnectionRefusedError:\n print('refused')\n"
+         "except OSError as e:\n print('cut', type(e).__name__)\n")
+
+
+def reaches(layout: Layout, src: str, dst: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection from src's namespace to dst:port gets an answer (open or
+    refused: the path works); a time-out or unreachable is a cut path."""
+    cp = sh(in_ns(layout.host(src).ns, ["python3", "-c", PROBE, layout.host(dst).ip, str(port), str(timeout)]),
+            check=False)
+    return cp.stdout.strip() in ("open", "refused")
+
+
 def destroy(names: Iterable[str]) -> list[str]:
     """Delete the given namespaces (their links, bridges and nftables tables go with them)."""
     gone = []

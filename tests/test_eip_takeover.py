@@ -394,3 +394,47 @@ def test_the_script_is_an_executable_python3_file_using_stdlib_and_boto3_only() 
     broken = subprocess.run([sys.executable, "-c", "import ast,sys; ast.parse(sys.stdin.read())"],
                             input=text.replace("def main(", "def main((", 1), capture_output=True, text=True)
     assert broken.returncode != 0
+
+
+def test_reconcile_pulls_the_eip_to_a_settled_master_only(takeover: ModuleType, imds: FakeImds,
+                                                          aws: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """The LB pair healed after a cut: A stayed MASTER without a transition while the
+    address stayed on B (BACKUP now). The periodic --reconcile on A moves it back; on B,
+    and on a MASTER state recorded a moment ago (a step-down may be pending), it does
+    nothing and logs nothing."""
+    import os
+    import time
+
+    ec2, alloc = aws["ec2"], aws["alloc"]
+    imds.current = "B"
+    assert run(takeover, aws, "--reason", "master") == 0  # B took the address during the cut
+    assert run(takeover, aws, "--reason", "backup") == 0  # ... and stepped down at the heal
+    imds.log.clear()
+    capsys.readouterr()
+    assert run(takeover, aws, "--reconcile") == 0  # B: BACKUP, nothing to do
+    assert eip_eni(ec2, alloc) == aws["B"] and imds.log == [] and capsys.readouterr().err == ""
+    imds.current = "A"
+    aws["state"].write_text("MASTER\n")  # A's record: MASTER since before the cut
+    assert run(takeover, aws, "--reconcile") == 0  # ... but written just now: not settled
+    assert eip_eni(ec2, alloc) == aws["B"]
+    old = time.time() - takeover.RECONCILE_SETTLE_S - 1
+    os.utime(aws["state"], (old, old))
+    assert run(takeover, aws, "--reconcile") == 0
+    assert eip_eni(ec2, alloc) == aws["A"]
+    assert "reconcile: this node is MASTER and the EIP was elsewhere" in capsys.readouterr().err
+    first = assoc_id(ec2, alloc)
+    assert run(takeover, aws, "--reconcile") == 0  # already here: no call that moves it, no log
+    assert assoc_id(ec2, alloc) == first and capsys.readouterr().err == ""
+
+
+def test_reconcile_runs_from_a_timer_on_every_lb() -> None:
+    import yaml
+
+    tpl = SCRIPT.parent.parent / "templates" / "lb"
+    timer = (tpl / "hpc-eip-reconcile.timer").read_text()
+    assert "OnUnitActiveSec=5s" in timer and "WantedBy=timers.target" in timer
+    assert "ExecStart=/usr/local/sbin/hpc-eip-takeover --reconcile" in (tpl / "hpc-eip-reconcile.service").read_text()
+    man = yaml.safe_load((tpl / "manifest.yaml").read_text())
+    dests = {f.get("dest") for f in man["files"]}
+    assert {"/etc/systemd/system/hpc-eip-reconcile.service", "/etc/systemd/system/hpc-eip-reconcile.timer"} <= dests
+    assert ["systemctl", "enable", "--now", "hpc-eip-reconcile.timer"] in [c["run"] for c in man["commands"]]

@@ -228,3 +228,100 @@ def test_without_a_request_id_a_submission_is_not_looked_up(portal: Portal) -> N
     code, doc = portal.submit({"name": "legacy"})
     assert code == 200 and doc["created"] is True and doc["request_id"] is None
     assert portal.calls("squeue") == [] and "--comment" not in portal.calls("sbatch")[0]
+
+
+# ---- the Redis master: a majority of the Sentinels, checked with ROLE --------------------
+
+class _FakeRedis:
+    """One Redis or Sentinel process as the stand-in's client sees it."""
+
+    def __init__(self, world: dict[str, Any], addr: str) -> None:
+        self.world, self.addr = world, addr
+
+    def execute_command(self, *args: Any) -> Any:
+        import redis as _r
+
+        node = self.world[self.addr]
+        if node.get("down"):
+            raise _r.ConnectionError(f"{self.addr} unreachable")
+        if args[0] == "SENTINEL":
+            host, _, port = node["says"].rpartition(":")
+            return [host.encode(), port.encode()]
+        if args[0] == "ROLE":
+            return [node["role"].encode()]
+        raise AssertionError(args)
+
+    def set(self, *args: Any, **kw: Any) -> bool:
+        import redis as _r
+
+        node = self.world[self.addr]
+        if node.get("noreplicas"):
+            raise _r.ResponseError("NOREPLICAS Not enough good replicas to write.")
+        node.setdefault("keys", []).append(args[0])
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def sentinel_world(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:
+    monkeypatch.setenv("REDIS_SENTINELS", "d1:26379,d2:26379,d3:26379")
+    mod = load_script("portal_standin.py")
+    world: dict[str, Any] = {
+        "d1:26379": {"says": "d1:6379"}, "d2:26379": {"says": "d1:6379"}, "d3:26379": {"says": "d1:6379"},
+        "d1:6379": {"role": "master"}, "d2:6379": {"role": "slave"}, "d3:6379": {"role": "slave"},
+    }
+    r = mod.Redis()
+    monkeypatch.setattr(r, "client", lambda host, port, pw, t: _FakeRedis(world, f"{host}:{port}"))
+    return r, world
+
+
+def test_the_master_is_what_a_majority_of_sentinels_reports_not_the_first(sentinel_world: tuple[Any, Any]) -> None:
+    r, world = sentinel_world
+    # the isolated side: d1's own Sentinel still names d1; the majority promoted d2
+    world["d2:26379"]["says"] = world["d3:26379"]["says"] = "d2:6379"
+    world["d2:6379"]["role"] = "master"
+    assert r.master.set("k") is True
+    assert world["d2:6379"]["keys"] == ["k"] and "keys" not in world["d1:6379"]
+
+
+def test_no_majority_no_master_and_a_demoted_master_is_refused(sentinel_world: tuple[Any, Any]) -> None:
+    r, world = sentinel_world
+    world["d2:26379"]["says"] = "d2:6379"
+    world["d3:26379"]["down"] = True  # d1, d2 and an error: no two agree
+    with pytest.raises(Exception, match="no master reported by 2 of 3"):
+        r.master.set("k")
+    world["d3:26379"] = {"says": "d1:6379"}
+    world["d1:6379"]["role"] = "slave"  # the Sentinels lag: the address says it is a replica
+    with pytest.raises(Exception, match="says ROLE slave"):
+        r.master.set("k")
+
+
+def test_noreplicas_forgets_the_master_and_the_next_call_finds_the_new_one(sentinel_world: tuple[Any, Any]) -> None:
+    import redis as _r
+
+    r, world = sentinel_world
+    assert r.master.set("a") is True  # d1 cached
+    world["d1:6379"]["noreplicas"] = True  # d1 cut from its replicas: it refuses writes
+    with pytest.raises(_r.ResponseError):
+        r.master.set("b")
+    assert r.current is None  # forgotten
+    world["d2:26379"]["says"] = world["d3:26379"]["says"] = "d2:6379"
+    world["d2:6379"]["role"] = "master"
+    assert r.master.set("c") is True and world["d2:6379"]["keys"] == ["c"]
+
+
+def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every API backend shares the Slurm controllers: failing the check on Slurm would
+    take them all out of the load balancer at once."""
+    mod = load_script("portal_standin.py")
+    monkeypatch.setattr(mod, "check_redis", lambda: "ok")
+    monkeypatch.setattr(mod, "check_db", lambda: "ok")
+    monkeypatch.setattr(mod, "check_slurm", lambda: "error: no slurmctld answers")
+    monkeypatch.setattr(mod, "CACHE_S", 0)
+    code, doc = mod.health()
+    assert code == 200 and doc["status"] == "degraded" and doc["checks"]["slurm"].startswith("error")
+    monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
+    code, doc = mod.health()
+    assert code == 503 and doc["status"] == "unhealthy"

@@ -1114,7 +1114,11 @@ def test_manifest_paths_match_what_the_configs_and_scripts_expect() -> None:
     runs = [c["run"] for c in lb["commands"]]
     install = next(r for r in runs if r[0] == "install")
     assert install[-2:] == ["/run/hpc/secrets/tls_pem", CERT_PATH]
-    assert ["/usr/local/sbin/hpc-eip-takeover", "--boot"] == runs[-1]
+    # the boot-time association, then the periodic reconcile (the EIP follows the MASTER
+    # also when a healed cut or a thawed pause leaves it without a VRRP transition)
+    assert runs[-2:] == [["/usr/local/sbin/hpc-eip-takeover", "--boot"],
+                         ["systemctl", "enable", "--now", "hpc-eip-reconcile.timer"]]
+    assert dests["lb/hpc-eip-reconcile.timer"] == "/etc/systemd/system/hpc-eip-reconcile.timer"
     # dbwriter hosts turn off the stock haproxy.service unless the lb config is there
     db = _manifest("dbwriter")
     marker_cmd = next(c["run"][-1] for c in db["commands"] if "grep" in c["run"][-1])

@@ -73,24 +73,110 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------- backends
 
 
+class NoMaster(Exception):
+    """No Redis master that a majority of the Sentinels reports and that says it is one."""
+
+
 class Redis:
+    """The Redis master, found the careful way (as examples/reference-portal does):
+    redis-py's Sentinel client takes the FIRST Sentinel's answer, so one Sentinel with a
+    stale view (the isolated side of a partition) sends every request to the old master.
+    Here every Sentinel is asked and the address a majority of the configured ones
+    reports wins; the winner must say ROLE master; every socket has a time-out (a paused
+    master accepts connections and never answers) and redis-py's retries are off. A
+    connection error, a time-out, READONLY (a demoted master) or NOREPLICAS (a master
+    cut from its replicas refuses writes after min-replicas-max-lag) forgets the master:
+    the next request discovers again."""
+
     def __init__(self) -> None:
         import redis
-        from redis.sentinel import Sentinel
 
-        pw = secret("REDIS_PASSWORD", "REDIS_PASSWORD_FILE")
-        spw = secret("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE") or pw
-        sentinels = []
+        self.redis = redis
+        self.password = secret("REDIS_PASSWORD", "REDIS_PASSWORD_FILE")
+        self.sentinel_password = secret("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE") or self.password
+        self.sentinels: list[tuple[str, int]] = []
         for item in os.environ.get("REDIS_SENTINELS", "").split(","):
             if item.strip():
                 host, _, port = item.strip().rpartition(":")
-                sentinels.append((host, int(port)))
-        self.sentinel = Sentinel(sentinels, socket_timeout=1.0, socket_connect_timeout=1.0,
-                                 sentinel_kwargs={"password": spw or None, "socket_timeout": 1.0,
-                                                  "socket_connect_timeout": 1.0})
-        self.master = self.sentinel.master_for(os.environ.get("REDIS_MASTER_NAME", "mymaster"), password=pw or None,
-                                               socket_timeout=1.5, socket_connect_timeout=1.0, retry_on_timeout=False)
+                self.sentinels.append((host, int(port)))
+        self.name = os.environ.get("REDIS_MASTER_NAME", "mymaster")
         self.errors = (redis.RedisError, OSError)
+        self.lock = threading.Lock()
+        self.current: Any = None
+        self.master = _Master(self)
+
+    def client(self, host: str, port: int, password: str, timeout: float) -> Any:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return self.redis.Redis(host=host, port=port, password=password or None, socket_timeout=timeout,
+                                socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+
+    def discover(self) -> Any:
+        answers: dict[str, str] = {}
+        for host, port in self.sentinels:
+            s = self.client(host, port, self.sentinel_password, 1.0)
+            try:
+                addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+                answers[f"{host}:{port}"] = f"{_text(addr[0])}:{_text(addr[1])}" if addr else "error: unknown name"
+            except self.errors as e:
+                answers[f"{host}:{port}"] = f"error: {type(e).__name__}"
+            finally:
+                s.close()
+        votes: dict[str, int] = {}
+        for a in answers.values():
+            if not a.startswith("error"):
+                votes[a] = votes.get(a, 0) + 1
+        need = len(self.sentinels) // 2 + 1
+        best_addr, best_votes = max(votes.items(), key=lambda kv: kv[1]) if votes else ("", 0)
+        if best_votes < need:
+            raise NoMaster(f"no master reported by {need} of {len(self.sentinels)} Sentinels: {answers}")
+        host, _, port_text = best_addr.rpartition(":")
+        port = int(port_text)
+        m = self.client(host, port, self.password, 1.5)
+        try:
+            role = m.execute_command("ROLE")
+        except self.errors:
+            m.close()
+            raise
+        if not role or _text(role[0]) != "master":
+            m.close()
+            raise NoMaster(f"{best_addr}, reported by the Sentinels, says ROLE {_text(role[0]) if role else '?'}")
+        return m
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            if self.current is None:
+                self.current = self.discover()
+            m = self.current
+        try:
+            return getattr(m, method)(*args, **kwargs)
+        except self.errors as e:
+            if not isinstance(e, self.redis.ResponseError) or _forgets(e):
+                with self.lock:
+                    if self.current is m:
+                        self.current = None
+                m.close()
+            raise
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _forgets(e: Exception) -> bool:
+    """A reply error that means "not the master to write to" (demoted, or cut off)."""
+    return str(e).startswith(("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING"))
+
+
+class _Master:
+    """redis().master.<command>(...): the command on the current master (see Redis)."""
+
+    def __init__(self, owner: Redis) -> None:
+        self.owner = owner
+
+    def __getattr__(self, method: str) -> Any:
+        return lambda *a, **kw: self.owner.call(method, *a, **kw)
 
 
 class Db:
@@ -217,9 +303,14 @@ def health() -> tuple[int, dict[str, Any]]:
         if time.monotonic() - _health_cache["t"] < CACHE_S and _health_cache["value"] is not None:
             return _health_cache["value"]
     checks = {"redis": check_redis(), "database": check_db(), "slurm": check_slurm()}
-    ok = all(v == "ok" for v in checks.values())
-    value = (200 if ok else 503, {"status": "healthy" if ok else "unhealthy", "checks": checks,
-                                  "service": SERVICE, "server": SERVER_ID})
+    # Slurm is reported, not required: every API backend shares the same controllers, so
+    # a Slurm outage failing this check takes every backend out of the load balancer at
+    # once and turns it into a whole-portal outage (measured: with the primary slurmctld
+    # paused, every request answered 503 until the backup fenced it). Job requests fail
+    # on their own (503 with the reason) while Slurm is down; sessions and records go on.
+    ok = checks["redis"] == "ok" and checks["database"] == "ok"
+    status = "unhealthy" if not ok else "healthy" if checks["slurm"] == "ok" else "degraded"
+    value = (200 if ok else 503, {"status": status, "checks": checks, "service": SERVICE, "server": SERVER_ID})
     with _health_lock:
         _health_cache.update(t=time.monotonic(), value=value)
     return value

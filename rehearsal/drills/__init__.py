@@ -6,6 +6,13 @@
   slurm.py       slurm: the slurmctld pair with jobs queued through the portal
   site.py        az: a whole availability zone goes dark
   deploy.py      rolling: the phased replacement of the web/app hosts
+  gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
+                 no-false-failover: whole hosts paused (cgroup freezer), then thawed
+  crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
+  ec2api.py      ec2-api: an LB failover while EC2 throttles, then while it answers late
+  slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
+  partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
+                 peers only (asymmetric), probed both ways
 
 `Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
 registered under `name` and ORDER is the order a full rehearsal runs them in.
@@ -14,14 +21,20 @@ registered under `name` and ORDER is the order a full rehearsal runs them in.
 from __future__ import annotations
 
 from .base import ORDER, REGISTRY, SMOKE, TARGETS, Result, rto_of, table, write_report
+from .crash import CrashDrills
 from .data import DataDrills
 from .deploy import DeployDrills
+from .ec2api import Ec2ApiDrills
+from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
+from .partition import PartitionDrills
 from .site import SiteDrills
 from .slurm import SlurmDrills
+from .slurmhost import SlurmHostDrills
 
 
-class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills):
+class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
+             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 

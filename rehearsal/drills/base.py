@@ -1,11 +1,14 @@
 """What every drill shares: the targets, the Result, load through the VIP and its
 measurements, the alert check, the drill registry, and the report (table and JSON).
 
-Per drill: RTO (fault injection -> first of 10 consecutive successful requests of the
-kinds the fault touches), requests, failed reads and writes, writes in flight at the
-fault, acknowledged writes and how many of them are lost (each one is read back after
-the drill), duplicated writes (rows per request id > 1), the Alertmanager alert that
-applies and its latency, and whether every target was met.
+Per drill (the common report schema, every drill): RTO (fault injection -> first of 10
+consecutive successful requests of the kinds the fault touches), requests, failed reads
+and writes, writes in flight at the fault, acknowledged writes of every kind (records in
+MariaDB, sessions in Redis, Slurm jobs) and how many of them are lost, duplicated or
+ghosts (each one is in the load's history with its time and the host that took it, and
+is read back after the drill), how many were acknowledged inside the fault window, what
+shows that the fault took effect, the Alertmanager alert that applies and its latency,
+and whether every target was met. A drill whose fault shows no effect fails.
 
 Faults are real: kill -9 of every process of a host (its PID namespace dies with them),
 kill -9 of one daemon with its Restart= held back, or a link cut at the VPC router.
@@ -32,20 +35,31 @@ from ..stack import _python, read_state, say, write_state
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: cwd of `python -m rehearsal.load`
 URL = f"https://{EIP_PUBLIC_IP}"
-ALL_KINDS = ("write", "session", "page", "record")
+ALL_KINDS = ("write", "snew", "session", "page", "record")
+WRITE_KINDS = ("write", "snew", "job")  # records, sessions, jobs: every acknowledged one is read back
+KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
+MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
+ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
+# Sessions an isolated or killed Redis master acknowledged but had not replicated:
+# min-replicas-max-lag (2 s, counted in whole seconds against once-a-second replica
+# acks) + 1 s, from the fault on; a session acknowledged up to 1 s before the fault may
+# still be in flight to the replicas when the master dies (asynchronous replication).
+SESSION_WINDOW_S = (-1.0, 3.0)
 
 # name -> (target RTO s or None, alert names that apply, RTO kinds)
 TARGETS: dict[str, dict[str, Any]] = {
-    "lb": {"rto": 5.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
+    "lb": {"rto": 3.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
     "app": {"rto": None, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
-    "redis": {"rto": 10.0, "alerts": ["RedisDown"], "kinds": ("session",)},
-    "galera": {"rto": 10.0, "alerts": ["ServerDown", "DatabaseDown", "GaleraClusterSize"], "kinds": ("write", "record")},
-    "slurm": {"rto": 40.0, "alerts": ["SlurmctldDown", "ServerDown"], "kinds": ALL_KINDS},
-    "az": {"rto": 15.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
+    "redis": {"rto": 5.0, "alerts": ["RedisDown"], "kinds": ("session", "snew")},
+    "galera": {"rto": 5.0, "alerts": ["ServerDown", "DatabaseDown", "GaleraClusterSize"], "kinds": ("write", "record")},
+    "slurm": {"rto": 30.0, "alerts": ["SlurmctldDown", "ServerDown"], "kinds": ALL_KINDS},
+    "az": {"rto": 10.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
 }
-ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore"]
+ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore",
+         "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
+         "partition-redis", "partition-galera", "partition-lb", "crash-burst", "ec2-api", "slurm-host"]
 SMOKE = ["lb", "redis", "galera"]
 
 
@@ -62,6 +76,10 @@ class Result:
     acked_writes: int = 0
     lost_writes: int = 0
     duplicates: int = 0
+    ghost_jobs: int = 0
+    per_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    acked_in_fault_window: int = 0
+    fault_effect: str | None = None  # what shows the fault took effect; None: it did not
     alert: str | None = None
     alert_latency_s: float | None = None
     passed: bool = False
@@ -69,6 +87,8 @@ class Result:
     notes: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
+    fault_window: tuple[float, float] | None = None  # (fault, end of fault) epoch seconds
+    min_in_window: int = MIN_IN_WINDOW
 
     def report(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +121,13 @@ class DrillBase:
         self.alert_checks_left = alert_checks  # None: every drill checks its alert
         self.deploy = json.loads((self.wd / "deploy.json").read_text())
         self._secrets: dict[str, str] = {}
+        self.effect: str | None = None  # what a drill's inject() observed of its fault
+
+    def killed(self, *hosts: str) -> None:
+        """After kill -9 of whole hosts: the effect when none of their processes is left."""
+        left = [h for h in hosts if H.alive(h)]
+        if not left:
+            self.effect = f"no process left on {', '.join(hosts)}"
 
     # ------------------------------------------------------------------ helpers
     def secret(self, name: str) -> str:
@@ -150,14 +177,7 @@ class DrillBase:
 
     @staticmethod
     def records(path: Path) -> list[tuple[float, float, str, bool, int, str]]:
-        out: list[tuple[float, float, str, bool, int, str]] = []
-        if not path.exists():
-            return out
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 6:
-                out.append((float(parts[0]), float(parts[1]), parts[2], parts[3] == "1", int(parts[4]), parts[5]))
-        return out
+        return [h[:6] for h in history(path)]  # type: ignore[misc]
 
     def wait_healthy(self, path: Path, kinds: tuple[str, ...] = ALL_KINDS, timeout: float = 120) -> bool:
         deadline = time.time() + timeout
@@ -213,28 +233,94 @@ class DrillBase:
             return {"error": cp.stdout[-300:] + cp.stderr[-300:]}
 
     def verify(self, path: Path, res: Result) -> None:
-        ids = [r[5] for r in self.records(path) if r[2] == "write" and r[3]]
+        """Read every acknowledged write of the history back: records (the portal's
+        read-back), sessions (each one's cookie), jobs (Slurm's squeue and sacct from an
+        app host, by request id); then cancel the load's jobs."""
+        hist = history(path)
+        ids = [h[5] for h in hist if h[2] == "write" and h[3]]
         ids_file = path.with_suffix(".acked")
         ids_file.write_text("\n".join(ids) + "\n")
+        kinds = res.per_kind = {k: {"acked": 0, "lost": 0, "duplicated": 0, "ghost": 0}
+                                for k in KIND_NAMES.values()}
+        kinds["records"]["acked"] = len(ids)
         doc = self.client_tool("verify", "--url", URL, "--ids", str(ids_file))
         if "error" in doc:
             res.notes.append(f"read-back failed: {doc['error']}")
-            res.lost_writes = len(ids)
+            kinds["records"]["lost"] = len(ids)
             res.checks["read_back"] = False
-            return
-        res.lost_writes = len(doc["missing"])
-        res.duplicates = int(doc["duplicates"])
-        if doc["missing"]:
-            res.notes.append(f"lost: {', '.join(doc['missing'][:5])}{' ...' if len(doc['missing']) > 5 else ''}")
+        else:
+            kinds["records"]["lost"] = len(doc["missing"])
+            kinds["records"]["duplicated"] = int(doc["duplicates"])
+            if doc["missing"]:
+                res.notes.append(f"lost: {', '.join(doc['missing'][:5])}{' ...' if len(doc['missing']) > 5 else ''}")
+        # sessions
+        sess = {h[5]: h[1] for h in hist if h[2] == "snew" and h[3] and h[5] != "-"}
+        kinds["sessions"]["acked"] = len(sess)
+        if sess:
+            sfile = path.with_suffix(".sessions")
+            sfile.write_text("\n".join(sess) + "\n")
+            sdoc = self.client_tool("sessions", "--url", URL, "--ids", str(sfile))
+            if "error" in sdoc:
+                res.notes.append(f"session read-back failed: {sdoc['error']}")
+                res.checks["read_back"] = False
+                kinds["sessions"]["lost"] = len(sess)
+            else:
+                gone = {sid: sess[sid] for sid in sdoc["missing"] if sid in sess}
+                inside, outside = split_window(gone, res.fault_window, SESSION_WINDOW_S)
+                kinds["sessions"]["lost"] = len(outside)
+                kinds["sessions"]["lost_in_window"] = len(inside)
+                if inside:
+                    res.notes.append(f"{len(inside)} sessions acknowledged inside the documented window "
+                                     f"{SESSION_WINDOW_S} s around the fault were lost")
+                if outside:
+                    res.notes.append(f"{len(outside)} sessions lost outside the window, e.g. {sorted(outside)[:3]}")
+        relost = sum(1 for h in hist if h[2] == "session" and h[7] == "lost")
+        if relost:
+            res.notes.append(f"{relost} session reads found their session gone")
+        # jobs
+        job_hist = [h for h in hist if h[2] == "job"]
+        if job_hist:
+            found = self.jobs_by_request_id()
+            if found is None:
+                res.notes.append("job read-back failed: neither squeue nor sacct answered")
+                res.checks["read_back"] = False
+                kinds["jobs"]["lost"] = len({h[5] for h in job_hist if h[3]})
+            else:
+                j = judge_jobs(job_hist, found)
+                kinds["jobs"].update(j)
+                self.cancel_jobs(sorted({x for rid in {h[5] for h in job_hist} for x in found.get(rid, set())}))
+        res.lost_writes = sum(k["lost"] for k in kinds.values())
+        res.duplicates = sum(k["duplicated"] for k in kinds.values())
+        res.ghost_jobs = kinds["jobs"]["ghost"]
+        res.acked_writes = sum(k["acked"] for k in kinds.values())
+        if res.fault_window:
+            a, b = res.fault_window
+            res.acked_in_fault_window = sum(1 for h in hist if h[2] in WRITE_KINDS and h[3] and a <= h[1] <= b)
+
+    def jobs_by_request_id(self) -> dict[str, set[str]] | None:
+        """request id (the job's comment) -> job ids, from squeue (every job slurmctld
+        holds) and sacct (every job accounting has), asked on an app host."""
+        app = self.layout.topo.role_hosts["app"][-1]
+        out: dict[str, set[str]] = {}
+        ok = False
+        for cmd, sep in (("squeue --noheader --states=all -o '%i|%k'", "|"),
+                         ("sacct --noheader --parsable2 --allusers --allocations --starttime=now-1days "
+                          "--format=JobID,Comment", "|")):
+            rc, text = self.run(app, cmd + " 2>/dev/null", timeout=60)
+            if rc != 0:
+                continue
+            ok = True
+            for job, comment in parse_jobs(text, sep):
+                out.setdefault(comment, set()).add(job)
+        return out if ok else None
+
+    def cancel_jobs(self, jobs: list[str]) -> None:
+        app = self.layout.topo.role_hosts["app"][-1]
+        for i in range(0, len(jobs), 200):
+            self.run(app, f"scancel {' '.join(jobs[i:i + 200])} 2>/dev/null", timeout=60)
 
     def tally(self, path: Path, t0: float, res: Result) -> None:
-        recs = self.records(path)
-        res.requests = len(recs)
-        res.failed_reads = sum(1 for r in recs if r[2] != "write" and not r[3])
-        res.failed_writes = sum(1 for r in recs if r[2] == "write" and not r[3])
-        res.in_flight_writes = sum(1 for r in recs if r[2] == "write" and r[0] < t0 <= r[1])
-        res.acked_writes = sum(1 for r in recs if r[2] == "write" and r[3])
-        res.errors = res.failed_reads + max(0, res.failed_writes - res.in_flight_writes)
+        tally(self.records(path), t0, res)
 
     def alerts(self) -> list[dict[str, Any]]:
         mon = self.layout.topo.role_hosts["monitoring"][0]
@@ -264,7 +350,7 @@ class DrillBase:
                 return
             self.alert_checks_left -= 1
         target = max(self.rule_for(n) for n in names) + 30
-        res.alert_target_s = target
+        res.alert_target_s = min(target, ALERT_TARGET_S)
         deadline = t0 + target * max(1.0, self.ceiling) + 15
         say(f"    waiting for alert {' or '.join(names)} (target {target:.0f}s)")
         while time.time() < deadline:
@@ -274,7 +360,7 @@ class DrillBase:
                     starts = a.get("startsAt", "")
                     res.alert = name
                     res.alert_latency_s = round(time.time() - t0, 1)
-                    res.checks["alert"] = res.alert_latency_s <= target * self.ceiling
+                    res.checks["alert"] = res.alert_latency_s <= min(target, ALERT_TARGET_S) * self.ceiling
                     res.notes.append(f"alert {name} {a.get('labels', {}).get('instance', '')} startsAt {starts}")
                     return
             time.sleep(3)
@@ -282,14 +368,7 @@ class DrillBase:
         res.notes.append(f"no {' or '.join(names)} alert within {target:.0f}s")
 
     def finish(self, res: Result, rto_target: float | None) -> Result:
-        res.target_rto_s = rto_target
-        if rto_target is not None:
-            res.checks["rto"] = res.rto_s is not None and res.rto_s <= rto_target * self.ceiling
-        res.checks["lost_writes"] = res.lost_writes == 0
-        res.checks["duplicates"] = res.duplicates == 0
-        res.checks["acked_writes"] = res.acked_writes >= MIN_ACKED
-        res.passed = all(res.checks.values())
-        return res
+        return finish(res, rto_target, self.ceiling)
 
     # ------------------------------------------------------------------ drills
     def drill(self, name: str) -> Result:
@@ -309,6 +388,7 @@ class DrillBase:
                     kinds: tuple[str, ...], rto_target: float | None, alert_names: list[str],
                     alert_match: Callable[[dict[str, Any]], bool], extra: Callable[[Result], None] | None = None) -> Result:
         res = Result(name)
+        self.effect = None
         with self.load(name) as (p, path):
             if not self.wait_healthy(path):
                 res.notes.append("the portal was not healthy before the fault")
@@ -319,6 +399,7 @@ class DrillBase:
                 t0 = time.time()
                 inject()
             # <<< browser
+            res.fault_window = (t0, t0)
             ceiling = max(60.0, (rto_target or 20.0) * 3 * max(1.0, self.ceiling))
             res.rto_s = self.rto(path, t0, kinds, ceiling) if kinds else None
             if res.rto_s is not None:
@@ -327,6 +408,8 @@ class DrillBase:
                 extra(res)
             if alert_names:
                 self.wait_alert(alert_names, t0, alert_match, res)
+            res.fault_window = (t0, time.time())
+            res.fault_effect = res.fault_effect or self.effect
             restore()
             self.finish_load(p, path)
             self.tally(path, t0, res)
@@ -350,6 +433,8 @@ class DrillBase:
 
     # ------------------------------------------------------------------ probes more than one family uses
     def galera_status(self, host: str) -> dict[str, str]:
+        if frozen(host):
+            return {}
         ip = self.layout.host(host).ip
         pw = self.secret("mariadb_root_password")
         rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e "
@@ -370,6 +455,132 @@ class DrillBase:
         return False
 
 
+History = tuple[float, float, str, bool, int, str, str, str]
+
+
+def history(path: Path) -> list[History]:
+    """The load's log: (start, end, kind, ok, status, request id, server, ref) per
+    request; lines of the older six-field format get "-" for server and ref."""
+    out: list[History] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        p = line.split()
+        if len(p) in (6, 8):
+            server, ref = (p[6], p[7]) if len(p) == 8 else ("-", "-")
+            out.append((float(p[0]), float(p[1]), p[2], p[3] == "1", int(p[4]), p[5], server, ref))
+    return out
+
+
+def tally(recs: list[tuple[float, float, str, bool, int, str]], t0: float, res: Result) -> None:
+    res.requests = len(recs)
+    res.failed_reads = sum(1 for r in recs if r[2] not in WRITE_KINDS and not r[3])
+    res.failed_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and not r[3])
+    res.in_flight_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and r[0] < t0 <= r[1])
+    res.acked_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and r[3])
+    res.errors = res.failed_reads + max(0, res.failed_writes - res.in_flight_writes)
+
+
+def split_window(acked_at: dict[str, float], window: tuple[float, float] | None,
+                 margin: tuple[float, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(inside, outside) of [fault + margin[0], fault + margin[1]] by acknowledgement time."""
+    if window is None:
+        return {}, dict(acked_at)
+    lo, hi = window[0] + margin[0], window[0] + margin[1]
+    inside = {k: t for k, t in acked_at.items() if lo <= t <= hi}
+    return inside, {k: t for k, t in acked_at.items() if k not in inside}
+
+
+def parse_jobs(text: str, sep: str = "|") -> list[tuple[str, str]]:
+    """(job id, comment) of squeue -o '%i|%k' or sacct --parsable2 JobID,Comment lines
+    (steps and array tasks reduced to their job; no comment: skipped)."""
+    out = []
+    for line in text.splitlines():
+        job, _, comment = line.strip().partition(sep)
+        job = job.split(".")[0]
+        comment = comment.strip()
+        if job.split("_")[0].isdigit() and comment and comment not in ("(null)", "N/A"):
+            out.append((job, comment))
+    return out
+
+
+def judge_jobs(job_hist: list[History], found: dict[str, set[str]]) -> dict[str, int]:
+    """Per request id of the load's job submissions: acknowledged (some attempt got a
+    job id), lost (acknowledged, Slurm has no job for it), duplicated (Slurm has more
+    than one job for it, or the id acknowledged is not the one Slurm holds), ghost (never
+    acknowledged, yet Slurm has a job for it)."""
+    acked: dict[str, str] = {}
+    tried: set[str] = set()
+    for h in job_hist:
+        tried.add(h[5])
+        if h[3] and h[7] != "-":
+            acked.setdefault(h[5], h[7])
+    out = {"acked": len(acked), "lost": 0, "duplicated": 0, "ghost": 0}
+    for rid in tried:
+        jobs = found.get(rid, set())
+        if rid in acked:
+            if not jobs:
+                out["lost"] += 1
+            elif len(jobs) > 1 or acked[rid] not in jobs:
+                out["duplicated"] += 1
+        elif jobs:
+            out["ghost"] += 1
+    return out
+
+
+def finish(res: Result, rto_target: float | None, ceiling: float = 1.0) -> Result:
+    """The checks every drill shares, then `passed`: the RTO, nothing acknowledged lost,
+    duplicated or ghost, enough acknowledged writes (records) overall and inside the
+    fault window, and a fault that took effect."""
+    res.target_rto_s = rto_target
+    if rto_target is not None:
+        res.checks["rto"] = res.rto_s is not None and res.rto_s <= rto_target * ceiling
+    res.checks["lost_writes"] = res.lost_writes == 0
+    res.checks["duplicates"] = res.duplicates == 0
+    res.checks["ghost_jobs"] = res.ghost_jobs == 0
+    acked_records = res.per_kind.get("records", {}).get("acked", res.acked_writes) if res.per_kind else res.acked_writes
+    res.checks["acked_writes"] = acked_records >= MIN_ACKED
+    if res.fault_window is not None:
+        res.checks["acked_in_fault_window"] = res.acked_in_fault_window >= res.min_in_window
+    res.checks["fault_effect"] = bool(res.fault_effect)
+    if not res.fault_effect:
+        res.notes.append("no sign that the fault took effect: the drill injected nothing")
+    res.passed = all(res.checks.values())
+    return res
+
+
+def settled_rto(res: Result, recs: list[tuple[float, float, str, bool, int, str]], kinds: tuple[str, ...],
+                target: float | None, ceiling: float = 1.0) -> None:
+    """For faults that fail only part of the traffic (a paused or cut node behind a
+    balancer, some clients on the wrong side): ten successes in a row come at once, so
+    the RTO is also at least the start of the last failed request of those kinds that
+    began inside the fault window (a request begun then still failed: the service was
+    not back; its end would add the client's own time-out). Updates rto_s and the rto
+    check."""
+    if res.fault_window is None or res.rto_s is None or not kinds:
+        return
+    t0, t1 = res.fault_window
+    fails = [r[0] for r in recs if r[2] in kinds and not r[3] and t0 <= r[0] <= t1]
+    if fails:
+        last = round(max(fails) - t0, 2)
+        if last > res.rto_s:
+            res.notes.append(f"RTO {res.rto_s}s by ten successes in a row; the last failed request began {last}s "
+                             "after the fault")
+            res.rto_s = last
+    if target is not None:
+        res.checks["rto"] = res.rto_s <= target * ceiling
+
+
+def frozen(host: str) -> bool:
+    """The host's processes are paused by the cgroup freezer (nothing can run inside)."""
+    from .. import container as C
+
+    try:
+        return (C.cgroup_dirs(host)["freezer"] / "freezer.state").read_text().strip() == "FROZEN"
+    except OSError:
+        return False
+
+
 def rto_of(recs: list[tuple[float, float, str, bool, int, str]], t0: float, run_length: int = 10) -> float | None:
     """First of `run_length` consecutive successes among requests started at or after t0
     (in start order): its start time minus t0. None while there is no such run."""
@@ -384,7 +595,8 @@ def rto_of(recs: list[tuple[float, float, str, bool, int, str]], t0: float, run_
 
 def write_report(path: Path, stack: str, results: list[Result], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     keys = ["name", "rto_s", "target_rto_s", "requests", "failed_reads", "failed_writes", "in_flight_writes", "errors",
-            "acked_writes", "lost_writes", "duplicates", "alert", "alert_latency_s", "passed"]
+            "acked_writes", "lost_writes", "duplicates", "ghost_jobs", "per_kind", "acked_in_fault_window",
+            "fault_effect", "alert", "alert_latency_s", "passed"]
     doc = {"stack": stack, "drills": [{**{k: getattr(r, k) for k in keys},
                                        "checks": r.checks, "notes": r.notes, "seconds": r.seconds} for r in results]}
     if extra:
@@ -394,17 +606,19 @@ def write_report(path: Path, stack: str, results: list[Result], extra: dict[str,
 
 
 def table(results: list[Result]) -> str:
-    head = f"{'drill':<12}{'RTO s':>8}{'target':>8}{'reqs':>7}{'f.read':>7}{'f.write':>8}{'inflt':>6}{'acked':>7}" \
-           f"{'lost':>6}{'dup':>5}  {'alert (latency s)':<28}{'result':>7}"
+    head = f"{'drill':<19}{'RTO s':>7}{'target':>7}{'reqs':>7}{'f.read':>7}{'f.write':>8}{'inflt':>6}{'acked':>7}" \
+           f"{'lost':>5}{'dup':>4}{'ghost':>6}{'in fw':>6}  {'alert (latency s)':<26}{'result':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         alert = f"{r.alert} ({r.alert_latency_s})" if r.alert else "-"
         rto = "-" if r.rto_s is None else f"{r.rto_s:.1f}"
         tgt = "-" if r.target_rto_s is None else f"{r.target_rto_s:.0f}"
-        lines.append(f"{r.name:<12}{rto:>8}{tgt:>8}{r.requests:>7}{r.failed_reads:>7}{r.failed_writes:>8}"
-                     f"{r.in_flight_writes:>6}{r.acked_writes:>7}{r.lost_writes:>6}{r.duplicates:>5}  {alert:<28}"
-                     f"{'PASS' if r.passed else 'FAIL':>7}")
+        lines.append(f"{r.name:<19}{rto:>7}{tgt:>7}{r.requests:>7}{r.failed_reads:>7}{r.failed_writes:>8}"
+                     f"{r.in_flight_writes:>6}{r.acked_writes:>7}{r.lost_writes:>5}{r.duplicates:>4}{r.ghost_jobs:>6}"
+                     f"{r.acked_in_fault_window:>6}  {alert:<26}{'PASS' if r.passed else 'FAIL':>7}")
+        if r.fault_effect:
+            lines.append(f"{'':<19}fault: {r.fault_effect[:100]}")
         failed = [k for k, v in r.checks.items() if not v]
         if failed:
-            lines.append(f"{'':<12}failed checks: {', '.join(failed)}")
+            lines.append(f"{'':<19}failed checks: {', '.join(failed)}")
     return "\n".join(lines)

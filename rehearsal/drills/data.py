@@ -13,14 +13,14 @@ from .. import hosts as H
 from .. import netns
 from ..awsd import ops_call
 from ..stack import read_state, say, write_state
-from .base import MIN_ACKED, TARGETS, DrillBase, Result, register
+from .base import MIN_ACKED, TARGETS, DrillBase, Result, frozen, register
 
 
 class DataDrills(DrillBase):
     def redis_master(self) -> str | None:
         pw = self.secret("redis_password")
         for n in self.layout.topo.role_hosts["data"]:
-            if not H.alive(n):
+            if not H.alive(n) or frozen(n):
                 continue
             ip = self.layout.host(n).ip
             rc, out = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} -p 26379 "
@@ -48,6 +48,7 @@ class DataDrills(DrillBase):
                 if m and m != master:
                     new_master["name"] = m
                     res.notes.append(f"Sentinel promoted {m}")
+                    res.fault_effect = f"redis-server on {master} killed; Sentinel promoted {m}"
                     break
                 time.sleep(1)
             res.checks["failover"] = bool(new_master.get("name"))
@@ -88,6 +89,7 @@ class DataDrills(DrillBase):
         def inject() -> None:
             say(f"    kill -9 every process of {writer} (the active Galera writer)")
             H.kill(writer)
+            self.killed(writer)
 
         def restore() -> None:
             self._reboot(writer)
@@ -134,6 +136,7 @@ class DataDrills(DrillBase):
             say(f"    kill -9 every process of {', '.join(data)} (the whole Galera cluster)")
             for n in data:
                 H.kill(n)
+            self.killed(*data)
 
         def restore_cluster(res: Result) -> None:
             st = read_state(self.wd)
@@ -190,9 +193,13 @@ class DataDrills(DrillBase):
             self.wait_healthy(path)
             time.sleep(5)
             t0 = time.time()
+            self.effect = None
             inject()
+            res.fault_effect = self.effect
             time.sleep(5)
             restore_cluster(res)
+            res.fault_window = (t0, time.time())
+            res.min_in_window = 0  # writes are refused while no node is Primary: that is the fault
             state["rto"] = self.rto(path, t0, ("write",), 120)
             res.rto_s = round(state["rto"], 1) if state["rto"] is not None else None
             self.finish_load(p, path)
@@ -253,6 +260,8 @@ class DataDrills(DrillBase):
         got = [ln.split("\t")[-1] for ln in after.strip().splitlines() if "\t" in ln or ln.strip().isdigit()]
         res.notes.append(f"source {norm}, restored {got}")
         res.checks["restored_equal"] = rc == 0 and bool(norm) and norm == got[:len(norm)]
+        if res.checks["restored_equal"]:
+            res.fault_effect = f"a fresh mariadbd on {fresh} holds what the backup of {node} held"
         res.lost_writes = 0
         res.checks["lost_writes"] = True
         return self.finish(res, None)

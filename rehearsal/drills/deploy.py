@@ -107,6 +107,9 @@ class DeployDrills(DrillBase):
             rc = rolling.execute(steps, run_step)
             res.checks["roll_completed"] = rc == 0
             res.notes.append(f"replaced {', '.join(replaced)}")
+            res.fault_window = (t0, time.time())
+            if replaced:
+                res.fault_effect = f"replaced {', '.join(replaced)}"
             self.finish_load(p, path)
             self.tally(path, t0, res)
         self.verify(path, res)

@@ -24,12 +24,17 @@ class LbNetworkDrills(DrillBase):
         def inject() -> None:
             say(f"    kill -9 every process of {active} (active LB: HAProxy + keepalived)")
             H.kill(active)
+            self.killed(active)
 
         def extra(res: Result) -> None:
             moved = self._eip_moved_after(res)
             if moved is not None:
                 res.notes.append(f"EIP moved to {self.host_by_ip(self.eip_target())} {moved:.2f}s after the fault")
                 res.checks["eip_moved"] = bool(other) and self.host_by_ip(self.eip_target()) in other
+                if res.checks["eip_moved"] and self.effect:
+                    res.fault_effect = f"{self.effect}; EIP moved to {self.host_by_ip(self.eip_target())}"
+            else:
+                res.checks["eip_moved"] = False
 
         def restore() -> None:
             self._reboot(active)
@@ -61,6 +66,7 @@ class LbNetworkDrills(DrillBase):
         def inject() -> None:
             say(f"    kill -9 every process of {victim} (a web/app host)")
             H.kill(victim)
+            self.killed(victim)
 
         def restore() -> None:
             self._reboot(victim)

@@ -28,6 +28,7 @@ class SiteDrills(DrillBase):
                 netns.set_link(self.layout, v, False)
             for v in victims:
                 H.kill(v)
+            self.killed(*victims)
 
         def restore() -> None:
             for v in victims:

@@ -84,6 +84,7 @@ class SlurmDrills(DrillBase):
                 if ok and queued <= seen and "is UP" in ping.split("backup")[-1]:
                     state["control"] = time.time() - state["t0"]
                     res.notes.append(f"backup in control after {state['control']:.1f}s, queued jobs intact: {len(queued)}")
+                    res.fault_effect = f"slurmctld on {primary} killed; {backup} in control"
                     break
                 time.sleep(1)
             res.rto_s = round(state["control"], 1) if "control" in state else None
@@ -146,6 +147,7 @@ class SlurmDrills(DrillBase):
         res.checks["no_job_record_lost"] = not lost
         res.notes.append(f"after the primary's return: primary UP {back}; job records lost: {len(lost)} of {len(jobs)}"
                          + (f" ({', '.join(lost)})" if lost else ""))
+        res.checks["fault_effect"] = bool(res.fault_effect)
         res.passed = all(res.checks.values())
         self.run(client, f"scancel {' '.join(sorted(jobs))} 2>/dev/null", timeout=30)
         return res

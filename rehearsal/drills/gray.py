@@ -1,0 +1,369 @@
+"""Gray failures: a whole host paused (every process frozen by the cgroup freezer, its
+kernel still completing TCP handshakes and its peers seeing silence) for longer than its
+tier's detection, then thawed; and pauses and stalls shorter than detection, which must
+cause no failover.
+
+After each thaw the drill checks what must hold with a node that came back "alive":
+one VRRP MASTER and it holds the Elastic IP, one Redis master, one Galera writer behind
+every DB writer HAProxy, one slurmctld in control (the paused primary fenced by the
+backup's SlurmctldPrimaryOnProg through EC2 StopInstances: the rehearsal's hypervisor,
+this drill, ends a stopped instance's processes as EC2 would).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import hosts as H
+from ..awsd import ops_call
+from ..stack import say
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, register, settled_rto
+
+# Detection of each tier (the templates' settings) and how long a freeze outlasts it.
+DETECT_S = {
+    "lb": 1.8,      # VRRPv3 advert_int 0.5: 3 missed adverts + skew
+    "redis": 2.0,   # Sentinel down-after-milliseconds 2000
+    "galera": 2.0,  # the DB writer's check: inter 1s fall 2 (evs.suspect_timeout PT3S behind it)
+    "app": 2.0,     # the LB's HAProxy check of a web/app host
+}
+FREEZE_S = {"lb": 10.0, "redis": 12.0, "galera": 15.0, "app": 10.0}
+SLURM_FREEZE_MAX_S = 120.0  # the primary stays paused until fenced, or this long
+SETTLE_S = 45.0  # after a thaw: how long the invariants may take to hold again
+SHORT_PAUSE = 0.7  # no-false-failover: a pause of this fraction of the detection time
+
+
+def freeze(host: str) -> None:
+    H.freeze(host)
+
+
+def thaw(host: str) -> None:
+    if frozen(host):
+        H.thaw(host)
+
+
+def one_master_holding(states: dict[str, str], eip_holder: str | None) -> bool:
+    """Exactly one load balancer in VRRP state MASTER, and the Elastic IP on it."""
+    masters = [h for h, s in states.items() if s == "MASTER"]
+    return len(masters) == 1 and masters[0] == eip_holder
+
+
+def single_redis_master(roles: dict[str, str]) -> bool:
+    return sum(1 for r in roles.values() if r == "master") == 1
+
+
+def haproxy_active(stat_csv: str, backend: str = "galera_writer") -> str | None:
+    """The server HAProxy sends a backend's connections to: the first UP active server,
+    else the first UP backup (one writer: `backup` servers and no allbackups)."""
+    head: list[str] = []
+    rows: list[dict[str, str]] = []
+    for line in stat_csv.splitlines():
+        if line.startswith("# "):
+            head = line[2:].split(",")
+        elif head and line.strip():
+            rows.append(dict(zip(head, line.split(","), strict=False)))
+    servers = [r for r in rows if r.get("pxname") == backend and r.get("svname") not in ("FRONTEND", "BACKEND")]
+    up = [r for r in servers if r.get("status", "").startswith("UP")]
+    for want_backup in ("0", "1"):
+        for r in up:
+            if r.get("bck") == want_backup:
+                return r.get("svname")
+    return None
+
+
+def slow_jobs(hist: list[Any], window: tuple[float, float], limit: float) -> list[str]:
+    """Job request ids first tried inside the window and not acknowledged within `limit`
+    seconds of that first try."""
+    first: dict[str, float] = {}
+    acked: dict[str, float] = {}
+    for h in hist:
+        if h[2] != "job":
+            continue
+        first.setdefault(h[5], h[0])
+        if h[3]:
+            acked.setdefault(h[5], h[1])
+    return sorted(rid for rid, t in first.items()
+                  if window[0] <= t <= window[1] and (rid not in acked or acked[rid] - t > limit))
+
+
+class GrayDrills(DrillBase):
+    # ------------------------------------------------------------------ probes
+    def vrrp_states(self) -> dict[str, str]:
+        out = {}
+        for lb in self.layout.topo.role_hosts["lb"]:
+            if not H.alive(lb) or frozen(lb):
+                out[lb] = "DOWN"
+                continue
+            rc, text = self.run(lb, "cat /run/hpc/vrrp-state 2>/dev/null || echo UNKNOWN", timeout=10)
+            out[lb] = text.strip() or "UNKNOWN"
+        return out
+
+    def redis_roles(self) -> dict[str, str]:
+        pw = self.secret("redis_password")
+        out = {}
+        for n in self.layout.topo.role_hosts["data"]:
+            if not H.alive(n) or frozen(n):
+                continue
+            ip = self.layout.host(n).ip
+            rc, text = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} role | head -1", timeout=10)
+            out[n] = text.strip() if rc == 0 else "error"
+        return out
+
+    def db_clients(self) -> list[str]:
+        return [n for n, h in self.deploy["hosts"].items() if "/etc/haproxy/dbwriter.cfg" in h.get("files", [])]
+
+    def writers_seen(self) -> dict[str, str | None]:
+        """Per DB client: the Galera node its writer HAProxy sends connections to."""
+        out: dict[str, str | None] = {}
+        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/hpc-dbwriter/admin.sock');"
+                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
+                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
+        for c in self.db_clients():
+            if not H.alive(c) or frozen(c):
+                continue
+            rc, text = self.run(c, probe, timeout=15)
+            out[c] = haproxy_active(text) if rc == 0 else None
+        return out
+
+    def instance_state(self, host: str) -> str:
+        iid = self.deploy["hosts"][host]["instance_id"]
+        r = ops_call(self.wd, "ec2", "describe_instances", InstanceIds=[iid])
+        return str(r["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+    def settle(self, cond: Callable[[], bool], timeout: float = SETTLE_S) -> float | None:
+        t = time.time()
+        while time.time() - t < timeout:
+            if cond():
+                return round(time.time() - t, 1)
+            time.sleep(1)
+        return None
+
+    # ------------------------------------------------------------------ the drill shape
+    def _freeze(self, name: str, host: str, hold_s: float, kinds: tuple[str, ...], rto: float | None,
+                after_thaw: Callable[[Result], None], while_frozen: Callable[[Result, float], bool] | None = None
+                ) -> Result:
+        """Freeze `host` under load, hold it `hold_s` (or until while_frozen says the
+        freeze is over: fenced), thaw, then after_thaw's checks."""
+        state: dict[str, float] = {}
+
+        def inject() -> None:
+            say(f"    freeze every process of {host} (cgroup freezer) for {hold_s:.0f}s")
+            state["t0"] = time.time()
+            freeze(host)
+            if frozen(host):
+                self.effect = f"{host} FROZEN"
+
+        def extra(res: Result) -> None:
+            t0 = state["t0"]
+            ended_early = False
+            while time.time() < t0 + hold_s:
+                if while_frozen is not None and while_frozen(res, t0):
+                    ended_early = True
+                    break
+                if not frozen(host):
+                    res.notes.append(f"{host} was thawed early, {time.time() - t0:.1f}s after the freeze")
+                    break
+                time.sleep(0.5)
+            held = ended_early or frozen(host)
+            res.checks["freeze_held"] = held
+            if held and res.fault_effect is None and self.effect:
+                res.fault_effect = f"{self.effect} {time.time() - t0:.1f}s"
+            thaw(host)
+            res.notes.append(f"thawed {host} {time.time() - t0:.1f}s after the freeze")
+            after_thaw(res)
+
+        try:
+            res = self._under_load(name, inject, lambda: thaw(host), kinds, rto, [], lambda a: False, extra)
+        finally:
+            thaw(host)
+        settled_rto(res, self.records(self.out_dir / f"load-{name}.log"), kinds, rto, self.ceiling)
+        return res
+
+    # ------------------------------------------------------------------ drills
+    @register("freeze-lb")
+    def drill_freeze_lb(self) -> Result:
+        active = self.host_by_ip(self.eip_target())
+        if active is None:
+            raise RuntimeError("the Elastic IP is not associated")
+
+        def after(res: Result) -> None:
+            moved = self.host_by_ip(self.eip_target())
+            res.notes.append(f"EIP on {moved} before the settle")
+            if moved != active and res.fault_effect:
+                res.fault_effect += f"; EIP moved to {moved}"
+            t = self.settle(lambda: one_master_holding(self.vrrp_states(), self.host_by_ip(self.eip_target())))
+            res.checks["one_master_holds_eip"] = t is not None
+            res.notes.append(f"after the thaw: VRRP {self.vrrp_states()}, EIP on {self.host_by_ip(self.eip_target())}"
+                             f"{'' if t is None else f' (settled in {t}s)'}")
+
+        res = self._freeze("freeze-lb", active, FREEZE_S["lb"], ALL_KINDS, TARGETS["lb"]["rto"], after)
+        res.checks["eip_moved"] = "EIP moved" in (res.fault_effect or "")
+        return self._repass(res)
+
+    @register("freeze-redis")
+    def drill_freeze_redis(self) -> Result:
+        from .data import DataDrills
+
+        master = DataDrills.redis_master(self)  # type: ignore[arg-type]
+        if master is None:
+            raise RuntimeError("no Redis master known to the sentinels")
+
+        def while_frozen(res: Result, t0: float) -> bool:
+            if "promoted" not in (res.fault_effect or ""):
+                m = DataDrills.redis_master(self)  # type: ignore[arg-type]
+                if m and m != master:
+                    res.fault_effect = f"{master} FROZEN; Sentinel promoted {m} {time.time() - t0:.1f}s after"
+            return False
+
+        def after(res: Result) -> None:
+            t = self.settle(lambda: single_redis_master(self.redis_roles()) and
+                            self.redis_roles().get(master) == "slave")
+            res.checks["one_redis_master"] = t is not None
+            res.notes.append(f"after the thaw: roles {self.redis_roles()}")
+
+        res = self._freeze("freeze-redis", master, FREEZE_S["redis"], TARGETS["redis"]["kinds"],
+                           TARGETS["redis"]["rto"], after, while_frozen)
+        res.checks["failover"] = "promoted" in (res.fault_effect or "")
+        return self._repass(res)
+
+    @register("freeze-galera")
+    def drill_freeze_galera(self) -> Result:
+        from .data import DataDrills
+
+        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        data = self.layout.topo.role_hosts["data"]
+
+        def while_frozen(res: Result, t0: float) -> bool:
+            if "writer now" not in (res.fault_effect or ""):
+                seen = {w for w in self.writers_seen().values() if w}
+                if seen and writer not in " ".join(seen):
+                    res.fault_effect = f"{writer} FROZEN; writer now {sorted(seen)} {time.time() - t0:.1f}s after"
+            return False
+
+        def after(res: Result) -> None:
+            synced = all(self.wait_synced(n, len(data), 240) for n in data)
+            res.checks["cluster_synced"] = synced
+            t = self.settle(lambda: len(set(self.writers_seen().values())) == 1
+                            and None not in self.writers_seen().values())
+            res.checks["one_writer_behind_every_dbwriter"] = t is not None
+            res.notes.append(f"after the thaw: writers {self.writers_seen()}")
+
+        res = self._freeze("freeze-galera", writer, FREEZE_S["galera"], TARGETS["galera"]["kinds"],
+                           TARGETS["galera"]["rto"], after, while_frozen)
+        res.checks["writer_moved"] = "writer now" in (res.fault_effect or "")
+        return self._repass(res)
+
+    @register("freeze-app")
+    def drill_freeze_app(self) -> Result:
+        victim = self.layout.topo.role_hosts["app"][0]
+
+        def after(res: Result) -> None:
+            pass  # its return to service is judged from the history below
+
+        res = self._freeze("freeze-app", victim, FREEZE_S["app"], ALL_KINDS, TARGETS["lb"]["rto"], after)
+        hist = history(self.out_dir / "load-freeze-app.log")
+        served = {h[6] for h in hist if res.fault_window and h[3] and h[1] > res.fault_window[1] + 10}
+        res.checks["app_back_in_service"] = victim in served
+        res.notes.append(f"answered after the thaw: {sorted(served)}")
+        return self._repass(res)
+
+    @register("freeze-slurm")
+    def drill_freeze_slurm(self) -> Result:
+        ctl = self.layout.topo.role_hosts["slurm"]
+        primary, backup = ctl[0], ctl[1]
+        client = self.layout.topo.role_hosts["app"][-1]
+        fenced: dict[str, float] = {}
+
+        def while_frozen(res: Result, t0: float) -> bool:
+            st = self.instance_state(primary)
+            if st in ("stopping", "stopped"):
+                # EC2 stopped the instance (Force): its processes end, as on a hypervisor.
+                H.kill(primary)
+                fenced["t"] = time.time() - t0
+                res.fault_effect = (f"{primary} FROZEN; fenced by {backup}'s hpc-slurm-fence (EC2 {st}) "
+                                    f"{fenced['t']:.1f}s after the freeze")
+                return True
+            return False
+
+        def after(res: Result) -> None:
+            res.checks["fenced"] = "t" in fenced
+            rc, ping = self.run(client, "scontrol ping", timeout=30)
+            res.notes.append(f"scontrol ping: {' / '.join(ping.strip().splitlines())}")
+            up = [line for line in ping.splitlines() if "is UP" in line]
+            res.checks["one_slurmctld_in_control"] = len(up) == 1 and backup in up[0]
+
+        def reboot_fenced() -> None:
+            if "t" in fenced:  # the operator's restart of a fenced controller (docs/slurm-cutover.md)
+                iid = self.deploy["hosts"][primary]["instance_id"]
+                ops_call(self.wd, "ec2", "start_instances", InstanceIds=[iid])
+                self._reboot(primary, ["slurmctld.service"])
+
+        res = self._freeze("freeze-slurm", primary, SLURM_FREEZE_MAX_S, (), None, after, while_frozen)
+        hist = history(self.out_dir / "load-freeze-slurm.log")
+        if res.fault_window:
+            slow = slow_jobs(hist, res.fault_window, TARGETS["slurm"]["rto"] * self.ceiling)
+            res.checks["jobs_within_slurm_rto"] = not slow
+            if slow:
+                res.notes.append(f"{len(slow)} job submissions during the freeze not acknowledged within "
+                                 f"{TARGETS['slurm']['rto']:.0f}s: {slow[:3]}")
+        res.rto_s = round(fenced["t"], 1) if "t" in fenced else None
+        res.target_rto_s = TARGETS["slurm"]["rto"]
+        res.checks["rto"] = res.rto_s is not None and res.rto_s <= TARGETS["slurm"]["rto"] * self.ceiling
+        reboot_fenced()
+        return self._repass(res)
+
+    @register("no-false-failover")
+    def drill_no_false_failover(self) -> Result:
+        """Pauses of 0.7x each tier's detection (LB, Redis master, Galera writer) and a
+        Redis BGSAVE + AOF rewrite under load: no failover anywhere."""
+        from .data import DataDrills
+
+        eip = self.host_by_ip(self.eip_target())
+        master = DataDrills.redis_master(self)  # type: ignore[arg-type]
+        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        if eip is None or master is None:
+            raise RuntimeError("no EIP holder or no Redis master")
+        before = {"eip": eip, "redis": master, "writers": self.writers_seen()}
+        paused: list[str] = []
+
+        def inject() -> None:
+            for tier, host in (("lb", eip), ("redis", master), ("galera", writer)):
+                pause = SHORT_PAUSE * DETECT_S[tier]
+                say(f"    pause {host} ({tier}) for {pause:.2f}s")
+                freeze(host)
+                ok = frozen(host)
+                time.sleep(pause)
+                thaw(host)
+                if ok:
+                    paused.append(f"{host} {pause:.2f}s")
+                time.sleep(6)
+            pw = self.secret("redis_password")
+            ip = self.layout.host(master).ip
+            rc, out = self.run(master, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} bgsave; "
+                                       f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} bgrewriteaof", timeout=20)
+            if rc == 0 and paused:
+                self.effect = f"paused {', '.join(paused)}; BGSAVE + BGREWRITEAOF on {master}: {' '.join(out.split())}"
+
+        def extra(res: Result) -> None:
+            time.sleep(10)  # detection + failover would show by now
+            after = {"eip": self.host_by_ip(self.eip_target()), "redis": DataDrills.redis_master(self),  # type: ignore[arg-type]
+                     "writers": self.writers_seen()}
+            res.checks["no_eip_move"] = after["eip"] == before["eip"]
+            res.checks["no_redis_failover"] = after["redis"] == before["redis"]
+            res.checks["no_writer_change"] = after["writers"] == before["writers"]
+            res.notes.append(f"before {before}; after {after}")
+
+        try:
+            res = self._under_load("no-false-failover", inject, lambda: None, (), None, [], lambda a: False, extra)
+        finally:
+            for h in (eip, master, writer):
+                thaw(h)
+        res.notes.append("no RTO: nothing may fail over")
+        return self._repass(res)
+
+    @staticmethod
+    def _repass(res: Result) -> Result:
+        res.checks["fault_effect"] = bool(res.fault_effect)
+        res.passed = all(res.checks.values())
+        return res

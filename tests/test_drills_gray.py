@@ -1,0 +1,129 @@
+"""The freeze drills and the no-false-failover drill, without a rehearsal: the host
+operations (freezer, EC2, probes) are fakes that record what the drill did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rehearsal.drills import gray
+from rehearsal.drills.base import Result, finish
+
+STAT = """# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,act,bck
+galera_writer,FRONTEND,,,0,0,4000,0,0,0,0,0,0,,,,,OPEN,,,
+galera_writer,data-1,0,0,0,0,,0,0,0,,0,,0,0,0,0,{s1},1,1,0
+galera_writer,data-2,0,0,0,0,,0,0,0,,0,,0,0,0,0,{s2},1,0,1
+galera_writer,data-3,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,0,1
+galera_writer,BACKEND,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,2
+"""
+
+
+def test_the_writer_is_the_first_up_active_else_the_first_up_backup() -> None:
+    assert gray.haproxy_active(STAT.format(s1="UP", s2="UP")) == "data-1"
+    assert gray.haproxy_active(STAT.format(s1="DOWN", s2="UP")) == "data-2"
+    assert gray.haproxy_active(STAT.format(s1="DOWN 1/2", s2="DOWN")) == "data-3"
+    assert gray.haproxy_active("") is None
+
+
+def test_one_master_and_it_holds_the_eip() -> None:
+    assert gray.one_master_holding({"lb-1": "MASTER", "lb-2": "BACKUP"}, "lb-1")
+    assert not gray.one_master_holding({"lb-1": "MASTER", "lb-2": "BACKUP"}, "lb-2")  # the healed-cut case
+    assert not gray.one_master_holding({"lb-1": "MASTER", "lb-2": "MASTER"}, "lb-1")
+    assert gray.single_redis_master({"a": "master", "b": "slave", "c": "slave"})
+    assert not gray.single_redis_master({"a": "master", "b": "master", "c": "slave"})
+
+
+def test_job_submissions_during_the_freeze_are_judged_from_their_first_try() -> None:
+    def h(t0: float, t1: float, rid: str, ok: bool) -> tuple[Any, ...]:
+        return (t0, t1, "job", ok, 200 if ok else 503, rid, "app-1", "1" if ok else "-")
+
+    hist = [h(100, 105, "quick", False), h(106, 120, "quick", True),   # 20 s after its first try
+            h(110, 145, "slow", True),                                  # 35 s
+            h(115, 116, "never", False),
+            h(50, 51, "before", False), h(52, 200, "before", True)]     # first try before the window
+    assert gray.slow_jobs(hist, (100.0, 130.0), 30.0) == ["never", "slow"]
+
+
+class FakeDrill(gray.GrayDrills):
+    """GrayDrills with every host operation replaced; _under_load runs inject, extra
+    and restore in order, as the real one does around the load."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.out_dir = tmp
+        self.ceiling = 1.0
+        self.effect = None
+        self.calls: list[str] = []
+        self.frozen: set[str] = set()
+        self.eip = "lb-1"
+        self.vrrp = {"lb-1": "MASTER", "lb-2": "BACKUP"}
+
+    def _under_load(self, name: str, inject: Any, restore: Any, kinds: Any, rto: Any, alerts: Any, match: Any,
+                    extra: Any = None) -> Result:
+        res = Result(name)
+        inject()
+        res.rto_s = 1.0
+        res.fault_window = (0.0, 1.0)
+        if extra:
+            extra(res)
+        res.fault_effect = res.fault_effect or self.effect
+        restore()
+        res.acked_in_fault_window = 50
+        res.per_kind = {"records": {"acked": 600}}
+        return finish(res, rto)
+
+    def host_by_ip(self, ip: str | None) -> str | None:
+        return ip
+
+    def eip_target(self) -> str | None:
+        return self.eip
+
+    def vrrp_states(self) -> dict[str, str]:
+        return dict(self.vrrp)
+
+    def settle(self, cond: Any, timeout: float = 0) -> float | None:
+        return 0.0 if cond() else None
+
+
+@pytest.fixture
+def drill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDrill:
+    d = FakeDrill(tmp_path)
+    monkeypatch.setattr(gray, "FREEZE_S", {k: 0.01 for k in gray.FREEZE_S})
+
+    def freeze(h: str) -> None:
+        d.calls.append(f"freeze {h}")
+        d.frozen.add(h)
+        if h == "lb-1":  # the peer takes over while lb-1 is paused
+            d.eip = "lb-2"
+
+    def thaw(h: str) -> None:
+        if h in d.frozen:
+            d.calls.append(f"thaw {h}")
+        d.frozen.discard(h)
+
+    monkeypatch.setattr(gray, "freeze", freeze)
+    monkeypatch.setattr(gray, "thaw", thaw)
+    monkeypatch.setattr(gray, "frozen", lambda h: h in d.frozen)
+    return d
+
+
+def test_freeze_lb_freezes_the_eip_holder_thaws_it_and_demands_one_master_holding_the_eip(drill: FakeDrill) -> None:
+    res = drill.drill_freeze_lb()
+    assert drill.calls == ["freeze lb-1", "thaw lb-1"]
+    assert res.fault_effect and "lb-1 FROZEN" in res.fault_effect and "EIP moved to lb-2" in res.fault_effect
+    # lb-1 came back MASTER without a transition; the address stayed on lb-2: that fails
+    assert res.checks["one_master_holds_eip"] is False and not res.passed
+
+
+def test_freeze_lb_passes_when_the_master_holds_the_eip_after_the_thaw(drill: FakeDrill) -> None:
+    drill.vrrp = {"lb-1": "BACKUP", "lb-2": "MASTER"}
+    res = drill.drill_freeze_lb()
+    assert res.checks["one_master_holds_eip"] and res.checks["eip_moved"] and res.passed, res
+
+
+def test_a_freeze_that_did_not_hold_fails(drill: FakeDrill, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gray, "frozen", lambda h: False)  # the freezer never said FROZEN
+    drill.vrrp = {"lb-1": "BACKUP", "lb-2": "MASTER"}
+    res = drill.drill_freeze_lb()
+    assert res.checks["freeze_held"] is False and res.checks["fault_effect"] is False and not res.passed

@@ -1,0 +1,147 @@
+"""The common report of every drill: the load's history, the read-back's judgement of
+records, sessions and jobs, the fault window, and the checks every drill shares (no
+rehearsal here: the history and Slurm's answers are written by hand)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rehearsal import load
+from rehearsal.drills import ORDER, TARGETS, Result, table, write_report
+from rehearsal.drills.base import (
+    MIN_ACKED,
+    REGISTRY,
+    SESSION_WINDOW_S,
+    finish,
+    history,
+    judge_jobs,
+    parse_jobs,
+    split_window,
+    tally,
+)
+
+SCHEMA = ["name", "rto_s", "target_rto_s", "requests", "failed_reads", "failed_writes", "in_flight_writes", "errors",
+          "acked_writes", "lost_writes", "duplicates", "ghost_jobs", "per_kind", "acked_in_fault_window",
+          "fault_effect", "alert", "alert_latency_s", "passed", "checks", "notes"]
+
+
+def test_the_registry_is_exactly_the_order() -> None:
+    assert sorted(REGISTRY) == sorted(ORDER) and len(set(ORDER)) == len(ORDER)
+
+
+def test_targets_are_the_raised_ones() -> None:
+    assert {k: TARGETS[k]["rto"] for k in ("lb", "redis", "galera", "az", "slurm")} == \
+        {"lb": 3.0, "redis": 5.0, "galera": 5.0, "az": 10.0, "slurm": 30.0}
+
+
+def test_history_reads_both_line_formats_and_the_load_writes_the_new_one(tmp_path: Path) -> None:
+    f = tmp_path / "load.log"
+    f.write_text("1.000 1.100 write 1 200 rh-a\n"
+                 + load.line(2.0, 2.5, "job", True, 200, "rh-job-1", "app-1", "42")
+                 + load.line(3.0, 3.5, "snew", False, 0, "", "", "")
+                 + "garbage\n")
+    h = history(f)
+    assert h[0] == (1.0, 1.1, "write", True, 200, "rh-a", "-", "-")
+    assert h[1] == (2.0, 2.5, "job", True, 200, "rh-job-1", "app-1", "42")
+    assert h[2][2:] == ("snew", False, 0, "-", "-", "-")
+    assert len(h) == 3
+    assert len(load.line(0, 1, "page", True, 200, "a b", "x\ty", "").split()) == 8  # blanks never split a field
+
+
+def test_tally_counts_every_writing_kind() -> None:
+    recs = [(0.0, 11.0, "write", False, 0, "a"), (12.0, 12.1, "snew", True, 200, "s"),
+            (12.0, 12.1, "job", False, 503, "j"), (12.0, 12.1, "page", False, 0, "-"),
+            (12.0, 12.1, "write", True, 200, "b")]
+    res = Result("x")
+    tally(recs, 10.0, res)
+    assert (res.requests, res.failed_reads, res.failed_writes, res.in_flight_writes, res.acked_writes) == (5, 1, 2, 1, 2)
+    assert res.errors == 1 + (2 - 1)
+
+
+def test_sessions_are_judged_against_the_window_around_the_fault() -> None:
+    fault = 100.0
+    lost = {"before": fault - 5, "just-before": fault - 0.5, "during": fault + 2.9, "after": fault + 10}
+    inside, outside = split_window(lost, (fault, fault + 30), SESSION_WINDOW_S)
+    assert set(inside) == {"just-before", "during"} and set(outside) == {"before", "after"}
+    assert split_window(lost, None, SESSION_WINDOW_S) == ({}, lost)
+
+
+def test_parse_jobs_reads_squeue_and_sacct() -> None:
+    text = "101|rh-job-a\n102|(null)\n103.batch|rh-job-b\n104_3|rh-job-c\nJOBID|COMMENT\n105|\n"
+    assert parse_jobs(text) == [("101", "rh-job-a"), ("103", "rh-job-b"), ("104_3", "rh-job-c")]
+
+
+def H(rid: str, ok: bool, job: str = "-") -> tuple[float, float, str, bool, int, str, str, str]:
+    return (1.0, 2.0, "job", ok, 200 if ok else 503, rid, "app-1", job)
+
+
+def test_jobs_acked_lost_duplicated_ghost() -> None:
+    hist = [H("fine", False), H("fine", True, "1"),   # a retry found or made exactly one job
+            H("lost", True, "2"),                      # acknowledged, Slurm has nothing
+            H("dup", True, "3"),                       # two jobs for one request id
+            H("ghost", False), H("ghost", False),      # never acknowledged, yet a job exists
+            H("never", False)]                         # never acknowledged, no job: a clean failure
+    found = {"fine": {"1"}, "dup": {"3", "4"}, "ghost": {"5"}}
+    assert judge_jobs(hist, found) == {"acked": 3, "lost": 1, "duplicated": 1, "ghost": 1}
+    # the id the client was given is not the one Slurm holds: a duplicate it cannot see
+    assert judge_jobs([H("x", True, "7")], {"x": {"8"}})["duplicated"] == 1
+
+
+def _good(**kw: object) -> Result:
+    r = Result("d", rto_s=1.0, fault_effect="killed", fault_window=(0.0, 10.0), acked_in_fault_window=50,
+               per_kind={"records": {"acked": MIN_ACKED}})
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_finish_passes_a_drill_that_meets_everything() -> None:
+    assert finish(_good(), 3.0).passed
+
+
+@pytest.mark.parametrize("kw,check", [
+    ({"fault_effect": None}, "fault_effect"),
+    ({"acked_in_fault_window": 3}, "acked_in_fault_window"),
+    ({"lost_writes": 1}, "lost_writes"),
+    ({"duplicates": 1}, "duplicates"),
+    ({"ghost_jobs": 1}, "ghost_jobs"),
+    ({"rto_s": 3.5}, "rto"),
+    ({"rto_s": None}, "rto"),
+    ({"per_kind": {"records": {"acked": MIN_ACKED - 1}}}, "acked_writes"),
+])
+def test_finish_fails_on_each_shortfall(kw: dict[str, object], check: str) -> None:
+    r = finish(_good(**kw), 3.0)
+    assert not r.passed and r.checks[check] is False
+
+
+def test_the_ceiling_widens_only_the_rto() -> None:
+    assert finish(_good(rto_s=8.0), 3.0, ceiling=3.0).passed
+    assert not finish(_good(rto_s=8.0, fault_effect=None), 3.0, ceiling=3.0).passed
+
+
+def test_report_has_the_common_schema(tmp_path: Path) -> None:
+    r = finish(_good(), 3.0)
+    doc = write_report(tmp_path / "r.json", "prod", [r])
+    d = json.loads((tmp_path / "r.json").read_text())["drills"][0]
+    assert [k for k in SCHEMA if k not in d] == [] and doc["drills"][0]["fault_effect"] == "killed"
+    assert "PASS" in table([r]) and "fault: killed" in table([r])
+
+
+def test_a_partial_outage_counts_until_its_last_failure() -> None:
+    from rehearsal.drills.base import settled_rto
+
+    res = Result("p", rto_s=0.1, fault_window=(100.0, 130.0))
+    recs = [(100.5, 101.0, "session", True, 200, "-")] * 10 + [
+        (104.0, 107.0, "session", False, 0, "-"),   # a request stuck on the cut side
+        (120.0, 121.0, "page", False, 0, "-"),      # a kind the fault does not touch
+        (140.0, 141.0, "session", False, 0, "-")]   # after the fault window
+    settled_rto(res, recs, ("session",), 5.0)
+    assert res.rto_s == 4.0 and res.checks["rto"] is True  # began 4 s after the fault (its end is the time-out)
+    settled_rto(res, recs + [(106.0, 106.5, "session", False, 503, "-")], ("session",), 5.0)
+    assert res.rto_s == 6.0 and res.checks["rto"] is False
+    res = Result("p", rto_s=2.0, fault_window=(100.0, 130.0))
+    settled_rto(res, [(100.5, 101.0, "session", False, 0, "-")], ("session",), 5.0)
+    assert res.rto_s == 2.0 and res.checks["rto"] is True
