@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +120,7 @@ class TinyImds:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.fail_next = 0
         self.put_status = 200
+        self.latency_s = 0.0  # every answer this late (a slow IMDS under load)
         imds = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -126,6 +128,7 @@ class TinyImds:
                 pass
 
             def _send(self, code: int, body: str = "") -> None:
+                time.sleep(imds.latency_s)
                 imds.requests.append((self.command, self.path, code))
                 data = body.encode()
                 self.send_response(code)
@@ -557,3 +560,15 @@ def test_galera_claim_survives_a_20s_throttle_without_botocore_retries(fake_aws:
         tally.check(galera.claim_bootstrap(ssm, "/g/marker-3", "data-1") is True)
         tally.check(f.sends["PutParameter"] == f.faults["PutParameter"] + 1 <= 5, f.sends)  # one send per attempt
         tally.check(clock.t >= 20.0)
+
+
+def test_imds_answering_late_is_read_with_longer_waits_not_timed_out_forever(imds: TinyImds, tally: Any) -> None:
+    """Each attempt waits twice as long as the one before: with every answer 1.5 s late
+    and a first wait of 0.5 s, the third attempt (2 s) gets through, well inside the
+    deadline; with a fixed wait every attempt would time out."""
+    tally.expect(2)
+    imds.latency_s = 1.5
+    client = hpc_aws.Imds(imds.url, deadline_s=15, timeout_s=0.5, log=lambda m: None)
+    t0 = time.monotonic()
+    tally.check(client.instance_id() == "i-0abc")
+    tally.check(time.monotonic() - t0 < 15, time.monotonic() - t0)

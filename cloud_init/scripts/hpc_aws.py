@@ -289,7 +289,10 @@ class Imds:
     """Instance metadata over IMDSv2: every request carries a session token (PUT
     /latest/api/token with a TTL), cached until shortly before it expires and fetched
     again when IMDS answers 401 (expired). No IMDSv1 fallback. Each read is retried
-    (connection errors, time-outs, 5xx, 429) under `deadline_s`."""
+    (connection errors, time-outs, 5xx, 429) under `deadline_s`; each attempt waits
+    twice as long as the one before (from `timeout_s`, never past the deadline), so a
+    hung IMDS costs little and a slow one (answers seconds late under load) still gets
+    through instead of timing out on every attempt."""
 
     def __init__(self, base_url: str | None = None, *, deadline_s: float = 10.0, timeout_s: float = 2.0,
                  token_ttl_s: int = 300, log: Callable[[str], None] | None = None,
@@ -303,10 +306,10 @@ class Imds:
     def _now(self) -> float:
         return (self._clock or _now)()
 
-    def _http(self, method: str, path: str, headers: dict[str, str]) -> str:
+    def _http(self, method: str, path: str, headers: dict[str, str], timeout_s: float | None = None) -> str:
         req = urllib.request.Request(f"{self.base}{path}", method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 return str(resp.read().decode("utf-8").strip())
         except urllib.error.HTTPError as e:
             if e.code >= 500 or e.code == 429:
@@ -315,38 +318,47 @@ class Imds:
         except (urllib.error.URLError, OSError) as e:  # refused, unreachable, timed out
             raise ImdsUnavailable(f"{method} {path}: {getattr(e, 'reason', e)}") from e
 
-    def _new_token(self) -> str:
+    def _new_token(self, timeout_s: float | None = None) -> str:
         token = self._http("PUT", "/latest/api/token",
-                           {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)})
+                           {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)}, timeout_s)
         if not token:
             raise ImdsError("IMDS returned an empty token")
         self._token = token
         self._token_expires = self._now() + self.token_ttl_s - min(30, self.token_ttl_s / 2)
         return token
 
-    def token(self) -> str:
+    def token(self, timeout_s: float | None = None) -> str:
         if self._token is None or self._now() >= self._token_expires:
-            return self._new_token()
+            return self._new_token(timeout_s)
         return self._token
 
-    def _get_once(self, path: str) -> str:
+    def _get_once(self, path: str, timeout_s: float | None = None) -> str:
         url = f"/latest/{path}"
         try:
-            value = self._http("GET", url, {"X-aws-ec2-metadata-token": self.token()})
+            value = self._http("GET", url, {"X-aws-ec2-metadata-token": self.token(timeout_s)}, timeout_s)
         except ImdsError as e:
             if e.status != 401:
                 raise
             self._token = None  # expired or revoked: one fresh token, then the read again
-            value = self._http("GET", url, {"X-aws-ec2-metadata-token": self.token()})
+            value = self._http("GET", url, {"X-aws-ec2-metadata-token": self.token(timeout_s)}, timeout_s)
         if not value:
             raise ImdsError(f"IMDS returned nothing for {path}")
         return value
 
     def get(self, path: str, deadline_s: float | None = None) -> str:
         """A metadata value, e.g. get("meta-data/instance-id")."""
+        deadline = self.deadline_s if deadline_s is None else deadline_s
+        end = self._now() + deadline
+        attempt = [0]
+
+        def once() -> str:
+            attempt[0] += 1
+            left = max(0.1, end - self._now())
+            return self._get_once(path, min(self.timeout_s * 2 ** (attempt[0] - 1), left))
+
         try:
-            return retry(lambda: self._get_once(path), deadline_s=self.deadline_s if deadline_s is None else deadline_s,
-                         what=f"IMDS {path}", log=self._log, sleep=self._sleep, clock=self._clock)
+            return retry(once, deadline_s=deadline, what=f"IMDS {path}", log=self._log, sleep=self._sleep,
+                         clock=self._clock)
         except CallFailed as e:
             raise ImdsError(str(e), getattr(e.cause, "status", None)) from e
 
