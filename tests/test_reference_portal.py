@@ -158,6 +158,26 @@ def test_discovery_takes_the_master_a_majority_reports_not_the_first_answer(lab:
 
 
 @pytest.mark.daemons
+def test_a_master_refusing_writes_for_want_of_replicas_is_forgotten(lab: dict[str, Any], tally: Tally) -> None:
+    """An isolated master refuses writes with NOREPLICAS (min-replicas-to-write): the
+    client must not stay on it but discover again on the next call."""
+    import redis
+
+    tally.expect(3)
+    sm = SentinelMaster(sentinels(lab["sentinels"]), MASTER, PW, PW, timeout=1.0)
+    tally.check(sm.call(lambda r: r.ping()) is True and sm.address == ("127.0.0.1", lab["a"]), str(sm.address))
+    a = redis.Redis(port=lab["a"], password=PW, socket_timeout=2)
+    a.config_set("min-replicas-to-write", 1)  # lab A has no replica: every write is refused
+    try:
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            sm.call(lambda r: r.set("hpc-norepl", "1"))
+        tally.check(sm.address is None, f"still on {sm.address}")
+    finally:
+        a.config_set("min-replicas-to-write", 0)
+    tally.check(sm.call(lambda r: r.set("hpc-norepl", "1")) is True)
+
+
+@pytest.mark.daemons
 def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> None:
     rl = RedisLab()
     try:

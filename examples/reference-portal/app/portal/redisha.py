@@ -97,10 +97,16 @@ class SentinelMaster:
             self._master, self.address = None, None
 
     def call(self, fn: Callable[[redis.Redis], T]) -> T:
-        """fn(master); a connection error, time-out or READONLY (a demoted master) forgets
-        the master and is raised: the caller fails fast, the next call discovers again."""
+        """fn(master); a connection error, time-out, READONLY (a demoted master) or
+        NOREPLICAS (a master cut from its replicas: min-replicas-to-write refuses writes
+        there, while the Sentinels of the majority elect another) forgets the master and
+        is raised: the caller fails fast, the next call discovers again."""
         try:
             return fn(self.master())
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError):
             self.forget()
+            raise
+        except redis.ResponseError as e:
+            if str(e).startswith("NOREPLICAS"):
+                self.forget()
             raise
