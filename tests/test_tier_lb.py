@@ -284,8 +284,17 @@ def _live_dbwriter(spec: dict[str, Any]) -> dict[str, Any]:
         out["during_failover"] = [n for _, n in backup_sessions]
         # The preferred writer is Synced again: writes return to it and the sessions
         # still on the backup are closed (on-marked-up shutdown-backup-sessions).
+        # A paused or cut-off node answers Synced for a moment when it resumes, then
+        # notices it left the cluster: the writes must not move to it for that moment.
         health[names[0]] = 200
-        out["failback_s"] = wait_for_writer(names[0], 15)
+        time.sleep(3)
+        s, got = connect()
+        s.close()
+        out["during_stale_synced"] = got
+        health[names[0]] = 503
+        time.sleep(2)
+        health[names[0]] = 200
+        out["failback_s"] = wait_for_writer(names[0], 30)
         out["backup_sessions_cut"] = all(closed_by_peer(s, 2) for s, _ in backup_sessions)
     finally:
         proc.terminate()
@@ -1024,7 +1033,7 @@ def test_dbwriter_has_one_writer_and_the_rest_backup() -> None:
         servers = [line.split() for line in lst if line.startswith("server ")]
         assert [s[1] for s in servers] == [n["name"] for n in g["nodes"]]
         assert [s[2] for s in servers] == [f"{n['ip']}:3306" for n in g["nodes"]]
-        assert "backup" not in servers[0]
+        assert "backup" not in servers[0] and servers[0][servers[0].index("rise") + 1] == "10"
         assert all(s[-1] == "backup" for s in servers[1:])
         checked += 1
     assert checked == len(DB_CLIENTS) > 0
@@ -1047,7 +1056,8 @@ def test_live_dbwriter_fails_over_and_back_with_one_writer(haproxy_etc: Path, tm
     assert out["during_failover"] == [second] * 3
     assert out["failover_s"] < 10  # fall 2 x inter 1 s
     assert out["backup_sessions_cut"] is True
-    assert out["failback_s"] < 10  # rise 2 x inter 1 s
+    assert out["during_stale_synced"] == second  # 3 s of 200 are not enough to move back
+    assert 8 <= out["failback_s"] < 20, out["failback_s"]  # rise 10 x inter 1 s
 
 
 def test_dbwriter_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
