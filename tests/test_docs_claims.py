@@ -147,6 +147,8 @@ CLAIMS = [
           setting("prod", "app-1", "/etc/nginx/conf.d/hpc-portal.conf", r"^\s*listen (\d+) default_server;")),
     Claim("README.md", r"default → nginx :(\d+)", "nginx site listen",
           setting("prod", "app-1", "/etc/nginx/conf.d/hpc-portal.conf", r"^\s*listen (\d+) default_server;")),
+    Claim("docs/rehearsal.md", r"\(~10 s, `rise (\d+)`\)", "dbwriter.cfg the preferred writer's rise",
+          setting("prod", "app-1", "/etc/haproxy/dbwriter.cfg", r"^\s*server \S+ \S+ check rise (\d+) ")),
     Claim("README.md", r"clustercheck (\d+)\.", "dbwriter.cfg health-check port",
           setting("prod", "app-1", "/etc/haproxy/dbwriter.cfg", r"^\s*default-server port (\d+) ")),
     Claim("README.md", r"HAProxy 127\.0\.0\.1:(\d+) → one Galera writer", "dbwriter.cfg bind",
