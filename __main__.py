@@ -3,6 +3,7 @@ components in order, export the outputs that feed the next phase of the migratio
 
 import json
 import os
+import sys
 
 import pulumi
 from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
@@ -10,6 +11,14 @@ from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
 from components.config import load_config
 from components.stack import build_stack
 from components.topology import build_topology
+
+# Web/app hosts are replaced one at a time: each host's drain waits for the previous
+# host's put-back, which waits for its gate and instance, so N hosts make a dependency
+# chain about 4 x N resources long. The SDK walks a new resource's dependencies
+# recursively (pulumi/runtime/resource_cycle_breaker.py), one Python frame per link:
+# at 400 hosts that passes Python's default limit of 1,000 and `up` dies with a
+# RecursionError. The walk is plain Python (no C stack per frame on 3.11+).
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 project = pulumi.get_project()
 stack = pulumi.get_stack()
