@@ -61,7 +61,7 @@ def old_host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed
         "vip": {"allocation_id": dep.eip_allocation_id, "public_ip": dep.eip_public_ip},
         "services": services,
         "web": {"port": 8080, "dist_root": "/dist", "health": "/health"},
-        "app": {"artifact": cfg.app_artifact},
+        "app": {"artifact": cfg.app_artifact, "portal_uid": cfg.portal_uid},
         "lb": {"peers": [brief(h) for h in lb_hosts],
                "priority": 101 if host.name == topo.primaries["active_lb"] else 100,
                "stats_port": 8404, "vrrp_router_id": 51},
