@@ -39,6 +39,7 @@ ALL_KINDS = ("write", "snew", "session", "page", "record")
 WRITE_KINDS = ("write", "snew", "job")  # records, sessions, jobs: every acknowledged one is read back
 KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
+MIN_WINDOW_S = 15.0  # the shortest fault window of a drill under _under_load
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
 ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
@@ -408,6 +409,9 @@ class DrillBase:
                 extra(res)
             if alert_names:
                 self.wait_alert(alert_names, t0, alert_match, res)
+            # The window's load is checked (acked_in_fault_window): when no alert wait kept
+            # it open (the smoke run checks one alert only), keep it open MIN_WINDOW_S.
+            time.sleep(max(0.0, t0 + MIN_WINDOW_S - time.time()))
             res.fault_window = (t0, time.time())
             res.fault_effect = res.fault_effect or self.effect
             restore()
