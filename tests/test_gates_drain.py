@@ -23,26 +23,8 @@ from tests.loadfile import load_tool
 gate = load_tool("gate")
 
 
-def _ids_in(value: Any) -> set[str]:
-    if isinstance(value, str):
-        return {value}
-    if isinstance(value, dict):
-        return set().union(*(_ids_in(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_ids_in(v) for v in value)) if value else set()
-    return set()
-
-
-def graph(run: ProgramRun) -> dict[str, set[str]]:
-    """resource name -> the resources it waits for: its depends_on, and every resource
-    whose id one of its inputs carries (a property dependency, as Pulumi orders them)."""
-    by_id = {r.id: r.name for r in run.resources if r.id and len(r.id) > 6}
-    deps: dict[str, set[str]] = {}
-    for r in run.resources:
-        d = set(r.opts.get("depends_on") or [])
-        d |= {by_id[i] for i in _ids_in(r.inputs) if i in by_id and by_id[i] != r.name}
-        deps[r.name] = d
-    return deps
+# The resource graph the replacement-plan model orders by (one implementation of it).
+graph = load_tool("replacement_plan").graph
 
 
 def before(deps: dict[str, set[str]], first: str, then: str) -> bool:
