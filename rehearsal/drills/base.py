@@ -39,6 +39,7 @@ ALL_KINDS = ("write", "snew", "session", "page", "record")
 WRITE_KINDS = ("write", "snew", "job")  # records, sessions, jobs: every acknowledged one is read back
 KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
+SETTLE_S = 45.0  # after a thaw or a heal: how long the invariants may take to hold again
 MIN_WINDOW_S = 15.0  # the shortest fault window of a drill under _under_load
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
@@ -434,6 +435,15 @@ class DrillBase:
                 if units.get(unit, {}).get("state") == "active":
                     break
                 time.sleep(1)
+
+    def settle(self, cond: Callable[[], bool], timeout: float = SETTLE_S) -> float | None:
+        """Seconds until cond() holds (checked every second), or None after `timeout`."""
+        t = time.time()
+        while time.time() - t < timeout:
+            if cond():
+                return round(time.time() - t, 1)
+            time.sleep(1)
+        return None
 
     # ------------------------------------------------------------------ probes more than one family uses
     def galera_status(self, host: str) -> dict[str, str]:

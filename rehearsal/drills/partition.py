@@ -104,7 +104,7 @@ class PartitionDrills(DrillBase):
         def after(res: Result) -> None:
             from .gray import GrayDrills
 
-            t = self.settle_for(lambda: single_redis_master(GrayDrills.redis_roles(self)))  # type: ignore[arg-type]
+            t = self.settle(lambda: single_redis_master(GrayDrills.redis_roles(self)))  # type: ignore[arg-type]
             res.checks["one_redis_master"] = t is not None
             res.notes.append(f"after the heal: roles {GrayDrills.redis_roles(self)}")  # type: ignore[arg-type]
 
@@ -132,7 +132,7 @@ class PartitionDrills(DrillBase):
         def after(res: Result) -> None:
             res.checks["cluster_synced"] = all(self.wait_synced(n, len(data), 240) for n in data)
             seen = GrayDrills.writers_seen(self)  # type: ignore[arg-type]
-            t = self.settle_for(lambda: len(set(GrayDrills.writers_seen(self).values())) == 1)  # type: ignore[arg-type]
+            t = self.settle(lambda: len(set(GrayDrills.writers_seen(self).values())) == 1)  # type: ignore[arg-type]
             res.checks["one_writer_behind_every_dbwriter"] = t is not None and None not in seen.values()
             res.notes.append(f"after the heal: writers {GrayDrills.writers_seen(self)}")  # type: ignore[arg-type]
 
@@ -158,7 +158,7 @@ class PartitionDrills(DrillBase):
                                    f"{self.host_by_ip(self.eip_target())}"
 
         def after(res: Result) -> None:
-            t = self.settle_for(lambda: one_master_holding(GrayDrills.vrrp_states(self),  # type: ignore[arg-type]
+            t = self.settle(lambda: one_master_holding(GrayDrills.vrrp_states(self),  # type: ignore[arg-type]
                                                            self.host_by_ip(self.eip_target())))
             res.checks["one_master_holds_eip"] = t is not None
             res.notes.append(f"after the heal: VRRP {GrayDrills.vrrp_states(self)}, EIP on "  # type: ignore[arg-type]
@@ -171,14 +171,6 @@ class PartitionDrills(DrillBase):
                               TARGETS["lb"]["rto"], during, after)
         res.checks["split_brain_seen"] = "both MASTER" in (res.fault_effect or "")
         return self._again(res)
-
-    def settle_for(self, cond: Callable[[], bool], timeout: float = 45.0) -> float | None:
-        t = time.time()
-        while time.time() - t < timeout:
-            if cond():
-                return round(time.time() - t, 1)
-            time.sleep(1)
-        return None
 
     @staticmethod
     def _again(res: Result) -> Result:
