@@ -468,7 +468,13 @@ class Env:
         env = self.slurm_confs(name, storage_port, dbd_port)
         log = self.work / f"{name}-slurmdbd.log"
         p = self.start(f"{name}-slurmdbd", ["slurmdbd", "-D"], env={**os.environ, **env})
-        self.wait_for(f"{name}-slurmdbd", lambda: log.exists() and "started" in log.read_text(), p)
+        # "started" is logged while slurmdbd's RPC thread may still be opening its socket:
+        # ready means the log line and a listening port inside the test's namespace.
+        def ready() -> bool:
+            if not (log.exists() and "started" in log.read_text()):
+                return False
+            return bool(self.sh(["ss", "-Hltn", f"sport = :{dbd_port}"]).stdout.strip())
+        self.wait_for(f"{name}-slurmdbd", ready, p, 60)
         return env
 
     def setup(self) -> None:
