@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rehearsal.drills import gray
+from rehearsal.drills import base, gray
 from rehearsal.drills.base import Result, finish
 
 STAT = """# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,act,bck
@@ -21,10 +21,10 @@ galera_writer,BACKEND,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,2
 
 
 def test_the_writer_is_the_first_up_active_else_the_first_up_backup() -> None:
-    assert gray.haproxy_active(STAT.format(s1="UP", s2="UP")) == "data-1"
-    assert gray.haproxy_active(STAT.format(s1="DOWN", s2="UP")) == "data-2"
-    assert gray.haproxy_active(STAT.format(s1="DOWN 1/2", s2="DOWN")) == "data-3"
-    assert gray.haproxy_active("") is None
+    assert base.haproxy_active(STAT.format(s1="UP", s2="UP")) == "data-1"
+    assert base.haproxy_active(STAT.format(s1="DOWN", s2="UP")) == "data-2"
+    assert base.haproxy_active(STAT.format(s1="DOWN 1/2", s2="DOWN")) == "data-3"
+    assert base.haproxy_active("") is None
 
 
 def test_one_master_and_it_holds_the_eip() -> None:

@@ -114,6 +114,25 @@ def register(name: str) -> Callable[[_F], _F]:
     return deco
 
 
+def haproxy_active(stat_csv: str, backend: str = "galera_writer") -> str | None:
+    """The server HAProxy sends a backend's connections to: the first UP active server,
+    else the first UP backup (one writer: `backup` servers and no allbackups)."""
+    head: list[str] = []
+    rows: list[dict[str, str]] = []
+    for line in stat_csv.splitlines():
+        if line.startswith("# "):
+            head = line[2:].split(",")
+        elif head and line.strip():
+            rows.append(dict(zip(head, line.split(","), strict=False)))
+    servers = [r for r in rows if r.get("pxname") == backend and r.get("svname") not in ("FRONTEND", "BACKEND")]
+    up = [r for r in servers if r.get("status", "").startswith("UP")]
+    for want_backup in ("0", "1"):
+        for r in up:
+            if r.get("bck") == want_backup:
+                return r.get("svname")
+    return None
+
+
 class DrillBase:
     def __init__(self, layout: Layout, out_dir: Path, ceiling: float = 1.0, alert_checks: int | None = None):
         self.layout = layout
@@ -446,6 +465,67 @@ class DrillBase:
         return None
 
     # ------------------------------------------------------------------ probes more than one family uses
+    def redis_master(self) -> str | None:
+        pw = self.secret("redis_password")
+        for n in self.layout.topo.role_hosts["data"]:
+            if not H.alive(n) or frozen(n):
+                continue
+            ip = self.layout.host(n).ip
+            rc, out = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} -p 26379 "
+                                  "sentinel get-master-addr-by-name mymaster", timeout=10)
+            if rc == 0 and out.strip():
+                return self.host_by_ip(out.split()[0])
+        return None
+
+    def galera_writer(self) -> str:
+        # Every DB client's writer HAProxy prefers the first Synced node in galera.nodes order.
+        for n in self.layout.topo.role_hosts["data"]:
+            if self.galera_status(n).get("wsrep_local_state") == "4":
+                return n
+        raise RuntimeError("no Synced Galera node")
+
+    def vrrp_states(self) -> dict[str, str]:
+        out = {}
+        for lb in self.layout.topo.role_hosts["lb"]:
+            if not H.alive(lb) or frozen(lb):
+                out[lb] = "DOWN"
+                continue
+            rc, text = self.run(lb, "cat /run/hpc/vrrp-state 2>/dev/null || echo UNKNOWN", timeout=10)
+            out[lb] = text.strip() or "UNKNOWN"
+        return out
+
+    def redis_roles(self) -> dict[str, str]:
+        pw = self.secret("redis_password")
+        out = {}
+        for n in self.layout.topo.role_hosts["data"]:
+            if not H.alive(n) or frozen(n):
+                continue
+            ip = self.layout.host(n).ip
+            rc, text = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} role | head -1", timeout=10)
+            out[n] = text.strip() if rc == 0 else "error"
+        return out
+
+    def db_clients(self) -> list[str]:
+        return [n for n, h in self.deploy["hosts"].items() if "/etc/haproxy/dbwriter.cfg" in h.get("files", [])]
+
+    def writers_seen(self) -> dict[str, str | None]:
+        """Per DB client: the Galera node its writer HAProxy sends connections to."""
+        out: dict[str, str | None] = {}
+        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/hpc-dbwriter/admin.sock');"
+                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
+                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
+        for c in self.db_clients():
+            if not H.alive(c) or frozen(c):
+                continue
+            rc, text = self.run(c, probe, timeout=15)
+            out[c] = haproxy_active(text) if rc == 0 else None
+        return out
+
+    def instance_state(self, host: str) -> str:
+        iid = self.deploy["hosts"][host]["instance_id"]
+        r = ops_call(self.wd, "ec2", "describe_instances", InstanceIds=[iid])
+        return str(r["Reservations"][0]["Instances"][0]["State"]["Name"])
+
     def galera_status(self, host: str) -> dict[str, str]:
         if frozen(host):
             return {}

@@ -45,10 +45,9 @@ def kill_within(kill: list[threading.Thread]) -> float:
 class CrashDrills(DrillBase):
     @register("crash-burst")
     def drill_crash_burst(self) -> Result:
-        from .data import DataDrills
 
         data = self.layout.topo.role_hosts["data"]
-        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        writer = self.galera_writer()
         victims = [writer] + [n for n in data if n != writer][:1]
         survivor = [n for n in data if n not in victims][0]
         seen: dict[str, str] = {}

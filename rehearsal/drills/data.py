@@ -13,22 +13,10 @@ from .. import hosts as H
 from .. import netns
 from ..awsd import ops_call
 from ..stack import read_state, say, write_state
-from .base import MIN_ACKED, TARGETS, DrillBase, Result, frozen, register
+from .base import MIN_ACKED, TARGETS, DrillBase, Result, register
 
 
 class DataDrills(DrillBase):
-    def redis_master(self) -> str | None:
-        pw = self.secret("redis_password")
-        for n in self.layout.topo.role_hosts["data"]:
-            if not H.alive(n) or frozen(n):
-                continue
-            ip = self.layout.host(n).ip
-            rc, out = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} -p 26379 "
-                                  "sentinel get-master-addr-by-name mymaster", timeout=10)
-            if rc == 0 and out.strip():
-                return self.host_by_ip(out.split()[0])
-        return None
-
     @register("redis")
     def drill_redis(self) -> Result:
         master = self.redis_master()
@@ -72,13 +60,6 @@ class DataDrills(DrillBase):
         res.checks["old_master_rejoined_as_replica"] = role == "slave"
         res.passed = all(res.checks.values())
         return res
-
-    def galera_writer(self) -> str:
-        # Every DB client's writer HAProxy prefers the first Synced node in galera.nodes order.
-        for n in self.layout.topo.role_hosts["data"]:
-            if self.galera_status(n).get("wsrep_local_state") == "4":
-                return n
-        raise RuntimeError("no Synced Galera node")
 
     @register("galera")
     def drill_galera(self) -> Result:

@@ -52,25 +52,6 @@ def single_redis_master(roles: dict[str, str]) -> bool:
     return sum(1 for r in roles.values() if r == "master") == 1
 
 
-def haproxy_active(stat_csv: str, backend: str = "galera_writer") -> str | None:
-    """The server HAProxy sends a backend's connections to: the first UP active server,
-    else the first UP backup (one writer: `backup` servers and no allbackups)."""
-    head: list[str] = []
-    rows: list[dict[str, str]] = []
-    for line in stat_csv.splitlines():
-        if line.startswith("# "):
-            head = line[2:].split(",")
-        elif head and line.strip():
-            rows.append(dict(zip(head, line.split(","), strict=False)))
-    servers = [r for r in rows if r.get("pxname") == backend and r.get("svname") not in ("FRONTEND", "BACKEND")]
-    up = [r for r in servers if r.get("status", "").startswith("UP")]
-    for want_backup in ("0", "1"):
-        for r in up:
-            if r.get("bck") == want_backup:
-                return r.get("svname")
-    return None
-
-
 def slow_jobs(hist: list[Any], window: tuple[float, float], limit: float) -> list[str]:
     """Job request ids first tried inside the window and not acknowledged within `limit`
     seconds of that first try."""
@@ -87,49 +68,6 @@ def slow_jobs(hist: list[Any], window: tuple[float, float], limit: float) -> lis
 
 
 class GrayDrills(DrillBase):
-    # ------------------------------------------------------------------ probes
-    def vrrp_states(self) -> dict[str, str]:
-        out = {}
-        for lb in self.layout.topo.role_hosts["lb"]:
-            if not H.alive(lb) or frozen(lb):
-                out[lb] = "DOWN"
-                continue
-            rc, text = self.run(lb, "cat /run/hpc/vrrp-state 2>/dev/null || echo UNKNOWN", timeout=10)
-            out[lb] = text.strip() or "UNKNOWN"
-        return out
-
-    def redis_roles(self) -> dict[str, str]:
-        pw = self.secret("redis_password")
-        out = {}
-        for n in self.layout.topo.role_hosts["data"]:
-            if not H.alive(n) or frozen(n):
-                continue
-            ip = self.layout.host(n).ip
-            rc, text = self.run(n, f"REDISCLI_AUTH='{pw}' redis-cli -h {ip} role | head -1", timeout=10)
-            out[n] = text.strip() if rc == 0 else "error"
-        return out
-
-    def db_clients(self) -> list[str]:
-        return [n for n, h in self.deploy["hosts"].items() if "/etc/haproxy/dbwriter.cfg" in h.get("files", [])]
-
-    def writers_seen(self) -> dict[str, str | None]:
-        """Per DB client: the Galera node its writer HAProxy sends connections to."""
-        out: dict[str, str | None] = {}
-        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/hpc-dbwriter/admin.sock');"
-                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
-                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
-        for c in self.db_clients():
-            if not H.alive(c) or frozen(c):
-                continue
-            rc, text = self.run(c, probe, timeout=15)
-            out[c] = haproxy_active(text) if rc == 0 else None
-        return out
-
-    def instance_state(self, host: str) -> str:
-        iid = self.deploy["hosts"][host]["instance_id"]
-        r = ops_call(self.wd, "ec2", "describe_instances", InstanceIds=[iid])
-        return str(r["Reservations"][0]["Instances"][0]["State"]["Name"])
-
     # ------------------------------------------------------------------ the drill shape
     def _freeze(self, name: str, host: str, hold_s: float, kinds: tuple[str, ...], rto: float | None,
                 after_thaw: Callable[[Result], None], while_frozen: Callable[[Result, float], bool] | None = None
@@ -194,15 +132,14 @@ class GrayDrills(DrillBase):
 
     @register("freeze-redis")
     def drill_freeze_redis(self) -> Result:
-        from .data import DataDrills
 
-        master = DataDrills.redis_master(self)  # type: ignore[arg-type]
+        master = self.redis_master()
         if master is None:
             raise RuntimeError("no Redis master known to the sentinels")
 
         def while_frozen(res: Result, t0: float) -> bool:
             if "promoted" not in (res.fault_effect or ""):
-                m = DataDrills.redis_master(self)  # type: ignore[arg-type]
+                m = self.redis_master()
                 if m and m != master:
                     res.fault_effect = f"{master} FROZEN; Sentinel promoted {m} {time.time() - t0:.1f}s after"
             return False
@@ -220,9 +157,8 @@ class GrayDrills(DrillBase):
 
     @register("freeze-galera")
     def drill_freeze_galera(self) -> Result:
-        from .data import DataDrills
 
-        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        writer = self.galera_writer()
         data = self.layout.topo.role_hosts["data"]
 
         def while_frozen(res: Result, t0: float) -> bool:
@@ -311,11 +247,10 @@ class GrayDrills(DrillBase):
     def drill_no_false_failover(self) -> Result:
         """Pauses of 0.7x each tier's detection (LB, Redis master, Galera writer) and a
         Redis BGSAVE + AOF rewrite under load: no failover anywhere."""
-        from .data import DataDrills
 
         eip = self.host_by_ip(self.eip_target())
-        master = DataDrills.redis_master(self)  # type: ignore[arg-type]
-        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        master = self.redis_master()
+        writer = self.galera_writer()
         if eip is None or master is None:
             raise RuntimeError("no EIP holder or no Redis master")
         before = {"eip": eip, "redis": master, "writers": self.writers_seen()}
@@ -341,7 +276,7 @@ class GrayDrills(DrillBase):
 
         def extra(res: Result) -> None:
             time.sleep(10)  # detection + failover would show by now
-            after = {"eip": self.host_by_ip(self.eip_target()), "redis": DataDrills.redis_master(self),  # type: ignore[arg-type]
+            after = {"eip": self.host_by_ip(self.eip_target()), "redis": self.redis_master(),
                      "writers": self.writers_seen()}
             res.checks["no_eip_move"] = after["eip"] == before["eip"]
             res.checks["no_redis_failover"] = after["redis"] == before["redis"]

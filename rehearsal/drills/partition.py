@@ -79,11 +79,10 @@ class PartitionDrills(DrillBase):
 
     @register("partition-redis")
     def drill_partition_redis(self) -> Result:
-        from .data import DataDrills
         from .gray import single_redis_master
 
         data = self.layout.topo.role_hosts["data"]
-        master = DataDrills.redis_master(self)  # type: ignore[arg-type]
+        master = self.redis_master()
         if master is None:
             raise RuntimeError("no Redis master known to the sentinels")
         peers = [n for n in data if n != master]
@@ -102,11 +101,10 @@ class PartitionDrills(DrillBase):
                     res.fault_effect = f"the majority's Sentinels promoted {m} {time.time() - t0:.1f}s after the cut"
 
         def after(res: Result) -> None:
-            from .gray import GrayDrills
 
-            t = self.settle(lambda: single_redis_master(GrayDrills.redis_roles(self)))  # type: ignore[arg-type]
+            t = self.settle(lambda: single_redis_master(self.redis_roles()))
             res.checks["one_redis_master"] = t is not None
-            res.notes.append(f"after the heal: roles {GrayDrills.redis_roles(self)}")  # type: ignore[arg-type]
+            res.notes.append(f"after the heal: roles {self.redis_roles()}")
 
         res = self._partition("partition-redis", "redis", master, peers, list(apps[:1]), TARGETS["redis"]["kinds"],
                               TARGETS["redis"]["rto"], during, after)
@@ -115,11 +113,9 @@ class PartitionDrills(DrillBase):
 
     @register("partition-galera")
     def drill_partition_galera(self) -> Result:
-        from .data import DataDrills
-        from .gray import GrayDrills
 
         data = self.layout.topo.role_hosts["data"]
-        writer = DataDrills.galera_writer(self)  # type: ignore[arg-type]
+        writer = self.galera_writer()
         peers = [n for n in data if n != writer]
         apps = self.layout.topo.role_hosts["app"]
 
@@ -131,10 +127,10 @@ class PartitionDrills(DrillBase):
 
         def after(res: Result) -> None:
             res.checks["cluster_synced"] = all(self.wait_synced(n, len(data), 240) for n in data)
-            seen = GrayDrills.writers_seen(self)  # type: ignore[arg-type]
-            t = self.settle(lambda: len(set(GrayDrills.writers_seen(self).values())) == 1)  # type: ignore[arg-type]
+            seen = self.writers_seen()
+            t = self.settle(lambda: len(set(self.writers_seen().values())) == 1)
             res.checks["one_writer_behind_every_dbwriter"] = t is not None and None not in seen.values()
-            res.notes.append(f"after the heal: writers {GrayDrills.writers_seen(self)}")  # type: ignore[arg-type]
+            res.notes.append(f"after the heal: writers {self.writers_seen()}")
 
         res = self._partition("partition-galera", "galera", writer, peers, list(apps[:1]), TARGETS["galera"]["kinds"],
                               TARGETS["galera"]["rto"], during, after)
@@ -143,7 +139,7 @@ class PartitionDrills(DrillBase):
 
     @register("partition-lb")
     def drill_partition_lb(self) -> Result:
-        from .gray import GrayDrills, one_master_holding
+        from .gray import one_master_holding
 
         lbs = self.layout.topo.role_hosts["lb"]
         active = self.host_by_ip(self.eip_target())
@@ -152,16 +148,16 @@ class PartitionDrills(DrillBase):
         other = [h for h in lbs if h != active]
 
         def during(res: Result, t0: float) -> None:
-            states = GrayDrills.vrrp_states(self)  # type: ignore[arg-type]
+            states = self.vrrp_states()
             if "both MASTER" not in (res.fault_effect or "") and all(v == "MASTER" for v in states.values()):
                 res.fault_effect = f"both MASTER {time.time() - t0:.1f}s after the cut, EIP on " \
                                    f"{self.host_by_ip(self.eip_target())}"
 
         def after(res: Result) -> None:
-            t = self.settle(lambda: one_master_holding(GrayDrills.vrrp_states(self),  # type: ignore[arg-type]
+            t = self.settle(lambda: one_master_holding(self.vrrp_states(),
                                                            self.host_by_ip(self.eip_target())))
             res.checks["one_master_holds_eip"] = t is not None
-            res.notes.append(f"after the heal: VRRP {GrayDrills.vrrp_states(self)}, EIP on "  # type: ignore[arg-type]
+            res.notes.append(f"after the heal: VRRP {self.vrrp_states()}, EIP on "
                              f"{self.host_by_ip(self.eip_target())}{'' if t is None else f' (settled in {t}s)'}")
 
         # Both LBs stay reachable from outside the pair (the load keeps coming through the
