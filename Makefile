@@ -27,11 +27,16 @@ venv: $(VENV)/.installed
 deps:
 	./tools/install-debian-deps.sh
 
+# The host scripts written in Python have no .py suffix: named so ruff and mypy see them.
+PY_HOST_SCRIPTS := $(shell grep -l '^\#!.*python' cloud_init/scripts/hpc-*)
+
 lint: venv
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . $(PY_HOST_SCRIPTS)
 
 typecheck: venv
-	$(VENV)/bin/mypy components cloud_init
+	$(VENV)/bin/mypy __main__.py components cloud_init rehearsal tools offline examples/reference-portal/app/portal
+	$(VENV)/bin/mypy policy
+	$(VENV)/bin/mypy --scripts-are-modules $(PY_HOST_SCRIPTS)
 
 test: venv deps lint typecheck
 	$(PY) -m pytest
