@@ -337,7 +337,7 @@ def _validate_slurm(p: _Problems, raw: Any) -> SlurmConfig:
         p.add("slurm.srun_port_range", rng, "a port range LOW-HIGH above 1024, e.g. 60001-63000")
     # 20 s: with the clients' 10 s wait on the dead primary, the portal is back within the
     # 40 s target (SchedMD's default of 120 s would keep job submission down for minutes).
-    timeout = _int(p, "slurm.ctld_timeout", s.get("ctld_timeout", 20), 10, 300) or 20
+    timeout = _int(p, "slurm.ctld_timeout", s.get("ctld_timeout", 15), 10, 300) or 15
     nodes, parts = s.get("nodes", []), s.get("partitions", [])
     for key, items, first in (("slurm.nodes", nodes, "NodeName"), ("slurm.partitions", parts, "PartitionName")):
         if not isinstance(items, list) or not all(isinstance(n, dict) and first in n for n in items):

@@ -127,3 +127,80 @@ def test_a_freeze_that_did_not_hold_fails(drill: FakeDrill, monkeypatch: pytest.
     drill.vrrp = {"lb-1": "BACKUP", "lb-2": "MASTER"}
     res = drill.drill_freeze_lb()
     assert res.checks["freeze_held"] is False and res.checks["fault_effect"] is False and not res.passed
+
+
+class NoFalseFailoverDrill(FakeDrill):
+    """The probes the no-false-failover drill reads, answering from fields a test sets."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        from types import SimpleNamespace
+
+        self.layout = SimpleNamespace(  # type: ignore[assignment]
+            topo=SimpleNamespace(role_hosts={"lb": ["lb-1", "lb-2"], "data": ["data-1", "data-2", "data-3"],
+                                             "slurm": ["slurm-1", "slurm-2"], "app": ["app-1", "app-2"]}),
+            cfg=SimpleNamespace(slurm=SimpleNamespace(ctld_timeout=15)),
+            host=lambda n: SimpleNamespace(ip="10.0.0.1"))
+        self.ctl_state = "running"
+        self.ping = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is UP\n"
+        self.paused: list[tuple[str, float]] = []
+
+    def redis_master(self) -> str | None:
+        return "data-1"
+
+    def galera_writer(self) -> str:
+        return "data-2"
+
+    def writers_seen(self) -> dict[str, str | None]:
+        return {"app-1": "data-2"}
+
+    def instance_state(self, host: str) -> str:
+        return self.ctl_state
+
+    def secret(self, name: str) -> str:
+        return "pw"
+
+    def run(self, host: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
+        if cmd == "scontrol ping":
+            return 0, self.ping
+        return 0, "Background saving started\nBackground append only file rewriting started"
+
+
+@pytest.fixture
+def nff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NoFalseFailoverDrill:
+    d = NoFalseFailoverDrill(tmp_path)
+    sleeps: list[float] = []
+    monkeypatch.setattr(gray.time, "sleep", lambda s: sleeps.append(s))
+
+    def freeze(h: str) -> None:
+        d.calls.append(f"freeze {h}")
+        d.frozen.add(h)
+
+    def thaw(h: str) -> None:
+        if h in d.frozen:
+            d.calls.append(f"thaw {h}")
+            d.paused.append((h, sleeps[-1]))
+        d.frozen.discard(h)
+
+    monkeypatch.setattr(gray, "freeze", freeze)
+    monkeypatch.setattr(gray, "thaw", thaw)
+    monkeypatch.setattr(gray, "frozen", lambda h: h in d.frozen)
+    return d
+
+
+def test_no_false_failover_pauses_every_tier_below_its_detection_including_the_slurm_primary(
+        nff: NoFalseFailoverDrill) -> None:
+    res = nff.drill_no_false_failover()
+    assert [h for h, _ in nff.paused] == ["lb-1", "data-1", "data-2", "slurm-1"]
+    pauses = dict(nff.paused)
+    assert pauses["slurm-1"] == pytest.approx(0.7 * 15)  # 0.7 x SlurmctldTimeout of the stack
+    assert pauses["lb-1"] == pytest.approx(0.7 * gray.DETECT_S["lb"])
+    assert res.checks["no_slurm_takeover"] and res.checks["no_eip_move"] and res.passed, res
+
+
+def test_no_false_failover_fails_when_the_backup_took_over_and_fenced_the_primary(
+        nff: NoFalseFailoverDrill) -> None:
+    nff.ctl_state = "stopped"
+    nff.ping = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is UP\n"
+    res = nff.drill_no_false_failover()
+    assert res.checks["no_slurm_takeover"] is False and not res.passed

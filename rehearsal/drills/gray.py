@@ -245,20 +245,24 @@ class GrayDrills(DrillBase):
 
     @register("no-false-failover")
     def drill_no_false_failover(self) -> Result:
-        """Pauses of 0.7x each tier's detection (LB, Redis master, Galera writer) and a
-        Redis BGSAVE + AOF rewrite under load: no failover anywhere."""
+        """Pauses of 0.7x each tier's detection (LB, Redis master, Galera writer, primary
+        Slurm controller: SlurmctldTimeout) and a Redis BGSAVE + AOF rewrite under load: no
+        failover anywhere, no controller fenced."""
 
         eip = self.host_by_ip(self.eip_target())
         master = self.redis_master()
         writer = self.galera_writer()
         if eip is None or master is None:
             raise RuntimeError("no EIP holder or no Redis master")
+        ctl = self.layout.topo.role_hosts["slurm"][0]
+        client = self.layout.topo.role_hosts["app"][-1]
+        detect = {**DETECT_S, "slurm": float(self.layout.cfg.slurm.ctld_timeout)}
         before = {"eip": eip, "redis": master, "writers": self.writers_seen()}
         paused: list[str] = []
 
         def inject() -> None:
-            for tier, host in (("lb", eip), ("redis", master), ("galera", writer)):
-                pause = SHORT_PAUSE * DETECT_S[tier]
+            for tier, host in (("lb", eip), ("redis", master), ("galera", writer), ("slurm", ctl)):
+                pause = SHORT_PAUSE * detect[tier]
                 say(f"    pause {host} ({tier}) for {pause:.2f}s")
                 freeze(host)
                 ok = frozen(host)
@@ -281,12 +285,18 @@ class GrayDrills(DrillBase):
             res.checks["no_eip_move"] = after["eip"] == before["eip"]
             res.checks["no_redis_failover"] = after["redis"] == before["redis"]
             res.checks["no_writer_change"] = after["writers"] == before["writers"]
-            res.notes.append(f"before {before}; after {after}")
+            # A backup that took over would have fenced (stopped) the primary's instance.
+            state = self.instance_state(ctl)
+            rc, ping = self.run(client, "scontrol ping", timeout=30)
+            up = [line for line in ping.splitlines() if "is UP" in line]
+            res.checks["no_slurm_takeover"] = state == "running" and len(up) == 2
+            res.notes.append(f"before {before}; after {after}; {ctl} {state}; "
+                             f"scontrol ping: {' / '.join(ping.strip().splitlines())}")
 
         try:
             res = self._under_load("no-false-failover", inject, lambda: None, (), None, [], lambda a: False, extra)
         finally:
-            for h in (eip, master, writer):
+            for h in (eip, master, writer, ctl):
                 thaw(h)
         res.notes.append("no RTO: nothing may fail over")
         return self._repass(res)
