@@ -1,6 +1,8 @@
 """The AWS stand-ins, run in the `rh-aws` namespace (`python -m rehearsal.awsd WORKDIR STACK`):
 
-- moto server (EC2, SSM, S3) on ENDPOINT_IP:443, playing the VPC interface endpoints;
+- moto server (EC2, SSM, S3) on ENDPOINT_IP:443, playing the VPC interface endpoints,
+  with the SSM agent's part of Run Command (SsmAgent: AWS-RunShellScript runs inside the
+  instance's host), which moto only records;
 - the deploy step: the program's own `__main__.py` run against these stand-ins
   (rehearsal/deploy.py), which creates the VPC, subnets, security groups, interfaces,
   instances with the program's user-data, the Elastic IP (allocated only), EFS, the
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -131,15 +134,16 @@ def ec2_action(environ: dict[str, Any]) -> str | None:
     return (fields.get("Action") or [""])[0]
 
 
-def faulty_moto_server(ip: str, port: int, faults: ApiFaults) -> Any:
-    """moto's threaded server with the API faults in front (none until set)."""
+def faulty_moto_server(ip: str, port: int, faults: ApiFaults, agent: SsmAgent | None = None) -> Any:
+    """moto's threaded server with the API faults in front (none until set) and the SSM
+    agent stand-in for Run Command."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from moto.server import ThreadedMotoServer
     from werkzeug.serving import make_server
 
     class FaultyMotoServer(ThreadedMotoServer):  # type: ignore[misc]
         def _server_entry(self) -> None:
-            app = with_faults(DomainDispatcherApplication(create_backend_app), faults)
+            app = with_faults(DomainDispatcherApplication(create_backend_app), faults, agent)
             self._server = make_server(self._ip_address, self._port, app, True)
             self._server_ready_event.set()
             self._server.serve_forever()
@@ -147,9 +151,106 @@ def faulty_moto_server(ip: str, port: int, faults: ApiFaults) -> Any:
     return FaultyMotoServer(ip_address=ip, port=port, verbose=False)
 
 
-def with_faults(app: Any, faults: ApiFaults) -> Any:
-    """WSGI middleware in front of moto: EC2 calls get the configured faults."""
+# ------------------------------------------------------------- SSM Run Command agent
+
+SSM_OUTPUT_MAX = 24000  # GetCommandInvocation returns at most this much of each stream
+
+
+class SsmAgent:
+    """What the SSM agent on each instance does for Run Command, which moto only records:
+    SendCommand of AWS-RunShellScript runs the commands as root inside the instance's host
+    (`sh -c`, as the agent's script runner), in the background; GetCommandInvocation
+    answers InProgress until it ends, then Success or Failed with its exit code and output
+    (TimedOut past executionTimeout). An instance whose host is not up answers
+    InvalidInstanceId, as SSM does for an instance whose agent is not registered. Any
+    other document or operation is refused loudly rather than pretended."""
+
+    def __init__(self, host_of: Any, execute: Any, clock: Any = time.time) -> None:
+        self.host_of = host_of  # instance id -> host name, or None
+        self.execute = execute  # (host, script, timeout_s) -> (rc, output); rc 124: timed out
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.invocations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.log: list[dict[str, Any]] = []  # every command run, in order (what a drill observes)
+
+    @staticmethod
+    def error(code: str, message: str) -> tuple[int, dict[str, Any]]:
+        return 400, {"__type": code, "message": message}
+
+    def handle(self, target: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if target == "SendCommand":
+            return self.send_command(body)
+        if target == "GetCommandInvocation":
+            return self.get_invocation(body)
+        return self.error("UnsupportedOperation", f"the rehearsal's SSM agent does not do {target}")
+
+    def send_command(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        doc = body.get("DocumentName")
+        if doc != "AWS-RunShellScript":
+            return self.error("InvalidDocument", f"document {doc!r}: the rehearsal's agent runs AWS-RunShellScript only")
+        params = body.get("Parameters") or {}
+        script = "\n".join(params.get("commands") or [])
+        if not script.strip():
+            return self.error("InvalidParameters", "commands: empty")
+        timeout = float((params.get("executionTimeout") or ["3600"])[0])
+        ids = list(body.get("InstanceIds") or [])
+        hosts = {i: self.host_of(i) for i in ids}
+        missing = [i for i, h in hosts.items() if h is None]
+        if not ids or missing:
+            return self.error("InvalidInstanceId", f"instances not running an agent: {', '.join(missing) or '(none given)'}")
+        cid = str(uuid.uuid4())  # SSM command ids are UUIDs
+        now = self.clock()
+        for iid, host in hosts.items():
+            inv = {"CommandId": cid, "InstanceId": iid, "Status": "InProgress", "StatusDetails": "InProgress",
+                   "ResponseCode": -1, "StandardOutputContent": "", "StandardErrorContent": "",
+                   "DocumentName": doc, "host": host, "script": script, "sent": now}
+            with self.lock:
+                self.invocations[(cid, iid)] = inv
+                self.log.append({"t": now, "host": host, "command_id": cid, "first_line": script.splitlines()[0][:200]})
+            threading.Thread(target=self._run, args=(inv, timeout), daemon=True, name=f"ssm-{host}").start()
+        return 200, {"Command": {"CommandId": cid, "DocumentName": doc, "InstanceIds": ids, "Status": "Pending",
+                                 "Parameters": params}}
+
+    def _run(self, inv: dict[str, Any], timeout: float) -> None:
+        try:
+            rc, out = self.execute(inv["host"], inv["script"], timeout)
+        except Exception as e:  # noqa: BLE001 - the host went away under the command
+            rc, out = -1, f"the agent lost the instance: {e}"
+        status = "Success" if rc == 0 else "TimedOut" if rc == 124 else "Failed"
+        with self.lock:
+            inv.update(Status=status, StatusDetails="ExecutionTimedOut" if rc == 124 else status, ResponseCode=rc,
+                       StandardOutputContent=out[-SSM_OUTPUT_MAX:], ended=self.clock())
+
+    def get_invocation(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            inv = self.invocations.get((body.get("CommandId", ""), body.get("InstanceId", "")))
+            if inv is None:
+                return self.error("InvocationDoesNotExist", "no such command invocation")
+            return 200, {k: v for k, v in inv.items() if k[0].isupper()}
+
+
+def ssm_target(environ: dict[str, Any]) -> str | None:
+    """The operation of an SSM JSON request (X-Amz-Target AmazonSSM.<Op>), else None."""
+    t = environ.get("HTTP_X_AMZ_TARGET", "")
+    return t.split(".", 1)[1] if t.startswith("AmazonSSM.") else None
+
+
+SSM_AGENT_OPS = {"SendCommand", "GetCommandInvocation", "ListCommandInvocations", "ListCommands", "CancelCommand"}
+
+
+def with_faults(app: Any, faults: ApiFaults, agent: SsmAgent | None = None) -> Any:
+    """WSGI middleware in front of moto: EC2 calls get the configured faults; SSM Run
+    Command goes to the agent (when one is given)."""
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        op = ssm_target(environ)
+        if agent is not None and op in SSM_AGENT_OPS:
+            n = int(environ.get("CONTENT_LENGTH") or 0)
+            body = json.loads(environ["wsgi.input"].read(n) or b"{}") if n else {}
+            code, doc = agent.handle(op, body)
+            data = json.dumps(doc, default=str).encode()
+            start_response(f"{code} {'OK' if code == 200 else 'Bad Request'}",
+                           [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(data)))])
+            return [data]
         action = ec2_action(environ)
         if action is not None:
             d = faults.delay()
@@ -389,6 +490,8 @@ def serve_ops(path: Path, region: str) -> None:
                     out = {"ok": True, "result": result}
                 elif req.get("op") == "ping":
                     out = {"ok": True}
+                elif req.get("op") == "ssm-log":  # the Run Command invocations so far, in order
+                    out = {"ok": True, "result": list(AGENT.log) if AGENT else []}
                 elif req.get("op") == "api-faults":
                     out = {"ok": True, "result": FAULTS.set(**req.get("kwargs", {}))}
                 else:
@@ -404,12 +507,49 @@ def serve_ops(path: Path, region: str) -> None:
     threading.Thread(target=srv.serve_forever, daemon=True, name="ops").start()
 
 
+AGENT: SsmAgent | None = None
+
+
+def host_agent(region: str) -> SsmAgent:
+    """The SSM agent stand-in of the rehearsal's hosts: an instance is reachable while
+    EC2 says it runs and its host (the systemd container named by its Name tag) is up."""
+    from . import container as C
+
+    ec2 = client("ec2", region)
+
+    def host_of(instance_id: str) -> str | None:
+        try:
+            r = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        except Exception:  # noqa: BLE001 - InvalidInstanceID.NotFound
+            return None
+        inst = r[0]["Instances"][0] if r else {}
+        name = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}.get("Name")
+        if inst.get("State", {}).get("Name") != "running" or not name or not C.alive(name):
+            return None
+        return str(name)
+
+    def execute(host: str, script: str, timeout: float) -> tuple[int, str]:
+        return C.exec(C.handle(host), ["sh", "-c", script], timeout=timeout)
+
+    global AGENT
+    AGENT = SsmAgent(host_of, execute)
+    return AGENT
+
+
 def api_faults(workdir: Path, **kwargs: Any) -> dict[str, Any]:
     """Set the API faults of the running stand-ins (see ApiFaults.set); {} turns them off."""
     out = sockcall.call(workdir / "awsd.sock", {"op": "api-faults", "kwargs": kwargs}, 10)
     if not out or not out.get("ok"):
         raise RuntimeError(f"api faults: {(out or {}).get('error', 'no answer')}")
     return dict(out["result"])
+
+
+def ssm_log(workdir: Path) -> list[dict[str, Any]]:
+    """Every command the SSM agent stand-in ran: time, host, command id, its first line."""
+    out = sockcall.call(workdir / "awsd.sock", {"op": "ssm-log"}, 10)
+    if not out or not out.get("ok"):
+        raise RuntimeError(f"ssm log: {(out or {}).get('error', 'no answer')}")
+    return list(out["result"])
 
 
 def ops_call(workdir: Path, service: str, method: str, timeout: float = 30, **kwargs: Any) -> Any:
@@ -429,7 +569,7 @@ def main(argv: list[str]) -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
-    server = faulty_moto_server(ENDPOINT_IP, ENDPOINT_PORT, FAULTS)
+    server = faulty_moto_server(ENDPOINT_IP, ENDPOINT_PORT, FAULTS, host_agent(layout.cfg.region))
     server.start()
     log(f"moto server on {ENDPOINT_URL}")
     try:

@@ -131,6 +131,9 @@ def model(run: Any, stack: str, table: dict[str, Any] | None = None) -> dict[str
                 names = [x for n in mine for x in (f"{s}-{n}-lb-drain", f"{s}-{n}-instance",
                                                     f"{s}-{n}-gate-ready", f"{s}-{n}-lb-ready") if x in deps]
                 entry.update(mechanism="pulumi up", steps=_order(deps, names))
+                # what each command resource runs (pulumi-command's `create`): a deploy drill runs these
+                entry["commands"] = {n: str(run.named(n).inputs.get("create", "")) for n in names
+                                     if not n.endswith("-instance")}
                 stateful = set(role.split("+")) & set(table["stateful_instance_roles"])
                 entry["one_at_a_time"] = all(
                     sum(1 for x in wave if x.endswith("-instance")) <= 1 for wave in entry["steps"])

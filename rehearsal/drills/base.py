@@ -59,7 +59,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "slurm": {"rto": 30.0, "alerts": ["SlurmctldDown", "ServerDown"], "kinds": ALL_KINDS},
     "az": {"rto": 10.0, "alerts": ["ServerDown"], "kinds": ALL_KINDS},
 }
-ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "restore",
+ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "deploy", "restore",
          "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
          "partition-redis", "partition-galera", "partition-lb", "crash-burst", "ec2-api", "slurm-host"]
 SMOKE = ["lb", "redis", "galera"]

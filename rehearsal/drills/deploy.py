@@ -4,13 +4,16 @@ with tools/rolling.py's own plan, and what `pulumi up --replace` does to one hos
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import hosts as H
 from ..awsd import ops_call
-from ..stack import read_state, write_state
-from .base import REPO, DrillBase, Result, register
+from ..stack import _python, read_state, say, write_state
+from .base import REPO, DrillBase, Result, history, register
 
 
 class DeployDrills(DrillBase):
@@ -112,6 +115,101 @@ class DeployDrills(DrillBase):
                 res.fault_effect = f"replaced {', '.join(replaced)}"
             self.finish_load(p, path)
             self.tally(path, t0, res)
+        self.verify(path, res)
+        res.checks["no_failed_reads"] = res.failed_reads == 0
+        return self.finish(res, None)
+
+    # ------------------------------------------------------------------ deploy
+    def program_command(self, cmd: str, timeout: float = 1200) -> tuple[int, str]:
+        """Run one of the program's command resources (pulumi-command's `create`) as `pulumi
+        up` would on the operator's machine: from the checkout, with the operator's Python
+        (this venv's) first on PATH, AWS's API at the stand-ins (the SSM agent stand-in runs
+        what reaches the hosts)."""
+        import os
+
+        from ..awsd import ENDPOINT_URL
+        from ..layout import NS_AWS
+
+        env = {**os.environ, "PATH": f"{Path(_python()).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+               "AWS_ENDPOINT_URL": ENDPOINT_URL, "AWS_ACCESS_KEY_ID": "rehearsal",
+               "AWS_SECRET_ACCESS_KEY": "rehearsal", "AWS_EC2_METADATA_DISABLED": "true"}
+        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_AWS}", "--", "sh", "-c", cmd], cwd=str(REPO),
+                            env=env, capture_output=True, text=True, timeout=timeout)
+        return cp.returncode, cp.stdout + cp.stderr
+
+    @register("deploy")
+    def drill_deploy(self) -> Result:
+        """An app-template change applied as `pulumi up` applies it: the replacement-plan
+        model (tools/replacement_plan.py: the program's resource graph + the replacement
+        table) gives the steps; each drain, gate and put-back runs the program's own command
+        text (tools/gate.py through SSM, the agent stand-in running it on the LBs and the
+        new host), each instance step replaces the host."""
+        res = Result("deploy")
+        cp = subprocess.run([_python(), "tools/replacement_plan.py", "--stack", self.layout.stack, "--role", "app",
+                             "--change", "template"], cwd=str(REPO), capture_output=True, text=True, timeout=600)
+        if cp.returncode != 0:
+            raise RuntimeError(f"tools/replacement_plan.py: {cp.stderr.strip()[-500:]}")
+        plan = json.loads(cp.stdout)["app"]["template"]
+        if plan.get("mechanism") != "pulumi up" or plan.get("action") != "replace":
+            raise RuntimeError(f"an app-template change is not a replacement by `pulumi up` here: {plan}")
+        steps = [name for wave in plan["steps"] for name in wave]
+        if any(len(wave) != 1 for wave in plan["steps"]):
+            res.notes.append(f"the plan has parallel waves: {plan['steps']}")
+        res.checks["plan_one_step_at_a_time"] = all(len(wave) == 1 for wave in plan["steps"])
+        prefix = f"{self.layout.stack}-"
+        observed: list[str] = []
+        out_of_service: dict[str, list[float]] = {}
+        new_ids: dict[str, str] = {}
+        with self.load("deploy") as (p, path):
+            if not self.wait_healthy(path):
+                res.notes.append("the portal was not healthy before the deploy")
+            time.sleep(3)
+            t0 = time.time()
+            failed = ""
+            for name in steps:
+                m = re.fullmatch(rf"{re.escape(prefix)}(.+)-(lb-drain|instance|gate-ready|lb-ready)", name)
+                if m is None:
+                    raise RuntimeError(f"plan step {name!r}: not a drain, instance, gate or put-back of a host")
+                host, kind = m.groups()
+                say(f"    {name}")
+                if kind == "instance":
+                    new_ids[host] = self.replace_instance(host)
+                    rc, out = 0, new_ids[host]
+                else:
+                    cmd = plan["commands"][name]
+                    if kind == "gate-ready":  # the new instance's id, as the Output resolves it
+                        cmd = re.sub(r"--instance-id \S+", f"--instance-id {new_ids[host]}", cmd)
+                    rc, out = self.program_command(cmd)
+                    if kind == "lb-drain":
+                        out_of_service[host] = [time.time()]
+                    elif kind == "lb-ready" and host in out_of_service:
+                        out_of_service[host].append(time.time())
+                observed.append(name)
+                if rc != 0:
+                    failed = f"{name}: exit {rc}: {out.strip()[-400:]}"
+                    break
+            res.fault_window = (t0, time.time())
+            self.finish_load(p, path)
+            self.tally(path, t0, res)
+        res.checks["plan_completed"] = not failed and observed == steps
+        if failed:
+            res.notes.append(f"stopped at {failed}")
+        if new_ids:
+            res.fault_effect = f"replaced {', '.join(f'{h}={i}' for h, i in new_ids.items())}"
+        # What reached the hosts, in order (the SSM agent stand-in's log): each host's
+        # drain and put-back on every LB, one host after the other.
+        from ..awsd import ssm_log
+
+        ran = [e for e in ssm_log(self.wd) if e["t"] >= t0]
+        res.notes.append(f"SSM commands run: {len(ran)} on {sorted({e['host'] for e in ran})}")
+        # Never more than one host out of service, and none answered while it was out.
+        spans = sorted((v[0], v[1] if len(v) > 1 else time.time(), h) for h, v in out_of_service.items())
+        res.checks["one_host_out_at_a_time"] = all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+        hist = history(path)
+        served_while_out = [r for r in hist for s, e, h in spans if r[6] == h and s + 1.0 < r[0] and r[1] < e]
+        res.checks["no_request_to_a_drained_host"] = not served_while_out
+        if served_while_out:
+            res.notes.append(f"{len(served_while_out)} requests answered by a host while it was out of service")
         self.verify(path, res)
         res.checks["no_failed_reads"] = res.failed_reads == 0
         return self.finish(res, None)

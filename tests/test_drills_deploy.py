@@ -1,0 +1,125 @@
+"""The `deploy` drill without a rehearsal: it runs the replacement-plan model's steps in
+order (the program's command text for drains, gates and put-backs, with the new instance's
+id in the gate), and its checks fail on what they guard."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rehearsal.drills import deploy
+from rehearsal.drills.base import Result
+
+PLAN: dict[str, Any] = {"app": {"template": {
+    "action": "replace", "mechanism": "pulumi up", "hosts": ["app-1", "app-2"],
+    "steps": [[f"prod-{h}-{k}"] for h in ("app-1", "app-2") for k in ("lb-drain", "instance", "gate-ready", "lb-ready")],
+    "commands": {f"prod-{h}-{k}": f"python3 tools/gate.py --host {h} {arg}" for h in ("app-1", "app-2")
+                 for k, arg in (("lb-drain", "--lb-state drain"), ("gate-ready", "--instance-id i-mock --roles app"),
+                                ("lb-ready", "--lb-state ready"))}}}}
+
+
+class FakeDeploy(deploy.DeployDrills):
+    def __init__(self, tmp: Path, plan: dict[str, Any], fail: str = "") -> None:
+        from types import SimpleNamespace
+
+        self.out_dir = self.wd = tmp
+        self.ceiling = 1.0
+        self.layout = SimpleNamespace(stack="prod")  # type: ignore[assignment]
+        self.plan, self.fail = plan, fail
+        self.ran: list[str] = []
+        self.hist: list[str] = []
+
+    @contextlib.contextmanager
+    def load(self, name: str) -> Iterator[tuple[Any, Path]]:
+        yield None, self.out_dir / f"load-{name}.log"
+
+    def wait_healthy(self, path: Path, kinds: Any = None, timeout: float = 0) -> bool:
+        return True
+
+    def finish_load(self, p: Any, path: Path, min_acked: int = 0, max_s: float = 0) -> None:
+        path.write_text("\n".join(self.hist) + "\n")
+
+    def tally(self, path: Path, t0: float, res: Result) -> None:
+        res.failed_reads = 0
+
+    def verify(self, path: Path, res: Result) -> None:
+        res.acked_in_fault_window = 100
+        res.per_kind = {"records": {"acked": 600, "lost": 0, "duplicated": 0, "ghost": 0}}
+        res.acked_writes = 600
+
+    def replace_instance(self, host: str) -> str:
+        self.ran.append(f"replace {host}")
+        return f"i-new-{host}"
+
+    def program_command(self, cmd: str, timeout: float = 0) -> tuple[int, str]:
+        self.ran.append(cmd)
+        return (1, "gate failed: host app-2 check portal") if self.fail and self.fail in cmd else (0, "ok")
+
+
+@pytest.fixture
+def patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run = subprocess.run
+
+    def run(argv: Any, **kw: Any) -> Any:
+        if "tools/replacement_plan.py" in argv:
+            return subprocess.CompletedProcess(argv, 0, json.dumps(PLAN), "")
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(deploy.subprocess, "run", run)
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: None)
+    monkeypatch.setattr("rehearsal.awsd.ssm_log", lambda wd: [])
+    monkeypatch.setattr(deploy, "say", lambda m: None)
+
+
+def test_the_plans_steps_run_in_order_with_the_new_instance_in_the_gate(tmp_path: Path, patched: None) -> None:
+    d = FakeDeploy(tmp_path, PLAN)
+    res = d.drill_deploy()
+    assert d.ran == [
+        "python3 tools/gate.py --host app-1 --lb-state drain", "replace app-1",
+        "python3 tools/gate.py --host app-1 --instance-id i-new-app-1 --roles app",
+        "python3 tools/gate.py --host app-1 --lb-state ready",
+        "python3 tools/gate.py --host app-2 --lb-state drain", "replace app-2",
+        "python3 tools/gate.py --host app-2 --instance-id i-new-app-2 --roles app",
+        "python3 tools/gate.py --host app-2 --lb-state ready"]
+    assert res.checks["plan_completed"] and res.checks["one_host_out_at_a_time"], res.checks
+    assert res.passed, res
+
+
+def test_a_failed_gate_stops_the_deploy_before_the_next_host(tmp_path: Path, patched: None) -> None:
+    d = FakeDeploy(tmp_path, PLAN, fail="--host app-1 --instance-id")
+    res = d.drill_deploy()
+    assert d.ran[-1].startswith("python3 tools/gate.py --host app-1 --instance-id")
+    assert not any("app-2" in r for r in d.ran)  # the next host is never touched
+    assert res.checks["plan_completed"] is False and not res.passed
+    assert any("gate failed" in n for n in res.notes)
+
+
+def test_a_host_answering_while_drained_fails(tmp_path: Path, patched: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = FakeDeploy(tmp_path, PLAN)
+    clock = iter(float(x) for x in range(1000, 20000, 10))  # t0 1000, app-1 drained 1010, back 1020
+    monkeypatch.setattr(deploy.time, "time", lambda: next(clock))
+    # app-1 is out of service from its drain to its put-back; a request it answered in between
+    d.hist = ["1015.0 1015.1 read 1 200 r1 app-1 -", "1015.0 1015.1 read 1 200 r2 app-2 -"]
+    res = d.drill_deploy()
+    assert res.checks["no_request_to_a_drained_host"] is False and not res.passed, res.checks
+    assert any("1 requests answered by a host while it was out" in n for n in res.notes)
+
+
+def test_a_plan_that_is_not_a_replacement_by_pulumi_up_is_refused(tmp_path: Path, patched: None) -> None:
+    plan = json.loads(json.dumps(PLAN))
+    plan["app"]["template"].update(mechanism="tools/rolling.py", action="ignored")
+    PLAN_SAVED = dict(PLAN)
+    PLAN.clear()
+    PLAN.update(plan)
+    try:
+        with pytest.raises(RuntimeError, match="not a replacement"):
+            FakeDeploy(tmp_path, plan).drill_deploy()
+    finally:
+        PLAN.clear()
+        PLAN.update(PLAN_SAVED)
