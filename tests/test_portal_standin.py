@@ -325,3 +325,88 @@ def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: 
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
     code, doc = mod.health()
     assert code == 503 and doc["status"] == "unhealthy"
+
+
+class FakeConn:
+    """A pymysql connection whose statements raise the next of `errors` (None: succeed)."""
+
+    def __init__(self, errors: list[BaseException | None]) -> None:
+        self.errors, self.closed, self.statements = errors, False, 0
+
+    def cursor(self) -> Any:
+        conn = self
+
+        class Cur:
+            def __enter__(self) -> Any:
+                return self
+
+            def __exit__(self, *a: Any) -> None:
+                return None
+
+            def execute(self, sql: str, args: Any = None) -> int:
+                conn.statements += 1
+                err = conn.errors.pop(0) if conn.errors else None
+                if err is not None:
+                    raise err
+                return 1
+
+            def fetchall(self) -> list[tuple[Any, ...]]:
+                return []
+
+        return Cur()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def db(monkeypatch: pytest.MonkeyPatch) -> Any:
+    import pymysql
+
+    mod = load_script("portal_standin.py")
+    monkeypatch.setattr(mod, "secret", lambda *a: "pw")
+    d = mod.Db()
+    d.ready = True
+    conns: list[FakeConn] = []
+    plan: list[list[BaseException | None]] = []
+
+    def connect(**kw: Any) -> FakeConn:
+        errors = plan.pop(0) if plan else []
+        if errors and isinstance(errors[0], pymysql.err.OperationalError) and errors[0].args[0] == 2003:
+            raise errors[0]
+        conns.append(FakeConn(errors))
+        return conns[-1]
+
+    monkeypatch.setattr(pymysql, "connect", connect)
+    return d, conns, plan, pymysql
+
+
+def test_a_kept_connection_the_db_writer_cut_is_retried_once_on_a_new_one(db: Any) -> None:
+    d, conns, plan, pymysql = db
+    plan += [[None, pymysql.err.OperationalError(2013, "Lost connection to server during query")], [None]]
+    assert d.query("SELECT 1") == (1, [])            # a kept connection now
+    assert d.query("INSERT IGNORE ...") == (1, [])   # it broke: dropped, run again on a new one
+    assert len(conns) == 2 and conns[0].closed and conns[1].statements == 1
+
+
+@pytest.mark.parametrize("why", ["fresh connection", "not a lost connection", "the retry broke too"])
+def test_no_second_retry_and_no_retry_of_other_errors(db: Any, why: str) -> None:
+    d, conns, plan, pymysql = db
+    lost = pymysql.err.OperationalError(2006, "server has gone away")
+    if why == "fresh connection":
+        plan += [[lost]]
+        with pytest.raises(pymysql.err.OperationalError):
+            d.query("SELECT 1")
+        assert len(conns) == 1
+    elif why == "not a lost connection":
+        plan += [[None, pymysql.err.IntegrityError(1062, "Duplicate entry")]]
+        d.query("SELECT 1")
+        with pytest.raises(pymysql.err.IntegrityError):
+            d.query("INSERT ...")
+        assert len(conns) == 1
+    else:
+        plan += [[None, lost], [lost]]
+        d.query("SELECT 1")
+        with pytest.raises(pymysql.err.OperationalError):
+            d.query("SELECT 1")
+        assert len(conns) == 2

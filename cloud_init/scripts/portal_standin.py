@@ -179,6 +179,19 @@ class _Master:
         return lambda *a, **kw: self.owner.call(method, *a, **kw)
 
 
+# MySQL client errors of a connection that broke under a statement: server has gone away,
+# lost connection during query; pymysql's InterfaceError is a use of a closed socket.
+CONNECTION_LOST = {2006, 2013}
+
+
+def connection_lost(e: BaseException) -> bool:
+    import pymysql
+
+    if isinstance(e, pymysql.err.InterfaceError):
+        return True
+    return isinstance(e, pymysql.err.OperationalError) and bool(e.args) and e.args[0] in CONNECTION_LOST
+
+
 class Db:
     def __init__(self) -> None:
         self.local = threading.local()
@@ -207,15 +220,24 @@ class Db:
                 pass
 
     def query(self, sql: str, args: Any = None) -> tuple[int, list[tuple[Any, ...]]]:
-        """One statement; a broken connection is dropped (the caller's request fails)."""
-        try:
-            self.ensure_schema()
-            with self.conn().cursor() as cur:
-                n = cur.execute(sql, args)
-                return n, list(cur.fetchall())
-        except Exception:
-            self.drop()
-            raise
+        """One statement. A broken connection is dropped; when it was a kept one that broke
+        (the DB writer cut it: its node failed, or the preferred node came back and the
+        sessions on a backup were shut), the statement runs once more on a new connection,
+        as a pool with pre-ping would. Safe because every write here is idempotent by its
+        request id (INSERT IGNORE on a unique key). Any other error fails the request."""
+        for attempt in (1, 2):
+            kept = getattr(self.local, "c", None) is not None
+            try:
+                self.ensure_schema()
+                with self.conn().cursor() as cur:
+                    n = cur.execute(sql, args)
+                    return n, list(cur.fetchall())
+            except Exception as e:
+                self.drop()
+                if attempt == 1 and kept and connection_lost(e):
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     def ensure_schema(self) -> None:
         if self.ready:
