@@ -204,3 +204,20 @@ def test_no_false_failover_fails_when_the_backup_took_over_and_fenced_the_primar
     nff.ping = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is UP\n"
     res = nff.drill_no_false_failover()
     assert res.checks["no_slurm_takeover"] is False and not res.passed
+
+
+@pytest.mark.parametrize("answers_again", [True, False])
+def test_freeze_app_waits_for_the_thawed_host_to_answer_the_load_again(
+        drill: FakeDrill, monkeypatch: pytest.MonkeyPatch, answers_again: bool) -> None:
+    from types import SimpleNamespace
+
+    drill.layout = SimpleNamespace(topo=SimpleNamespace(role_hosts={"app": ["app-1", "app-2"]}))  # type: ignore[assignment]
+    monkeypatch.setattr(gray, "BACK_IN_SERVICE_S", 0.2)
+    lines = ["9999999998.0 9999999998.1 read 1 200 r1 app-2 -"]  # another host only
+    if answers_again:
+        lines.append("9999999999.0 9999999999.1 read 1 200 r2 app-1 -")
+    (drill.out_dir / "load-freeze-app.log").write_text("\n".join(lines) + "\n")
+    res = drill.drill_freeze_app()
+    assert drill.calls == ["freeze app-1", "thaw app-1"]
+    assert res.checks["app_back_in_service"] is answers_again
+    assert res.passed is answers_again, res.checks

@@ -572,7 +572,8 @@ def test_haproxy_cfg_uses_ip_addresses_only() -> None:
                     addr = line.split()[2].rsplit(":", 1)[0]
                     assert IP_RE.match(addr), (name, line)
                     checked += 1
-        assert "default-server inter 2s fall 3 rise 2 init-addr last,libc,none" in secs["defaults"]
+        assert "default-server inter 1s fastinter 500ms fall 2 rise 2 init-addr last,libc,none" in secs["defaults"]
+        assert "timeout check 1s" in secs["defaults"]
     assert checked > 0
 
 
