@@ -572,3 +572,65 @@ def test_imds_answering_late_is_read_with_longer_waits_not_timed_out_forever(imd
     t0 = time.monotonic()
     tally.check(client.instance_id() == "i-0abc")
     tally.check(time.monotonic() - t0 < 15, time.monotonic() - t0)
+
+
+# ---- role credentials from an IMDS that answers late -----------------------------------
+
+class LateImds(http.server.ThreadingHTTPServer):
+    """IMDSv2 with an instance profile, every answer `delay` seconds late."""
+
+    delay = 2.0
+
+
+def _late_imds_handler() -> type[http.server.BaseHTTPRequestHandler]:
+    class H(http.server.BaseHTTPRequestHandler):
+        def _send(self, body: bytes) -> None:
+            time.sleep(self.server.delay)  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+            self._send(b"token")
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.endswith("/security-credentials/"):
+                self._send(b"hpc-lb")
+            elif self.path.endswith("/security-credentials/hpc-lb"):
+                self._send(json.dumps({"Code": "Success", "AccessKeyId": "AKIALATE", "SecretAccessKey": "s",
+                                       "Token": "t", "Expiration": "2099-01-01T00:00:00Z"}).encode())
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    return H
+
+
+@pytest.fixture
+def late_imds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    srv = LateImds(("127.0.0.1", 0), _late_imds_handler())
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_METADATA_SERVICE_TIMEOUT", "AWS_METADATA_SERVICE_NUM_ATTEMPTS", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{srv.server_port}/")
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}/"
+    finally:
+        srv.shutdown()
+
+
+def test_clients_get_the_instance_profile_from_an_imds_two_seconds_late(late_imds: str) -> None:
+    # positive control: botocore's defaults (1 s, one attempt) find no credentials
+    plain = boto3.session.Session().client("ec2", region_name=REGION)
+    assert plain._request_signer._credentials is None
+    c = hpc_aws.client("ec2", REGION)
+    creds = c._request_signer._credentials
+    assert creds is not None and creds.get_frozen_credentials().access_key == "AKIALATE"

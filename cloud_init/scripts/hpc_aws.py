@@ -258,6 +258,10 @@ def endpoint_url(fallback: str | None = None, path: str = AWS_ENDPOINT_FILE) -> 
     return read_override("HPC_AWS_ENDPOINT_URL", path) or fallback or None
 
 
+IMDS_CREDENTIALS_TIMEOUT_S = 4
+IMDS_CREDENTIALS_ATTEMPTS = 2
+
+
 def client_config(botocore_attempts: int = 1, connect_timeout: float = CONNECT_TIMEOUT_S,
                   read_timeout: float = READ_TIMEOUT_S) -> Any:
     from botocore.config import Config
@@ -272,8 +276,15 @@ def client(service: str, region: str | None, endpoint: str | None = None, *, bot
     that), retries off unless `botocore_attempts` says otherwise (only for calls that
     retry() cannot repeat, such as a streamed upload)."""
     import boto3
+    import botocore.session
 
-    return boto3.session.Session().client(
+    core = botocore.session.get_session()
+    # The instance profile's credentials come from IMDS through botocore's own fetcher:
+    # 1 s and one attempt by default, so an IMDS that answers 2 s late (a loaded host,
+    # the ec2-api drill) left every call without credentials. Two attempts of 4 s each.
+    core.set_config_variable("metadata_service_timeout", IMDS_CREDENTIALS_TIMEOUT_S)
+    core.set_config_variable("metadata_service_num_attempts", IMDS_CREDENTIALS_ATTEMPTS)
+    return boto3.session.Session(botocore_session=core).client(
         service, region_name=region, endpoint_url=endpoint,
         config=client_config(botocore_attempts, connect_timeout, read_timeout))
 
