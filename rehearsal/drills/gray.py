@@ -25,7 +25,7 @@ from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, regist
 DETECT_S = {
     "lb": 1.8,      # VRRPv3 advert_int 0.5: 3 missed adverts + skew
     "redis": 2.0,   # Sentinel down-after-milliseconds 2000
-    "galera": 2.0,  # the DB writer's check: inter 1s fall 2 (evs.suspect_timeout PT3S behind it)
+    "galera": 2.0,  # the DB writer's check: inter 1s fall 2 (evs.suspect_timeout PT2S behind it)
     "app": 2.0,     # the LB's HAProxy check of a web/app host: inter 1s fall 2 (timeout check 1s)
 }
 FREEZE_S = {"lb": 10.0, "redis": 12.0, "galera": 15.0, "app": 10.0}
