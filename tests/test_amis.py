@@ -39,7 +39,7 @@ def test_stack_files_carry_no_unverified_ids(stack, tally):
 def test_unpinned_architectures_use_canonicals_parameter(stack, tally):
     run = program_run(stack)
     cfg, _ = load_stack(stack)
-    by_arch = {}
+    by_arch: dict[str, set[str]] = {}
     for r in run.of_type("aws:ec2/instance:Instance"):
         arch = run.outputs["hosts"][r.inputs["tags"]["Name"]]["arch"]
         by_arch.setdefault(arch, set()).add(r.inputs["ami"])

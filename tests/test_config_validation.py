@@ -66,7 +66,7 @@ CASES = [
 
 @pytest.mark.parametrize("case_id,stack,overrides,expected", CASES, ids=[c[0] for c in CASES])
 def test_invalid_config_is_refused_before_any_resource(case_id, stack, overrides, expected):
-    secrets = {} if case_id == "prod-needs-tls" else None
+    secrets: dict[str, str] | None = {} if case_id == "prod-needs-tls" else None
     with pytest.raises(ProgramFailed) as info:
         run_stack(stack, overrides=overrides or {}, secrets=secrets)
     assert isinstance(info.value.error, ConfigError), info.value.error

@@ -25,7 +25,6 @@ class FakeCrash(crash.CrashDrills):
         self.states = survivor_states
         self.synced = synced
         self.layout = type("L", (), {"topo": type("T", (), {"role_hosts": {"data": ["data-1", "data-2", "data-3"]}})()})()
-        self.killed: list[str] = []
 
     def galera_status(self, host: str) -> dict[str, str]:
         if host == "data-1":  # the writer before the fault
@@ -47,8 +46,12 @@ class FakeCrash(crash.CrashDrills):
 @pytest.fixture
 def patched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     calls: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(crash.H, "call", lambda layout, host, req, timeout=600: calls.append((host, req)) or {"rc": 0},
-                        raising=False)
+
+    def call(layout: Any, host: str, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+        calls.append((host, req))
+        return {"rc": 0}
+
+    monkeypatch.setattr(crash.H, "call", call, raising=False)
     return calls
 
 

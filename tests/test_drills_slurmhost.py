@@ -47,8 +47,13 @@ UP = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is UP\
 @pytest.fixture
 def ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     log: list[str] = []
+
+    def kill(h: str) -> list[int]:
+        log.append(f"kill {h}")
+        return []
+
     monkeypatch.setattr(slurmhost.netns, "set_link", lambda layout, h, up: log.append(f"link {h} {up}"))
-    monkeypatch.setattr(slurmhost.H, "kill", lambda h: log.append(f"kill {h}") or [], raising=False)
+    monkeypatch.setattr(slurmhost.H, "kill", kill, raising=False)
     monkeypatch.setattr(slurmhost, "SACCT_TARGET_S", 0.01)
     monkeypatch.setattr(slurmhost, "POLL_S", 120.0)
     monkeypatch.setattr(slurmhost.time, "sleep", lambda s: None)

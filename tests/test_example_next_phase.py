@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pulumi
 from pulumi.runtime import settings as pulumi_settings
-from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.stack import Stack, run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from offline.mocks import StrictMocks
@@ -40,8 +40,13 @@ def test_next_phase_reads_the_portal_outputs(tally):
     pulumi.runtime.set_all_config({"aws:region": "ap-northeast-2",
                                    "hpc-portal-next-phase:portal_stack": "organization/hpc-portal/prod"}, [])
     pulumi.runtime.set_mocks(mocks, project="hpc-portal-next-phase", stack="prod", preview=False)
-    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(EXAMPLE / "__main__.py"))))
+
+    def run_example() -> None:
+        runpy.run_path(str(EXAMPLE / "__main__.py"))
+
+    _sync_await(run_pulumi_func(run_example))
     root = pulumi_settings.get_root_resource()
+    assert isinstance(root, Stack), f"the mocks registered a root Stack for the example, not {root!r}"
     outputs = {k: _sync_await(pulumi.Output.from_input(v).future()) for k, v in root.outputs.items()}
     tally.check(mocks.referenced == ["organization/hpc-portal/prod"])
     tally.check(outputs["portal_url"] == f"https://{prod.outputs['vip']['public_ip']}/", outputs)

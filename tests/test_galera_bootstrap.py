@@ -106,7 +106,7 @@ def live_galera(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": {}, "status": {}, "checks": {}}
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
-    port = server._server.server_port  # type: ignore[attr-defined]
+    _, port = server.get_host_and_port()
     env = dict(
         os.environ,
         HPC_AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",

@@ -113,7 +113,8 @@ class Clock:
 
 
 def run(ssm, host="data-1", roles=("data",), timeout=900, **kw):
-    clock, logs = Clock(), []
+    clock = Clock()
+    logs: list[str] = []
     gate.run_gate(ssm, host, "i-1", list(roles), timeout, sleep=clock.sleep, clock=clock.now, log=logs.append, **kw)
     return clock.t, logs
 

@@ -269,7 +269,7 @@ def test_clustercheck_verdicts(status: dict[str, str] | None, donor_ok: bool, co
 
 
 def test_clustercheck_serves_http_from_a_fake_status_source() -> None:
-    state = {"value": _st("4")}
+    state: dict[str, dict[str, str] | None] = {"value": _st("4")}
     calls = {"n": 0}
 
     def source() -> dict[str, str] | None:
@@ -501,7 +501,9 @@ def test_backup_streams_to_its_fixed_key_and_writes_the_metric(tmp_path: Path, s
     metric = (textfile / "hpc_backup.prom").read_text()
     assert f'hpc_backup_last_success_timestamp_seconds{{cluster="{cfg["cluster_name"]}"}} ' in metric
     assert f'hpc_backup_last_size_bytes{{cluster="{cfg["cluster_name"]}"}} {len(body)}\n' in metric
-    stamp = int(re.search(r"^hpc_backup_last_success_timestamp_seconds\{.*\} (\d+)$", metric, re.M).group(1))
+    stamp_line = re.search(r"^hpc_backup_last_success_timestamp_seconds\{.*\} (\d+)$", metric, re.M)
+    assert stamp_line, f"no last-success timestamp in the metrics file:\n{metric}"
+    stamp = int(stamp_line.group(1))
     assert abs(stamp - dt.datetime.now(dt.UTC).timestamp()) < 60
     assert list(textfile.iterdir()) == [textfile / "hpc_backup.prom"]  # no temp file left
 

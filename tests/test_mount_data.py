@@ -70,7 +70,7 @@ def test_refuses_a_foreign_filesystem_and_a_missing_disk(tmp_path, tally):
     r = Runner(blkid="TYPE=xfs\nLABEL=scratch\n")
     tally.check(mod.main(args(tmp_path, sysb, mountinfo(tmp_path)), runner=r, sleep=lambda s: None) == 2)
     tally.check(not any(c[0] in ("mkfs.ext4", "mount") for c in r.calls))
-    waits = []
+    waits: list[float] = []
     tally.check(mod.main(args(tmp_path, sysb, mountinfo(tmp_path), size=100), runner=Runner(),
                          sleep=waits.append) == 1)
     tally.check(sum(waits) >= 20, "gave up without waiting")

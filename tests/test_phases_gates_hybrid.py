@@ -3,6 +3,8 @@ hybrid connectivity resources."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from components.catalog import expand_matrix
@@ -21,7 +23,7 @@ STABLE_INPUTS = ("userDataBase64", "ami", "instanceType", "primaryNetworkInterfa
 
 
 def _phase_run(phase: int):
-    overrides = {"phase": phase}
+    overrides: dict[str, Any] = {"phase": phase}
     if phase == 6:
         overrides["cutover"] = CUTOVER
     return program_run("prod", overrides=overrides)

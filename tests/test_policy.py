@@ -245,7 +245,7 @@ def test_iam_fails_on_wildcards_beyond_ec2_describe(tally):
         p["inputs"]["policy"] = json.dumps(doc)
         return res
 
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::b/k"]},
         {"Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": "*"},
         {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "arn:aws:s3:::bucket/*"},

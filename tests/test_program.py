@@ -11,20 +11,20 @@ from typing import Any
 import pytest
 
 from components.stackfile import stack_files
-from offline.harness import TEST_SECRETS, ProgramRun, run_stack
+from offline.harness import TEST_SECRETS, ProgramRun, Res, run_stack
 from tests.conftest import program_run
 
 STATEFUL = {"lb", "data", "slurm", "monitoring"}
 
 
-def instances(run: ProgramRun) -> dict[str, dict]:
-    out = {}
+def instances(run: ProgramRun) -> dict[str, Res]:
+    out: dict[str, Res] = {}
     for r in run.of_type("aws:ec2/instance:Instance"):
         out[r.inputs["tags"]["Name"]] = r
     return out
 
 
-def user_data(res) -> bytes:
+def user_data(res: Res) -> bytes:
     return gzip.decompress(base64.b64decode(res.inputs["userDataBase64"]))
 
 
@@ -71,8 +71,9 @@ def test_multi_node_roles_span_azs_and_primaries_are_staggered(stack_run, tally)
     if stack_run.stack == "prod":
         tally.check(len(by_role["data"]) == 3, "Galera spans three AZs in prod")
         prim = stack_run.outputs["primaries"]
-        azs = {k: hosts[v]["az"] for k, v in prim.items()}
-        tally.check(len({azs["active_lb"], azs["galera_bootstrap"], azs["slurm_primary"]}) == 3, azs)
+        primary_az = {k: hosts[v]["az"] for k, v in prim.items()}
+        tally.check(len({primary_az["active_lb"], primary_az["galera_bootstrap"], primary_az["slurm_primary"]}) == 3,
+                    primary_az)
     prim = stack_run.outputs["primaries"]
     tally.check(len({hosts[v]["az"] for v in prim.values()}) >= 2 or len(set(h["az"] for h in hosts.values())) == 1,
                 "no AZ holds every primary")

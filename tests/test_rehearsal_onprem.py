@@ -54,8 +54,7 @@ def test_hosts_render_the_sites_nodes_and_matrix_cells(tmp_path: Path) -> None:
     lay = build_layout("prod", tmp_path, onprem="auto")
     slurm1 = lay.topo.host("slurm-1")
     files = {f.path: f for f in render_host(host_context(lay.cfg, lay.topo, slurm1, FAKE_DEPLOYED)).files}
-    conf = files["/etc/slurm/slurm.conf"].content
-    conf = conf.decode() if isinstance(conf, bytes) else conf
+    conf = files["/etc/slurm/slurm.conf"].content.decode()
     assert "NodeName=cn001 NodeAddr=172.20.10.11 CPUs=2 RealMemory=2000 State=UNKNOWN" in conf
     assert "PartitionName=compute Nodes=cn[001-004] Default=YES" in conf and "NodeName=placeholder" not in conf
     rules = host_rules(lay, lay.host("slurm-1"))

@@ -63,8 +63,9 @@ def test_the_tiers_can_reach_what_they_need(prod, tally):
         tally.check(_has(rules, "egress", src, dst, port), f"egress {src} -> {dst} {port}")
     cfg, _ = _load("prod")
     for s in cfg.services:
-        for port in s.ports:
-            tally.check(any(r[:3] == ("ingress", "app", "lb") and r[4] <= port <= r[5] for r in rules), port)
+        for service_port in s.ports:
+            tally.check(any(r[:3] == ("ingress", "app", "lb") and r[4] <= service_port <= r[5] for r in rules),
+                        service_port)
     # VRRP is IP protocol 112 between the LB peers only
     vrrp = {r for r in rules if r[3] == "112"}
     tally.check(vrrp == {("ingress", "lb", "lb", "112", 0, 0), ("egress", "lb", "lb", "112", 0, 0)}, vrrp)

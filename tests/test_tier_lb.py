@@ -300,8 +300,8 @@ def _live_dbwriter(spec: dict[str, Any]) -> dict[str, Any]:
         proc.terminate()
         log, _ = proc.communicate(timeout=10)
         out["haproxy_log"] = log[-3000:]
-        for srv in servers:
-            srv.shutdown()
+        for server in servers:
+            server.shutdown()
     return out
 
 
