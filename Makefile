@@ -36,6 +36,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy __main__.py components cloud_init rehearsal tools offline examples/reference-portal/app/portal
 	$(VENV)/bin/mypy policy
+	$(VENV)/bin/mypy tests conftest.py
 	$(VENV)/bin/mypy --scripts-are-modules $(PY_HOST_SCRIPTS)
 
 test: venv deps lint typecheck

@@ -309,6 +309,12 @@ class DrillBase:
             else:
                 j = judge_jobs(job_hist, found)
                 kinds["jobs"].update(j)
+                if j["lost"]:  # which: request id, the job id the portal acknowledged, when
+                    lost = [(h[5], h[7], h[1]) for h in job_hist if h[3] and h[7] != "-" and not found.get(h[5])]
+                    res.notes.append("jobs lost: " + ", ".join(
+                        f"{rid} (job {job}, acked {time.strftime('%H:%M:%S', time.gmtime(t))}"
+                        f"{f', {t - res.fault_window[0]:+.1f}s from the fault' if res.fault_window else ''})"
+                        for rid, job, t in lost[:5]))
                 self.cancel_jobs(sorted({x for rid in {h[5] for h in job_hist} for x in found.get(rid, set())}))
         res.lost_writes = sum(k["lost"] for k in kinds.values())
         res.duplicates = sum(k["duplicated"] for k in kinds.values())
