@@ -64,6 +64,7 @@ KNOWN_METRICS = {
     # (wsrep_cluster_status: Primary -> 1)
     "mysql_up", "mysql_global_status_wsrep_cluster_size", "mysql_global_status_wsrep_cluster_status",
     "mysql_global_status_wsrep_local_state", "mysql_global_status_wsrep_flow_control_paused",
+    "mysql_global_status_wsrep_flow_control_paused_ns",
     "mysql_global_status_wsrep_local_recv_queue", "mysql_global_status_threads_connected",
     "mysql_global_status_queries",
     # redis_exporter

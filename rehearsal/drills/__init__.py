@@ -13,6 +13,7 @@
   slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
                  peers only (asymmetric), probed both ways
+  slow.py        slow-galera: one Galera node held to 1 % of a CPU (flow control)
 
 `Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
 registered under `name` and ORDER is the order a full rehearsal runs them in.
@@ -29,12 +30,13 @@ from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
 from .partition import PartitionDrills
 from .site import SiteDrills
+from .slow import SlowDrills
 from .slurm import SlurmDrills
 from .slurmhost import SlurmHostDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills):
+             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills, SlowDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 
