@@ -85,9 +85,23 @@ def test_jobs_acked_lost_duplicated_ghost() -> None:
             H("ghost", False), H("ghost", False),      # never acknowledged, yet a job exists
             H("never", False)]                         # never acknowledged, no job: a clean failure
     found = {"fine": {"1"}, "dup": {"3", "4"}, "ghost": {"5"}}
-    assert judge_jobs(hist, found) == {"acked": 3, "lost": 1, "duplicated": 1, "ghost": 1}
+    assert judge_jobs(hist, found) == {"acked": 3, "lost": 1, "duplicated": 1, "ghost": 1, "resubmitted": 0}
     # the id the client was given is not the one Slurm holds: a duplicate it cannot see
     assert judge_jobs([H("x", True, "7")], {"x": {"8"}})["duplicated"] == 1
+
+
+def test_a_job_the_portals_reconciler_submitted_again_is_neither_lost_nor_a_duplicate() -> None:
+    hist = [H("r", True, "52")]
+    again = {"r": ("52", "60")}
+    # Slurm holds the new job, accounting perhaps the lost one's stale record too
+    assert judge_jobs(hist, {"r": {"60"}}, again)["resubmitted"] == 1
+    j = judge_jobs(hist, {"r": {"52", "60"}}, again)
+    assert (j["resubmitted"], j["duplicated"], j["lost"]) == (1, 0, 0)
+    # the new job is gone too: lost; a third job besides: a duplicate
+    assert judge_jobs(hist, {"r": {"52"}}, again)["lost"] == 1
+    assert judge_jobs(hist, {"r": {"60", "61"}}, again)["duplicated"] == 1
+    # a resubmission of some other job than the one acknowledged changes nothing
+    assert judge_jobs(hist, {"r": {"60"}}, {"r": ("51", "60")})["duplicated"] == 1
 
 
 def _good(**kw: object) -> Result:

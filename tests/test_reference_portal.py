@@ -33,6 +33,7 @@ sys.path.insert(0, str(EXAMPLE / "app"))
 from portal import slurm as portal_slurm  # noqa: E402
 from portal.app import Backends, add_user, create_app  # noqa: E402
 from portal.db import Database  # noqa: E402
+from portal.reconcile import Reconciler  # noqa: E402
 from portal.redisha import NoMaster, SentinelMaster  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 
@@ -326,7 +327,8 @@ def settings(service: str, lab: dict[str, Any], db: MariaDB, **kw: Any) -> Setti
                                                                      "cae": "/health", "ws": "/ws/health"}[service],
         sentinels=sentinels(lab["sentinels"]), master_name=MASTER, redis_password=PW, sentinel_password=PW,
         redis_timeout=1.0, db_host="127.0.0.1", db_port=db.port, db_user=APP_USER, db_password=APP_PASSWORD,
-        db_name=f"portal_{service}", cluster="test", cookie_secure=False, poll_interval=0.5)
+        db_name=f"portal_{service}", cluster="test", cookie_secure=False, poll_interval=0.5,
+        reconcile_jobs=False)  # a background reconciler would act on other tests' journal rows
     base.update(kw)
     return Settings(**base)
 
@@ -447,6 +449,48 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     tally.check(api.post("/api/jobs", data="name=x", content_type="application/x-www-form-urlencoded").status_code
                 == 415, "a form post (cross-site) is refused")
     tally.expect(13)
+
+
+@pytest.mark.daemons
+def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
+        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally) -> None:
+    b = Backends(settings("api", lab, db_ready))
+    login(apps)
+    b.db.query("DELETE FROM portal_jobs")  # only this test's jobs in the journal
+    lost = apps["api"].post("/api/jobs", json={"request_id": "req-lost", "name": "c", "seconds": 30}).get_json()
+    kept = apps["api"].post("/api/jobs", json={"request_id": "req-kept", "name": "d", "seconds": 30}).get_json()
+
+    def forget(job: str) -> None:  # the backup loaded a state saved before this job was
+        state = json.loads(fake_slurm.read_text())
+        del state["jobs"][job]
+        fake_slurm.write_text(json.dumps(state))
+
+    def sbatches() -> list[str]:
+        return [x for x in (fake_slurm.parent / "slurm.json.log").read_text().splitlines() if x.startswith("sbatch")]
+
+    forget(lost["job_id"])
+    rec = Reconciler(b)
+    tally.check(rec.once() == [], "acknowledged less than MIN_AGE_S ago: not judged yet")
+    b.db.query("UPDATE portal_jobs SET created = NOW(6) - INTERVAL 20 SECOND")
+    done = rec.once()
+    tally.check(len(done) == 1 and done[0][:2] == ("req-lost", lost["job_id"]), str(done))
+    new = done[0][2] if done else "?"
+    tally.check("--comment=req-lost" in sbatches()[-1] and "--job-name=c" in sbatches()[-1]
+                and "sleep 30" in sbatches()[-1], sbatches()[-1])
+    _n, rows = b.db.query("SELECT job_id, resubmitted_from FROM portal_jobs WHERE request_id = 'req-lost'")
+    tally.check(rows == [(new, lost["job_id"])], str(rows))
+    tally.check(rec.once() == [] and len(sbatches()) == 3, "found in squeue now: nothing more")
+    # A client's retry of the same id holds its submission lock: the reconciler waits.
+    forget(new)
+    master(lab).set("portal:submit:req-lost", "a-client", ex=30)
+    tally.check(rec.once() == [] and len(sbatches()) == 3, "locked: left to the client's retry")
+    master(lab).delete("portal:submit:req-lost")
+    # No controller answers squeue: nothing can be said about any job.
+    (fake_slurm.parent / "slurm-bin" / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error' >&2\nexit 1\n")
+    with pytest.raises(portal_slurm.SlurmError):
+        rec.once()
+    tally.check(len(sbatches()) == 3 and kept["job_id"] not in (new,), "nothing submitted without an answer")
+    tally.expect(7)
 
 
 # ----------------------------------------------------------- websocket, gunicorn, HAProxy

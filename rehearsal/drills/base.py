@@ -308,8 +308,11 @@ class DrillBase:
                 res.checks["read_back"] = False
                 kinds["jobs"]["lost"] = len({h[5] for h in job_hist if h[3]})
             else:
-                j = judge_jobs(job_hist, found)
+                j = judge_jobs(job_hist, found, self.resubmitted_jobs())
                 kinds["jobs"].update(j)
+                if j.get("resubmitted"):
+                    res.notes.append(f"{j['resubmitted']} acknowledged jobs a controller crash lost were submitted "
+                                     "again by the portal's reconciler (same request id, new job id)")
                 if j["lost"]:  # which: request id, the job id the portal acknowledged, when
                     lost = [(h[5], h[7], h[1]) for h in job_hist if h[3] and h[7] != "-" and not found.get(h[5])]
                     res.notes.append("jobs lost: " + ", ".join(
@@ -324,6 +327,24 @@ class DrillBase:
         if res.fault_window:
             a, b = res.fault_window
             res.acked_in_fault_window = sum(1 for h in hist if h[2] in WRITE_KINDS and h[3] and a <= h[1] <= b)
+
+    def resubmitted_jobs(self) -> dict[str, tuple[str, str]]:
+        """request id -> (lost job id, new job id): what the portal's reconciler submitted
+        again (the reference portal's journal, portal_jobs.resubmitted_from); {} when the
+        portal keeps no journal (the stand-in) or the database does not answer."""
+        api = next((svc for svc in self.layout.cfg.services if svc.name == "api"), None)
+        if api is None or not api.db:
+            return {}
+        data = self.layout.topo.role_hosts["data"]
+        pw = self.secret("mariadb_root_password")
+        for host in data:
+            ip = self.layout.host(host).ip
+            rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e \""
+                                     f"SELECT request_id, resubmitted_from, job_id FROM `{api.db}`.portal_jobs "
+                                     "WHERE resubmitted_from IS NOT NULL\"", timeout=30)
+            if rc == 0:
+                return {p[0]: (p[1], p[2]) for p in (line.split("\t") for line in out.splitlines()) if len(p) == 3}
+        return {}
 
     def jobs_by_request_id(self) -> dict[str, set[str]] | None:
         """request id (the job's comment) -> job ids, from squeue (every job slurmctld
@@ -605,22 +626,35 @@ def parse_jobs(text: str, sep: str = "|") -> list[tuple[str, str]]:
     return out
 
 
-def judge_jobs(job_hist: list[History], found: dict[str, set[str]]) -> dict[str, int]:
+def judge_jobs(job_hist: list[History], found: dict[str, set[str]],
+               resubmitted: dict[str, tuple[str, str]] | None = None) -> dict[str, int]:
     """Per request id of the load's job submissions: acknowledged (some attempt got a
     job id), lost (acknowledged, Slurm has no job for it), duplicated (Slurm has more
     than one job for it, or the id acknowledged is not the one Slurm holds), ghost (never
-    acknowledged, yet Slurm has a job for it)."""
+    acknowledged, yet Slurm has a job for it). A job the portal's reconciler submitted
+    again (`resubmitted`: request id -> (the acknowledged job a controller crash lost,
+    the new one)) counts as resubmitted when Slurm holds the new job, and no other but
+    the lost one's stale accounting record."""
+    resubmitted = resubmitted or {}
     acked: dict[str, str] = {}
     tried: set[str] = set()
     for h in job_hist:
         tried.add(h[5])
         if h[3] and h[7] != "-":
             acked.setdefault(h[5], h[7])
-    out = {"acked": len(acked), "lost": 0, "duplicated": 0, "ghost": 0}
+    out = {"acked": len(acked), "lost": 0, "duplicated": 0, "ghost": 0, "resubmitted": 0}
     for rid in tried:
         jobs = found.get(rid, set())
         if rid in acked:
-            if not jobs:
+            old, new = resubmitted.get(rid, ("", ""))
+            if old and old == acked[rid]:
+                if new not in jobs:
+                    out["lost"] += 1
+                elif jobs - {old, new}:
+                    out["duplicated"] += 1
+                else:
+                    out["resubmitted"] += 1
+            elif not jobs:
                 out["lost"] += 1
             elif len(jobs) > 1 or acked[rid] not in jobs:
                 out["duplicated"] += 1

@@ -27,6 +27,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import slurm
 from .db import Database
+from .reconcile import Reconciler
 from .redisha import ERRORS, SentinelMaster
 from .sessions import RedisSession, RedisSessionInterface
 from .settings import Settings
@@ -171,6 +172,13 @@ def add_user(b: Backends, username: str, password: str) -> None:
 
 def _api_routes(app: Flask, b: Backends) -> None:
     s, db = b.s, b.db
+    reconciler = Reconciler(b)
+    app.extensions["portal_reconciler"] = reconciler
+
+    @app.before_request
+    def start_reconciler() -> None:
+        if s.reconcile_jobs:
+            reconciler.start()
 
     @app.errorhandler(slurm.SlurmError)
     def slurm_down(e: Exception) -> Response:
@@ -199,8 +207,8 @@ def _api_routes(app: Flask, b: Backends) -> None:
             abort(error(409, f"request {rid} is being submitted; retry with the same request id"))
         try:
             doc = slurm.submit(rid, name, seconds)
-            db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name) VALUES (%s, %s, %s, %s)",
-                     (rid, doc["job_id"], session["user"], name))
+            db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name, seconds) "
+                     "VALUES (%s, %s, %s, %s, %s)", (rid, doc["job_id"], session["user"], name, seconds))
         finally:
             b.redis.call(lambda r: r.delete(lock))
         return jsonify({**doc, "server": s.server_id})

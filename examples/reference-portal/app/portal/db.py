@@ -25,6 +25,10 @@ SCHEMA = {
                    " username VARCHAR(64) NOT NULL, name VARCHAR(128) NOT NULL,"
                    " created TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),"
                    " KEY by_user (username, created)) ENGINE=InnoDB",
+    # What the reconciler needs to submit a lost job again (reconcile.py), and which job it replaced.
+    "portal_jobs_resubmit": "ALTER TABLE portal_jobs ADD COLUMN IF NOT EXISTS seconds INT NOT NULL DEFAULT 600,"
+                            " ADD COLUMN IF NOT EXISTS resubmitted_from VARCHAR(32) NULL,"
+                            " ADD INDEX IF NOT EXISTS by_created (created)",
     # The auth service's accounts (werkzeug password hashes).
     "portal_users": "CREATE TABLE IF NOT EXISTS portal_users ("
                     " username VARCHAR(64) PRIMARY KEY, password_hash VARCHAR(255) NOT NULL) ENGINE=InnoDB",

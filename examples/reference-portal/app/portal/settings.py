@@ -62,6 +62,8 @@ class Settings:
     cluster: str
     cookie_secure: bool
     poll_interval: float
+    # The api service resubmits jobs a controller crash lost (reconcile.py); tests turn it off.
+    reconcile_jobs: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -92,4 +94,5 @@ class Settings:
             cluster=env.get("SLURM_CLUSTER", "hpc"),
             cookie_secure=env.get("PORTAL_COOKIE_SECURE", "1") != "0",
             poll_interval=float(env.get("PORTAL_POLL_INTERVAL", "2")),
+            reconcile_jobs=env.get("PORTAL_RECONCILE_JOBS", "1") != "0",
         )

@@ -66,12 +66,32 @@ def submit(request_id: str, name: str, seconds: int) -> dict[str, Any]:
     found, where = find_by_request_id(request_id)
     if found:
         return {"job_id": found, "request_id": request_id, "created": False, "found_in": where}
+    return {"job_id": sbatch(request_id, name, seconds), "request_id": request_id, "created": True}
+
+
+def sbatch(request_id: str, name: str, seconds: int) -> str:
+    """Submit, the request id as the job's comment; the job id."""
     rc, out = run(["sbatch", "--parsable", f"--comment={request_id}", f"--job-name={name}",
                    "--output=/dev/null", f"--wrap=sleep {seconds}"])
     job = out.split(";")[0].strip()
     if rc != 0 or not JOB_ID.fullmatch(job):
         raise SlurmError(f"sbatch failed (rc {rc}): {out[-300:]}; the job may exist: retry with the same request id")
-    return {"job_id": job, "request_id": request_id, "created": True}
+    return job
+
+
+def queue_request_ids() -> dict[str, str]:
+    """{request id: job id} of every job the controller in charge holds (squeue
+    --states=all: also those that ended less than MinJobAge ago). SlurmError when squeue
+    fails: then nothing can be said about a job's absence."""
+    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k"])
+    if rc != 0:
+        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
+    held = {}
+    for line in out.splitlines():
+        job, _, comment = line.partition("|")
+        if comment.strip() and comment.strip() != "(null)" and job.strip():
+            held[comment.strip()] = job.strip()
+    return held
 
 
 def job_state(job_id: str) -> str | None:
