@@ -692,3 +692,68 @@ def test_frontend_builds_into_a_release_directory_for_nginx(tmp_path: Path, tall
     tally.check("package-lock.json" in tracked or not tracked, "package-lock.json is committed with the source")
     tally.check("node_modules" not in tracked and "dist/" not in tracked, "no node_modules or build output in git")
     tally.expect(10)
+
+
+def test_a_kept_db_connection_that_broke_is_replaced_once(monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """The DB writer cuts kept connections (a failed node, or the preferred node's return):
+    the statement runs once more on a new connection; a second break, or any other error,
+    fails the request."""
+    import portal.db as portal_db
+    import pymysql
+
+    lost = pymysql.err.OperationalError(2013, "Lost connection to server during query")
+    plan: list[list[BaseException | None]] = []
+    made: list[Any] = []
+
+    class Conn:
+        def __init__(self, errors: list[BaseException | None]) -> None:
+            self.errors = errors
+
+        def cursor(self) -> Any:
+            conn = self
+
+            class Cur:
+                def __enter__(self) -> Any:
+                    return self
+
+                def __exit__(self, *a: Any) -> None:
+                    return None
+
+                def execute(self, sql: str, args: Any = None) -> int:
+                    err = conn.errors.pop(0) if conn.errors else None
+                    if err is not None:
+                        raise err
+                    return 1
+
+                def fetchall(self) -> list[Any]:
+                    return []
+
+            return Cur()
+
+        def close(self) -> None:
+            pass
+
+    def connect(**kw: Any) -> Conn:
+        made.append(Conn(plan.pop(0) if plan else []))
+        return made[-1]
+
+    monkeypatch.setattr(portal_db.pymysql, "connect", connect)
+    from types import SimpleNamespace
+
+    d = Database(SimpleNamespace(db_host="127.0.0.1", db_port=3306, db_user="u", db_password="p",  # type: ignore[arg-type]
+                                 db_name="portal_api"))
+    d._schema_done = True
+    plan += [[None, lost], [None]]
+    tally.check(d.query("SELECT 1") == (1, []) and d.query("SELECT 1") == (1, []) and len(made) == 2,
+                "a kept connection that broke: replaced once")
+    plan += [[lost]]
+    d._drop()
+    with pytest.raises(pymysql.err.OperationalError):
+        d.query("SELECT 1")  # a fresh connection's failure is not retried
+    tally.check(len(made) == 3, "fresh connection: no retry")
+    plan += [[None, pymysql.err.IntegrityError(1062, "dup")]]
+    d.query("SELECT 1")
+    with pytest.raises(pymysql.err.IntegrityError):
+        d.query("INSERT ...")
+    tally.check(len(made) == 4, "other errors: no retry")
+    tally.expect(3)

@@ -1,7 +1,8 @@
 """MariaDB through the local DB writer (hpc-dbwriter on 127.0.0.1:3306, a single-writer
 HAProxy in front of Galera). PyMySQL, one connection per thread, time-outs on connect,
-read and write; a broken connection is dropped and the request fails (the client
-retries; writes are idempotent by request id, so a retry is safe)."""
+read and write; a kept connection that broke is replaced once (see Database.query),
+any other failure fails the request (the client retries; writes are idempotent by
+request id, so a retry is safe)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ SCHEMA = {
 }
 
 
+CONNECTION_LOST = {2006, 2013}  # server has gone away; lost connection during query
+
+
+def connection_lost(e: BaseException) -> bool:
+    if isinstance(e, pymysql.err.InterfaceError):  # a use of a closed socket
+        return True
+    return isinstance(e, pymysql.err.OperationalError) and bool(e.args) and e.args[0] in CONNECTION_LOST
+
+
 class Database:
     def __init__(self, s: Settings) -> None:
         self.s = s
@@ -60,14 +70,24 @@ class Database:
                 pass
 
     def query(self, sql: str, args: Any = None) -> tuple[int, list[tuple[Any, ...]]]:
-        try:
-            self._ensure_schema()
-            with self._conn().cursor() as cur:
-                n = cur.execute(sql, args)
-                return n, list(cur.fetchall())
-        except Exception:
-            self._drop()
-            raise
+        """One statement. A kept connection that broke under it (the DB writer cut it: its
+        node failed, or the preferred node came back and the sessions on a backup were
+        shut) is dropped and the statement runs once more on a new one, as a pool with
+        pre-ping would; every write here is idempotent (INSERT IGNORE by request id,
+        UPDATE ... WHERE the old value), so that is safe. Any other error fails the request."""
+        for attempt in (1, 2):
+            kept = getattr(self.local, "c", None) is not None
+            try:
+                self._ensure_schema()
+                with self._conn().cursor() as cur:
+                    n = cur.execute(sql, args)
+                    return n, list(cur.fetchall())
+            except Exception as e:
+                self._drop()
+                if attempt == 1 and kept and connection_lost(e):
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     def _ensure_schema(self) -> None:
         if self._schema_done:
