@@ -284,7 +284,7 @@ class Mariadb:
 def commit_until_killed(db: Mariadb, seconds: float) -> list[int]:
     """Rows inserted one commit at a time as fast as one client goes; mariadbd is killed
     -9 after `seconds` while commits go on. The ids whose COMMIT was acknowledged."""
-    import pymysql
+    import pymysql  # type: ignore[import-untyped]
 
     conn = pymysql.connect(unix_socket=str(db.sock), user="root", autocommit=True, database="pc")
     acked: list[int] = []
@@ -377,3 +377,36 @@ def test_with_the_templates_durability_no_acknowledged_commit_is_lost(mariadb: M
         print(f"template settings: {acked} acknowledged, {lost} lost, the layer dropped {dropped}")
         tally.check(acked > 100 and lost == 0, f"{lost} of {acked} acknowledged commits lost (dropped {dropped})")
         assert dropped.get("bytes"), f"the layer dropped nothing, so the run proves nothing: {dropped}"
+
+
+def test_a_data_hosts_volume_layer_across_restarts_power_off_and_down(tally: Tally) -> None:
+    """hosts.volume_start before each (re)start (mounted once, reused), volume_power_off
+    drops what was not synced, the next start mounts it again, cleanup (down) unmounts."""
+    from rehearsal import hosts as H
+
+    if not _fuse_ready():
+        pytest.fail("fusermount3 is needed to unmount the layer")
+    wd = Path(tempfile.mkdtemp(prefix="lazyfs-wd-", dir="/var/tmp"))
+    host = type("Th", (), {"data_gb": 20})()
+    layout = type("L", (), {"topo": type("T", (), {"host": lambda self, n: host})(),
+                            "hostdir": lambda self, n: wd / "hosts" / n})()
+    h = type("RH", (), {"name": "data-1", "roles": ["data"]})()
+    d = wd / "hosts" / "data-1"
+    try:
+        H.volume_start(layout, h)  # type: ignore[arg-type]
+        pid = int((d / H.LAZY_PID).read_text())
+        H.volume_start(layout, h)  # type: ignore[arg-type]
+        tally.check(int((d / H.LAZY_PID).read_text()) == pid, "a running layer is reused")
+        with open(d / H.LAZY_DIR / "f", "wb") as f:
+            f.write(b"unsynced")
+        dropped = H.volume_power_off(layout, "data-1")  # type: ignore[arg-type]
+        tally.check(dropped["bytes"] == 8 and (d / "volume" / "f").read_bytes() == b"", dropped)
+        tally.check(not lazyfs.mounted(d / H.LAZY_DIR))
+        H.volume_start(layout, h)  # type: ignore[arg-type]
+        tally.check(lazyfs.mounted(d / H.LAZY_DIR) and int((d / H.LAZY_PID).read_text()) != pid)
+        done = H.cleanup(wd)
+        tally.check(not lazyfs.mounted(d / H.LAZY_DIR) and any("layer unmounted" in x for x in done), done)
+        tally.expect(5)
+    finally:
+        H.volume_stop(d)
+        shutil.rmtree(wd, ignore_errors=True)

@@ -9,6 +9,8 @@
   gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
   crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
+  power.py       power-loss: the three data hosts lose power; their disks drop what was
+                 not fsynced (rehearsal/lazyfs.py), then the documented recovery
   ec2api.py      ec2-api: an LB failover while EC2 throttles, then while it answers late
   slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
@@ -28,13 +30,14 @@ from .ec2api import Ec2ApiDrills
 from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
 from .partition import PartitionDrills
+from .power import PowerDrills
 from .site import SiteDrills
 from .slurm import SlurmDrills
 from .slurmhost import SlurmHostDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills):
+             PartitionDrills, CrashDrills, PowerDrills, Ec2ApiDrills, SlurmHostDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 
