@@ -141,7 +141,7 @@ def binds(layout: Layout, h: RHost) -> list[tuple[str, str]]:
             out.append((str(src), path))
     if layout.topo.host(h.name).data_gb:
         d = layout.hostdir(h.name)
-        out.append((str(d / (LAZY_DIR if lazy_volume() else "volume")), DATA_VOLUME_MOUNT))
+        out.append((str(d / (LAZY_DIR if lazy_for(layout, h) else "volume")), DATA_VOLUME_MOUNT))
     return out
 
 
@@ -155,9 +155,15 @@ def _lazy_pid(d: Path) -> int | None:
         return None
 
 
+def lazy_for(layout: Layout, h: RHost) -> bool:
+    """The data tier's volumes (MariaDB, Redis) go through the layer; the monitoring
+    host's (Prometheus: mmap-heavy, nothing a drill cuts) does not."""
+    return bool(layout.topo.host(h.name).data_gb) and "data" in h.roles and lazy_volume()
+
+
 def volume_start(layout: Layout, h: RHost) -> None:
     """The data volume's layer, running before the host (re)starts: mounted if it is not."""
-    if not (layout.topo.host(h.name).data_gb and lazy_volume()):
+    if not lazy_for(layout, h):
         return
     from . import lazyfs
     from .stack import _python

@@ -154,5 +154,7 @@ def test_a_data_host_sees_its_volume_through_the_layer_unless_turned_off(tmp_pat
     h = type("RH", (), {"name": "data-1", "roles": ["data"]})()
     monkeypatch.delenv("HPC_REHEARSAL_LAZYFS", raising=False)
     assert (str(tmp_path / "hosts/data-1/lazy"), H.DATA_VOLUME_MOUNT) in H.binds(layout, h)  # type: ignore[arg-type]
+    mon = type("RH", (), {"name": "mon-1", "roles": ["monitoring"]})()
+    assert (str(tmp_path / "hosts/mon-1/volume"), H.DATA_VOLUME_MOUNT) in H.binds(layout, mon)  # type: ignore[arg-type]
     monkeypatch.setenv("HPC_REHEARSAL_LAZYFS", "0")
     assert (str(tmp_path / "hosts/data-1/volume"), H.DATA_VOLUME_MOUNT) in H.binds(layout, h)  # type: ignore[arg-type]
