@@ -74,6 +74,14 @@ class Dirty:
         self.path = path
         self.changed = False
 
+    def reset(self) -> None:
+        """Synced: the file's bytes and size now are the durable ones (the spill file is
+        reused: a database file synced at every commit costs no file churn)."""
+        self.orig_size = os.fstat(self.fd).st_size
+        self.spill_end = 0
+        self.starts, self.ends, self.entries = [], [], []
+        self.changed = False
+
     def _uncovered(self, a: int, b: int) -> list[tuple[int, int]]:
         out = []
         i = bisect.bisect_right(self.ends, a)
@@ -154,6 +162,8 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self._mu = threading.Lock()  # the tables below
         self.fhs: dict[int, tuple[int, bool]] = {}  # fh (backing fd) -> (inode, synchronous writes)
         self.dirty: dict[int, Dirty] = {}
+        self.clean: dict[int, Dirty] = {}  # synced, kept for reuse while the file is open
+        self.opens: dict[int, int] = {}  # inode -> open handles
         self.locks: dict[int, threading.Lock] = {}  # per inode: save + write, sync, restore
         self.off = False
         self.synced_files = 0
@@ -174,8 +184,14 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
     def _dirty(self, ino: int, fd: int, path: str) -> Dirty:
         d = self.dirty.get(ino)
         if d is None:
-            rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
-            d = Dirty(rw, self.spill_dir / f"undo-{ino}", path)
+            with self._mu:
+                d = self.clean.pop(ino, None)
+            if d is not None:
+                d.reset()  # the size may have changed since the sync (metadata ops)
+                d.path = path
+            else:
+                rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+                d = Dirty(rw, self.spill_dir / f"undo-{ino}", path)
             with self._mu:
                 self.dirty[ino] = d
         return d
@@ -183,10 +199,14 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
     def _synced(self, ino: int) -> None:
         with self._mu:
             d = self.dirty.pop(ino, None)
+            keep = d is not None and self.opens.get(ino, 0) > 0
+            if keep:
+                self.clean[ino] = d  # type: ignore[assignment]
         if d is not None:
             self.synced_files += 1
             self.synced_bytes += d.spill_end
-            d.close()
+            if not keep:
+                d.close()
 
     @staticmethod
     def _owner(parent: str) -> tuple[int, int]:
@@ -302,6 +322,7 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         ino = os.fstat(fd).st_ino
         with self._mu:
             self.fhs[fd] = (ino, bool(flags & SYNC_FLAGS))
+            self.opens[ino] = self.opens.get(ino, 0) + 1
         if flags & os.O_TRUNC and mode is None:
             self._truncate_fd(fd, ino, 0, path)
         return fd
@@ -372,8 +393,17 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         return 0  # close(2): not a sync
 
     def release(self, path: str, fh: int) -> int:
+        gone = None
         with self._mu:
-            self.fhs.pop(fh, None)
+            entry = self.fhs.pop(fh, None)
+            if entry is not None:
+                ino = entry[0]
+                self.opens[ino] = self.opens.get(ino, 1) - 1
+                if self.opens[ino] <= 0:
+                    del self.opens[ino]
+                    gone = self.clean.pop(ino, None)
+        if gone is not None:
+            gone.close()
         os.close(fh)
         return 0
 
@@ -412,6 +442,10 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
                     total += n
                     paths.append(d.path)
                 d.close()
+        with self._mu:
+            clean, self.clean = list(self.clean.values()), {}
+        for d in clean:
+            d.close()
         return {"files": files, "bytes": total, "paths": sorted(paths)[:50]}
 
 
