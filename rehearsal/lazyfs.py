@@ -160,7 +160,7 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self.spill_dir = spill_dir
         spill_dir.mkdir(parents=True, exist_ok=True)
         self._mu = threading.Lock()  # the tables below
-        self.fhs: dict[int, tuple[int, bool]] = {}  # fh (backing fd) -> (inode, synchronous writes)
+        self.fhs: dict[int, tuple[int, bool, str]] = {}  # fh (backing fd) -> (inode, synchronous writes, path)
         self.dirty: dict[int, Dirty] = {}
         self.clean: dict[int, Dirty] = {}  # synced, kept for reuse while the file is open
         self.opens: dict[int, int] = {}  # inode -> open handles
@@ -170,7 +170,9 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self.synced_bytes = 0
 
     # ---------------------------------------------------------------- helpers
-    def _p(self, path: str) -> str:
+    def _p(self, path: str | None) -> str:
+        if path is None:  # a metadata operation on an unlinked file through its handle
+            raise OSError(errno.ESTALE, "unlinked")
         return os.path.join(self.root, path.lstrip("/"))
 
     def _alive(self) -> None:
@@ -233,9 +235,18 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self._alive()
         return 0  # default_permissions: the kernel checks
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        self._alive()
-        return [".", "..", *os.listdir(self._p(path))]
+    def readdir(self, path: str | None, fh: int) -> list[Any]:
+        """Each entry with its inode number and type: with use_ino an entry without one
+        (inode 0) is skipped by readdir(3), and `rm -rf` would see an empty directory."""
+        self._alive()  # nullpath_ok: the path may be None; the handle is opendir's fd
+        where = fh if path is None else self._p(path)
+        d = os.stat(where)
+        out: list[Any] = [(n, {"st_mode": d.st_mode, "st_ino": d.st_ino}, 0) for n in (".", "..")]
+        with os.scandir(where) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                out.append((e.name, {"st_mode": st.st_mode, "st_ino": e.inode()}, 0))
+        return out
 
     def readlink(self, path: str) -> str:
         self._alive()
@@ -246,18 +257,24 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         return {k: getattr(sv, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree",
                                              "f_files", "f_flag", "f_frsize", "f_namemax")}
 
-    def chmod(self, path: str, mode: int) -> int:
+    def chmod(self, path: str | None, mode: int) -> int:
         self._alive()
+        if path is None:  # an unlinked file through its handle: nothing of it outlives it
+            return 0
         os.chmod(self._p(path), mode)
         return 0
 
-    def chown(self, path: str, uid: int, gid: int) -> int:
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
         self._alive()
+        if path is None:  # an unlinked file through its handle: nothing of it outlives it
+            return 0
         os.lchown(self._p(path), uid, gid)
         return 0
 
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         self._alive()
+        if path is None:  # an unlinked file through its handle: nothing of it outlives it
+            return 0
         os.utime(self._p(path), ns=times, follow_symlinks=False) if times else os.utime(self._p(path),
                                                                                         follow_symlinks=False)
         return 0
@@ -321,7 +338,7 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
             fd = os.open(p, bflags)
         ino = os.fstat(fd).st_ino
         with self._mu:
-            self.fhs[fd] = (ino, bool(flags & SYNC_FLAGS))
+            self.fhs[fd] = (ino, bool(flags & SYNC_FLAGS), path)
             self.opens[ino] = self.opens.get(ino, 0) + 1
         if flags & os.O_TRUNC and mode is None:
             self._truncate_fd(fd, ino, 0, path)
@@ -339,11 +356,11 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         self._alive()
-        ino, sync = self.fhs[fh]
+        ino, sync, opened = self.fhs[fh]
         with self._ilock(ino):
             self._alive()
             if not sync:
-                self._dirty(ino, fh, path).save(offset, offset + len(data))
+                self._dirty(ino, fh, path or opened).save(offset, offset + len(data))
             n = os.pwrite(fh, data, offset)
         if sync:  # O_SYNC/O_DSYNC: durable when write() returns (the whole file's data, as fdatasync)
             with self._ilock(ino):
@@ -361,8 +378,14 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
                 d.changed = True
             os.ftruncate(d.fd, length)
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         self._alive()
+        if fh is not None and fh in self.fhs:  # ftruncate (also of an unlinked file)
+            ino, _sync, opened = self.fhs[fh]
+            self._truncate_fd(fh, ino, length, path or opened)
+            return 0
+        if path is None:
+            raise OSError(errno.ESTALE, "no path and no handle")
         fd = os.open(self._p(path), os.O_RDONLY)
         try:
             self._truncate_fd(fd, os.fstat(fd).st_ino, length, path)
@@ -374,16 +397,16 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self._alive()
         if mode != 0:  # keep-size, punch-hole, ...: not offered (callers fall back)
             raise OSError(errno.EOPNOTSUPP, "fallocate mode")
-        ino, _sync = self.fhs[fh]
+        ino, _sync, opened = self.fhs[fh]
         with self._ilock(ino):
             self._alive()
-            self._dirty(ino, fh, path).changed = True
+            self._dirty(ino, fh, path or opened).changed = True
             os.posix_fallocate(fh, offset, size)
         return 0
 
     def fsync(self, path: str, datasync: int, fh: int) -> int:
         self._alive()
-        ino, _sync = self.fhs[fh]
+        ino, _sync, _path = self.fhs[fh]
         with self._ilock(ino):
             self._alive()
             self._synced(ino)
@@ -409,9 +432,10 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
 
     def opendir(self, path: str) -> int:
         self._alive()
-        return 0
+        return os.open(self._p(path), os.O_RDONLY | os.O_DIRECTORY)
 
-    def releasedir(self, path: str, fh: int) -> int:
+    def releasedir(self, path: str | None, fh: int) -> int:
+        os.close(fh)
         return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
@@ -496,7 +520,16 @@ def _serve(ops: LazyOps, sock_path: Path, mountpoint: str, report: Path | None) 
 
 def serve(backing: Path, mountpoint: Path, control: Path, spill: Path | None = None,
           report: Path | None = None) -> None:
-    from mfusepy import FUSE
+    import mfusepy
+
+    class FUSE(mfusepy.FUSE):  # type: ignore[misc]
+        """ftruncate reaches the operations with its handle (mfusepy passes only the
+        path, which is None for an unlinked file)."""
+
+        def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+            fh = fip.contents.fh if fip else None
+            return int(self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors),
+                                                length, fh) or 0)
 
     os.umask(0)
     spill = spill or control.parent / f"{control.name}.spill"

@@ -157,6 +157,33 @@ def test_o_dsync_writes_are_durable_o_direct_ones_are_not(lazy: Lazy) -> None:
     assert (lazy.backing / "direct").read_bytes() == b""
 
 
+def test_rm_rf_sees_every_entry_and_an_unlinked_open_file_still_works(lazy: Lazy) -> None:
+    """A Galera joiner's SST ends with `rm -rf .sst`: readdir must give every entry its
+    inode (readdir(3) skips inode 0). A file unlinked while open still reads, writes,
+    truncates and syncs through its handle (libfuse keeps it as .fuse_hidden*)."""
+    m = lazy.mount()
+    (m / "sst" / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (m / "sst" / name).write_bytes(b"x")
+    assert sorted(os.listdir(m / "sst")) == ["a", "b", "sub"]
+    subprocess.run(["rm", "-rf", str(m / "sst")], check=True, timeout=30)
+    assert not (lazy.backing / "sst").exists()
+    with open(m / "open", "w+b") as f:
+        f.write(b"abc")
+        f.flush()
+        os.unlink(m / "open")
+        f.write(b"def")
+        f.flush()
+        os.ftruncate(f.fileno(), 4)
+        os.fsync(f.fileno())
+        f.seek(0)
+        assert f.read() == b"abcd" and os.fstat(f.fileno()).st_size == 4
+    deadline = time.monotonic() + 10  # the release after close(2) is asynchronous
+    while os.listdir(lazy.backing) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.listdir(lazy.backing)
+
+
 def test_files_are_owned_by_their_creator(lazy: Lazy) -> None:
     m = lazy.mount()
     d = m / "d"
