@@ -31,6 +31,16 @@ from . import container as C
 from .layout import EFS_IP, ENDPOINT_IP, ENDPOINT_PORT, MIRROR_IP, Layout, RHost
 
 DATA_VOLUME_MOUNT = "/var/lib/hpc-data"  # where components.hostctx puts a host's data volume
+# The data volume goes through the power-loss layer (rehearsal/lazyfs.py): the host sees
+# hostdir/lazy, a FUSE passthrough of hostdir/volume that can drop every write not yet
+# fsynced (the power-loss drill). HPC_REHEARSAL_LAZYFS=0 binds hostdir/volume directly.
+LAZY_DIR, LAZY_SOCK, LAZY_PID, LAZY_LOG = "lazy", "lazyfs.sock", "lazyfs.pid", "lazyfs.log"
+
+
+def lazy_volume() -> bool:
+    import os
+
+    return os.environ.get("HPC_REHEARSAL_LAZYFS", "1").strip() not in ("0", "no", "false")
 HOLD_DROPIN = "zz-rehearsal-hold.conf"
 
 
@@ -107,6 +117,7 @@ def prepare(layout: Layout, h: RHost, deploy: dict[str, Any] | None = None) -> P
     """A fresh instance disk (the previous one, if any, is deleted), with the enablement
     of the units the host's packages enable (see package_enabled_units)."""
     d = layout.hostdir(h.name)
+    volume_stop(d)  # a layer left mounted: never delete through it
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
@@ -129,12 +140,70 @@ def binds(layout: Layout, h: RHost) -> list[tuple[str, str]]:
             src.mkdir(parents=True, exist_ok=True)
             out.append((str(src), path))
     if layout.topo.host(h.name).data_gb:
-        out.append((str(layout.hostdir(h.name) / "volume"), DATA_VOLUME_MOUNT))
+        d = layout.hostdir(h.name)
+        out.append((str(d / (LAZY_DIR if lazy_for(layout, h) else "volume")), DATA_VOLUME_MOUNT))
     return out
 
 
+# ------------------------------------------------------------------ the data volume's power-loss layer
+def _lazy_pid(d: Path) -> int | None:
+    try:
+        pid = int((d / LAZY_PID).read_text())
+        Path(f"/proc/{pid}").stat()
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def lazy_for(layout: Layout, h: RHost) -> bool:
+    """The data tier's volumes (MariaDB, Redis) go through the layer; the monitoring
+    host's (Prometheus: mmap-heavy, nothing a drill cuts) does not."""
+    return bool(layout.topo.host(h.name).data_gb) and "data" in h.roles and lazy_volume()
+
+
+def volume_start(layout: Layout, h: RHost) -> None:
+    """The data volume's layer, running before the host (re)starts: mounted if it is not."""
+    if not lazy_for(layout, h):
+        return
+    from . import lazyfs
+    from .stack import _python
+
+    d = layout.hostdir(h.name)
+    if lazyfs.mounted(d / LAZY_DIR) and _lazy_pid(d):
+        return
+    volume_stop(d)
+    (d / "volume").mkdir(parents=True, exist_ok=True)
+    pid = lazyfs.start(d / "volume", d / LAZY_DIR, d / LAZY_SOCK, d / LAZY_LOG, python=_python())
+    (d / LAZY_PID).write_text(f"{pid}\n")
+
+
+def volume_power_off(layout: Layout, host: str) -> dict[str, Any]:
+    """The data volume loses every write not fsynced (its host must be dead already):
+    what was dropped ({"files", "bytes", "paths"}). The next start() mounts it again."""
+    from . import lazyfs
+
+    d = layout.hostdir(host)
+    if not lazyfs.mounted(d / LAZY_DIR):
+        raise HostError(f"{host}: its data volume is not behind the power-loss layer (HPC_REHEARSAL_LAZYFS=0?)")
+    out = lazyfs.poweroff(d / LAZY_SOCK, d / LAZY_DIR, _lazy_pid(d))
+    (d / LAZY_PID).unlink(missing_ok=True)
+    return out
+
+
+def volume_stop(d: Path) -> None:
+    """Unmount the layer cleanly (nothing dropped), when there is one."""
+    from . import lazyfs
+
+    mnt = d / LAZY_DIR
+    pid = _lazy_pid(d)
+    if pid or lazyfs.mounted(mnt):
+        lazyfs.stop(d / LAZY_SOCK, mnt, pid)
+    (d / LAZY_PID).unlink(missing_ok=True)
+
+
 def start(layout: Layout, h: RHost) -> int:
-    """Boot the host; returns the pid of its systemd-nspawn."""
+    """Boot the host (its data volume's layer first); returns the pid of its systemd-nspawn."""
+    volume_start(layout, h)
     handle = C.start(h.name, image_for(layout), layout.hostdir(h.name), h.ns, binds=binds(layout, h),
                      files=host_files(layout, h))
     return handle.nspawn_pid
@@ -354,4 +423,15 @@ def cleanup(workdir: Path) -> list[str]:
     for name in leftovers(workdir):
         victims = kill(name)
         done.append(f"host {name}: killed {len(victims)} processes")
+    hosts_dir = workdir / "hosts"
+    for d in sorted(hosts_dir.iterdir()) if hosts_dir.is_dir() else []:
+        if (d / LAZY_PID).exists() or (d / LAZY_DIR).is_dir() and _lazy_mounted(d):
+            volume_stop(d)
+            done.append(f"host {d.name}: data volume layer unmounted")
     return done
+
+
+def _lazy_mounted(d: Path) -> bool:
+    from . import lazyfs
+
+    return lazyfs.mounted(d / LAZY_DIR)

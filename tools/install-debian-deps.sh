@@ -17,6 +17,7 @@ PACKAGES=(
   systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql python3-venv
   prometheus-mysqld-exporter prometheus-redis-exporter
   systemd-container debootstrap dpkg-dev
+  fuse3 libfuse3-3
   chromium libnss3-tools
 )
 

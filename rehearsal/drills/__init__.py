@@ -9,6 +9,8 @@
   gray.py        freeze-lb, freeze-redis, freeze-galera, freeze-slurm, freeze-app,
                  no-false-failover: whole hosts paused (cgroup freezer), then thawed
   crash.py       crash-burst: two Galera nodes' mariadbd killed within a second
+  power.py       power-loss: the three data hosts lose power; their disks drop what was
+                 not fsynced (rehearsal/lazyfs.py), then the documented recovery
   ec2api.py      ec2-api: an LB failover while EC2 throttles, then while it answers late
   slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
@@ -29,6 +31,7 @@ from .ec2api import Ec2ApiDrills
 from .gray import GrayDrills
 from .lb_network import LbNetworkDrills
 from .partition import PartitionDrills
+from .power import PowerDrills
 from .site import SiteDrills
 from .slow import SlowDrills
 from .slurm import SlurmDrills
@@ -36,7 +39,7 @@ from .slurmhost import SlurmHostDrills
 
 
 class Drills(LbNetworkDrills, DataDrills, SlurmDrills, SiteDrills, DeployDrills, GrayDrills,
-             PartitionDrills, CrashDrills, Ec2ApiDrills, SlurmHostDrills, SlowDrills):
+             PartitionDrills, CrashDrills, PowerDrills, Ec2ApiDrills, SlurmHostDrills, SlowDrills):
     """Every drill family on one object sharing the layout, the load and the secrets."""
 
 

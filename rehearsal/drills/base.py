@@ -61,8 +61,8 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 ORDER = ["lb", "app", "redis", "galera", "slurm", "az", "galera-full", "rolling", "deploy", "restore",
          "no-false-failover", "freeze-lb", "freeze-redis", "freeze-galera", "freeze-app", "freeze-slurm",
-         "partition-redis", "partition-galera", "partition-lb", "crash-burst", "ec2-api", "slurm-host",
-         "slow-galera"]
+         "partition-redis", "partition-galera", "partition-lb", "crash-burst", "power-loss", "ec2-api",
+         "slurm-host", "slow-galera"]
 SMOKE = ["lb", "redis", "galera"]
 
 

@@ -109,6 +109,59 @@ class DataDrills(DrillBase):
         return res
 
 
+    def recover_full_outage(self, res: Result) -> None:
+        """All three data hosts dead: boot them at once, then the runbook's recovery
+        (galera-full-outage: hpc-galera-recover report on each, choose the highest seqno,
+        mark-safe + galera_new_cluster there, start the others); check cluster_back."""
+        data = self.layout.topo.role_hosts["data"]
+        st = read_state(self.wd)
+        for n in data:  # all three come back at once, like after a power cut
+            st.setdefault("hosts", {})[n] = {"unshare_pid": H.start(self.layout, self.layout.host(n))}
+        write_state(self.wd, st)
+        say(f"    rebooted {', '.join(data)}; their mariadb.service starts on its own (enabled)")
+        deadline = time.time() + 60
+        for n in data:
+            while time.time() < deadline:
+                u = H.call(self.layout, n, {"op": "status"}).get("units", {}).get("mariadb.service", {})
+                if u.get("state") in ("activating", "active", "failed"):
+                    break
+                time.sleep(0.5)
+        # The nodes' own mariadb starts find no primary component; stop them, then the
+        # documented recovery (runbook galera-full-outage, hpc-galera-recover).
+        reports = {}
+        for n in data:
+            self.run(n, "systemctl stop mariadb.service", timeout=120)
+        for n in data:  # the runbook's precondition: mariadbd stopped on every node
+            rc, out = self.run(n, "pgrep -x mariadbd || true", timeout=10)
+            if out.strip():
+                raise RuntimeError(f"mariadbd still runs on {n} after systemctl stop: {out.strip()}")
+        for n in data:
+            rc, out = self.run(n, "hpc-galera-recover report", timeout=300)
+            line = [ln for ln in out.splitlines() if ln.strip().startswith("{")]
+            if rc != 0 or not line:
+                raise RuntimeError(f"hpc-galera-recover report on {n}: {out.strip()[-300:]}")
+            reports[n] = line[-1]
+        chooser = data[0]
+        files = " ".join(f"/tmp/galera-{n}.json" for n in data)
+        for n, rep in reports.items():
+            self.run(chooser, f"cat > /tmp/galera-{n}.json <<'EOF'\n{rep}\nEOF", timeout=10)
+        rc, out = self.run(chooser, f"hpc-galera-recover choose {files}", timeout=30)
+        m = re.search(r"bootstrap (\S+?):", out)
+        chosen = m.group(1) if m and m.group(1) in data else None
+        res.notes.append(f"hpc-galera-recover choose: {out.strip().splitlines()[-1][:160] if out.strip() else rc}")
+        if rc != 0 or chosen is None:
+            raise RuntimeError(f"hpc-galera-recover choose: {out.strip()[-300:]}")
+        rc, out = self.run(chosen, "hpc-galera-recover mark-safe && galera_new_cluster", timeout=300)
+        if rc != 0:
+            raise RuntimeError(f"bootstrap of {chosen}: {out.strip()[-300:]}")
+        for n in data:
+            if n != chosen:
+                self.run(n, "systemctl start mariadb.service", timeout=600)
+                self.wait_synced(n, None, 120)
+        for n in data:
+            self.run(n, "systemctl restart hpc-clustercheck.service prometheus-mysqld-exporter.service", timeout=60)
+        res.checks["cluster_back"] = all(self.wait_synced(n, len(data), 240) for n in data)
+
     @register("galera-full")
     def drill_galera_full(self) -> Result:
         data = self.layout.topo.role_hosts["data"]
@@ -118,55 +171,6 @@ class DataDrills(DrillBase):
             for n in data:
                 H.kill(n)
             self.killed(*data)
-
-        def restore_cluster(res: Result) -> None:
-            st = read_state(self.wd)
-            for n in data:  # all three come back at once, like after a power cut
-                st.setdefault("hosts", {})[n] = {"unshare_pid": H.start(self.layout, self.layout.host(n))}
-            write_state(self.wd, st)
-            say(f"    rebooted {', '.join(data)}; their mariadb.service starts on its own (enabled)")
-            deadline = time.time() + 60
-            for n in data:
-                while time.time() < deadline:
-                    u = H.call(self.layout, n, {"op": "status"}).get("units", {}).get("mariadb.service", {})
-                    if u.get("state") in ("activating", "active", "failed"):
-                        break
-                    time.sleep(0.5)
-            # The nodes' own mariadb starts find no primary component; stop them, then the
-            # documented recovery (runbook galera-full-outage, hpc-galera-recover).
-            reports = {}
-            for n in data:
-                self.run(n, "systemctl stop mariadb.service", timeout=120)
-            for n in data:  # the runbook's precondition: mariadbd stopped on every node
-                rc, out = self.run(n, "pgrep -x mariadbd || true", timeout=10)
-                if out.strip():
-                    raise RuntimeError(f"mariadbd still runs on {n} after systemctl stop: {out.strip()}")
-            for n in data:
-                rc, out = self.run(n, "hpc-galera-recover report", timeout=300)
-                line = [ln for ln in out.splitlines() if ln.strip().startswith("{")]
-                if rc != 0 or not line:
-                    raise RuntimeError(f"hpc-galera-recover report on {n}: {out.strip()[-300:]}")
-                reports[n] = line[-1]
-            chooser = data[0]
-            files = " ".join(f"/tmp/galera-{n}.json" for n in data)
-            for n, rep in reports.items():
-                self.run(chooser, f"cat > /tmp/galera-{n}.json <<'EOF'\n{rep}\nEOF", timeout=10)
-            rc, out = self.run(chooser, f"hpc-galera-recover choose {files}", timeout=30)
-            m = re.search(r"bootstrap (\S+?):", out)
-            chosen = m.group(1) if m and m.group(1) in data else None
-            res.notes.append(f"hpc-galera-recover choose: {out.strip().splitlines()[-1][:160] if out.strip() else rc}")
-            if rc != 0 or chosen is None:
-                raise RuntimeError(f"hpc-galera-recover choose: {out.strip()[-300:]}")
-            rc, out = self.run(chosen, "hpc-galera-recover mark-safe && galera_new_cluster", timeout=300)
-            if rc != 0:
-                raise RuntimeError(f"bootstrap of {chosen}: {out.strip()[-300:]}")
-            for n in data:
-                if n != chosen:
-                    self.run(n, "systemctl start mariadb.service", timeout=600)
-                    self.wait_synced(n, None, 120)
-            for n in data:
-                self.run(n, "systemctl restart hpc-clustercheck.service prometheus-mysqld-exporter.service", timeout=60)
-            res.checks["cluster_back"] = all(self.wait_synced(n, len(data), 240) for n in data)
 
         state: dict[str, Any] = {}
         res = Result("galera-full")
@@ -178,7 +182,7 @@ class DataDrills(DrillBase):
             inject()
             res.fault_effect = self.effect
             time.sleep(5)
-            restore_cluster(res)
+            self.recover_full_outage(res)
             res.fault_window = (t0, time.time())
             res.min_in_window = 0  # writes are refused while no node is Primary: that is the fault
             state["rto"] = self.rto(path, t0, ("write",), 120)
