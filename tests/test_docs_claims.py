@@ -129,6 +129,8 @@ CLAIMS = [
           setting(*SLURM, r"^SlurmctldTimeout=(\d+)$")),
     Claim("README.md", r"`SlurmctldTimeout` (\d+) s", "slurm.ctld_timeout default",
           default(lambda c: c.slurm.ctld_timeout)),
+    Claim("docs/rehearsal.md", r"0\.7 × `SlurmctldTimeout` (\d+) s", "slurm.ctld_timeout default",
+          default(lambda c: c.slurm.ctld_timeout)),
     Claim("README.md", r"slurmdbd is (\d+)", "slurm.conf AccountingStoragePort",
           setting(*SLURM, r"^AccountingStoragePort=(\d+)$")),
     Claim("README.md", r"slurmdbd is (\d+)", "slurmdbd.conf DbdPort",
