@@ -341,6 +341,7 @@ def around_fault(drill: Any, name: str, res: Any) -> Iterator[None]:
         w.__enter__()
     except Exception as e:  # noqa: BLE001 - a failed journey fails the drill's browser check, not the drill
         res.notes.append(f"browser before the fault: {e}")
+        res.browser = {"browser_error": f"before the fault: {e}"}
         res.checks["browser"] = False
         yield
         return
@@ -349,6 +350,7 @@ def around_fault(drill: Any, name: str, res: Any) -> Iterator[None]:
     finally:
         w.__exit__(None, None, None)
         s = summary(w.result)
+        res.browser = s
         res.notes.append("browser: " + json.dumps(s))
         per = [v for k, v in s.items() if k.startswith("browser_h")]
         res.checks["browser"] = bool(per) and all(

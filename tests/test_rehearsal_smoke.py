@@ -170,8 +170,12 @@ def test_only_a_rehearsals_running_hosts_count_as_a_running_rehearsal(tmp_path: 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root")
 def test_smoke_rehearsal_lb_redis_galera() -> None:
     """Boot the prod stack (every host a systemd container booted by cloud-init from the
-    program's user-data), drill lb, redis and galera under load with generous ceilings
-    (3x each target), one Alertmanager check; everything cleaned up.
+    program's user-data) with the reference portal (the default), drill lb, redis and
+    galera under load with generous ceilings (3x each target), one Alertmanager check;
+    everything cleaned up. The load logs in and holds a websocket; in the lb and redis
+    drills a real browser (rehearsal/browser.py) logs in, submits a job and sees its state
+    change over the websocket before the fault, over HTTP/1.1 and HTTP/2, and keeps its
+    login and websocket through it (back within 5 s: not widened by the ceiling).
     Waits for a rehearsal already running on this machine rather than colliding with it;
     its duration is measured by tools/bench_rehearsal.py, not asserted here."""
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as tmp:
@@ -191,6 +195,24 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
             assert d["lost_writes"] == 0 and d["duplicates"] == 0, (name, d)
             assert d["passed"], (name, d, out)
         assert drills["lb"]["alert"] == "ServerDown", drills["lb"]
+        # The reference portal: the load logged in and held its websocket in every drill;
+        # the browser's journey and its measurements around the lb and redis faults.
+        assert doc["portal"] == "reference", doc.get("portal")
+        for name, d in drills.items():
+            lp = d["load_portal"]
+            assert lp["logins"] >= 24 and lp["login_failures"] == 0, (name, lp)
+            assert lp["ws_round_trips"] >= 10 and lp["ws_back_s"] is not None, (name, lp)
+        shots = 0
+        for name in ("lb", "redis"):
+            b = drills[name]["browser"]
+            assert set(b) == {"browser_h1", "browser_h2"}, (name, b, drills[name]["notes"])
+            for proto, m in b.items():
+                assert m["ws_back_s"] is not None and m["ws_back_s"] <= 5.0, (name, proto, m)
+                assert m["forced_relogins"] == 0, (name, proto, m)
+                assert Path(m["screenshot"]).stat().st_size > 0, (name, proto, m)
+                shots += 1
+            assert drills[name]["checks"]["browser"], (name, drills[name]["checks"])
+        assert shots == 4
         # The compute path through the VPN to the (example) on-prem site.
         onprem = doc["onprem"]
         assert onprem["source"] == "rehearsal/onprem-site.yaml"

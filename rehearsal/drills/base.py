@@ -97,6 +97,9 @@ class Result:
     # Failed requests by kind, status and phase (before the fault, in its window, after):
     # what a failure count is made of.
     failures: dict[str, int] = field(default_factory=dict)
+    # The browser logged in before the fault (rehearsal/browser.py, the reference
+    # portal): per protocol ws_back_s, forced_relogins, screenshot.
+    browser: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
@@ -755,7 +758,7 @@ def rto_of(recs: list[tuple[float, float, str, bool, int, str]], t0: float, run_
 def write_report(path: Path, stack: str, results: list[Result], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     keys = ["name", "rto_s", "target_rto_s", "requests", "failed_reads", "failed_writes", "in_flight_writes", "errors",
             "acked_writes", "lost_writes", "duplicates", "ghost_jobs", "per_kind", "acked_in_fault_window",
-            "fault_effect", "alert", "alert_latency_s", "load_portal", "failures", "passed"]
+            "fault_effect", "alert", "alert_latency_s", "load_portal", "failures", "browser", "passed"]
     doc = {"stack": stack, "drills": [{**{k: getattr(r, k) for k in keys},
                                        "checks": r.checks, "notes": r.notes, "seconds": r.seconds} for r in results]}
     if extra:
