@@ -20,10 +20,11 @@ the session the client had: a forced re-login), keeps its cookies (the `sid` ses
 HAProxy's stickiness cookie) for every request but the session probes, which carry their
 own; and --ws (default 1) clients hold a websocket subscription on /ws/ (the ws service
 through the LB): `ws` lines, one per round trip of the service's hello (every second;
-ref `uptodate` or `snapshot`, request_id the sequence seen) and per failure (ok 0, ref
-`connect` with the HTTP status that refused the upgrade, `closed` or `timeout`).
-A snapshot after the first one is a resync (the client had missed changes); a successful
-connect after the first one a reconnect. Without a login (the stand-in: no login, no
+ref `uptodate`, `snapshot` (the hello crossed a change on its way) or `resync` (the
+snapshot that answers the first hello after a reconnect, or after a gap in the
+sequence: the client had missed changes), request_id the sequence seen) and per failure
+(ok 0, ref `connect` with the HTTP status that refused the upgrade, `closed` or
+`timeout`). A connection after the first one is a reconnect. Without a login (the stand-in: no login, no
 websocket) the load is the anonymous one, as before.
 
     python -m rehearsal.load run --url https://203.0.113.10 --out F [--rate 60] [--writes 0.3]
@@ -55,6 +56,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 TIMEOUT = 3.0
+# A login checks a password hash (scrypt, ~0.1-0.2 s of CPU on purpose): when every client
+# of the load logs in at once, the auth services queue them; a person waits that long too.
+LOGIN_TIMEOUT = 15.0
 WS_TIMEOUT = 5.0  # a websocket that brings nothing for this long (it answers a hello every second) is dead
 WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
@@ -146,7 +150,7 @@ class Account:
         with open(a.password_file) as f:
             return cls(a.user, f.read().strip())
 
-    def login(self, conn: Conn, timeout: float = TIMEOUT) -> tuple[bool, int, str]:
+    def login(self, conn: Conn, timeout: float = LOGIN_TIMEOUT) -> tuple[bool, int, str]:
         """POST /auth/login: (ok, status, server). The client starts from no cookie at all
         (the portal gives a new session id at login)."""
         conn.jar.pop("sid", None)
@@ -294,7 +298,6 @@ def run(args: argparse.Namespace) -> int:
             return
         ws_url = ("wss" if conn.tls else "ws") + f"://{conn.host}:{conn.port}/ws/"
         last_seq = -1  # no snapshot or uptodate yet
-        snapshots = 0
         while not stop.is_set():
             t0 = time.time()
             try:
@@ -318,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
                 if stats["ws_opened"] > 1:
                     stats["ws_reconnects"] += 1
             why = "closed"
+            # A snapshot is a resync when the client asks to catch up after a reconnect or
+            # a gap; otherwise it only answers a hello sent while a change was on its way.
+            behind = last_seq >= 0
             try:
                 while not stop.is_set():
                     sent = time.time()
@@ -331,17 +337,18 @@ def run(args: argparse.Namespace) -> int:
                         if msg.get("type") == "job":
                             count("ws_job_messages")
                             seq = int(msg.get("seq", 0))
-                            if last_seq >= 0 and seq != last_seq + 1:
+                            if last_seq >= 0 and seq > last_seq + 1:
                                 count("ws_gaps")  # missed one: the next hello (old last_seq) gets a snapshot
+                                behind = True
                             else:
-                                last_seq = seq
+                                last_seq = max(last_seq, seq)
                         elif msg.get("type") in ("uptodate", "snapshot"):
-                            if msg["type"] == "snapshot":
-                                snapshots += 1
-                                if snapshots > 1:
-                                    count("ws_resyncs")
-                            last_seq = int(msg.get("seq", 0))
                             answer = str(msg["type"])
+                            if answer == "snapshot" and behind:
+                                answer = "resync"
+                                count("ws_resyncs")
+                            behind = False
+                            last_seq = int(msg.get("seq", 0))
                     if answer is None:
                         why = "timeout"
                         break

@@ -648,3 +648,152 @@ def test_frontend_builds_into_a_release_directory_for_nginx(tmp_path: Path, tall
     tally.check("package-lock.json" in tracked or not tracked, "package-lock.json is committed with the source")
     tally.check("node_modules" not in tracked and "dist/" not in tracked, "no node_modules or build output in git")
     tally.expect(10)
+
+
+# ------------------------------------------------------- the rehearsal's load against it
+
+
+def _service(artifact: Path, svc: str, port: int, server: str, lab: dict[str, Any], db: MariaDB,  # noqa: F811
+             log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PORTAL_SERVICE": svc, "PORT": str(port), f"BACKEND_{port}_HOST": "127.0.0.1",
+           "SERVER_ID": server, "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in lab["sentinels"]),
+           "REDIS_MASTER_NAME": MASTER, "REDIS_PASSWORD": PW, "DB_HOST": "127.0.0.1", "DB_PORT": str(db.port),
+           "DB_USER": APP_USER, "DB_PASSWORD": APP_PASSWORD, "DB_NAME": f"portal_{svc}", "SLURM_CLUSTER": "loadtest",
+           "PORTAL_COOKIE_SECURE": "0", "PORTAL_POLL_INTERVAL": "0.5", "PORTAL_WORKERS": str(workers),
+           "HPC_PORTAL_PYTHON": "/usr/bin/python3"}
+    with open(log, "ab") as f:
+        return subprocess.Popen([str(artifact / "bin" / "hpc-portal-service")], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(p: subprocess.Popen[bytes]) -> None:
+    """kill -9 of the service's whole process group (gunicorn's master and workers), as
+    when its host dies."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(10)
+
+
+@pytest.mark.daemons
+def test_the_rehearsal_load_logs_in_submits_jobs_and_holds_a_websocket(
+        artifact: Path, lab: dict[str, Any], db_ready: MariaDB, fake_slurm: Path, tmp_path: Path,  # noqa: F811
+        tally: Tally) -> None:
+    """rehearsal/load.py against the reference portal behind HAProxy (the LB tier's
+    routing: /auth, /api, websocket upgrades; two API servers): every client logs in, jobs
+    go in with their request id (the sbatch comment), one websocket subscription answers
+    its hello every second. The ws service killed and restarted while a change is
+    published: the subscription reconnects and resyncs. The sessions deleted: the job
+    client's 401 is a forced re-login, counted."""
+    from rehearsal.drills.base import failure_breakdown, history, load_portal_figures
+
+    haproxy = need("haproxy", "haproxy")
+    ports = {"auth": free_port(), "api1": free_port(), "api2": free_port(), "ws": free_port()}
+    front = free_port()
+    m = master(lab)
+    for k in m.keys("portal:jobs:loadtest*"):
+        m.delete(k)
+    add_user(Backends(settings("auth", lab, db_ready)), "loadtest", "loadtest-Pw-1")
+    pw = tmp_path / "password"
+    pw.write_text("loadtest-Pw-1\n")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch
+    retry-on conn-failure empty-response response-timeout
+    default-server inter 1s fall 2 rise 2
+frontend fe
+    bind 127.0.0.1:{front}
+    acl route_ws hdr(Upgrade) -i websocket
+    acl route_auth path_beg /auth/
+    acl route_api path_beg /api/
+    http-request return status 200 content-type text/html string "<!doctype html>page" if {{ path / }}
+    use_backend be_ws if route_ws
+    use_backend be_auth if route_auth
+    use_backend be_api if route_api
+backend be_ws
+    option httpchk GET /ws/health
+    timeout tunnel 1h
+    server ws 127.0.0.1:{ports['ws']} check
+backend be_auth
+    option httpchk GET /auth/health
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
+    server auth 127.0.0.1:{ports['auth']} check
+backend be_api
+    balance leastconn
+    option httpchk GET /api/health
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
+    server api1 127.0.0.1:{ports['api1']} check
+    server api2 127.0.0.1:{ports['api2']} check
+""")
+    log = tmp_path / "portal.log"
+    procs = {"auth": _service(artifact, "auth", ports["auth"], "app-test-1", lab, db_ready, log),
+             "api1": _service(artifact, "api", ports["api1"], "app-test-1", lab, db_ready, log, workers=2),
+             "api2": _service(artifact, "api", ports["api2"], "app-test-2", lab, db_ready, log, workers=2),
+             "ws": _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)}
+    lb = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load: subprocess.Popen[str] | None = None
+    out = tmp_path / "load.log"
+    try:
+        for name, port in ports.items():
+            path = {"auth": "/auth/health", "ws": "/ws/health"}.get(name, "/api/health")
+            wait_for(lambda p=port, h=path: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p}{h}", timeout=5)
+                                                       .read())["status"] == "healthy", 60, f"{name} (log: {log})")
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{front}/api/health", timeout=5).status == 200, 15,
+                 "HAProxy's backends up")
+        load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", f"http://127.0.0.1:{front}",
+                                 "--out", str(out), "--rate", "40", "--duration", "30", "--workers", "6",
+                                 "--job-interval", "2", "--job-timeout", "10", "--tag", "lt", "--user", "loadtest",
+                                 "--password-file", str(pw)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: sum(1 for h in history(out) if h[2] == "ws" and h[3]) >= 3, 20, "three websocket round trips")
+        # The ws service dies; a job's state changes while the client is away (published as
+        # the poller does, through the same keys); the service comes back.
+        _kill(procs["ws"])
+        m.incr("portal:jobs:loadtest:seq")
+        m.hset("portal:jobs:loadtest:state", "999999", "RUNNING")
+        procs["ws"] = _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)
+        wait_for(lambda: load_portal_figures(history(out), 0)["ws_resyncs"] >= 1, 30, "a resync after the reconnect")
+        # Every session of the account goes (an operator's forced logout): the job
+        # client's next submission answers 401 and it logs in again.
+        for k in m.scan_iter("portal:session:*"):
+            if "loadtest" in (m.get(k) or ""):
+                m.delete(k)
+        wait_for(lambda: load_portal_figures(history(out), 0)["forced_relogins"] >= 1, 20, "a forced re-login")
+        stdout, stderr = load.communicate(timeout=60)
+        summary = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait(10)
+        lb.terminate()
+        lb.wait(10)
+        for p in procs.values():
+            _kill(p)
+    hist = history(out)
+    fig = load_portal_figures(hist, 0)
+    tally.check(summary["login"] is True and summary["logins"] == 6 + 1 + 1, summary)  # workers, jobs, websocket
+    tally.check(fig["logins"] == 8 and fig["login_failures"] == 0, fig)
+    tally.check(fig["forced_relogins"] >= 1 and summary["relogins"] == fig["forced_relogins"], (fig, summary))
+    tally.check(fig["ws_reconnects"] >= 1 and summary["ws_reconnects"] == fig["ws_reconnects"], (fig, summary))
+    tally.check(fig["ws_resyncs"] >= 1 and fig["ws_round_trips"] >= 10, fig)
+    jobs = {h[5]: h[7] for h in hist if h[2] == "job" and h[3]}
+    tally.check(len(jobs) >= 5, f"jobs acknowledged: {jobs}")
+    sbatch = (fake_slurm.parent / (fake_slurm.name + ".log")).read_text()
+    for rid in jobs:
+        tally.check(f"--comment={rid}" in sbatch or f"--comment {rid}" in sbatch, f"{rid} not an sbatch comment")
+    refused = [h for h in hist if h[2] == "job" and h[4] == 401]
+    tally.check(len(refused) == fig["forced_relogins"], f"every 401 led to a re-login: {refused}")
+    # Outside the websocket's own restart and the forced logout, nothing failed.
+    failed = failure_breakdown(hist, (0, 0))
+    tally.check(set(failed) <= {"job 401 after"}, failed)
+    tally.check(sum(1 for h in hist if h[2] == "write" and h[3]) >= 100, "records written")
+    tally.expect(14)

@@ -624,8 +624,8 @@ def failure_breakdown(hist: list[History], window: tuple[float, float]) -> dict[
 def load_portal_figures(hist: list[History], t0: float) -> dict[str, Any]:
     """The load's logins and websocket subscription (the reference portal; {} for a load
     without them): logins, forced re-logins, websocket connections opened, reconnects,
-    resyncs (snapshots after the first), failures, and ws_back_s: from the fault to the
-    first round trip that began after it (None: none did)."""
+    resyncs (the client caught up after a reconnect or a gap), failures, and ws_back_s:
+    from the fault to the first round trip that began after it (None: none did)."""
     logins = [h for h in hist if h[2] == "login"]
     ws = [h for h in hist if h[2] == "ws"]
     if not logins and not ws:
@@ -633,13 +633,12 @@ def load_portal_figures(hist: list[History], t0: float) -> dict[str, Any]:
     ok = [h for h in ws if h[3]]
     # A connection's first round trip follows a failure line or nothing: an open.
     opened = sum(1 for i, h in enumerate(ws) if h[3] and (i == 0 or not ws[i - 1][3]))
-    snapshots = sum(1 for h in ok if h[7] == "snapshot")
     after = sorted(h[1] for h in ok if h[0] >= t0)
     return {"logins": sum(1 for h in logins if h[3] and h[7] != "relogin"),
             "forced_relogins": sum(1 for h in logins if h[3] and h[7] == "relogin"),
             "login_failures": sum(1 for h in logins if not h[3]),
             "ws_round_trips": len(ok), "ws_opened": opened, "ws_reconnects": max(0, opened - 1),
-            "ws_resyncs": max(0, snapshots - 1), "ws_failures": len(ws) - len(ok),
+            "ws_resyncs": sum(1 for h in ok if h[7] == "resync"), "ws_failures": len(ws) - len(ok),
             "ws_back_s": round(after[0] - t0, 2) if after else None}
 
 
