@@ -364,6 +364,24 @@ class DrillBase:
         for i in range(0, len(jobs), 200):
             self.run(app, f"scancel {' '.join(jobs[i:i + 200])} 2>/dev/null", timeout=60)
 
+    def keep_logs(self, name: str, since: float) -> None:
+        """HAProxy's request log on every LB and the portal services' logs (gunicorn's
+        access log, the stand-in's) on every app host from `since` on, next to the load's
+        history (<workdir>/logs-<drill>/): what explains a failed request."""
+        d = self.out_dir / f"logs-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+        topo = self.layout.topo.role_hosts
+        # rsyslog's files (HAProxy logs through /dev/log in its chroot); journald for the units.
+        cmds = {"lb": f"awk -v s={iso} 'substr($1, 1, 19) >= s' /var/log/haproxy.log",
+                "app": f"journalctl --no-pager -o short-iso-precise -u 'hpc-portal-*' --since @{since:.0f}"}
+        for role, cmd in cmds.items():
+            for h in topo.get(role, []):
+                if not H.alive(h) or frozen(h):
+                    continue
+                _rc, out = self.run(h, cmd, timeout=60)
+                (d / f"{h}-{'haproxy' if role == 'lb' else 'portal'}.log").write_text(out)
+
     def tally(self, path: Path, t0: float, res: Result) -> None:
         tally(self.records(path), t0, res)
         hist = history(path)
@@ -468,6 +486,7 @@ class DrillBase:
             res.fault_effect = res.fault_effect or self.effect
             restore()
             self.finish_load(p, path)
+            self.keep_logs(name, t0 - 60)
             self.tally(path, t0, res)
         self.verify(path, res)
         return self.finish(res, rto_target)
