@@ -382,6 +382,39 @@ def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, An
 
 
 @pytest.mark.daemons
+def test_a_session_that_cannot_be_saved_is_a_503_never_a_500(apps: dict[str, Any], lab: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """Saving the session runs after the view, outside the app's error handlers: Redis
+    failing there (a master killed mid-request, before Sentinel promotes another) gave a
+    500 in the rehearsal's redis drill. A new session that could not be written is a 503
+    without a cookie; a failed TTL renewal of an existing one leaves the answer alone."""
+    api = apps["api"]
+    known = api.get("/api/session").get_json()["session"]
+    iface = api.application.session_interface
+    real = iface.redis
+
+    class WritesFail:  # reads work, SET and EXPIRE fail as on a master gone mid-request
+        def call(self, fn: Any) -> Any:
+            class R:
+                def __getattr__(self, name: str) -> Any:
+                    if name in ("set", "expire"):
+                        raise redis.ConnectionError("Connection closed by server.")
+                    return getattr(real.master(), name)
+            return fn(R())
+
+    monkeypatch.setattr(iface, "redis", WritesFail())
+    r = api.get("/api/session")  # the known session: only its TTL renewal fails
+    tally.check(r.status_code == 200 and r.get_json()["session"] == known, r.get_json())
+    fresh = create_app(api.application.extensions["portal"].s, api.application.extensions["portal"]).test_client()
+    fresh.application.session_interface.redis = WritesFail()  # type: ignore[attr-defined]
+    r = fresh.get("/api/session")
+    tally.check(r.status_code == 503, f"{r.status_code} {r.get_data(as_text=True)}")
+    tally.check(r.get_json()["error"].startswith("session store unavailable: ConnectionError"), r.get_json())
+    tally.check("Set-Cookie" not in r.headers, "no cookie for a session that does not exist")
+    tally.expect(4)
+
+
+@pytest.mark.daemons
 def test_health_answers_200_with_every_check_and_503_when_one_fails(apps: dict[str, Any], lab: dict[str, Any],
                                                                     db_ready: MariaDB, tally: Tally) -> None:
     for svc, path in (("api", "/api/health"), ("auth", "/auth/health"), ("cae", "/health")):
