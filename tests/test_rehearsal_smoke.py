@@ -183,6 +183,10 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
         workdir = Path(tmp) / "work"
         try:
             _smoke(report, workdir)
+            # The last passing run's figures (RTOs, failures, the browser's and the load's
+            # websocket numbers) for a look afterwards.
+            (ROOT / "build").mkdir(exist_ok=True)
+            shutil.copy(report, ROOT / "build" / "smoke-last-report.json")
         except AssertionError:
             # What explains a failure (the report, the load's histories, HAProxy's and the
             # portal's logs, the screenshots) outlives the temporary directory.
