@@ -178,6 +178,33 @@ def test_a_master_refusing_writes_for_want_of_replicas_is_forgotten(lab: dict[st
 
 
 @pytest.mark.daemons
+def test_forgetting_the_master_leaves_another_threads_command_alone(lab: dict[str, Any], tally: Tally) -> None:
+    """One thread forgets the master (its call failed) while another is in the middle of
+    a command on the same client: that command completes (it used to die with ValueError,
+    'I/O operation on closed file', outside ERRORS: a 500)."""
+    import threading
+
+    m = SentinelMaster(sentinels(lab["sentinels"]), MASTER, PW, PW, timeout=3.0)
+    m.call(lambda r: r.ping())
+    out: list[Any] = []
+
+    def slow() -> None:
+        try:
+            out.append(m.call(lambda r: r.blpop(["portal:test:never"], timeout=1)))
+        except Exception as e:  # noqa: BLE001 - recorded and judged below
+            out.append(e)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)  # BLPOP is waiting on its connection
+    m.forget()
+    t.join(10)
+    tally.check(out == [None], f"the other thread's command: {out!r}")
+    tally.check(m.call(lambda r: r.ping()) is True, "the next call discovers the master again")
+    tally.expect(2)
+
+
+@pytest.mark.daemons
 def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> None:
     rl = RedisLab()
     try:
