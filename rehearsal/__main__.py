@@ -35,6 +35,7 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
     extra: dict[str, Any] = {"onprem": onprem} if onprem else {}
     if st.get("http_hygiene"):
         extra["http_hygiene"] = st["http_hygiene"]
+    extra["portal"] = (st.get("portal") or {}).get("kind", "standin")
     d = Drills(layout, workdir, ceiling=ceiling, alert_checks=alert_checks)
     results: list[Result] = []
     for name in names:
@@ -92,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--onprem", choices=("auto", "none"), default=os.environ.get("HPC_REHEARSAL_ONPREM", "auto"),
                        help="auto: the stack's on-prem site, else the example one (rehearsal/onprem-site.yaml); "
                             "none: the stack as committed")
-        s.add_argument("--portal", choices=("standin", "reference"),
-                       default=os.environ.get("HPC_REHEARSAL_PORTAL", "standin"),
-                       help="the portal on the app hosts: the stand-in (default), or examples/reference-portal "
-                            "deployed through the git artifact kind, with the browser journey in the drills")
+        s.add_argument("--portal", choices=("reference", "standin"),
+                       default=os.environ.get("HPC_REHEARSAL_PORTAL", "reference"),
+                       help="the portal on the app hosts: examples/reference-portal deployed through the git "
+                            "artifact kind, the load logged in, with the browser journey in the drills (default), "
+                            "or the standard-library stand-in (no build, no login, no websocket)")
         if name == "run":
             s.add_argument("--drills", default=os.environ.get("DRILLS", ""))
             s.add_argument("--report", type=Path, default=Path("rehearsal-report.json"))

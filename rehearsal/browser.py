@@ -15,7 +15,8 @@ probe in the page sends the websocket service's `hello` every 200 ms on its own 
 (opening a new one at once when it closes) and records each answer. After the fault the
 watch reports, per protocol, the seconds from the fault to the first round trip sent
 after it, whether the login was kept (GET /auth/me still 200 with the cookie from
-before: 0 forced re-logins) and a screenshot.
+before: 0 forced re-logins; asked again while the portal answers 503, until it says 200 or
+401) and a screenshot.
 
     python -m rehearsal.browser watch --url https://portal.example.org --resolve IP --ca PEM \\
         --user NAME --password-file F --out DIR [--protocols h1,h2]
@@ -195,11 +196,24 @@ def after_fault(j: Journey, fault: float, out: Path, timeout: float = WS_BACK_TI
             back = round((after[0][1] - fault_ms) / 1000, 2)
             break
         time.sleep(0.2)
-    status = j.page.evaluate("fetch('/auth/me', {credentials: 'same-origin'}).then(r => r.status, e => 0)")
+    # The login: /auth/me with the cookie from before the fault, asked again until the
+    # portal gives a verdict. 200: kept; 401 (login required): the session is gone, a
+    # forced re-login. A 503 (the session store unavailable: a Redis failover still in
+    # progress), a 502 or no answer is no verdict yet: the page would retry, so do we.
+    statuses: list[int] = []
+    status = 0
+    while True:
+        status = int(j.page.evaluate("fetch('/auth/me', {credentials: 'same-origin'}).then(r => r.status, e => 0)"))
+        statuses.append(status)
+        if status in (200, 401) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    login_s = round(time.time() - fault, 2)
     shot = out / f"browser-{j.protocol}.png"
     j.page.screenshot(path=str(shot), full_page=True)
     return {"ws_back_s": back, "login_kept": status == 200, "forced_relogins": 0 if status == 200 else 1,
-            "auth_me_status": status, "screenshot": str(shot), "journey_s": j.steps, "job": j.job,
+            "auth_me_status": status, "auth_me_statuses": statuses[-20:], "login_checked_s": login_s,
+            "screenshot": str(shot), "journey_s": j.steps, "job": j.job,
             "job_states": j.job_states, "probe_sockets_opened": j.page.evaluate("window.__probe.opened")}
 
 
@@ -316,8 +330,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The figures a drill reports: per protocol the websocket's return and the login."""
     if "error" in result:
         return {"browser_error": result["error"]}
-    return {f"browser_{p}": {k: r[k] for k in ("ws_back_s", "forced_relogins", "screenshot")}
-            for p, r in result.get("protocols", {}).items()}
+    keys = ("ws_back_s", "forced_relogins", "auth_me_statuses", "login_checked_s", "screenshot")
+    return {f"browser_{p}": {k: r[k] for k in keys if k in r} for p, r in result.get("protocols", {}).items()}
 
 
 @contextlib.contextmanager
@@ -341,6 +355,7 @@ def around_fault(drill: Any, name: str, res: Any) -> Iterator[None]:
         w.__enter__()
     except Exception as e:  # noqa: BLE001 - a failed journey fails the drill's browser check, not the drill
         res.notes.append(f"browser before the fault: {e}")
+        res.browser = {"browser_error": f"before the fault: {e}"}
         res.checks["browser"] = False
         yield
         return
@@ -349,6 +364,7 @@ def around_fault(drill: Any, name: str, res: Any) -> Iterator[None]:
     finally:
         w.__exit__(None, None, None)
         s = summary(w.result)
+        res.browser = s
         res.notes.append("browser: " + json.dumps(s))
         per = [v for k, v in s.items() if k.startswith("browser_h")]
         res.checks["browser"] = bool(per) and all(

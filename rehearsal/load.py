@@ -8,16 +8,31 @@ kinds: `write` (POST /api/records with a fresh request id: idempotent on the ser
 request_id is the session id), `session` (GET /api/session with the newest session's
 cookie: Redis through Sentinel; ref `lost` when the server no longer knew it), `page`
 (GET /: nginx), `record` (GET /api/records/<an acknowledged id>: MariaDB through the DB
-writer), `job` (POST /api/jobs with a request id, one every --job-interval s from its
-own thread; a failed attempt is repeated with the same request id until --job-deadline,
-as a portal's retry would; ref is the job id). `server` is the web/app host that
-answered ("-" when none did).
+writer), `job` (POST /api/jobs with a request id, in the body and as Idempotency-Key,
+one every --job-interval s from its own thread; a failed attempt is repeated with the
+same request id until --job-deadline, as a portal's retry would; ref is the job id).
+`server` is the web/app host that answered ("-" when none did).
+
+With --user and --password-file (the reference portal: the rehearsal makes the account
+after boot, rehearsal/portal_artifact.py) every client logs in first, as a person would:
+`login` (POST /auth/login; ref `first`, or `relogin` when a request answered 401 with
+the session the client had: a forced re-login), keeps its cookies (the `sid` session,
+HAProxy's stickiness cookie) for every request but the session probes, which carry their
+own; and --ws (default 1) clients hold a websocket subscription on /ws/ (the ws service
+through the LB): `ws` lines, one per round trip of the service's hello (every second;
+ref `uptodate`, `snapshot` (the hello crossed a change on its way) or `resync` (the
+snapshot that answers the first hello after a reconnect, or after a gap in the
+sequence: the client had missed changes), request_id the sequence seen) and per failure
+(ok 0, ref `connect` with the HTTP status that refused the upgrade, `closed` or
+`timeout`). A connection after the first one is a reconnect. Without a login (the stand-in: no login, no
+websocket) the load is the anonymous one, as before.
 
     python -m rehearsal.load run --url https://203.0.113.10 --out F [--rate 60] [--writes 0.3]
                                  [--duration 600] [--max-requests 40000]
+                                 [--user NAME --password-file F [--ws 1]]
     python -m rehearsal.load verify --url ... --ids F     read every acknowledged write back
     python -m rehearsal.load sessions --url ... --ids F   which acknowledged sessions are gone
-    python -m rehearsal.load jobs --url ... submit --count 5 | states --ids 1,2
+    python -m rehearsal.load jobs --url ... [--user NAME --password-file F] submit --count 5 | states --ids 1,2
                                                            Slurm jobs through the portal
 """
 
@@ -25,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import http.cookies
 import json
 import os
 import queue
 import random
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -39,37 +56,90 @@ from typing import Any
 from urllib.parse import urlparse
 
 TIMEOUT = 3.0
+# A login checks a password hash (scrypt, ~0.1-0.2 s of CPU on purpose). The load's clients
+# log in at most LOGINS_AT_ONCE at a time, as people arrive, not all in one second: two
+# dozen hashes at once starve the auth services' health checks on a small host and HAProxy
+# takes every auth server out (measured: 26 at once on 2 CPUs, checks timed out at 3 s).
+LOGIN_TIMEOUT = 30.0
+LOGINS_AT_ONCE = 3
+WS_TIMEOUT = 5.0  # a websocket that brings nothing for this long (it answers a hello every second) is dead
 WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
 
 class Conn:
+    """One client: a keep-alive connection and its cookies (every Set-Cookie it got, the
+    way a browser keeps them: the `sid` session, HAProxy's stickiness cookie)."""
+
     def __init__(self, url: str):
         u = urlparse(url)
+        self.url = url
         self.host, self.port, self.tls = u.hostname or "", u.port or (443 if u.scheme == "https" else 80), u.scheme == "https"
         self.ctx = ssl._create_unverified_context() if self.tls else None  # the rehearsal's self-signed certificate
         self.c: http.client.HTTPConnection | None = None
-        self.cookie = ""
+        self.jar: dict[str, str] = {}
+        self.used = False  # the connection has carried a response: it may have been closed while idle
+        self.stale_retries = 0
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+    @property
+    def cookie(self) -> str:
+        """The Cookie header this client sends ("" when it has none)."""
+        return "; ".join(f"{k}={v}" for k, v in self.jar.items())
+
+    @cookie.setter
+    def cookie(self, value: str) -> None:
+        self.jar = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
+
+    def keep(self, set_cookies: list[str]) -> None:
+        for header in set_cookies:
+            jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+            try:
+                jar.load(header)
+            except http.cookies.CookieError:
+                continue
+            for name, morsel in jar.items():
+                if morsel["max-age"] == "0" or not morsel.value:  # deleted (a logout)
+                    self.jar.pop(name, None)
+                else:
+                    self.jar[name] = morsel.value
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request. A keep-alive connection the LB closed while it was idle (its
+        `timeout http-keep-alive`) fails at once without an answer: the request is sent
+        again once on a new connection, as browsers and urllib3 do (nothing reached a
+        server; the load's writes are idempotent by request id anyway)."""
+        reused = self.used
+        try:
+            return self._request(method, path, body, timeout, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            self.stale_retries += 1
+            return self._request(method, path, body, timeout, headers)
+
+    def _request(self, method: str, path: str, body: Any, timeout: float,
+                 headers: dict[str, str] | None) -> tuple[int, bytes]:
         if self.c is None:
             if self.tls:
                 self.c = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ctx)
             else:
                 self.c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        headers = {"Connection": "keep-alive"}
+        h = {"Connection": "keep-alive", **(headers or {})}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self.cookie:
-            headers["Cookie"] = self.cookie
+            h["Content-Type"] = "application/json"
+        if self.jar:
+            h["Cookie"] = self.cookie
         try:
-            self.c.request(method, path, body=data, headers=headers)
+            self.c.timeout = timeout
+            if self.c.sock is not None:
+                self.c.sock.settimeout(timeout)
+            self.c.request(method, path, body=data, headers=h)
             r = self.c.getresponse()
             payload = r.read()
-            sc = r.getheader("Set-Cookie")
-            if sc and sc.startswith("sid="):
-                self.cookie = sc.split(";", 1)[0]
+            self.keep(r.msg.get_all("Set-Cookie") or [])
+            self.used = True
             if r.getheader("Connection", "").lower() == "close":
                 self.close()
             return r.status, payload
@@ -84,21 +154,81 @@ class Conn:
             except Exception:  # noqa: BLE001
                 pass
         self.c = None
+        self.used = False
+
+
+class Account:
+    """The rehearsal's portal account (--user, --password-file); None: the stand-in, no login."""
+
+    def __init__(self, user: str, password: str):
+        self.user, self.password = user, password
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> Account | None:
+        if not getattr(a, "user", ""):
+            return None
+        if not getattr(a, "password_file", ""):
+            raise SystemExit("rehearsal.load: --user needs --password-file")
+        with open(a.password_file) as f:
+            return cls(a.user, f.read().strip())
+
+    def login(self, conn: Conn, timeout: float = LOGIN_TIMEOUT) -> tuple[bool, int, str]:
+        """POST /auth/login: (ok, status, server). The client starts from no cookie at all
+        (the portal gives a new session id at login)."""
+        conn.jar.pop("sid", None)
+        status, body = conn.request("POST", "/auth/login", {"username": self.user, "password": self.password},
+                                    timeout=timeout)
+        return status == 200 and "sid" in conn.jar, status, _server_of(body)
 
 
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Sockets made without an explicit time-out (the websocket client's) get this one:
+    # its connect, and its reads (an answer comes every second, see ws_worker).
+    socket.setdefaulttimeout(WS_TIMEOUT)
+    account = Account.from_args(args)
     tickets: queue.Queue[str] = queue.Queue(maxsize=int(args.rate * 2))
     out = open(args.out, "a", buffering=1)
     lock = threading.Lock()
     acked: list[str] = []
     counts = {"sent": 0, "skipped": 0}
+    stats = {"logins": 0, "relogins": 0, "login_failures": 0, "ws_opened": 0, "ws_reconnects": 0, "ws_resyncs": 0,
+             "ws_failures": 0, "ws_round_trips": 0, "ws_job_messages": 0, "ws_gaps": 0, "stale_retries": 0}
     deadline = time.monotonic() + args.duration
 
+    def count(key: str, n: int = 1) -> None:
+        with lock:
+            stats[key] += n
+
+    logins_at_once = threading.BoundedSemaphore(LOGINS_AT_ONCE)
+
+    def log_in(conn: Conn, why: str) -> bool:
+        """Log in (retried every second until it works or the load stops): every client
+        of a logged-in load has a session before its first request."""
+        assert account is not None
+        while not stop.is_set():
+            status, server, ok = 0, "-", False
+            with logins_at_once:
+                t0 = time.time()
+                try:
+                    ok, status, server = account.login(conn)
+                except Exception:  # noqa: BLE001
+                    ok = False
+            out.write(line(t0, time.time(), "login", ok, status, "-", server, why))
+            if ok:
+                count("relogins" if why == "relogin" else "logins")
+                return True
+            count("login_failures")
+            stop.wait(1.0)
+        return False
+
     def worker() -> None:
-        conn = Conn(args.url)
+        conn = Conn(args.url)  # the user's client: logged in when the load has an account
+        probe = Conn(args.url)  # the session probes' own cookie (snew, session)
+        if account is not None and not log_in(conn, "first"):
+            return
         while not stop.is_set():
             try:
                 kind = tickets.get(timeout=0.5)
@@ -116,15 +246,16 @@ def run(args: argparse.Namespace) -> int:
                     ok = doc.get("ok") is True
                     server = str(doc.get("server", "-"))
                 elif kind in ("session", "snew"):
-                    if kind == "snew" or not conn.cookie:
+                    if kind == "snew" or "sid" not in probe.jar:
                         kind = "snew"
-                        conn.cookie = ""
-                    status, body = conn.request("GET", "/api/session")
+                        probe.jar.clear()
+                    status, body = probe.request("GET", "/api/session")
                     doc = json.loads(body or b"{}") if status == 200 else {}
                     ok = status == 200 and bool(doc.get("session"))
                     server = str(doc.get("server", "-"))
                     if ok and kind == "snew":
                         rid = str(doc["session"])
+                        probe.jar["sid"] = rid
                     elif ok and doc.get("new"):
                         ref = "lost"  # the cookie's session was gone: the server made a new one
                         rid = str(doc["session"])
@@ -143,12 +274,16 @@ def run(args: argparse.Namespace) -> int:
                 with lock:
                     acked.append(rid)
             out.write(line(t0, t1, kind, ok, status, rid, server, ref))
+        count("stale_retries", conn.stale_retries + probe.stale_retries)
 
     def job_worker() -> None:
         """One job every --job-interval s; a failed attempt is repeated with the same
         request id (the portal finds the job a timed-out attempt created) until the
-        deadline: a job is acknowledged once, lost never, duplicated never."""
+        deadline: a job is acknowledged once, lost never, duplicated never. A 401 (the
+        session is gone) is a forced re-login, then the same request id again."""
         conn = Conn(args.url)
+        if account is not None and not log_in(conn, "first"):
+            return
         n = 0
         while not stop.is_set():
             n += 1
@@ -159,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
                 status, server, ref, ok = 0, "-", "-", False
                 try:
                     status, body = conn.request("POST", "/api/jobs", {"name": f"{args.tag}-load", "seconds": 3600,
-                                                                      "request_id": rid}, timeout=args.job_timeout)
+                                                                      "request_id": rid},
+                                                timeout=args.job_timeout, headers={"Idempotency-Key": rid})
                     doc = json.loads(body or b"{}")
                     server = str(doc.get("server", "-"))
                     ok = status == 200 and bool(doc.get("job_id"))
@@ -169,12 +305,98 @@ def run(args: argparse.Namespace) -> int:
                 out.write(line(t0, time.time(), "job", ok, status, rid, server, ref))
                 if ok or time.time() - first > args.job_deadline:
                     break
+                if status == 401 and account is not None:
+                    log_in(conn, "relogin")
+                    continue
                 stop.wait(1.0)
             stop.wait(max(0.0, first + args.job_interval - time.time()))
+
+    def ws_worker() -> None:
+        """A websocket subscription, as the portal's page holds one: hello with the last
+        sequence seen, every second; job messages between; reconnect at once when it
+        closes or goes silent (a hello unanswered for WS_TIMEOUT s)."""
+        from simple_websocket import Client, ConnectionClosed
+        from simple_websocket import ConnectionError as Refused
+
+        assert account is not None
+        conn = Conn(args.url)
+        if not log_in(conn, "first"):
+            return
+        ws_url = ("wss" if conn.tls else "ws") + f"://{conn.host}:{conn.port}/ws/"
+        last_seq = -1  # no snapshot or uptodate yet
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                ws = Client.connect(ws_url, headers={"Cookie": conn.cookie}, ssl_context=conn.ctx)
+            except Refused as e:  # the upgrade answered with another status than 101
+                code = int(e.status_code or 0)
+                out.write(line(t0, time.time(), "ws", False, code, str(last_seq), "-", "connect"))
+                count("ws_failures")
+                if code == 401:
+                    log_in(conn, "relogin")
+                else:
+                    stop.wait(0.5)
+                continue
+            except OSError:
+                out.write(line(t0, time.time(), "ws", False, 0, str(last_seq), "-", "connect"))
+                count("ws_failures")
+                stop.wait(0.5)
+                continue
+            with lock:
+                stats["ws_opened"] += 1
+                if stats["ws_opened"] > 1:
+                    stats["ws_reconnects"] += 1
+            why = "closed"
+            # A snapshot is a resync when the client asks to catch up after a reconnect or
+            # a gap; otherwise it only answers a hello sent while a change was on its way.
+            behind = last_seq >= 0
+            try:
+                while not stop.is_set():
+                    sent = time.time()
+                    ws.send(json.dumps({"type": "hello", "last_seq": max(last_seq, 0)}))
+                    answer = None
+                    while answer is None:
+                        raw = ws.receive(timeout=max(0.0, sent + WS_TIMEOUT - time.time()))
+                        if raw is None:
+                            break
+                        msg = json.loads(raw)
+                        if msg.get("type") == "job":
+                            count("ws_job_messages")
+                            seq = int(msg.get("seq", 0))
+                            if last_seq >= 0 and seq > last_seq + 1:
+                                count("ws_gaps")  # missed one: the next hello (old last_seq) gets a snapshot
+                                behind = True
+                            else:
+                                last_seq = max(last_seq, seq)
+                        elif msg.get("type") in ("uptodate", "snapshot"):
+                            answer = str(msg["type"])
+                            if answer == "snapshot" and behind:
+                                answer = "resync"
+                                count("ws_resyncs")
+                            behind = False
+                            last_seq = int(msg.get("seq", 0))
+                    if answer is None:
+                        why = "timeout"
+                        break
+                    out.write(line(sent, time.time(), "ws", True, 101, str(last_seq), "-", answer))
+                    count("ws_round_trips")
+                    stop.wait(max(0.0, sent + 1.0 - time.time()))
+            except (ConnectionClosed, OSError, ValueError, KeyError, TypeError):
+                pass
+            finally:
+                try:
+                    ws.close()
+                except Exception:  # noqa: BLE001 - already closed
+                    pass
+            if not stop.is_set():
+                out.write(line(time.time(), time.time(), "ws", False, 0, str(last_seq), "-", why))
+                count("ws_failures")
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
     if args.job_interval > 0:
         threads.append(threading.Thread(target=job_worker, daemon=True))
+    if account is not None:
+        threads += [threading.Thread(target=ws_worker, daemon=True) for _ in range(args.ws)]
     for t in threads:
         t.start()
     interval = 1.0 / args.rate
@@ -192,9 +414,10 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(max(0.0, nxt - time.monotonic()))
     stop.set()
     for t in threads:
-        t.join(max(TIMEOUT, args.job_timeout) + 2)
+        t.join(max(TIMEOUT, args.job_timeout, WS_TIMEOUT) + 2)
     out.close()
-    print(json.dumps({"sent": counts["sent"], "skipped": counts["skipped"], "acked_writes": len(acked)}), flush=True)
+    print(json.dumps({"sent": counts["sent"], "skipped": counts["skipped"], "acked_writes": len(acked),
+                      "login": account is not None, **stats}), flush=True)
     return 0
 
 
@@ -277,6 +500,21 @@ def jobs(args: argparse.Namespace) -> int:
     and prints their ids; `states` prints each job's state (GET /api/jobs/<id>)."""
     conn = Conn(args.url)
     out: dict[str, Any] = {}
+    account = Account.from_args(args)
+
+    def log_in() -> bool:
+        for _attempt in range(10):
+            try:
+                if account is not None and account.login(conn, timeout=30)[0]:
+                    return True
+            except Exception as e:  # noqa: BLE001
+                out.setdefault("errors", []).append(f"login: {e}")
+            time.sleep(1)
+        return False
+
+    if account is not None and not log_in():
+        print(json.dumps({**out, "error": f"could not log in as {account.user}"}))
+        return 1
     if args.action == "submit":
         ids: list[str] = []
         run = uuid.uuid4().hex[:12]
@@ -287,7 +525,12 @@ def jobs(args: argparse.Namespace) -> int:
             for _attempt in range(10):
                 try:
                     status, body = conn.request("POST", "/api/jobs",
-                                                {"name": f"rehearsal-{i}", "seconds": 600, "request_id": rid}, timeout=30)
+                                                {"name": f"rehearsal-{i}", "seconds": 600, "request_id": rid}, timeout=30,
+                                                headers={"Idempotency-Key": rid})
+                    if status == 401 and account is not None:  # the session is gone: log in again, same request id
+                        out["relogins"] = out.get("relogins", 0) + 1
+                        log_in()
+                        continue
                     if status == 200:
                         answer = json.loads(body)
                         ids.append(str(answer["job_id"]))
@@ -315,7 +558,10 @@ def jobs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rehearsal.load")
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
+    login = argparse.ArgumentParser(add_help=False)
+    login.add_argument("--user", default="", help="log in as this portal user (the reference portal); none: no login")
+    login.add_argument("--password-file", default="", help="the user's password, the file's first line")
+    r = sub.add_parser("run", parents=[login])
     r.add_argument("--url", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--rate", type=float, default=60.0)
@@ -328,13 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--job-interval", type=float, default=5.0, help="seconds between job submissions (0: none)")
     r.add_argument("--job-timeout", type=float, default=25.0, help="one job submission's HTTP time-out")
     r.add_argument("--job-deadline", type=float, default=90.0, help="retry a failed job submission this long")
+    r.add_argument("--ws", type=int, default=1, help="websocket subscriptions held open (with a login only)")
     ss = sub.add_parser("sessions")
     ss.add_argument("--url", required=True)
     ss.add_argument("--ids", required=True)
     v = sub.add_parser("verify")
     v.add_argument("--url", required=True)
     v.add_argument("--ids", required=True)
-    j = sub.add_parser("jobs")
+    j = sub.add_parser("jobs", parents=[login])
     j.add_argument("--url", required=True)
     j.add_argument("action", choices=("submit", "states"))
     j.add_argument("--count", type=int, default=5)

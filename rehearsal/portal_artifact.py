@@ -12,9 +12,8 @@ install step and the hpc-portal-* units run on the hosts as in production.
     add_user(layout, ...)            the browser's login, set on one app host with the
                                      artifact's own `hpc-portal-service add-user`
 
-`python -m rehearsal up|run --portal reference` does the three (the stand-in stays the
-default: the load generator's `jobs submit` posts /api/jobs without logging in, which
-the reference portal refuses with 401).
+`python -m rehearsal up|run` does the three (the default; `--portal standin` runs the
+standard library's stand-in instead); the load generator logs in with the same account.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def install_standin(layout: Layout, name: str) -> bool:
 
 
 def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
-       portal: str = "standin") -> Layout:
+       portal: str = "reference") -> Layout:
     preflight()
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")

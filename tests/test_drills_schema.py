@@ -5,6 +5,7 @@ rehearsal here: the history and Slurm's answers are written by hand)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,85 @@ def test_a_partial_outage_counts_until_its_last_failure() -> None:
     res = Result("p", rto_s=2.0, fault_window=(100.0, 130.0))
     settled_rto(res, [(100.5, 101.0, "session", False, 0, "-")], ("session",), 5.0)
     assert res.rto_s == 2.0 and res.checks["rto"] is True
+
+
+def test_failures_are_broken_down_by_kind_status_and_phase() -> None:
+    from rehearsal.drills.base import failure_breakdown
+
+    h = [(1.0, 2.0, "write", False, 0, "a", "-", "-"), (5.0, 5.1, "record", False, 503, "b", "-", "-"),
+         (5.5, 5.6, "record", False, 503, "c", "-", "-"), (9.0, 9.1, "page", False, 0, "-", "-", "-"),
+         (5.0, 5.1, "ws", False, 0, "3", "-", "closed"), (6.0, 6.1, "write", True, 200, "d", "-", "-")]
+    assert failure_breakdown(h, (4.0, 8.0)) == {"record 503 window": 2, "page 0 after": 1, "write 0 before": 1}
+
+
+def test_the_loads_login_and_websocket_figures() -> None:
+    from rehearsal.drills.base import load_portal_figures
+
+    assert load_portal_figures([(1.0, 1.1, "write", True, 200, "a", "-", "-")], 0.0) == {}  # the stand-in's load
+    h = [(0.0, 0.5, "login", True, 200, "-", "-", "first"), (0.0, 0.6, "login", True, 200, "-", "-", "first"),
+         (0.1, 9.0, "login", False, 0, "-", "-", "first"),
+         (1.0, 1.01, "ws", True, 101, "0", "-", "uptodate"), (2.0, 2.01, "ws", True, 101, "1", "-", "snapshot"),
+         (2.5, 2.5, "ws", False, 0, "1", "-", "closed"), (2.6, 2.7, "ws", False, 503, "1", "-", "connect"),
+         (3.3, 3.4, "ws", True, 101, "4", "-", "resync"), (4.3, 4.31, "ws", True, 101, "4", "-", "uptodate"),
+         (5.0, 5.9, "login", True, 200, "-", "-", "relogin")]
+    f = load_portal_figures(h, 2.4)
+    assert f == {"logins": 2, "forced_relogins": 1, "login_failures": 1, "ws_round_trips": 4, "ws_opened": 2,
+                 "ws_reconnects": 1, "ws_resyncs": 1, "ws_failures": 2, "ws_back_s": 1.0}
+
+
+def test_tally_leaves_the_websocket_out_and_counts_failed_logins_as_writes() -> None:
+    recs = [(0.0, 1.0, "login", False, 503, "-"), (2.0, 2.1, "ws", False, 0, "1"), (2.0, 2.1, "page", False, 0, "-")]
+    res = Result("x")
+    tally(recs, 10.0, res)
+    assert (res.requests, res.failed_reads, res.failed_writes) == (2, 1, 1)
+
+
+def test_the_load_keeps_cookies_and_resends_once_on_a_connection_closed_while_idle() -> None:
+    """A keep-alive connection the server closed after its answer (as the LB does after
+    `timeout http-keep-alive`): the next request fails at once on it, and is sent again
+    on a new connection; a Set-Cookie is kept, a deleted cookie dropped."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Cookie", ""))
+            self.send_response(200)
+            if self.path == "/login":
+                self.send_header("Set-Cookie", "sid=abc; Path=/; HttpOnly")
+                self.send_header("Set-Cookie", "SRV=app-1; Path=/")
+            if self.path == "/logout":
+                self.send_header("Set-Cookie", "sid=; Max-Age=0; Path=/")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            self.close_connection = True  # no "Connection: close": the client thinks it may reuse it
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        c = load.Conn(f"http://127.0.0.1:{srv.server_address[1]}")
+        assert c.request("GET", "/login")[0] == 200
+        assert c.jar == {"sid": "abc", "SRV": "app-1"}
+        time.sleep(0.2)  # the server has closed its end meanwhile
+        assert c.request("GET", "/x")[0] == 200
+        assert c.stale_retries == 1 and seen[-1] == "sid=abc; SRV=app-1"
+        c.request("GET", "/logout")
+        assert c.jar == {"SRV": "app-1"}
+        fresh = load.Conn(f"http://127.0.0.1:{srv.server_address[1]}")
+        with pytest.raises(Exception):  # noqa: B017 - never retried on a first use: the failure is real
+            srv.shutdown()
+            srv.server_close()
+            fresh.request("GET", "/x", timeout=1)
+        assert fresh.stale_retries == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()

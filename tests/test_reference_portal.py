@@ -179,6 +179,33 @@ def test_a_master_refusing_writes_for_want_of_replicas_is_forgotten(lab: dict[st
 
 
 @pytest.mark.daemons
+def test_forgetting_the_master_leaves_another_threads_command_alone(lab: dict[str, Any], tally: Tally) -> None:
+    """One thread forgets the master (its call failed) while another is in the middle of
+    a command on the same client: that command completes (it used to die with ValueError,
+    'I/O operation on closed file', outside ERRORS: a 500)."""
+    import threading
+
+    m = SentinelMaster(sentinels(lab["sentinels"]), MASTER, PW, PW, timeout=3.0)
+    m.call(lambda r: r.ping())
+    out: list[Any] = []
+
+    def slow() -> None:
+        try:
+            out.append(m.call(lambda r: r.blpop(["portal:test:never"], timeout=1)))
+        except Exception as e:  # noqa: BLE001 - recorded and judged below
+            out.append(e)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)  # BLPOP is waiting on its connection
+    m.forget()
+    t.join(10)
+    tally.check(out == [None], f"the other thread's command: {out!r}")
+    tally.check(m.call(lambda r: r.ping()) is True, "the next call discovers the master again")
+    tally.expect(2)
+
+
+@pytest.mark.daemons
 def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> None:
     rl = RedisLab()
     try:
@@ -381,6 +408,39 @@ def test_sessions_live_in_redis_and_deleting_the_key_logs_out(apps: dict[str, An
     tally.check(apps["auth"].post("/auth/logout", json={}).status_code == 200)
     tally.check(master(lab).exists(f"portal:session:{sid}") == 0)
     tally.expect(13)
+
+
+@pytest.mark.daemons
+def test_a_session_that_cannot_be_saved_is_a_503_never_a_500(apps: dict[str, Any], lab: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """Saving the session runs after the view, outside the app's error handlers: Redis
+    failing there (a master killed mid-request, before Sentinel promotes another) gave a
+    500 in the rehearsal's redis drill. A new session that could not be written is a 503
+    without a cookie; a failed TTL renewal of an existing one leaves the answer alone."""
+    api = apps["api"]
+    known = api.get("/api/session").get_json()["session"]
+    iface = api.application.session_interface
+    real = iface.redis
+
+    class WritesFail:  # reads work, SET and EXPIRE fail as on a master gone mid-request
+        def call(self, fn: Any) -> Any:
+            class R:
+                def __getattr__(self, name: str) -> Any:
+                    if name in ("set", "expire"):
+                        raise redis.ConnectionError("Connection closed by server.")
+                    return getattr(real.master(), name)
+            return fn(R())
+
+    monkeypatch.setattr(iface, "redis", WritesFail())
+    r = api.get("/api/session")  # the known session: only its TTL renewal fails
+    tally.check(r.status_code == 200 and r.get_json()["session"] == known, r.get_json())
+    fresh = create_app(api.application.extensions["portal"].s, api.application.extensions["portal"]).test_client()
+    fresh.application.session_interface.redis = WritesFail()  # type: ignore[attr-defined]
+    r = fresh.get("/api/session")
+    tally.check(r.status_code == 503, f"{r.status_code} {r.get_data(as_text=True)}")
+    tally.check(r.get_json()["error"].startswith("session store unavailable: ConnectionError"), r.get_json())
+    tally.check("Set-Cookie" not in r.headers, "no cookie for a session that does not exist")
+    tally.expect(4)
 
 
 @pytest.mark.daemons
@@ -757,3 +817,152 @@ def test_a_kept_db_connection_that_broke_is_replaced_once(monkeypatch: pytest.Mo
         d.query("INSERT ...")
     tally.check(len(made) == 4, "other errors: no retry")
     tally.expect(3)
+
+
+# ------------------------------------------------------- the rehearsal's load against it
+
+
+def _service(artifact: Path, svc: str, port: int, server: str, lab: dict[str, Any], db: MariaDB,  # noqa: F811
+             log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PORTAL_SERVICE": svc, "PORT": str(port), f"BACKEND_{port}_HOST": "127.0.0.1",
+           "SERVER_ID": server, "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in lab["sentinels"]),
+           "REDIS_MASTER_NAME": MASTER, "REDIS_PASSWORD": PW, "DB_HOST": "127.0.0.1", "DB_PORT": str(db.port),
+           "DB_USER": APP_USER, "DB_PASSWORD": APP_PASSWORD, "DB_NAME": f"portal_{svc}", "SLURM_CLUSTER": "loadtest",
+           "PORTAL_COOKIE_SECURE": "0", "PORTAL_POLL_INTERVAL": "0.5", "PORTAL_WORKERS": str(workers),
+           "HPC_PORTAL_PYTHON": "/usr/bin/python3"}
+    with open(log, "ab") as f:
+        return subprocess.Popen([str(artifact / "bin" / "hpc-portal-service")], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(p: subprocess.Popen[bytes]) -> None:
+    """kill -9 of the service's whole process group (gunicorn's master and workers), as
+    when its host dies."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(10)
+
+
+@pytest.mark.daemons
+def test_the_rehearsal_load_logs_in_submits_jobs_and_holds_a_websocket(
+        artifact: Path, lab: dict[str, Any], db_ready: MariaDB, fake_slurm: Path, tmp_path: Path,  # noqa: F811
+        tally: Tally) -> None:
+    """rehearsal/load.py against the reference portal behind HAProxy (the LB tier's
+    routing: /auth, /api, websocket upgrades; two API servers): every client logs in, jobs
+    go in with their request id (the sbatch comment), one websocket subscription answers
+    its hello every second. The ws service killed and restarted while a change is
+    published: the subscription reconnects and resyncs. The sessions deleted: the job
+    client's 401 is a forced re-login, counted."""
+    from rehearsal.drills.base import failure_breakdown, history, load_portal_figures
+
+    haproxy = need("haproxy", "haproxy")
+    ports = {"auth": free_port(), "api1": free_port(), "api2": free_port(), "ws": free_port()}
+    front = free_port()
+    m = master(lab)
+    for k in m.keys("portal:jobs:loadtest*"):
+        m.delete(k)
+    add_user(Backends(settings("auth", lab, db_ready)), "loadtest", "loadtest-Pw-1")
+    pw = tmp_path / "password"
+    pw.write_text("loadtest-Pw-1\n")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch
+    retry-on conn-failure empty-response response-timeout
+    default-server inter 1s fall 2 rise 2
+frontend fe
+    bind 127.0.0.1:{front}
+    acl route_ws hdr(Upgrade) -i websocket
+    acl route_auth path_beg /auth/
+    acl route_api path_beg /api/
+    http-request return status 200 content-type text/html string "<!doctype html>page" if {{ path / }}
+    use_backend be_ws if route_ws
+    use_backend be_auth if route_auth
+    use_backend be_api if route_api
+backend be_ws
+    option httpchk GET /ws/health
+    timeout tunnel 1h
+    server ws 127.0.0.1:{ports['ws']} check
+backend be_auth
+    option httpchk GET /auth/health
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
+    server auth 127.0.0.1:{ports['auth']} check
+backend be_api
+    balance leastconn
+    option httpchk GET /api/health
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
+    server api1 127.0.0.1:{ports['api1']} check
+    server api2 127.0.0.1:{ports['api2']} check
+""")
+    log = tmp_path / "portal.log"
+    procs = {"auth": _service(artifact, "auth", ports["auth"], "app-test-1", lab, db_ready, log),
+             "api1": _service(artifact, "api", ports["api1"], "app-test-1", lab, db_ready, log, workers=2),
+             "api2": _service(artifact, "api", ports["api2"], "app-test-2", lab, db_ready, log, workers=2),
+             "ws": _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)}
+    lb = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load: subprocess.Popen[str] | None = None
+    out = tmp_path / "load.log"
+    try:
+        for name, port in ports.items():
+            path = {"auth": "/auth/health", "ws": "/ws/health"}.get(name, "/api/health")
+            wait_for(lambda p=port, h=path: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p}{h}", timeout=5)
+                                                       .read())["status"] == "healthy", 60, f"{name} (log: {log})")
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{front}/api/health", timeout=5).status == 200, 15,
+                 "HAProxy's backends up")
+        load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", f"http://127.0.0.1:{front}",
+                                 "--out", str(out), "--rate", "40", "--duration", "30", "--workers", "6",
+                                 "--job-interval", "2", "--job-timeout", "10", "--tag", "lt", "--user", "loadtest",
+                                 "--password-file", str(pw)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: sum(1 for h in history(out) if h[2] == "ws" and h[3]) >= 3, 20, "three websocket round trips")
+        # The ws service dies; a job's state changes while the client is away (published as
+        # the poller does, through the same keys); the service comes back.
+        _kill(procs["ws"])
+        m.incr("portal:jobs:loadtest:seq")
+        m.hset("portal:jobs:loadtest:state", "999999", "RUNNING")
+        procs["ws"] = _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)
+        wait_for(lambda: load_portal_figures(history(out), 0)["ws_resyncs"] >= 1, 30, "a resync after the reconnect")
+        # Every session of the account goes (an operator's forced logout): the job
+        # client's next submission answers 401 and it logs in again.
+        for k in m.scan_iter("portal:session:*"):
+            if "loadtest" in (m.get(k) or ""):
+                m.delete(k)
+        wait_for(lambda: load_portal_figures(history(out), 0)["forced_relogins"] >= 1, 20, "a forced re-login")
+        stdout, stderr = load.communicate(timeout=60)
+        summary = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait(10)
+        lb.terminate()
+        lb.wait(10)
+        for p in procs.values():
+            _kill(p)
+    hist = history(out)
+    fig = load_portal_figures(hist, 0)
+    tally.check(summary["login"] is True and summary["logins"] == 6 + 1 + 1, str(summary))  # workers, jobs, websocket
+    tally.check(fig["logins"] == 8 and fig["login_failures"] == 0, str(fig))
+    tally.check(fig["forced_relogins"] >= 1 and summary["relogins"] == fig["forced_relogins"], str((fig, summary)))
+    tally.check(fig["ws_reconnects"] >= 1 and summary["ws_reconnects"] == fig["ws_reconnects"], str((fig, summary)))
+    tally.check(fig["ws_resyncs"] >= 1 and fig["ws_round_trips"] >= 10, str(fig))
+    jobs = {h[5]: h[7] for h in hist if h[2] == "job" and h[3]}
+    tally.check(len(jobs) >= 5, f"jobs acknowledged: {jobs}")
+    sbatch = (fake_slurm.parent / (fake_slurm.name + ".log")).read_text()
+    for rid in jobs:
+        tally.check(f"--comment={rid}" in sbatch or f"--comment {rid}" in sbatch, f"{rid} not an sbatch comment")
+    refused = [h for h in hist if h[2] == "job" and h[4] == 401]
+    tally.check(len(refused) == fig["forced_relogins"], f"every 401 led to a re-login: {refused}")
+    # Outside the websocket's own restart and the forced logout, nothing failed.
+    failed = failure_breakdown(hist, (0, 0))
+    tally.check(set(failed) <= {"job 401 after"}, str(failed))
+    tally.check(sum(1 for h in hist if h[2] == "write" and h[3]) >= 100, "records written")
+    tally.expect(14)

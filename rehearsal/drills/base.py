@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout: cwd of `python -m re
 URL = f"https://{EIP_PUBLIC_IP}"
 ALL_KINDS = ("write", "snew", "session", "page", "record")
 WRITE_KINDS = ("write", "snew", "job")  # records, sessions, jobs: every acknowledged one is read back
+READ_KINDS = ("session", "page", "record")
+# POSTs a failed request of counts as a failed write: the writes, and the logins (a
+# session written to Redis). The load's websocket (`ws` lines) is reported on its own.
+FAILED_WRITE_KINDS = (*WRITE_KINDS, "login")
 KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
 SETTLE_S = 45.0  # after a thaw or a heal: how long the invariants may take to hold again
@@ -87,6 +91,16 @@ class Result:
     alert_latency_s: float | None = None
     passed: bool = False
     alert_target_s: float | None = None
+    # The load's own websocket subscription and logins (the reference portal): opened,
+    # reconnects, resyncs, failures, seconds from the fault to its first round trip,
+    # forced re-logins (see load_portal_figures).
+    load_portal: dict[str, Any] = field(default_factory=dict)
+    # Failed requests by kind, status and phase (before the fault, in its window, after):
+    # what a failure count is made of.
+    failures: dict[str, int] = field(default_factory=dict)
+    # The browser logged in before the fault (rehearsal/browser.py, the reference
+    # portal): per protocol ws_back_s, forced_relogins, screenshot.
+    browser: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
@@ -184,12 +198,20 @@ class DrillBase:
                 p.kill()
                 p.wait()
 
+    def portal_login(self) -> list[str]:
+        """The load's login (--user, --password-file) when the rehearsal runs the reference
+        portal (its state records the account made after boot); none for the stand-in."""
+        portal = read_state(self.wd).get("portal") or {}
+        if portal.get("kind") != "reference":
+            return []
+        return ["--user", str(portal["user"]), "--password-file", str(portal["password_file"])]
+
     def start_load(self, name: str) -> tuple[subprocess.Popen[bytes], Path]:
         path = self.out_dir / f"load-{name}.log"
         path.unlink(missing_ok=True)
         p = subprocess.Popen(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", "run",
                               "--url", URL, "--out", str(path), "--rate", str(LOAD_RATE), "--duration", "900",
-                              "--tag", name.replace("-", "")],
+                              "--tag", name.replace("-", ""), *self.portal_login()],
                              cwd=str(REPO), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
         st = read_state(self.wd)
@@ -242,11 +264,13 @@ class DrillBase:
             p.kill()
             p.wait()
 
-    @staticmethod
-    def client_tool(*args: str, timeout: float = 300) -> dict[str, Any]:
-        """`python -m rehearsal.load ARGS` in the client namespace: its last line of JSON,
-        or {"error": ...} with what it printed."""
-        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", *args],
+    def client_tool(self, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """`python -m rehearsal.load ARGS` in the client namespace (`jobs` logged in as the
+        portal's account when there is one): its last line of JSON, or {"error": ...}
+        with what it printed."""
+        login = self.portal_login() if args and args[0] == "jobs" else []
+        cp = subprocess.run(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", *args,
+                             *login],
                             cwd=str(REPO), capture_output=True, text=True,
                             timeout=timeout)
         try:
@@ -368,8 +392,34 @@ class DrillBase:
         for i in range(0, len(jobs), 200):
             self.run(app, f"scancel {' '.join(jobs[i:i + 200])} 2>/dev/null", timeout=60)
 
+    def keep_logs(self, name: str, since: float) -> None:
+        """HAProxy's request log on every LB and the portal services' logs (gunicorn's
+        access log, the stand-in's) on every app host from `since` on, next to the load's
+        history (<workdir>/logs-<drill>/): what explains a failed request."""
+        d = self.out_dir / f"logs-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+        topo = self.layout.topo.role_hosts
+        # rsyslog's files (HAProxy logs through /dev/log in its chroot); journald for the units.
+        cmds = {"lb": f"awk -v s={iso} 'substr($1, 1, 19) >= s' /var/log/haproxy.log",
+                "app": f"journalctl --no-pager -o short-iso-precise -u 'hpc-portal-*' --since @{since:.0f}"}
+        for role, cmd in cmds.items():
+            for h in topo.get(role, []):
+                if not H.alive(h) or frozen(h):
+                    continue
+                _rc, out = self.run(h, cmd, timeout=60)
+                (d / f"{h}-{'haproxy' if role == 'lb' else 'portal'}.log").write_text(out)
+
     def tally(self, path: Path, t0: float, res: Result) -> None:
         tally(self.records(path), t0, res)
+        hist = history(path)
+        res.failures = failure_breakdown(hist, res.fault_window or (t0, t0))
+        if res.failures:
+            res.notes.append("failed requests (kind status phase: count): "
+                             + ", ".join(f"{k}: {v}" for k, v in res.failures.items()))
+        res.load_portal = load_portal_figures(hist, t0)
+        if res.load_portal:
+            res.notes.append("load's login and websocket: " + json.dumps(res.load_portal))
 
     def alerts(self) -> list[dict[str, Any]]:
         mon = self.layout.topo.role_hosts["monitoring"][0]
@@ -464,6 +514,7 @@ class DrillBase:
             res.fault_effect = res.fault_effect or self.effect
             restore()
             self.finish_load(p, path)
+            self.keep_logs(name, t0 - 60)
             self.tally(path, t0, res)
         self.verify(path, res)
         return self.finish(res, rto_target)
@@ -595,12 +646,47 @@ def history(path: Path) -> list[History]:
 
 
 def tally(recs: list[tuple[float, float, str, bool, int, str]], t0: float, res: Result) -> None:
+    recs = [r for r in recs if r[2] != "ws"]  # the websocket's round trips: load_portal_figures
     res.requests = len(recs)
-    res.failed_reads = sum(1 for r in recs if r[2] not in WRITE_KINDS and not r[3])
-    res.failed_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and not r[3])
-    res.in_flight_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and r[0] < t0 <= r[1])
+    res.failed_reads = sum(1 for r in recs if r[2] not in FAILED_WRITE_KINDS and not r[3])
+    res.failed_writes = sum(1 for r in recs if r[2] in FAILED_WRITE_KINDS and not r[3])
+    res.in_flight_writes = sum(1 for r in recs if r[2] in FAILED_WRITE_KINDS and r[0] < t0 <= r[1])
     res.acked_writes = sum(1 for r in recs if r[2] in WRITE_KINDS and r[3])
     res.errors = res.failed_reads + max(0, res.failed_writes - res.in_flight_writes)
+
+
+def failure_breakdown(hist: list[History], window: tuple[float, float]) -> dict[str, int]:
+    """Failed requests counted by "kind status phase" (phase: before the fault, in its
+    window, after it; status 0: no answer, a time-out or a reset), most frequent first."""
+    out: dict[str, int] = {}
+    for h in hist:
+        if h[3] or h[2] == "ws":
+            continue
+        phase = "before" if h[0] < window[0] else "window" if h[0] <= window[1] else "after"
+        key = f"{h[2]} {h[4]} {phase}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def load_portal_figures(hist: list[History], t0: float) -> dict[str, Any]:
+    """The load's logins and websocket subscription (the reference portal; {} for a load
+    without them): logins, forced re-logins, websocket connections opened, reconnects,
+    resyncs (the client caught up after a reconnect or a gap), failures, and ws_back_s:
+    from the fault to the first round trip that began after it (None: none did)."""
+    logins = [h for h in hist if h[2] == "login"]
+    ws = [h for h in hist if h[2] == "ws"]
+    if not logins and not ws:
+        return {}
+    ok = [h for h in ws if h[3]]
+    # A connection's first round trip follows a failure line or nothing: an open.
+    opened = sum(1 for i, h in enumerate(ws) if h[3] and (i == 0 or not ws[i - 1][3]))
+    after = sorted(h[1] for h in ok if h[0] >= t0)
+    return {"logins": sum(1 for h in logins if h[3] and h[7] != "relogin"),
+            "forced_relogins": sum(1 for h in logins if h[3] and h[7] == "relogin"),
+            "login_failures": sum(1 for h in logins if not h[3]),
+            "ws_round_trips": len(ok), "ws_opened": opened, "ws_reconnects": max(0, opened - 1),
+            "ws_resyncs": sum(1 for h in ok if h[7] == "resync"), "ws_failures": len(ws) - len(ok),
+            "ws_back_s": round(after[0] - t0, 2) if after else None}
 
 
 def split_window(acked_at: dict[str, float], window: tuple[float, float] | None,
@@ -731,7 +817,7 @@ def rto_of(recs: list[tuple[float, float, str, bool, int, str]], t0: float, run_
 def write_report(path: Path, stack: str, results: list[Result], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     keys = ["name", "rto_s", "target_rto_s", "requests", "failed_reads", "failed_writes", "in_flight_writes", "errors",
             "acked_writes", "lost_writes", "duplicates", "ghost_jobs", "per_kind", "acked_in_fault_window",
-            "fault_effect", "alert", "alert_latency_s", "passed"]
+            "fault_effect", "alert", "alert_latency_s", "load_portal", "failures", "browser", "passed"]
     doc = {"stack": stack, "drills": [{**{k: getattr(r, k) for k in keys},
                                        "checks": r.checks, "notes": r.notes, "seconds": r.seconds} for r in results]}
     if extra:

@@ -91,9 +91,14 @@ class SentinelMaster:
             return self._master
 
     def forget(self) -> None:
+        """Drop the master; the next call discovers again. Only the idle connections are
+        closed: another thread may be in the middle of a command on one of this client's
+        connections, and closing it under that thread makes redis-py raise ValueError
+        ("I/O operation on closed file"), which no caller expects (a 500 in the
+        rehearsal's redis drill). A connection in use goes when its thread lets it go."""
         with self._lock:
             if self._master is not None:
-                self._master.close()
+                self._master.connection_pool.disconnect(inuse_connections=False)
             self._master, self.address = None, None
 
     def call(self, fn: Callable[[redis.Redis], T]) -> T:

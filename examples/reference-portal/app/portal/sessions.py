@@ -58,9 +58,24 @@ class RedisSessionInterface(SessionInterface):
         return RedisSession(sid, json.loads(raw))
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        """Runs after the view, outside Flask's error handlers: a Redis error here would
+        be a 500. So: a failed TTL renewal is let go (the key keeps its TTL; the next
+        request renews it); a session that could not be written (a login, a new session)
+        turns the answer into a 503 without a cookie, as every other backend failure."""
         assert isinstance(session, RedisSession)
         if session.error:
             return
+        try:
+            self._save(session, response)
+        except ERRORS as e:
+            if not (session.new or session.modified):
+                return
+            response.status_code = 503
+            response.set_data(json.dumps({"error": f"session store unavailable: {type(e).__name__}: {e}"}))
+            response.mimetype = "application/json"
+            response.headers.pop("Set-Cookie", None)
+
+    def _save(self, session: RedisSession, response: Response) -> None:
         if not session and session.modified:  # session.clear(): logout
             self.redis.call(lambda r: r.delete(key(session.sid)))
             response.delete_cookie(COOKIE, path="/")
