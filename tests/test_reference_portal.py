@@ -249,7 +249,17 @@ def test_after_a_sentinel_failover_the_client_finds_the_new_master_and_fails_fas
         for port in s:
             wait_for(lambda p=port: redis.Redis(port=p, password=PW).execute_command("SENTINEL", "REPLICAS", MASTER),
                      20, "the Sentinels to know the replica")
-        redis.Redis(port=s[0], password=PW).execute_command("SENTINEL", "FAILOVER", MASTER)
+        # Sentinel promotes only a replica whose INFO it has seen recently with its link up
+        # (refreshed every 10 s): NOGOODSLAVE until then, so ask again for a while.
+        def failover() -> bool:
+            try:
+                redis.Redis(port=s[0], password=PW).execute_command("SENTINEL", "FAILOVER", MASTER)
+                return True
+            except redis.ResponseError as e:
+                if "NOGOODSLAVE" not in str(e):
+                    raise
+                return False
+        wait_for(failover, 30, "Sentinel to accept the failover")
         failures: list[str] = []
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
