@@ -605,18 +605,21 @@ class DrillBase:
         r = ops_call(self.wd, "ec2", "describe_instances", InstanceIds=[iid])
         return str(r["Reservations"][0]["Instances"][0]["State"]["Name"])
 
+    def global_status(self, host: str, names: tuple[str, ...], timeout: float = 15) -> dict[str, str]:
+        """MariaDB's SHOW GLOBAL STATUS for `names` on a data host, as root (over its
+        address, else its socket); {} when it does not answer."""
+        ip = self.layout.host(host).ip
+        pw = self.secret("mariadb_root_password")
+        q = "SHOW GLOBAL STATUS WHERE Variable_name IN (" + ",".join(f"'{n}'" for n in names) + ")"
+        rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e \"{q}\" "
+                                 f"|| mariadb -uroot -N -B --connect-timeout=3 -e \"{q}\"", timeout=timeout)
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line) if rc == 0 else {}
+
     def galera_status(self, host: str) -> dict[str, str]:
         if frozen(host):
             return {}
-        ip = self.layout.host(host).ip
-        pw = self.secret("mariadb_root_password")
-        rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e "
-                                 "\"SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_cluster_size',"
-                                 "'wsrep_local_state','wsrep_cluster_status','wsrep_ready')\" "
-                                 "|| mariadb -uroot -N -B --connect-timeout=3 -e \"SHOW GLOBAL STATUS WHERE "
-                                 "Variable_name IN ('wsrep_cluster_size','wsrep_local_state','wsrep_cluster_status',"
-                                 "'wsrep_ready')\"", timeout=15)
-        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line) if rc == 0 else {}
+        return self.global_status(host, ("wsrep_cluster_size", "wsrep_local_state", "wsrep_cluster_status",
+                                         "wsrep_ready"))
 
     def wait_synced(self, host: str, size: int | None, timeout: float = 240) -> bool:
         deadline = time.time() + timeout

@@ -48,12 +48,8 @@ def latencies(path: Path, a: float, b: float) -> tuple[int, int, float | None, f
 class SlowDrills(DrillBase):
     def flow_control(self, host: str) -> dict[str, int]:
         """wsrep_flow_control_paused_ns (time this node was paused) and _sent (pauses it asked for)."""
-        ip = self.layout.host(host).ip
-        pw = self.secret("mariadb_root_password")
-        rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e \"SHOW GLOBAL "
-                                 "STATUS WHERE Variable_name IN ('wsrep_flow_control_paused_ns','wsrep_flow_control_sent',"
-                                 "'wsrep_local_recv_queue')\"", timeout=30)
-        vals = dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line) if rc == 0 else {}
+        vals = self.global_status(host, ("wsrep_flow_control_paused_ns", "wsrep_flow_control_sent",
+                                         "wsrep_local_recv_queue"), timeout=30)
         return {k: int(float(v)) for k, v in vals.items()}
 
     @register("slow-galera")
