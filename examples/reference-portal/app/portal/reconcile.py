@@ -29,7 +29,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from . import slurm
-from .redisha import ERRORS
+from .redisha import ERRORS, LEAD
 
 if TYPE_CHECKING:
     from .app import Backends
@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 INTERVAL_S = 10.0
 MIN_AGE_S = 15   # younger: its submission may still be on its way into squeue
 MAX_AGE_S = 240  # older: it may have ended and left squeue (MinJobAge 300 s)
-LEAD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
-"""
 
 
 def log(msg: str) -> None:

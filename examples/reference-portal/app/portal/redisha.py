@@ -28,6 +28,13 @@ from redis.retry import Retry
 
 T = TypeVar("T")
 ERRORS = (redis.RedisError, OSError)
+# A lease in Redis (the websocket poller's, the job reconciler's). KEYS: the lease key;
+# ARGV: my id, ttl ms. Take the lead if free, renew it if mine.
+LEAD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
 
 
 class NoMaster(redis.ConnectionError):

@@ -40,14 +40,13 @@ def find_by_request_id(request_id: str) -> tuple[str | None, str]:
     MinJobAge ago), then sacct. A failing squeue raises: nothing may be submitted then (a
     duplicate could follow). A failing sacct (slurmdbd down) only narrows the lookup to
     squeue, so submissions do not stop with accounting."""
-    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k"])
-    if rc != 0:
-        raise SlurmError(f"cannot tell whether request {request_id} was already submitted: squeue failed "
-                         f"(rc {rc}): {out[-300:]}; retry with the same request id")
-    for line in out.splitlines():
-        job, _, comment = line.partition("|")
-        if comment.strip() == request_id and job.strip():
-            return job.strip(), "squeue"
+    try:
+        held = queue_request_ids()
+    except SlurmError as e:
+        raise SlurmError(f"cannot tell whether request {request_id} was already submitted: {e}; "
+                         "retry with the same request id") from e
+    if request_id in held:
+        return held[request_id], "squeue"
     rc, out = run(["sacct", "-n", "-X", "-P", "-a", "-S", "now-7days", "-o", "JobID,Comment"])
     if rc != 0:
         print(f"hpc-portal: sacct failed (rc {rc}), request {request_id} looked up in squeue only: {out[-200:]}",
@@ -90,7 +89,7 @@ def queue_request_ids() -> dict[str, str]:
     for line in out.splitlines():
         job, _, comment = line.partition("|")
         if comment.strip() and comment.strip() != "(null)" and job.strip():
-            held[comment.strip()] = job.strip()
+            held.setdefault(comment.strip(), job.strip())  # the first, as squeue lists them
     return held
 
 

@@ -44,7 +44,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from . import slurm
-from .redisha import ERRORS
+from .redisha import ERRORS, LEAD
 from .sessions import RedisSession
 
 if TYPE_CHECKING:
@@ -62,12 +62,6 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 if ARGV[5] == '1' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2]) end
 redis.call('PUBLISH', ARGV[1], cjson.encode({type='job', seq=seq, job_id=ARGV[2], state=ARGV[3]}))
 return seq
-"""
-# KEYS: leader key; ARGV: my id, ttl ms. Take the lead if free, renew it if mine.
-LEAD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
 """
 
 
