@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakedb import FakeConn
 from tests.loadfile import load_script
 
 UP = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup) at slurm-2 is UP\n"
@@ -325,38 +326,6 @@ def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: 
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
     code, doc = mod.health()
     assert code == 503 and doc["status"] == "unhealthy"
-
-
-class FakeConn:
-    """A pymysql connection whose statements raise the next of `errors` (None: succeed)."""
-
-    def __init__(self, errors: list[BaseException | None]) -> None:
-        self.errors, self.closed, self.statements = errors, False, 0
-
-    def cursor(self) -> Any:
-        conn = self
-
-        class Cur:
-            def __enter__(self) -> Any:
-                return self
-
-            def __exit__(self, *a: Any) -> None:
-                return None
-
-            def execute(self, sql: str, args: Any = None) -> int:
-                conn.statements += 1
-                err = conn.errors.pop(0) if conn.errors else None
-                if err is not None:
-                    raise err
-                return 1
-
-            def fetchall(self) -> list[tuple[Any, ...]]:
-                return []
-
-        return Cur()
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import redis
 
 from offline.mariadb import APP_PASSWORD, APP_USER, MariaDB, mariadb  # noqa: F401  (session fixture)
 from tests.conftest import Tally
+from tests.fakedb import FakeConn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "reference-portal"
@@ -775,36 +776,8 @@ def test_a_kept_db_connection_that_broke_is_replaced_once(monkeypatch: pytest.Mo
     plan: list[list[BaseException | None]] = []
     made: list[Any] = []
 
-    class Conn:
-        def __init__(self, errors: list[BaseException | None]) -> None:
-            self.errors = errors
-
-        def cursor(self) -> Any:
-            conn = self
-
-            class Cur:
-                def __enter__(self) -> Any:
-                    return self
-
-                def __exit__(self, *a: Any) -> None:
-                    return None
-
-                def execute(self, sql: str, args: Any = None) -> int:
-                    err = conn.errors.pop(0) if conn.errors else None
-                    if err is not None:
-                        raise err
-                    return 1
-
-                def fetchall(self) -> list[Any]:
-                    return []
-
-            return Cur()
-
-        def close(self) -> None:
-            pass
-
-    def connect(**kw: Any) -> Conn:
-        made.append(Conn(plan.pop(0) if plan else []))
+    def connect(**kw: Any) -> FakeConn:
+        made.append(FakeConn(plan.pop(0) if plan else []))
         return made[-1]
 
     monkeypatch.setattr(portal_db.pymysql, "connect", connect)
