@@ -85,7 +85,7 @@ def queue_request_ids() -> dict[str, str]:
     rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k"])
     if rc != 0:
         raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
-    held = {}
+    held: dict[str, str] = {}
     for line in out.splitlines():
         job, _, comment = line.partition("|")
         if comment.strip() and comment.strip() != "(null)" and job.strip():
