@@ -215,7 +215,10 @@ def _smoke(report: Path, workdir: Path) -> None:
     for name, d in drills.items():
         assert d["acked_writes"] >= 500, (name, d, out)
         assert d["lost_writes"] == 0 and d["duplicates"] == 0, (name, d)
-        assert d["passed"], (name, d, out)
+        # The failed checks and the drill's notes first: pytest cuts a long message.
+        failed = sorted(k for k, v in d.get("checks", {}).items() if not v)
+        assert d["passed"], f"{name}: failed checks {failed}; notes {d.get('notes')}; " \
+                            f"failures {d.get('failures')}; rto {d.get('rto_s')}\n{d}\n{out}"
     assert drills["lb"]["alert"] == "ServerDown", drills["lb"]
     # The reference portal: the load logged in and held its websocket in every drill;
     # the browser's journey and its measurements around the lb and redis faults.
