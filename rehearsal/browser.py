@@ -57,8 +57,9 @@ PROTOCOLS = {"h1": ["--disable-http2"], "h2": []}
 WS_BACK_TIMEOUT = 60.0
 
 # The probe, in the page: its own websocket to /ws/ (the page's cookie goes with it), a
-# `hello` every 200 ms, each answer recorded as [sent, received] (epoch ms). A socket
-# that closes, or an answer 2 s late, is replaced at once.
+# `hello` every 200 ms, each answer recorded as [sent, received, live] (epoch ms; live:
+# the answer did not say "live": false, i.e. the server's copy of the job states was
+# following Redis). A socket that closes, or an answer 2 s late, is replaced at once.
 PROBE_JS = """
 () => {
   if (window.__probe) return true
@@ -70,8 +71,11 @@ PROBE_JS = """
     p.ws = ws
     p.pending = null
     ws.onopen = () => { p.opened++ }
-    ws.onmessage = () => {
-      if (p.pending !== null) { p.trips.push([p.pending, Date.now()]); p.pending = null }
+    ws.onmessage = (e) => {
+      if (p.pending === null) return
+      let live = true
+      try { live = JSON.parse(e.data).live !== false } catch (err) { live = true }
+      p.trips.push([p.pending, Date.now(), live]); p.pending = null
     }
     ws.onclose = () => { if (p.ws === ws) p.ws = null }
   }
@@ -184,16 +188,21 @@ def journey(pw: Any, protocol: str, url: str, resolve: str, home: Path, user: st
 
 
 def after_fault(j: Journey, fault: float, out: Path, timeout: float = WS_BACK_TIMEOUT) -> dict[str, Any]:
-    """Seconds from the fault to the first probe round trip sent after it, the login kept
-    or not, a screenshot."""
+    """Seconds from the fault to the first probe round trip sent after it (ws_back_s)
+    and to the first one answered from live state (ws_live_back_s: the server following
+    Redis again), the login kept or not, a screenshot."""
     fault_ms = fault * 1000
     back: float | None = None
+    live_back: float | None = None
     deadline = time.time() + timeout
     while time.time() < deadline:
-        trips = j.page.evaluate("window.__probe.trips.slice(-50)")
+        trips = j.page.evaluate("window.__probe.trips.slice(-400)")
         after = [t for t in trips if t[0] >= fault_ms]
-        if after:
+        if after and back is None:
             back = round((after[0][1] - fault_ms) / 1000, 2)
+        live = [t for t in after if len(t) < 3 or t[2]]
+        if live:
+            live_back = round((live[0][1] - fault_ms) / 1000, 2)
             break
         time.sleep(0.2)
     # The login: /auth/me with the cookie from before the fault, asked again until the
@@ -211,7 +220,7 @@ def after_fault(j: Journey, fault: float, out: Path, timeout: float = WS_BACK_TI
     login_s = round(time.time() - fault, 2)
     shot = out / f"browser-{j.protocol}.png"
     j.page.screenshot(path=str(shot), full_page=True)
-    return {"ws_back_s": back, "login_kept": status == 200, "forced_relogins": 0 if status == 200 else 1,
+    return {"ws_back_s": back, "ws_live_back_s": live_back, "login_kept": status == 200, "forced_relogins": 0 if status == 200 else 1,
             "auth_me_status": status, "auth_me_statuses": statuses[-20:], "login_checked_s": login_s,
             "screenshot": str(shot), "journey_s": j.steps, "job": j.job,
             "job_states": j.job_states, "probe_sockets_opened": j.page.evaluate("window.__probe.opened")}
@@ -330,7 +339,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The figures a drill reports: per protocol the websocket's return and the login."""
     if "error" in result:
         return {"browser_error": result["error"]}
-    keys = ("ws_back_s", "forced_relogins", "auth_me_statuses", "login_checked_s", "screenshot")
+    keys = ("ws_back_s", "ws_live_back_s", "forced_relogins", "auth_me_statuses", "login_checked_s", "screenshot")
     return {f"browser_{p}": {k: r[k] for k in keys if k in r} for p, r in result.get("protocols", {}).items()}
 
 

@@ -22,7 +22,8 @@ own; and --ws (default 1) clients hold a websocket subscription on /ws/ (the ws 
 through the LB): `ws` lines, one per round trip of the service's hello (every second;
 ref `uptodate`, `snapshot` (the hello crossed a change on its way) or `resync` (the
 snapshot that answers the first hello after a reconnect, or after a gap in the
-sequence: the client had missed changes), request_id the sequence seen) and per failure
+sequence: the client had missed changes), with `-stale` when the server answered from
+its copy while Redis was away ("live": false), request_id the sequence seen) and per failure
 (ok 0, ref `connect` with the HTTP status that refused the upgrade, `closed` or
 `timeout`). A connection after the first one is a reconnect. Without a login (the stand-in: no login, no
 websocket) the load is the anonymous one, as before.
@@ -373,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
                             if answer == "snapshot" and behind:
                                 answer = "resync"
                                 count("ws_resyncs")
+                            if msg.get("live") is False:  # answered from the server's copy, Redis away
+                                answer += "-stale"
                             behind = False
                             last_seq = int(msg.get("seq", 0))
                     if answer is None:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from portal.db import Database  # noqa: E402
 from portal.reconcile import Reconciler  # noqa: E402
 from portal.redisha import NoMaster, SentinelMaster  # noqa: E402
 from portal.settings import Settings  # noqa: E402
+from portal.ws import PUBLISH, RESYNC, Hub, Keys  # noqa: E402
 
 PW = "redis-Pw-1"
 MASTER = "portal-test"
@@ -718,7 +720,7 @@ backend be_ws
         tally.check(m.get("portal:jobs:wstest:seq") == "3")
         tally.check(m.get("portal:jobs:wstest:poller") is not None, "a poller holds the lease")
         # The hubs' heartbeat through their subscriptions holds: no resubscribing while
-        # Redis is fine (past the 12 s after which a missing heartbeat would trigger one).
+        # Redis is fine (well past BEAT_DEAD_S, after which a missing heartbeat would trigger one).
         time.sleep(max(0.0, started + 16 - time.monotonic()))
         tally.check("resubscribing" not in log.read_text(), log.read_text()[-2000:])
         # The entry point's add-user, as an operator runs it on a host.
@@ -737,6 +739,64 @@ backend be_ws
             os.killpg(gunicorn.pid, signal.SIGKILL)
             gunicorn.wait(5)
     tally.expect(13)
+
+
+@pytest.mark.daemons
+def test_the_hub_answers_from_its_copy_while_redis_is_away_and_resyncs_after(db_ready: MariaDB,  # noqa: F811
+                                                                            tally: Tally) -> None:
+    """The ws service's hub follows the published changes in a copy of the cluster's
+    state. With the master paused the copy still answers (marked not live, announced to
+    the clients), and once Redis answers again the hub reloads it and tells every client
+    to resync; a gap in the sequence reloads the copy from Redis."""
+    rl = RedisLab()
+    stop = threading.Event()
+    try:
+        a, pa = rl.server()
+        lab_ = {"sentinels": [rl.sentinel(a) for _ in range(3)]}
+        b = Backends(settings("ws", lab_, db_ready, redis_timeout=0.5))
+        k = Keys("hubtest")
+        r = redis.Redis(port=a, password=PW, decode_responses=True)
+
+        def publish(job: str, state: str) -> int:
+            return int(r.eval(PUBLISH, 3, k.seq, k.state, k.finished, k.channel, job, state, time.time(), "0"))
+
+        publish("1", "PENDING")  # before the hub: in the state it loads
+        hub = Hub(b, k)
+        q = hub.add()
+        threading.Thread(target=hub.run, args=(stop,), daemon=True).start()
+        wait_for(lambda: (hub.view() or {}).get("seq") == 1, 15, "the hub to load the state")
+        publish("1", "RUNNING")
+        publish("2", "PENDING")
+        wait_for(lambda: (hub.view() or {}).get("seq") == 3, 10, "the hub to follow the changes")
+        v = hub.view()
+        tally.check(v == {"type": "snapshot", "seq": 3, "jobs": {"1": "RUNNING", "2": "PENDING"}, "live": True}, v)
+        # A gap: a change the hub never heard of (written without its message) and then
+        # the next one. The copy is reloaded, not patched.
+        r.incr(k.seq)
+        r.hset(k.state, "3", "PENDING")
+        publish("3", "RUNNING")
+        wait_for(lambda: (hub.view() or {}).get("seq") == 5, 10, "the gap to reload the copy")
+        tally.check((hub.view() or {}).get("jobs") == {"1": "RUNNING", "2": "PENDING", "3": "RUNNING"}, hub.view())
+        while not q.empty():
+            q.get_nowait()
+        # The master paused: the heartbeat fails, the copy answers, not live.
+        os.kill(pa.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: not (hub.view() or {"live": True})["live"], 20, "the hub to notice the paused master")
+        tally.check(time.monotonic() - t0 < 10, f"noticed after {time.monotonic() - t0:.1f}s")
+        v = hub.view()
+        tally.check(v is not None and v["seq"] == 5 and len(v["jobs"]) == 3, v)
+        tally.check(json.loads(q.get(timeout=5)) == {"type": "status", "live": False}, "the clients are told")
+        os.kill(pa.pid, signal.SIGCONT)
+        tally.check(q.get(timeout=30) == RESYNC, "a resync once the hub has subscribed again")
+        v = hub.view()
+        tally.check(v is not None and v["live"] and v["seq"] == 5, v)
+        publish("2", "RUNNING")
+        wait_for(lambda: (hub.view() or {}).get("seq") == 6, 10, "the hub to follow changes again")
+    finally:
+        stop.set()
+        rl.stop()
+    tally.expect(7)
 
 
 @pytest.mark.daemons

@@ -11,13 +11,27 @@ controller would see N pollers and clients would see N slightly different stream
           PUBLISH {"type":"job","seq","job_id","state"} on portal:jobs:<cluster>.
   hub     every ws process subscribes to that channel (one thread) and hands each
           message to its connected clients. A heartbeat through the subscription every
-          5 s: a master that stopped answering (paused, failed over) is noticed and the
-          hub resubscribes through Sentinel discovery, then tells its clients to resync.
+          BEAT_S: a master that stopped answering (paused, failed over) is noticed within
+          BEAT_DEAD_S and the hub resubscribes through Sentinel discovery, then tells its
+          clients to resync.
+          The hub keeps a copy of the cluster's state (sequence and job states): loaded
+          from Redis (atomically) each time it subscribes, every RELOAD_S (the poller's
+          pruning of finished jobs is not published) and on a gap in the sequence, and
+          advanced by every message it receives.
   client  sends {"type":"hello","last_seq":N} after connecting (N: the last sequence it
           saw, 0 at first). Same as the current sequence: {"type":"uptodate"}; otherwise
-          the server replays the current state: {"type":"snapshot","seq","jobs":{id:state}}
-          (read atomically with the sequence). A client that sees a gap in seq sends
+          the server replays the current state: {"type":"snapshot","seq","jobs":{id:state}}.
+          Both come from the hub's copy and say whether it is live ("live": the hub is
+          subscribed; false while Redis is away; {"type":"status","live":false} is pushed
+          when the subscription breaks). A client that sees a gap in seq sends
           hello again. So a reconnect, to this server or another, loses nothing.
+
+Redis away (a master lost, until Sentinel promotes another): the open websockets stay open
+and keep answering from the hub's copy, marked "live": false. Nothing can change the state
+meanwhile (the poller publishes through Redis), so the copy is the latest state there is;
+when the hub has subscribed again it reloads it and every client gets a snapshot. Before,
+the service closed every websocket (1011) and every browser reconnected at once against a
+master just promoted, each upgrade reading its session there.
 
 Messages carry job ids and states only; which jobs belong to whom is the API's business
 (GET /api/jobs), and the browser shows the changes for the jobs it lists.
@@ -54,6 +68,13 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "DEADLINE", "DONE"}
 RESYNC = "resync"
 KEEP_FINISHED_S = 3600
+RELOAD_S = 60.0  # the hub reloads its copy of the state this often
+# The hub's heartbeat through its subscription: sent every BEAT_S, the subscription is
+# dead (resubscribe through Sentinel) when none came back for BEAT_DEAD_S. A Sentinel
+# failover takes ~5 s; noticing a dead subscription 4 s after the last beat keeps the
+# pushed changes missed meanwhile to one resync.
+BEAT_S = 1.0
+BEAT_DEAD_S = 4.0
 
 # KEYS: seq, state hash, finished zset; ARGV: channel, job id, state, now, final (0/1)
 PUBLISH = """
@@ -134,6 +155,40 @@ class Hub:
         self.clients: set[queue.Queue[str]] = set()
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
+        # The copy of the cluster's state (None: not loaded yet) and when it was loaded.
+        self.seq: int | None = None
+        self.jobs: dict[str, str] = {}
+        self.loaded_at = 0.0
+
+    def load(self) -> None:
+        """Replace the copy with Redis' state (sequence and states read atomically)."""
+        snap = snapshot(self.b, self.k)
+        with self.lock:
+            self.seq, self.jobs, self.loaded_at = snap["seq"], dict(snap["jobs"]), time.monotonic()
+
+    def apply(self, raw: str) -> None:
+        """Advance the copy by one published change; a gap (a message missed, or a new
+        master whose sequence is not the one this copy follows) reloads it."""
+        try:
+            msg = json.loads(raw)
+            seq, job, state = int(msg["seq"]), str(msg["job_id"]), str(msg["state"])
+        except (ValueError, KeyError, TypeError):
+            return
+        with self.lock:
+            if self.seq is not None and seq <= self.seq:
+                return  # already in the copy (published between the subscription and the load)
+            if self.seq is not None and seq == self.seq + 1:
+                self.seq = seq
+                self.jobs[job] = state
+                return
+        self.load()
+
+    def view(self) -> dict[str, Any] | None:
+        """The copy as a snapshot message (None: never loaded), "live" while subscribed."""
+        with self.lock:
+            if self.seq is None:
+                return None
+            return {"type": "snapshot", "seq": self.seq, "jobs": dict(self.jobs), "live": self.subscribed.is_set()}
 
     def add(self) -> queue.Queue[str]:
         q: queue.Queue[str] = queue.Queue(maxsize=1000)
@@ -156,9 +211,10 @@ class Hub:
 
     def run(self, stop: threading.Event) -> None:
         first = True
-        # Liveness of the subscription: every 5 s the hub publishes to a channel of its
-        # own and expects the message back through the subscription (the whole path: a
-        # paused or demoted master, a dead connection). Not PING: redis-py mis-parses a
+        # Liveness of the subscription: every BEAT_S the hub publishes to a channel of its
+        # own and expects the message back through the subscription within BEAT_DEAD_S
+        # (the whole path: a paused or demoted master, a dead connection, a new master
+        # that the old subscription never hears from). Not PING: redis-py mis-parses a
         # PONG on a subscription when decode_responses is on.
         beat = f"{self.k.channel}:beat:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         while not stop.is_set():
@@ -166,26 +222,34 @@ class Hub:
             try:
                 ps = self.b.redis.call(lambda r: r.pubsub(ignore_subscribe_messages=True))
                 ps.subscribe(self.k.channel, beat)
+                # Subscribed first, then loaded: a change published in between is in the
+                # state read and arrives as a message too (skipped by its sequence).
+                self.load()
+                self.subscribed.set()
                 if not first:  # messages may have been missed while away
                     self.broadcast(RESYNC)
                 first = False
-                self.subscribed.set()
                 last_beat = sent = time.monotonic()
                 while not stop.is_set():
-                    if time.monotonic() - sent > 5:
+                    if time.monotonic() - self.loaded_at > RELOAD_S:
+                        self.load()
+                    if time.monotonic() - sent > BEAT_S:
                         self.b.redis.call(lambda r: r.publish(beat, "1"))
                         sent = time.monotonic()
-                    if time.monotonic() - last_beat > 12:
-                        raise TimeoutError("no heartbeat through the subscription for 12 s")
+                    if time.monotonic() - last_beat > BEAT_DEAD_S:
+                        raise TimeoutError(f"no heartbeat through the subscription for {BEAT_DEAD_S:.0f} s")
                     m = ps.get_message(timeout=1.0)
                     if m is None or m["type"] != "message":
                         continue
                     if m["channel"] == beat:
                         last_beat = time.monotonic()
                     else:
+                        self.apply(m["data"])
                         self.broadcast(m["data"])
             except (*ERRORS, TimeoutError) as e:
                 print(f"hpc-portal ws hub: {type(e).__name__}: {e}; resubscribing", flush=True)
+                if self.subscribed.is_set():  # the pages say "updates paused" until the resync
+                    self.broadcast(json.dumps({"type": "status", "live": False}))
                 self.subscribed.clear()
                 self.b.redis.forget()
                 stop.wait(1.0)
@@ -228,6 +292,11 @@ def add_websocket(app: Flask, b: Backends) -> None:
                 return {"error": "login required"}, 401
         return None
 
+    def current() -> dict[str, Any]:
+        """The hub's copy; before the hub has ever loaded one, Redis itself."""
+        view = hub.view()
+        return view if view is not None else {**snapshot(b, k), "live": True}
+
     @sock.route("/ws/")
     def stream(ws: Any) -> None:
         q = hub.add()
@@ -237,9 +306,9 @@ def add_websocket(app: Flask, b: Backends) -> None:
                 while raw is not None:
                     msg = json.loads(raw)
                     if msg.get("type") == "hello":
-                        snap = snapshot(b, k)
+                        snap = current()
                         if int(msg.get("last_seq", -1)) == snap["seq"]:
-                            ws.send(json.dumps({"type": "uptodate", "seq": snap["seq"]}))
+                            ws.send(json.dumps({"type": "uptodate", "seq": snap["seq"], "live": snap["live"]}))
                         else:
                             ws.send(json.dumps(snap))
                     raw = ws.receive(timeout=0)
@@ -247,12 +316,12 @@ def add_websocket(app: Flask, b: Backends) -> None:
                     item = q.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                ws.send(json.dumps(snapshot(b, k)) if item == RESYNC else item)
+                ws.send(json.dumps(current()) if item == RESYNC else item)
         except ConnectionClosed:
             pass
         except (ValueError, AttributeError, TypeError):  # not JSON, not an object, last_seq not a number
             ws.close(reason=1003, message="messages are JSON objects: {\"type\": \"hello\", \"last_seq\": N}")
-        except ERRORS:  # Redis away: close; the client reconnects (maybe elsewhere) and resyncs
+        except ERRORS:  # no copy yet (the hub never subscribed) and Redis away: the client reconnects
             ws.close(reason=1011, message="state store unavailable")
         finally:
             hub.remove(q)

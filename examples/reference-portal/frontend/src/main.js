@@ -111,6 +111,8 @@ function render() {
 
 // Messages: {type: "job", seq, job_id, state} for each change; {type: "snapshot", seq,
 // jobs: {id: state}} after a hello whose last_seq is behind; {type: "uptodate", seq}.
+// Snapshots and uptodate say "live": false while the server's state store is failing
+// over (the socket stays open; {type: "status", live} announces it), then a snapshot.
 // The last sequence seen survives reconnects (to this server or another one), so a
 // reconnect resynchronises instead of missing the changes made meanwhile.
 const live = {
@@ -137,6 +139,10 @@ const live = {
     }
   },
   receive(msg) {
+    if (typeof msg.live === 'boolean') {
+      $('live').textContent = msg.live ? 'live' : 'updates paused'
+      $('live').classList.toggle('on', msg.live)
+    }
     if (msg.type === 'snapshot') {
       for (const [id, state] of Object.entries(msg.jobs)) {
         seen.set(id, state)
