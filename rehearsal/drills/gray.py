@@ -214,7 +214,10 @@ class GrayDrills(DrillBase):
         client = self.layout.topo.role_hosts["app"][-1]
         fenced: dict[str, float] = {}
 
+        froze: dict[str, float] = {}
+
         def while_frozen(res: Result, t0: float) -> bool:
+            froze.setdefault("t0", t0)
             st = self.instance_state(primary)
             if st in ("stopping", "stopped"):
                 # EC2 stopped the instance (Force): its processes end, as on a hypervisor.
@@ -227,6 +230,18 @@ class GrayDrills(DrillBase):
 
         def after(res: Result) -> None:
             res.checks["fenced"] = "t" in fenced
+            # Where the time to the fence went: the backup's takeover and the fence
+            # program's steps, seconds after the freeze (journal, epoch timestamps).
+            t_freeze = froze.get("t0", time.time())
+            _, journal = self.run(backup, "journalctl -o short-unix --no-pager -t hpc-slurm-fence -u slurmctld "
+                                          f"--since=@{int(t_freeze) - 1} | grep -iE 'fenc|control|takeover|taking "
+                                          "over|primary|stop|ping' | tail -25", timeout=30)
+            for line in journal.splitlines():
+                stamp, _, text = line.partition(" ")
+                try:
+                    res.notes.append(f"{backup} +{float(stamp) - t_freeze:.1f}s {text[:200]}")
+                except ValueError:
+                    continue
             rc, ping = self.run(client, "scontrol ping", timeout=30)
             res.notes.append(f"scontrol ping: {' / '.join(ping.strip().splitlines())}")
             up = [line for line in ping.splitlines() if "is UP" in line]
