@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +317,50 @@ def test_clustercheck_caches_the_status_between_checks() -> None:
     for _ in range(5):
         assert checker.verdict()[0] == 200
     assert calls["n"] == 1
+
+
+def test_clustercheck_answers_at_once_from_its_thread_and_a_stale_verdict_is_503() -> None:
+    """Served (start()): a check never waits for the query; a query that takes longer
+    than max_age (the server hangs) turns the verdict into a 503."""
+    gate = threading.Event()
+    gate.set()
+    calls = {"n": 0}
+
+    def source() -> dict[str, str]:
+        calls["n"] += 1
+        gate.wait()  # cleared: the query hangs, as on a hung mariadbd
+        return _st("4")
+
+    checker = cc.Checker(source, cache=0.05, max_age=0.5)
+    stop = threading.Event()
+    try:
+        checker.start(stop)
+        deadline = time.monotonic() + 5
+        while checker.verdict()[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert checker.verdict()[0] == 200
+        gate.clear()
+        t0 = time.monotonic()
+        assert checker.verdict()[0] == 200 and time.monotonic() - t0 < 0.1, "answered at once, not after the query"
+        time.sleep(0.8)
+        code, message = checker.verdict()
+        assert code == 503 and "old" in message, message
+        gate.set()
+        deadline = time.monotonic() + 5
+        while checker.verdict()[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert checker.verdict()[0] == 200 and calls["n"] >= 2
+    finally:
+        stop.set()
+        gate.set()
+
+
+def test_clustercheck_dbwriter_check_timeout_fits_an_answer_at_once() -> None:
+    """The service runs the thread (main() starts it before serving): the DB writer's
+    1 s check time-out relies on it."""
+    text = (Path(__file__).resolve().parents[1] / "cloud_init" / "scripts" / "hpc-clustercheck").read_text()
+    main_body = text[text.index("def main("):]
+    assert main_body.index("checker.start(") < main_body.index("make_server(")
 
 
 def test_clustercheck_mariadb_source_parses_the_client_output(tmp_path: Path) -> None:
