@@ -472,7 +472,18 @@ def test_health_answers_200_with_every_check_and_503_when_one_fails(apps: dict[s
     s = settings("api", lab, db_ready, db_port=free_port())
     r = create_app(s, Backends(s)).test_client().get("/api/health")
     tally.check(r.status_code == 503 and r.get_json()["checks"]["database"].startswith("error:"), r.get_json())
-    tally.expect(9)
+    # No controller answering: reported, not a 503 (that would take every server out at once).
+    s = settings("api", lab, db_ready)
+    b = Backends(s)
+
+    class NoSlurm:
+        def check(self) -> str:
+            return "error: no slurmctld answers scontrol ping (rc 1: -)"
+    b.slurm = NoSlurm()  # type: ignore[assignment]
+    r = create_app(s, b).test_client().get("/api/health")
+    tally.check(r.status_code == 200 and r.get_json()["status"] == "degraded", r.get_json())
+    tally.check(r.get_json()["checks"]["slurm"].startswith("error: no slurmctld"), r.get_json())
+    tally.expect(11)
 
 
 @pytest.mark.daemons
