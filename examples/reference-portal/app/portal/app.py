@@ -36,7 +36,8 @@ from .settings import Settings
 PREFIX = {"api": "/api", "auth": "/auth", "cae": "/cae", "ws": "/ws"}
 USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-HEALTH_CACHE_S = 1.0
+HEALTH_EVERY_S = 1.0  # the health thread works the verdict out this often
+HEALTH_STALE_S = 5.0  # an older verdict is a 503
 
 
 class Backends:
@@ -48,6 +49,67 @@ class Backends:
                                              s.redis_timeout)
         self.db = db or Database(s)
         self.slurm = slurm.PingWatcher()
+
+
+class HealthWatcher:
+    """The health verdict, worked out in a thread of its own every HEALTH_EVERY_S: a check
+    from HAProxy is answered at once from the latest one and never waits for Redis or
+    the database on a busy host (the LB gives a check 1 s). A verdict older than
+    HEALTH_STALE_S (the thread is stuck on a hung backend) is a 503.
+
+    200 when this server can answer (Redis and the database reached), 503 when not.
+    Slurm is reported, not required: every server shares the same controllers, so a
+    Slurm outage failing this check takes every server out of the load balancer at once
+    and turns it into a whole-portal outage (the slurm drill measured it: 693 requests
+    answered 503 by HAProxy with no server left while the backup took over). Job requests
+    fail on their own (503 with the reason); sessions and records go on."""
+
+    def __init__(self, s: Settings, b: Backends) -> None:
+        self.s, self.b = s, b
+        self.value: tuple[dict[str, Any], int] | None = None
+        self.at = 0.0
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def work_out(self) -> tuple[dict[str, Any], int]:
+        checks = {"redis": "ok", "database": "ok", "slurm": self.b.slurm.check()}
+        try:
+            self.b.redis.call(lambda r: r.ping())
+        except ERRORS as e:
+            checks["redis"] = f"error: {type(e).__name__}: {e}"
+        try:
+            self.b.db.query("SELECT 1")
+        except Exception as e:  # noqa: BLE001 - any failure is "unhealthy", never a 500
+            checks["database"] = f"error: {type(e).__name__}: {e}"
+        ok = checks["redis"] == "ok" and checks["database"] == "ok"
+        status = "unhealthy" if not ok else "healthy" if checks["slurm"] == "ok" else "degraded"
+        return {"status": status, "checks": checks, "service": self.s.service, "server": self.s.server_id}, \
+            200 if ok else 503
+
+    def _loop(self) -> None:
+        while True:
+            value = self.work_out()
+            with self._lock:
+                self.value, self.at = value, time.monotonic()
+            self.ready.set()
+            time.sleep(HEALTH_EVERY_S)
+
+    def verdict(self) -> tuple[dict[str, Any], int]:
+        with self._lock:  # lazily, in the worker process (threads do not survive gunicorn's fork)
+            if not self._started:
+                threading.Thread(target=self._loop, daemon=True, name="health").start()
+                self._started = True
+        self.ready.wait(5)
+        with self._lock:
+            value, age = self.value, time.monotonic() - self.at
+        if value is None:
+            return {"status": "unhealthy", "error": "not checked yet", "service": self.s.service,
+                    "server": self.s.server_id}, 503
+        if age > HEALTH_STALE_S:
+            return {"status": "unhealthy", "error": f"the last verdict is {age:.0f} s old (a backend hangs)",
+                    "checks": value[0].get("checks"), "service": self.s.service, "server": self.s.server_id}, 503
+        return value
 
 
 def error(code: int, message: str) -> Response:
@@ -91,37 +153,11 @@ def create_app(s: Settings | None = None, backends: Backends | None = None) -> F
             return error(415, "POST bodies are JSON (Content-Type: application/json)")
         return None
 
-    last: dict[str, Any] = {"t": -1e9, "value": None}
-    last_lock = threading.Lock()
+    watch = HealthWatcher(s, b)
 
     @app.get(s.health_path)
     def health() -> tuple[Response, int]:
-        """200 when this server can answer (Redis and the database reached), 503 when not.
-        Slurm is reported, not required: every server shares the same controllers, so a
-        Slurm outage failing this check takes every server out of the load balancer at
-        once and turns it into a whole-portal outage (the slurm drill measured it: 693
-        requests answered 503 by HAProxy with no server left while the backup took over).
-        Job requests fail on their own (503 with the reason); sessions and records go on.
-        The verdict is kept HEALTH_CACHE_S: the checks of both LBs cost one round."""
-        with last_lock:
-            if time.monotonic() - last["t"] < HEALTH_CACHE_S and last["value"] is not None:
-                doc, code = last["value"]
-                return jsonify(doc), code
-        checks = {"redis": "ok", "database": "ok", "slurm": b.slurm.check()}
-        try:
-            b.redis.call(lambda r: r.ping())
-        except ERRORS as e:
-            checks["redis"] = f"error: {type(e).__name__}: {e}"
-        try:
-            b.db.query("SELECT 1")
-        except Exception as e:  # noqa: BLE001 - any failure is "unhealthy", never a 500
-            checks["database"] = f"error: {type(e).__name__}: {e}"
-        ok = checks["redis"] == "ok" and checks["database"] == "ok"
-        status = "unhealthy" if not ok else "healthy" if checks["slurm"] == "ok" else "degraded"
-        doc = {"status": status, "checks": checks, "service": s.service, "server": s.server_id}
-        code = 200 if ok else 503
-        with last_lock:
-            last.update(t=time.monotonic(), value=(doc, code))
+        doc, code = watch.verdict()
         return jsonify(doc), code
 
     @app.get(f"{prefix}/session")
