@@ -92,7 +92,7 @@ def test_ensure_builds_once_atomically_and_under_a_lock(tmp_path: Path, monkeypa
         return {}
 
     monkeypatch.setattr(image, "_build", fake_build)
-    monkeypatch.setattr(image, "_tools", lambda log: None)
+    monkeypatch.setattr(image, "_tools", lambda log, os_name: None)
     stale = tmp_path / f".build-{image.image_name('debian-12', False)}-999999"
     (stale / "root").mkdir(parents=True)
     roots: list[Path] = []
