@@ -292,6 +292,10 @@ def _run(argv: list[str], log: Any, **kw: Any) -> None:
         raise ImageError(f"{' '.join(argv[:4])}... failed with {cp.returncode}: see {log.name}")
 
 
+def _in_package_lists(package: str) -> bool:
+    return subprocess.run(["apt-cache", "show", "--no-all-versions", package], capture_output=True).returncode == 0
+
+
 def _tools(log: Any, os_name: str = DEFAULT_OS) -> None:
     """debootstrap builds the image, systemd-nspawn boots it, and debootstrap checks the
     archive's signature with the OS's keyring: install what is missing."""
@@ -303,8 +307,7 @@ def _tools(log: Any, os_name: str = DEFAULT_OS) -> None:
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         _run(["apt-get", "update", "-qq"], log, env=env)
-        unknown = [p for p in missing if subprocess.run(["apt-cache", "show", "--no-all-versions", p],
-                                                        capture_output=True).returncode != 0]
+        unknown = [p for p in missing if not _in_package_lists(p)]
         if unknown:
             raise ImageError(f"{', '.join(unknown)} (for {os_name}) is not in this machine's package lists"
                              + (f" (Debian 12 has {spec.keyring_package} only in bookworm-backports)"
