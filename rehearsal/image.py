@@ -229,6 +229,18 @@ IMAGE_FILES: dict[str, str] = {
     "etc/machine-id": "",  # empty: each host gets its own
 }
 
+# Files only a distribution's image gets. Debian's cloud-init package ships
+# `apt: preserve_sources_list: true` in /etc/cloud/cloud.cfg, so the sources.list the
+# rehearsal gives each host (the package mirror stand-in, rehearsal/hosts.py) is used as
+# written. Ubuntu's does not: its apt-configure module would write the archive's regional
+# EC2 mirror over it (unreachable in the rehearsal, as a host's NAT path is played by the
+# mirror stand-in), so the Ubuntu image says the same as Debian's package does.
+DISTRIBUTION_FILES: dict[str, dict[str, str]] = {
+    "ubuntu": {"etc/cloud/cloud.cfg.d/91-hpc-rehearsal-apt.cfg":
+               "# As Debian's cloud-init package: keep the sources.list the host was given.\n"
+               "apt:\n  preserve_sources_list: true\n"},
+}
+
 MARKER = ".hpc-image.json"
 
 
@@ -241,7 +253,8 @@ def recipe(os_name: str = DEFAULT_OS, tiers: bool = False) -> dict[str, Any]:
     spec = os_spec(os_name)
     packages = sorted(set(BASE_PACKAGES) | (set(TIER_PACKAGES) if tiers else set()))
     r = {"recipe_version": RECIPE_VERSION, "os": os_name, "suite": spec.suite, "tiers": tiers,
-         "packages": packages, "files": dict(sorted(IMAGE_FILES.items())),
+         "packages": packages,
+         "files": dict(sorted({**IMAGE_FILES, **DISTRIBUTION_FILES.get(spec.distribution, {})}.items())),
          "disabled": dict(sorted(DISABLED_UNITS.items())), "masked": dict(sorted(MASKED_UNITS.items()))}
     if spec.distribution != "debian":
         # Only where they differ from Debian's: a Debian recipe (and so its cached image)

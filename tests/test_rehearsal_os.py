@@ -44,6 +44,9 @@ def test_debian_recipes_carry_no_distribution_keys_ubuntus_do() -> None:
     assert set(image.recipe("debian-13")) == keys
     u = image.recipe("ubuntu-24.04", tiers=True)
     assert u["suite"] == "noble" and u["distribution"] == "ubuntu" and u["components"] == ["main", "universe"]
+    # Ubuntu's cloud-init would otherwise write its archive over the host's mirror stand-in.
+    assert "preserve_sources_list: true" in u["files"]["etc/cloud/cloud.cfg.d/91-hpc-rehearsal-apt.cfg"]
+    assert image.recipe("debian-12")["files"] == dict(sorted(image.IMAGE_FILES.items()))
 
 
 def test_unknown_os_is_refused_naming_the_allowed_ones() -> None:
