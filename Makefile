@@ -10,6 +10,7 @@ help:
 	@echo "make rehearse      boot STACK=$(STACK) as systemd containers booted by cloud-init from the host image,"
 	@echo "                   drill every failover (DRILLS=lb,redis for a subset); the reference portal"
 	@echo "                   and a real browser (PORTAL=standin: the stdlib stand-in)"
+	@echo "                   on Debian 12 hosts (OS=debian-13 or OS=ubuntu-24.04: see docs/rehearsal.md)"
 	@echo "make rehearse-down remove whatever a rehearsal left behind"
 	@echo "make test          venv + Debian checkers + lint + types + the whole test suite"
 	@echo "make plan STACK=x  the offline plan of one stack (build/plan-x.json, .md, .svg)"
@@ -51,7 +52,8 @@ plan: venv
 
 rehearse: venv deps
 	$(PY) tools/plan.py --stack $(STACK) --no-diagram
-	$(PY) -m rehearsal run --stack $(STACK) $(if $(DRILLS),--drills $(DRILLS)) $(if $(PORTAL),--portal $(PORTAL))
+	$(PY) -m rehearsal run --stack $(STACK) $(if $(DRILLS),--drills $(DRILLS)) $(if $(PORTAL),--portal $(PORTAL)) \
+		$(if $(OS),--os $(OS))
 
 rehearse-down: venv
 	$(PY) -m rehearsal down

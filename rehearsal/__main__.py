@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .image import DEFAULT_OS, OSES
 from .layout import DEFAULT_WORKDIR, build_layout
-from .stack import Lock, RehearsalError, down, preflight, read_state, running, say, up
+from .stack import Lock, RehearsalError, down, os_choice, preflight, read_state, running, say, up
 
 
 def _drills(spec: str | None, default: list[str]) -> list[str]:
@@ -36,6 +37,7 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
     if st.get("http_hygiene"):
         extra["http_hygiene"] = st["http_hygiene"]
     extra["portal"] = (st.get("portal") or {}).get("kind", "standin")
+    extra["os"] = {"name": st.get("os", DEFAULT_OS), "suite": st.get("suite", OSES[DEFAULT_OS].suite)}
     d = Drills(layout, workdir, ceiling=ceiling, alert_checks=alert_checks)
     results: list[Result] = []
     for name in names:
@@ -78,7 +80,7 @@ def do_drills(stack: str, workdir: Path, names: list[str], report: Path, ceiling
         if s["errors"] or (s["failed_units"] and not s["ok"]):
             line += f"  FAILED: {'; '.join(s['errors'] + s['failed_units'])}"
         print(line, flush=True)
-    say(f"report: {report}")
+    say(f"hosts ran {extra['os']['name']} ({extra['os']['suite']}); report: {report}")
     return 0 if results and all(r.passed for r in results) and onprem_ok and hygiene_ok and hosts_ok else 1
 
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="the portal on the app hosts: examples/reference-portal deployed through the git "
                             "artifact kind, the load logged in, with the browser journey in the drills (default), "
                             "or the standard-library stand-in (no build, no login, no websocket)")
+        s.add_argument("--os", dest="os_name", metavar="OS", default=os.environ.get("OS") or DEFAULT_OS,
+                       help=f"the hosts' OS, one of {', '.join(sorted(OSES))} (default: $OS, else {DEFAULT_OS})")
         if name == "run":
             s.add_argument("--drills", default=os.environ.get("DRILLS", ""))
             s.add_argument("--report", type=Path, default=Path("rehearsal-report.json"))
@@ -122,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "status":
             return status(a.workdir)
+        if a.cmd in ("up", "run"):
+            os_choice(a.os_name)  # an unknown OS stops here, before the lock or anything else
         preflight()
         lock = Lock()
         lock.acquire(wait=getattr(a, "wait", 0.0), machine_free=a.cmd in ("up", "run"))
         try:
             if a.cmd == "up":
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal,
+                   os_name=a.os_name)
                 say("up; `python -m rehearsal drill lb` to drill, `python -m rehearsal down` to stop")
                 return 0
             if a.cmd == "drill":
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             t0 = time.time()
             try:
-                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal)
+                up(a.stack, a.workdir, only=[h for h in a.hosts.split(",") if h] or None, onprem=a.onprem, portal=a.portal,
+                   os_name=a.os_name)
                 say(f"booted in {time.time() - t0:.0f}s; drills: {', '.join(names)}")
                 rc = do_drills(a.stack, a.workdir, names, a.report, a.ceiling, a.alert_checks)
             finally:
@@ -171,7 +179,7 @@ def status(workdir: Path) -> int:
         print("no rehearsal is up")
         return 1
     layout = build_layout(st["stack"], workdir)
-    print(f"stack {st['stack']}, up since {time.strftime('%H:%M:%S', time.localtime(st['started']))}")
+    print(f"stack {st['stack']} on {st.get('os', DEFAULT_OS)}, up since {time.strftime('%H:%M:%S', time.localtime(st['started']))}")
     for h in layout.hosts:
         if not H.alive(h.name):
             print(f"  {h.name:<8} DOWN")

@@ -88,7 +88,7 @@ def host_files(layout: Layout, h: RHost) -> dict[str, str]:
 def image_for(layout: Layout) -> Path:
     from . import image
 
-    return image.ensure(layout.extra.get("os", "debian-12"), tiers=True)
+    return image.ensure(layout.os_name, tiers=True)
 
 
 def package_enabled_units(image_root: Path, packages: list[str]) -> dict[str, str]:

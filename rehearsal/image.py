@@ -1,5 +1,6 @@
-"""Host images: a Debian root built with debootstrap that boots under systemd-nspawn as a
-rehearsal host (systemd as PID 1, the real cloud-init with its Ec2 datasource).
+"""Host images: a Debian (or Ubuntu) root built with debootstrap that boots under
+systemd-nspawn as a rehearsal host (systemd as PID 1, the real cloud-init with its Ec2
+datasource). OSES lists the OSes an image can be built of; debian-12 is the default.
 
     ensure("debian-12", tiers=False) -> Path     the image root, built once and cached
     python -m rehearsal.image build [--tiers] [--os debian-12]
@@ -51,19 +52,71 @@ CACHE_DIR = Path("/var/cache/hpc-rehearsal/images")
 
 @dataclass(frozen=True)
 class OsSpec:
-    suite: str  # Debian suite given to debootstrap and written to the image's apt sources
+    suite: str  # the suite given to debootstrap and written to the image's apt sources
     notes: str = ""
+    distribution: str = "debian"  # "debian" or "ubuntu": the archive's layout and its mirror's path
+    components: tuple[str, ...] = ("main",)  # archive components the image's apt sources name
+    # What debootstrap needs for a distribution other than the host's: the archive's
+    # keyring (and the Debian package that ships it, installed by _tools) and the script
+    # for a suite this debootstrap may not know by name ("" = debootstrap's own choice).
+    keyring: str = ""
+    keyring_package: str = ""
+    script: str = ""
 
+    def sources_list(self, url: str) -> str:
+        """The image's /etc/apt/sources.list for the mirror `url` (one-line format, in
+        /etc/apt/sources.list itself: the rehearsal's hosts replace that file with the
+        package mirror stand-in, so no other source may be left in sources.list.d/)."""
+        comps = " ".join(self.components)
+        if self.distribution == "ubuntu":  # -security is a pocket of the same archive
+            return "".join(f"deb {url} {self.suite}{pocket} {comps}\n" for pocket in ("", "-updates", "-security"))
+        security = url[: -len("/debian")] + "/debian-security"
+        return f"deb {url} {self.suite} {comps}\ndeb {url} {self.suite}-updates {comps}\n" \
+               f"deb {security} {self.suite}-security {comps}\n"
+
+
+DEFAULT_OS = "debian-12"
 
 # One row per bootable OS. Debian 13's systemd 257 was expected to refuse this machine's
 # hybrid cgroup layout without SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1 on PID 1's command
 # line; measured, a trixie image booted to "running" under this machine's nspawn 252
-# without it (nspawn gives the container its own cgroup tree). The rehearsal does not
-# run on it yet (no OS= switch through `make rehearse`).
+# without it (nspawn gives the container its own cgroup tree).
+#
+# Ubuntu 24.04 (noble) is the release the hosts run in AWS; its image is for the PR smoke
+# job on GitHub's ubuntu-24.04 runners. NOT YET BUILT ANYWHERE: the machine this was
+# written on reaches Debian's archive only. What is known without a build:
+# - the tier packages keep their Debian names in noble, most of them in universe (slurm-wlm,
+#   munge, prometheus and its exporters, galera-4, redis): hence `main universe`;
+#   nginx-light there is an empty universe package that depends on nginx (the binary).
+#   Checked against packages.ubuntu.com: redis, nginx-light, prometheus-node-exporter,
+#   prometheus-alertmanager, mariadb-backup, galera-4, slurmctld, slurm-client
+#   (tools/install-debian-deps.sh); the rest of TIER_PACKAGES and BASE_PACKAGES are
+#   expected under the same names and were not confirmed: a missing one fails the build's
+#   apt-get install, which names it.
+# - this machine's debootstrap (Debian 12's 1.0.128) has no `noble` script; Ubuntu's
+#   releases since gutsy share the `gutsy` script (noble is a link to it where it exists).
+# - the keyring is Ubuntu's ubuntu-archive-keyring.gpg: preinstalled on Ubuntu; on Debian
+#   from the ubuntu-keyring package (Debian 13; Debian 12 only in bookworm-backports).
 OSES: dict[str, OsSpec] = {
     "debian-12": OsSpec("bookworm"),
     "debian-13": OsSpec("trixie", "systemd 257 boots under nspawn 252 here without the legacy-cgroup switch"),
+    "ubuntu-24.04": OsSpec(
+        "noble", "not yet built anywhere; tier packages from universe; debootstrap's gutsy script",
+        distribution="ubuntu", components=("main", "universe"),
+        keyring="/usr/share/keyrings/ubuntu-archive-keyring.gpg", keyring_package="ubuntu-keyring", script="gutsy"),
 }
+
+# The mirror when the host's apt names none of the distribution's (an Ubuntu image built
+# on a Debian machine). A Debian image is built from the host's own mirror only.
+DEFAULT_MIRRORS = {"ubuntu": "http://archive.ubuntu.com/ubuntu"}
+
+
+def os_spec(os_name: str) -> OsSpec:
+    """The OsSpec of `os_name`, or an error that names the allowed values."""
+    if os_name not in OSES:
+        raise ImageError(f"unknown os {os_name!r}: allowed {', '.join(sorted(OSES))}")
+    return OSES[os_name]
+
 
 BASE_PACKAGES = (
     # the init system and what cloud-init needs to run as on an instance
@@ -176,6 +229,18 @@ IMAGE_FILES: dict[str, str] = {
     "etc/machine-id": "",  # empty: each host gets its own
 }
 
+# Files only a distribution's image gets. Debian's cloud-init package ships
+# `apt: preserve_sources_list: true` in /etc/cloud/cloud.cfg, so the sources.list the
+# rehearsal gives each host (the package mirror stand-in, rehearsal/hosts.py) is used as
+# written. Ubuntu's does not: its apt-configure module would write the archive's regional
+# EC2 mirror over it (unreachable in the rehearsal, as a host's NAT path is played by the
+# mirror stand-in), so the Ubuntu image says the same as Debian's package does.
+DISTRIBUTION_FILES: dict[str, dict[str, str]] = {
+    "ubuntu": {"etc/cloud/cloud.cfg.d/91-hpc-rehearsal-apt.cfg":
+               "# As Debian's cloud-init package: keep the sources.list the host was given.\n"
+               "apt:\n  preserve_sources_list: true\n"},
+}
+
 MARKER = ".hpc-image.json"
 
 
@@ -183,40 +248,53 @@ class ImageError(RuntimeError):
     pass
 
 
-def recipe(os_name: str = "debian-12", tiers: bool = False) -> dict[str, Any]:
+def recipe(os_name: str = DEFAULT_OS, tiers: bool = False) -> dict[str, Any]:
     """Everything an image is built from, as data: its hash names the cache entry."""
-    if os_name not in OSES:
-        raise ImageError(f"unknown os {os_name!r}: allowed {', '.join(sorted(OSES))}")
+    spec = os_spec(os_name)
     packages = sorted(set(BASE_PACKAGES) | (set(TIER_PACKAGES) if tiers else set()))
-    return {"recipe_version": RECIPE_VERSION, "os": os_name, "suite": OSES[os_name].suite, "tiers": tiers,
-            "packages": packages, "files": dict(sorted(IMAGE_FILES.items())),
-            "disabled": dict(sorted(DISABLED_UNITS.items())), "masked": dict(sorted(MASKED_UNITS.items()))}
+    r = {"recipe_version": RECIPE_VERSION, "os": os_name, "suite": spec.suite, "tiers": tiers,
+         "packages": packages,
+         "files": dict(sorted({**IMAGE_FILES, **DISTRIBUTION_FILES.get(spec.distribution, {})}.items())),
+         "disabled": dict(sorted(DISABLED_UNITS.items())), "masked": dict(sorted(MASKED_UNITS.items()))}
+    if spec.distribution != "debian":
+        # Only where they differ from Debian's: a Debian recipe (and so its cached image)
+        # stays what it was before other distributions existed.
+        r.update(distribution=spec.distribution, components=list(spec.components))
+    return r
 
 
 def recipe_hash(r: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()
 
 
-def image_name(os_name: str = "debian-12", tiers: bool = False) -> str:
+def image_name(os_name: str = DEFAULT_OS, tiers: bool = False) -> str:
     r = recipe(os_name, tiers)
     return f"{os_name}-{'tiers' if tiers else 'base'}-{recipe_hash(r)[:16]}"
 
 
-def image_root(os_name: str = "debian-12", tiers: bool = False, cache: Path = CACHE_DIR) -> Path:
+def image_root(os_name: str = DEFAULT_OS, tiers: bool = False, cache: Path = CACHE_DIR) -> Path:
     return cache / image_name(os_name, tiers) / "root"
 
 
-def mirror(sources_dirs: tuple[Path, ...] = (Path("/etc/apt/sources.list.d"), Path("/etc/apt"))) -> str:
-    """The Debian mirror this machine's apt uses (deb822 .sources or one-line .list)."""
+def mirror(sources_dirs: tuple[Path, ...] = (Path("/etc/apt/sources.list.d"), Path("/etc/apt")),
+           distribution: str = "debian") -> str:
+    """The `distribution`'s mirror this machine's apt uses (a URI ending in /debian or
+    /ubuntu, in deb822 .sources or one-line .list files); without one, Ubuntu's archive
+    (an Ubuntu image built on a Debian machine), and for Debian an error."""
     for d in sources_dirs:
         for f in sorted(d.glob("*.sources")) + sorted(d.glob("*.list")):
             text = f.read_text(errors="replace")
-            for uri in re.findall(r"^\s*URIs:\s*(\S+)", text, re.M) + re.findall(
-                    r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.M):
-                if uri.rstrip("/").endswith("/debian"):
+            for line in re.findall(r"^\s*URIs:[ \t]*(.+)", text, re.M):  # deb822: one or more URIs
+                for uri in line.split():
+                    if uri.rstrip("/").endswith(f"/{distribution}"):
+                        return uri.rstrip("/")
+            for uri in re.findall(r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.M):
+                if uri.rstrip("/").endswith(f"/{distribution}"):
                     return uri.rstrip("/")
-    raise ImageError("no Debian mirror (a URI ending in /debian) in /etc/apt/sources.list.d/ or "
-                     "/etc/apt/sources.list")
+    if distribution in DEFAULT_MIRRORS:
+        return DEFAULT_MIRRORS[distribution]
+    raise ImageError(f"no {distribution.capitalize()} mirror (a URI ending in /{distribution}) in "
+                     "/etc/apt/sources.list.d/ or /etc/apt/sources.list")
 
 
 def _run(argv: list[str], log: Any, **kw: Any) -> None:
@@ -227,13 +305,26 @@ def _run(argv: list[str], log: Any, **kw: Any) -> None:
         raise ImageError(f"{' '.join(argv[:4])}... failed with {cp.returncode}: see {log.name}")
 
 
-def _tools(log: Any) -> None:
-    """debootstrap builds the image, systemd-nspawn boots it: install them if missing."""
-    missing = [p for p, exe in (("debootstrap", "/usr/sbin/debootstrap"),
-                                ("systemd-container", "/usr/bin/systemd-nspawn")) if not Path(exe).exists()]
+def _in_package_lists(package: str) -> bool:
+    return subprocess.run(["apt-cache", "show", "--no-all-versions", package], capture_output=True).returncode == 0
+
+
+def _tools(log: Any, os_name: str = DEFAULT_OS) -> None:
+    """debootstrap builds the image, systemd-nspawn boots it, and debootstrap checks the
+    archive's signature with the OS's keyring: install what is missing."""
+    spec = os_spec(os_name)
+    need = [("debootstrap", "/usr/sbin/debootstrap"), ("systemd-container", "/usr/bin/systemd-nspawn")]
+    if spec.keyring:
+        need.append((spec.keyring_package, spec.keyring))
+    missing = [p for p, path in need if not Path(path).exists()]
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         _run(["apt-get", "update", "-qq"], log, env=env)
+        unknown = [p for p in missing if not _in_package_lists(p)]
+        if unknown:
+            raise ImageError(f"{', '.join(unknown)} (for {os_name}) is not in this machine's package lists"
+                             + (f" (Debian 12 has {spec.keyring_package} only in bookworm-backports)"
+                                if spec.keyring_package in unknown else ""))
         _run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=600", "--no-install-recommends",
               *missing], log, env=env)
 
@@ -266,16 +357,18 @@ def _enabled_units(root: Path) -> set[str]:
 
 def _build(r: dict[str, Any], tmp: Path, log: Any, debs: Path) -> dict[str, Any]:
     root = tmp / "root"
-    url = mirror()
+    spec = os_spec(r["os"])
+    url = mirror(distribution=spec.distribution)
     suite = r["suite"]
     t0 = time.monotonic()
     debs.mkdir(parents=True, exist_ok=True)
-    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", f"--cache-dir={debs}", suite,
-          str(root), url], log)
+    extra = [f"--keyring={spec.keyring}"] if spec.keyring else []
+    if spec.components != ("main",):
+        extra.append(f"--components={','.join(spec.components)}")
+    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", f"--cache-dir={debs}", *extra, suite,
+          str(root), url, *([spec.script] if spec.script else [])], log)
     t_boot = time.monotonic() - t0
-    security = url[: -len("/debian")] + "/debian-security"
-    (root / "etc/apt/sources.list").write_text(
-        f"deb {url} {suite} main\ndeb {url} {suite}-updates main\ndeb {security} {suite}-security main\n")
+    (root / "etc/apt/sources.list").write_text(spec.sources_list(url))
     # Packages must not start services while the image is built (policy-rc.d 101 = refuse).
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
@@ -334,7 +427,7 @@ def _du_bytes(path: Path) -> int:
     return int(cp.stdout.split()[0])
 
 
-def ensure(os_name: str = "debian-12", tiers: bool = False, cache: Path = CACHE_DIR,
+def ensure(os_name: str = DEFAULT_OS, tiers: bool = False, cache: Path = CACHE_DIR,
            progress: Any = None) -> Path:
     """The image root for (os, tiers), built if the cache has no image of this recipe.
     Safe to call from several processes at once: one builds, the others wait."""
@@ -358,7 +451,7 @@ def ensure(os_name: str = "debian-12", tiers: bool = False, cache: Path = CACHE_
             with open(log_path, "w") as log:
                 if progress:
                     progress(f"building {name} (log: {log_path})")
-                _tools(log)
+                _tools(log, os_name)
                 # Downloaded packages are kept per suite beside the images: a rebuild downloads
                 # only what changed (build input, not part of the image or its recipe).
                 facts = _build(r, tmp, log, cache.parent / "debs" / r["suite"])
@@ -423,10 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rehearsal.image", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the image unless the cache has this recipe; print its root")
-    b.add_argument("--os", default="debian-12", choices=sorted(OSES))
+    b.add_argument("--os", default=DEFAULT_OS, choices=sorted(OSES))
     b.add_argument("--tiers", action="store_true", help="preinstall the tier packages (services disabled)")
     p = sub.add_parser("path", help="print where the image of this recipe is (or would be)")
-    p.add_argument("--os", default="debian-12", choices=sorted(OSES))
+    p.add_argument("--os", default=DEFAULT_OS, choices=sorted(OSES))
     p.add_argument("--tiers", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "path":

@@ -29,6 +29,8 @@ from components.config import StackConfig
 from components.stackfile import ROOT, load_stack
 from components.topology import Topology
 
+from .image import DEFAULT_OS
+
 AWS_NET = "10.255.0.0/24"
 AWS_GW = "10.255.0.1"
 ENDPOINT_IP = "10.255.0.2"  # moto: the VPC interface endpoints (security group "endpoints")
@@ -162,6 +164,7 @@ class Layout:
     hosts: list[RHost]
     workdir: Path
     onprem: OnPrem | None = None
+    os_name: str = DEFAULT_OS  # the hosts' OS (rehearsal/image.py OSES)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def host(self, name: str) -> RHost:
@@ -207,9 +210,16 @@ def onprem_mode(workdir: Path) -> str:
     return str(mode)
 
 
-def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR, onprem: str | None = None) -> Layout:
+def os_of(workdir: Path) -> str:
+    """The hosts' OS of the rehearsal in `workdir` (recorded by `up`), else the default."""
+    return str(read_state(workdir).get("os") or DEFAULT_OS)
+
+
+def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR, onprem: str | None = None,
+                 os_name: str | None = None) -> Layout:
     """The stack's hosts and subnets; with onprem `auto` (the default) and a stack that
-    routes no on-prem network, the example site (onprem-site.yaml) is laid over it."""
+    routes no on-prem network, the example site (onprem-site.yaml) is laid over it. The
+    hosts' OS is `os_name`, else the one the rehearsal in `workdir` was brought up with."""
     cfg, topo = load_stack(stack)
     mode = onprem or onprem_mode(workdir)
     source = "stack"
@@ -224,7 +234,7 @@ def build_layout(stack: str, workdir: Path = DEFAULT_WORKDIR, onprem: str | None
     by_cidr = {s.cidr: s for s in subnets}
     hosts = [RHost(h.name, tuple(h.roles), h.ip, h.az, h.network, by_cidr[h.subnet], i)
              for i, h in enumerate(topo.hosts)]
-    return Layout(stack, cfg, topo, subnets, hosts, workdir, onprem_of(cfg, source))
+    return Layout(stack, cfg, topo, subnets, hosts, workdir, onprem_of(cfg, source), os_name or os_of(workdir))
 
 
 def repo_root() -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hosts as H
-from . import netns
+from . import image, netns
 from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout, read_state, state_path
 
 HERE = Path(__file__).resolve().parent
@@ -200,12 +200,22 @@ def install_standin(layout: Layout, name: str) -> bool:
     return True
 
 
+def os_choice(os_name: str) -> image.OsSpec:
+    """The hosts' OS, or an error that names the allowed ones (--os, or OS= for make)."""
+    try:
+        return image.os_spec(os_name)
+    except image.ImageError:
+        raise RehearsalError(f"unknown OS {os_name!r} (--os, or OS= for make rehearse): allowed "
+                             f"{', '.join(sorted(image.OSES))}") from None
+
+
 def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = None, onprem: str = "auto",
-       portal: str = "reference") -> Layout:
+       portal: str = "reference", os_name: str = image.DEFAULT_OS) -> Layout:
+    spec = os_choice(os_name)  # before anything exists
     preflight()
     if running(workdir):
         raise RehearsalError(f"a rehearsal is already up in {workdir} (`python -m rehearsal down` first)")
-    layout = build_layout(stack, workdir, onprem=onprem)
+    layout = build_layout(stack, workdir, onprem=onprem, os_name=os_name)
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("hosts", "efs"):
         if (workdir / sub).exists():
@@ -220,12 +230,13 @@ def up(stack: str, workdir: Path = DEFAULT_WORKDIR, only: list[str] | None = Non
     (rel / "assets" / "app.js").write_text("console.log('rehearsal');\n")
     (workdir / "efs" / "dist" / "current").symlink_to("releases/rehearsal")
     state: dict[str, Any] = {"stack": stack, "started": time.time(), "namespaces": layout.namespaces, "hosts": {},
-                             "pid": os.getpid(), "onprem_mode": onprem}
-    from . import image, mirror
+                             "pid": os.getpid(), "onprem_mode": onprem, "os": os_name, "suite": spec.suite}
+    from . import mirror
 
-    say("host image: Debian 12 with systemd and cloud-init (rehearsal/image.py; built once, then cached)")
-    root = image.ensure("debian-12", tiers=True, progress=say)
-    state["mirror"] = str(mirror.ensure(image.CACHE_DIR.parent / "debs" / image.OSES["debian-12"].suite))
+    say(f"host image: {os_name} ({spec.suite}) with systemd and cloud-init (rehearsal/image.py; built once, "
+        "then cached)")
+    root = image.ensure(os_name, tiers=True, progress=say)
+    state["mirror"] = str(mirror.ensure(image.CACHE_DIR.parent / "debs" / spec.suite))
     state["image"] = str(root)
     write_state(workdir, state)
     say(f"stack {stack}: {len(layout.hosts)} hosts in {len(layout.subnets)} subnets; namespaces")

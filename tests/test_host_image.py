@@ -92,7 +92,7 @@ def test_ensure_builds_once_atomically_and_under_a_lock(tmp_path: Path, monkeypa
         return {}
 
     monkeypatch.setattr(image, "_build", fake_build)
-    monkeypatch.setattr(image, "_tools", lambda log: None)
+    monkeypatch.setattr(image, "_tools", lambda log, os_name: None)
     stale = tmp_path / f".build-{image.image_name('debian-12', False)}-999999"
     (stale / "root").mkdir(parents=True)
     roots: list[Path] = []
@@ -220,7 +220,9 @@ exec({ds_src!r}, mod.__dict__)
 print(mod.DataSourceEc2Container._get_cloud_name(None), mod.DataSourceEc2Container.dsname,
       [c.__name__ for c in mod.get_datasource_list(["FILESYSTEM", "NETWORK"])])
 """
-    cp = subprocess.run(["/usr/bin/python3", "-c", code, json.dumps([image.CLOUD_CFG, USER_DATA])],
+    per_distribution = [f for files in image.DISTRIBUTION_FILES.values() for name, f in files.items()
+                        if name.startswith("etc/cloud/cloud.cfg.d/")]
+    cp = subprocess.run(["/usr/bin/python3", "-c", code, json.dumps([image.CLOUD_CFG, USER_DATA, *per_distribution])],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.split() == ["aws", "Ec2", "['DataSourceEc2Container']"]

@@ -203,15 +203,18 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
 
 
 def _smoke(report: Path, workdir: Path) -> None:
+    # The hosts' OS: $OS when set (the PR job's OS=ubuntu-24.04), else the rehearsal's default.
+    hosts_os = ["--os", os.environ["OS"]] if os.environ.get("OS") else []
     cp = subprocess.run([sys.executable, "-m", "rehearsal", "--workdir", str(workdir), "run", "--stack", "prod",
                          "--drills", "lb,redis,galera", "--ceiling", "3", "--alert-checks", "1",
-                         "--report", str(report), "--wait", "1800"],
+                         "--report", str(report), "--wait", "1800", *hosts_os],
                         cwd=ROOT, capture_output=True, text=True, timeout=1800 + 3600)
     out = cp.stdout[-6000:] + cp.stderr[-3000:]
     assert report.exists(), out
     doc = json.loads(report.read_text())
     drills = {d["name"]: d for d in doc["drills"]}
     assert set(drills) == {"lb", "redis", "galera"}, out
+    assert doc["os"]["name"] == (os.environ.get("OS") or "debian-12"), doc.get("os")
     for name, d in drills.items():
         assert d["acked_writes"] >= 500, (name, d, out)
         assert d["lost_writes"] == 0 and d["duplicates"] == 0, (name, d)
