@@ -63,6 +63,7 @@ TIMEOUT = 3.0
 # takes every auth server out (measured: 26 at once on 2 CPUs, checks timed out at 3 s).
 LOGIN_TIMEOUT = 30.0
 LOGINS_AT_ONCE = 3
+RESOLVE_AFTER_STOP_S = 9.0  # a job submission in flight is retried this long after the load stops
 WS_TIMEOUT = 5.0  # a websocket that brings nothing for this long (it answers a hello every second) is dead
 WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
@@ -184,8 +185,14 @@ class Account:
 
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stopped_at = [0.0]  # when the load was told to stop (a job in flight is resolved after it)
+
+    def halt(*_: Any) -> None:
+        if not stop.is_set():
+            stopped_at[0] = time.time()
+        stop.set()
+    signal.signal(signal.SIGTERM, halt)
+    signal.signal(signal.SIGINT, halt)
     # Sockets made without an explicit time-out (the websocket client's) get this one:
     # its connect, and its reads (an answer comes every second, see ws_worker).
     socket.setdefaulttimeout(WS_TIMEOUT)
@@ -290,13 +297,20 @@ def run(args: argparse.Namespace) -> int:
             n += 1
             rid = f"{args.tag}-job-{uuid.uuid4().hex[:16]}"
             first = time.time()
-            while not stop.is_set():
+            while True:
+                # The load stopping does not abandon a submission in flight: a person
+                # whose click failed clicks again, and a job created by an attempt that
+                # got no answer would otherwise count as a ghost. It is retried for
+                # RESOLVE_AFTER_STOP_S more (the drill waits 15 s for the load to exit).
+                left = RESOLVE_AFTER_STOP_S - (time.time() - stopped_at[0]) if stop.is_set() else args.job_timeout
+                if left <= 0:
+                    break
                 t0 = time.time()
                 status, server, ref, ok = 0, "-", "-", False
                 try:
                     status, body = conn.request("POST", "/api/jobs", {"name": f"{args.tag}-load", "seconds": 3600,
                                                                       "request_id": rid},
-                                                timeout=args.job_timeout, headers={"Idempotency-Key": rid})
+                                                timeout=min(args.job_timeout, left), headers={"Idempotency-Key": rid})
                     doc = json.loads(body or b"{}")
                     server = str(doc.get("server", "-"))
                     ok = status == 200 and bool(doc.get("job_id"))
@@ -307,9 +321,14 @@ def run(args: argparse.Namespace) -> int:
                 if ok or time.time() - first > args.job_deadline:
                     break
                 if status == 401 and account is not None:
+                    if stop.is_set():
+                        break
                     log_in(conn, "relogin")
                     continue
-                stop.wait(1.0)
+                if stop.is_set():
+                    time.sleep(1.0)
+                else:
+                    stop.wait(1.0)
             stop.wait(max(0.0, first + args.job_interval - time.time()))
 
     def ws_worker() -> None:
@@ -415,9 +434,10 @@ def run(args: argparse.Namespace) -> int:
             counts["skipped"] += 1  # every worker is waiting on a timeout: the load backs off
         nxt += interval
         time.sleep(max(0.0, nxt - time.monotonic()))
-    stop.set()
+    halt()
+    end = stopped_at[0] + RESOLVE_AFTER_STOP_S + 3
     for t in threads:
-        t.join(max(TIMEOUT, args.job_timeout, WS_TIMEOUT) + 2)
+        t.join(max(0.1, end - time.time()))
     out.close()
     print(json.dumps({"sent": counts["sent"], "skipped": counts["skipped"], "acked_writes": len(acked),
                       "login": account is not None, **stats}), flush=True)
