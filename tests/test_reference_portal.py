@@ -538,6 +538,41 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
 
 
 @pytest.mark.daemons
+def test_a_submission_lock_left_by_a_dead_server_lapses_and_a_live_one_is_renewed(
+        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        tally: Tally) -> None:
+    """The per-request-id lock: one left by a server that died mid-submission gives 409
+    only until it lapses, then the retry goes through; a submission slower than the
+    lock's time-to-live keeps it (renewed), and its end releases it."""
+    from portal import app as portal_app
+
+    monkeypatch.setattr(portal_app, "SUBMIT_LOCK_MS", 900)
+    api = apps["api"]
+    login(apps)
+    m = master(lab)
+    m.set("portal:submit:req-dead", "app-dead:0123456789ab", px=900)  # its holder died
+    r = api.post("/api/jobs", json={"request_id": "req-dead", "name": "d", "seconds": 60})
+    tally.check(r.status_code == 409, r.get_json())
+    time.sleep(1.2)
+    r = api.post("/api/jobs", json={"request_id": "req-dead", "name": "d", "seconds": 60})
+    tally.check(r.status_code == 200 and r.get_json()["created"] is True, r.get_json())
+    tally.check(m.get("portal:submit:req-dead") is None, "released after the submission")
+    # A slow sbatch (2.5 s, the lock lives 0.9 s): the lock is still held half-way.
+    real = portal_slurm.submit
+    seen: dict[str, Any] = {}
+
+    def slow(rid: str, name: str, seconds: int) -> dict[str, Any]:
+        time.sleep(2.5)
+        seen["held"] = m.get(f"portal:submit:{rid}")
+        return real(rid, name, seconds)
+    monkeypatch.setattr(portal_slurm, "submit", slow)
+    r = api.post("/api/jobs", json={"request_id": "req-slow", "name": "s", "seconds": 60})
+    tally.check(r.status_code == 200, r.get_json())
+    tally.check(str(seen.get("held", "")).startswith("app-test-1:"), f"renewed while sbatch ran: {seen}")
+    tally.expect(5)
+
+
+@pytest.mark.daemons
 def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
         apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally) -> None:
     b = Backends(settings("api", lab, db_ready))
