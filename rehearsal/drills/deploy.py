@@ -77,6 +77,7 @@ class DeployDrills(DrillBase):
         import sys as _sys
 
         _sys.path.insert(0, str(REPO / "tools"))
+        import gate  # tools/gate.py: the drain script's wait
         import rolling  # tools/rolling.py: the phased rollout's command
 
         steps = rolling.plan(self.layout.stack, "app")
@@ -88,7 +89,11 @@ class DeployDrills(DrillBase):
                 lb, cmd = step.argv
                 if not H.alive(lb):
                     return 0
-                rc, out = self.run(lb, cmd, timeout=30)
+                # A drain waits up to gate.DRAIN_WAIT_S for the server's open sessions to
+                # end (a websocket's never does before its host goes): the step gets that
+                # and half a minute (it had 30 s: exit 124 with the reference portal's
+                # websockets on app-2).
+                rc, out = self.run(lb, cmd, timeout=gate.DRAIN_WAIT_S + 30)
                 if rc == 0 and step.kind == "drain":
                     time.sleep(3)  # let in-flight requests on the drained server finish
                 return rc
