@@ -29,11 +29,16 @@ class DeployDrills(DrillBase):
         H.kill(host)
         ops_call(self.wd, "ec2", "terminate_instances", InstanceIds=[old["InstanceId"]])
         eni = old["NetworkInterfaces"][0]["NetworkInterfaceId"]
+        # The program's tags, as its replacement gets them: SSM (the agent stand-in) finds
+        # the host by its Name tag; without them the deploy drill's gate waited out its
+        # 900 s on InvalidInstanceId.
+        tags: dict[str, Any] = {"TagSpecifications": [{"ResourceType": "instance", "Tags": old["Tags"]}]} \
+            if old.get("Tags") else {}
         new = ops_call(self.wd, "ec2", "run_instances", ImageId=old["ImageId"], MinCount=1, MaxCount=1,
                        InstanceType=old["InstanceType"], UserData_b64=ud,
                        NetworkInterfaces=[{"DeviceIndex": 0, "NetworkInterfaceId": eni}],
                        Placement={"AvailabilityZone": old["Placement"]["AvailabilityZone"]},
-                       IamInstanceProfile={"Arn": old["IamInstanceProfile"]["Arn"]})["Instances"][0]
+                       IamInstanceProfile={"Arn": old["IamInstanceProfile"]["Arn"]}, **tags)["Instances"][0]
         deploy = json.loads((self.wd / "deploy.json").read_text())
         h = self.layout.host(host)
         H.prepare(self.layout, h, deploy)
