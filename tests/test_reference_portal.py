@@ -544,9 +544,9 @@ def test_a_submission_lock_left_by_a_dead_server_lapses_and_a_live_one_is_renewe
     """The per-request-id lock: one left by a server that died mid-submission gives 409
     only until it lapses, then the retry goes through; a submission slower than the
     lock's time-to-live keeps it (renewed), and its end releases it."""
-    from portal import app as portal_app
+    from portal import redisha
 
-    monkeypatch.setattr(portal_app, "SUBMIT_LOCK_MS", 900)
+    monkeypatch.setattr(redisha, "SUBMIT_LOCK_MS", 900)
     api = apps["api"]
     login(apps)
     m = master(lab)

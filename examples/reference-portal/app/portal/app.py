@@ -29,16 +29,13 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from . import slurm
 from .db import Database
 from .reconcile import Reconciler
-from .redisha import ERRORS, LEAD, SentinelMaster
+from .redisha import ERRORS, SentinelMaster, SubmitLock
 from .sessions import RedisSession, RedisSessionInterface
 from .settings import Settings
 
 PREFIX = {"api": "/api", "auth": "/auth", "cae": "/cae", "ws": "/ws"}
 USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-SUBMIT_LOCK_MS = 15000  # a submission's lock on its request id; renewed every third of it
-# Delete the key only if it still holds this holder's value.
-RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 HEALTH_EVERY_S = 1.0  # the health thread works the verdict out this often
 HEALTH_STALE_S = 5.0  # an older verdict is a 503
 
@@ -52,50 +49,6 @@ class Backends:
                                              s.redis_timeout)
         self.db = db or Database(s)
         self.slurm = slurm.PingWatcher()
-
-
-class SubmitLock:
-    """One submission per request id at a time, across servers: a Redis key set if absent
-    (the LEAD script) and renewed by a thread of the request holding it every third of
-    SUBMIT_LOCK_MS, released (only by its holder) when the submission ends. A server that
-    dies mid-submission frees the request id within SUBMIT_LOCK_MS; a slow sbatch keeps
-    it. (It was one SET NX EX 90: in the az drill a client whose server died with the lock
-    got 409 for 47 s until the drill ended, while Slurm held the job.) If a renewal fails
-    (Redis failing over) the key may lapse during the submission; a second attempt then
-    looks the request id up in squeue first, as every attempt does."""
-
-    def __init__(self, b: Backends, key: str) -> None:
-        self.b, self.key = b, key
-        self.me = f"{b.s.server_id}:{uuid.uuid4().hex[:12]}"
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def _lead(self) -> bool:
-        return bool(self.b.redis.call(lambda r: r.eval(LEAD, 1, self.key, self.me, SUBMIT_LOCK_MS)))
-
-    def __enter__(self) -> bool:
-        if not self._lead():
-            return False
-
-        def renew() -> None:
-            while not self.stop.wait(SUBMIT_LOCK_MS / 3000):
-                try:
-                    self._lead()
-                except ERRORS:
-                    pass  # the next renewal tries again; see the class docstring
-        self.thread = threading.Thread(target=renew, daemon=True, name="submit-lock")
-        self.thread.start()
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.thread is None:
-            return
-        self.stop.set()
-        self.thread.join(5)
-        try:
-            self.b.redis.call(lambda r: r.eval(RELEASE, 1, self.key, self.me))
-        except ERRORS:
-            pass  # it lapses within SUBMIT_LOCK_MS
 
 
 class HealthWatcher:
@@ -305,7 +258,7 @@ def _api_routes(app: Flask, b: Backends) -> None:
             abort(error(400, "seconds: an integer from 0 to 604800"))
         # One submission per request id at a time: a retry that arrives while the first
         # attempt still runs sbatch gets 409 and retries later (it then finds the job).
-        with SubmitLock(b, f"portal:submit:{rid}") as held:
+        with SubmitLock(b.redis, rid, s.server_id) as held:
             if not held:
                 abort(error(409, f"request {rid} is being submitted; retry with the same request id"))
             doc = slurm.submit(rid, name, seconds)

@@ -26,10 +26,10 @@ import os
 import sys
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import slurm
-from .redisha import ERRORS, LEAD
+from .redisha import ERRORS, LEAD, SubmitLock
 
 if TYPE_CHECKING:
     from .app import Backends
@@ -76,17 +76,9 @@ class Reconciler:
         for rid, job, name, seconds in rows:
             if rid in held:
                 continue
-            lock = f"portal:submit:{rid}"
-
-            def take(r: Any, lock: str = lock) -> Any:
-                return r.set(lock, self.me, nx=True, ex=90)
-
-            def release(r: Any, lock: str = lock) -> Any:
-                return r.delete(lock)
-
-            if not self.b.redis.call(take):
-                continue  # a client's retry is submitting it right now
-            try:
+            with SubmitLock(self.b.redis, rid, self.me) as mine:
+                if not mine:
+                    continue  # a client's retry is submitting it right now
                 if rid in slurm.queue_request_ids():  # submitted between the look and the lock
                     continue
                 new = slurm.sbatch(rid, name, int(seconds))
@@ -95,8 +87,6 @@ class Reconciler:
                 log(f"request {rid}: job {job} is unknown to the controller in charge (lost with its "
                     f"unsaved state); submitted again as job {new}")
                 done.append((rid, job, new))
-            finally:
-                self.b.redis.call(release)
         return done
 
     def run(self) -> None:

@@ -18,6 +18,7 @@ forever. So here:
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,6 +36,10 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+
+# Delete the key only if it still holds this holder's value.
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+SUBMIT_LOCK_MS = 15000  # a submission's lock on its request id; renewed every third of it
 
 
 class NoMaster(redis.ConnectionError):
@@ -122,3 +127,49 @@ class SentinelMaster:
             if str(e).startswith("NOREPLICAS"):
                 self.forget()
             raise
+
+
+class SubmitLock:
+    """One submission per request id at a time, across servers and the job reconciler:
+    the key portal:submit:<request id>, set if absent (LEAD) and renewed by a thread of
+    its holder every third of SUBMIT_LOCK_MS, released (only by its holder) when the
+    submission ends. A server that dies mid-submission frees the request id within
+    SUBMIT_LOCK_MS; a slow sbatch keeps it. (It was one SET NX EX 90: in the az drill a
+    client whose server died with the lock got 409 for 47 s until the drill ended, while
+    Slurm held the job.) If a renewal fails (Redis failing over) the key may lapse during
+    the submission; a second attempt then looks the request id up in squeue first, as
+    every attempt does. `with SubmitLock(...) as held:` - held is False when another
+    holder has it."""
+
+    def __init__(self, master: SentinelMaster, request_id: str, owner: str) -> None:
+        self.master, self.key = master, f"portal:submit:{request_id}"
+        self.me = f"{owner}:{uuid.uuid4().hex[:12]}"
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _lead(self) -> bool:
+        return bool(self.master.call(lambda r: r.eval(LEAD, 1, self.key, self.me, SUBMIT_LOCK_MS)))
+
+    def __enter__(self) -> bool:
+        if not self._lead():
+            return False
+
+        def renew() -> None:
+            while not self.stop.wait(SUBMIT_LOCK_MS / 3000):
+                try:
+                    self._lead()
+                except ERRORS:
+                    pass  # the next renewal tries again; see the class docstring
+        self.thread = threading.Thread(target=renew, daemon=True, name="submit-lock")
+        self.thread.start()
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is None:
+            return
+        self.stop.set()
+        self.thread.join(5)
+        try:
+            self.master.call(lambda r: r.eval(RELEASE, 1, self.key, self.me))
+        except ERRORS:
+            pass  # it lapses within SUBMIT_LOCK_MS
