@@ -314,18 +314,35 @@ def test_noreplicas_forgets_the_master_and_the_next_call_finds_the_new_one(senti
 
 
 def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every API backend shares the Slurm controllers: failing the check on Slurm would
-    take them all out of the load balancer at once."""
+    """Every API backend shares the Slurm controllers, Redis and the database: failing the
+    check on one of them would take every backend out of the load balancer at once. Only
+    a backend never reached, a local DB writer that refuses, or a failure longer than the
+    grace fail it."""
     mod = load_script("portal_standin.py")
+    clock = [500.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(mod, "check_redis", lambda: "ok")
-    monkeypatch.setattr(mod, "check_db", lambda: "ok")
+    monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
     monkeypatch.setattr(mod, "check_slurm", lambda: "error: no slurmctld answers")
     monkeypatch.setattr(mod, "CACHE_S", 0)
     code, doc = mod.health()
+    assert code == 503 and doc["why"] == "database never reached since start"
+    monkeypatch.setattr(mod, "check_db", lambda: "ok")
+    code, doc = mod.health()
     assert code == 200 and doc["status"] == "degraded" and doc["checks"]["slurm"].startswith("error")
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
+    for dt in (0.0, mod.DEPENDENCY_GRACE_S):
+        clock[0] = 500.0 + dt
+        code, doc = mod.health()
+        assert code == 200 and doc["status"] == "degraded", (dt, doc)
+    clock[0] += 1
     code, doc = mod.health()
-    assert code == 503 and doc["status"] == "unhealthy"
+    assert code == 503 and doc["status"] == "unhealthy" and doc["why"].startswith("database failing for 31 s")
+    monkeypatch.setattr(mod, "check_db", lambda: "ok")
+    assert mod.health()[0] == 200
+    monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError (connection refused)")
+    code, doc = mod.health()
+    assert code == 503 and doc["why"] == "the local DB writer refuses connections"
 
 
 @pytest.fixture

@@ -465,13 +465,17 @@ def test_health_answers_200_with_every_check_and_503_when_one_fails(apps: dict[s
         r = apps[svc].get(path)
         tally.check(r.status_code == 200, f"{svc}: {r.get_json()}")
         tally.check(r.get_json()["checks"] == {"redis": "ok", "database": "ok", "slurm": "ok"}, r.get_json())
+    # A new process that never reached a backend is not ready (the gate, the LB's first rise).
     s = settings("api", lab, db_ready, sentinels=sentinels([free_port()]), redis_timeout=0.3)
     r = create_app(s, Backends(s)).test_client().get("/api/health")
     tally.check(r.status_code == 503 and r.get_json()["status"] == "unhealthy", r.get_json())
     tally.check(r.get_json()["checks"]["redis"].startswith("error: NoMaster"), r.get_json())
+    tally.check(r.get_json()["why"] == "redis never reached since start", r.get_json())
+    # Nothing listens on the DB writer's port: this host's own fault, a 503 at once.
     s = settings("api", lab, db_ready, db_port=free_port())
     r = create_app(s, Backends(s)).test_client().get("/api/health")
     tally.check(r.status_code == 503 and r.get_json()["checks"]["database"].startswith("error:"), r.get_json())
+    tally.check("refuses connections" in r.get_json()["why"], r.get_json())
     # No controller answering: reported, not a 503 (that would take every server out at once).
     s = settings("api", lab, db_ready)
     b = Backends(s)
@@ -483,7 +487,71 @@ def test_health_answers_200_with_every_check_and_503_when_one_fails(apps: dict[s
     r = create_app(s, b).test_client().get("/api/health")
     tally.check(r.status_code == 200 and r.get_json()["status"] == "degraded", r.get_json())
     tally.check(r.get_json()["checks"]["slurm"].startswith("error: no slurmctld"), r.get_json())
-    tally.expect(11)
+    tally.expect(13)
+
+
+def test_a_shared_backend_failing_over_degrades_the_check_and_only_a_long_or_local_fault_fails_it(
+        monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """The LB's check must not take every server out while Redis or the Galera writer
+    fails over (every server shares them): 200 "degraded" inside the grace, 503 past it,
+    503 at once when the local DB writer refuses connections."""
+    import pymysql
+    from portal import app as portal_app
+
+    clock = [1000.0]
+    monkeypatch.setattr(portal_app.time, "monotonic", lambda: clock[0])
+    faults: dict[str, Exception | None] = {"redis": None, "database": None}
+
+    class FakeRedis:
+        def call(self, fn: Any) -> Any:
+            if faults["redis"]:
+                raise faults["redis"]
+            return True
+
+    class FakeDb:
+        def query(self, sql: str, args: Any = None) -> tuple[int, list[Any]]:
+            if faults["database"]:
+                raise faults["database"]
+            return 1, [(1,)]
+
+    class Pong:
+        def check(self) -> str:
+            return "ok"
+
+    s = Settings(service="api", port=5010, server_id="app-1", health_path="/api/health",
+                 sentinels=(("127.0.0.1", 1),), master_name=MASTER, redis_password=PW, sentinel_password=PW,
+                 redis_timeout=1.0, db_host="127.0.0.1", db_port=3306, db_user=APP_USER, db_password="x",
+                 db_name="portal_api", cluster="test", cookie_secure=False, poll_interval=0.5)
+    b = Backends.__new__(Backends)
+    b.s, b.redis, b.db, b.slurm = s, FakeRedis(), FakeDb(), Pong()  # type: ignore[assignment]
+    w = portal_app.HealthWatcher(s, b)
+    faults["database"] = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    doc, code = w.work_out()
+    tally.check(code == 503 and doc["why"] == "database never reached since start", doc)
+    faults["database"] = None
+    tally.check(w.work_out() == ({"status": "healthy", "checks": {"redis": "ok", "database": "ok", "slurm": "ok"},
+                                  "service": "api", "server": "app-1"}, 200))
+    # The writer fails over: degraded, in service, for the whole grace.
+    faults["database"] = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    faults["redis"] = NoMaster("no Sentinel majority")
+    for dt in (0.0, 10.0, portal_app.DEPENDENCY_GRACE_S):
+        clock[0] = 1000.0 + dt
+        doc, code = w.work_out()
+        tally.check(code == 200 and doc["status"] == "degraded", (dt, doc))
+    clock[0] += 1.0
+    doc, code = w.work_out()
+    tally.check(code == 503 and doc["why"].startswith("redis failing for 31 s"), doc)
+    # Back: the grace starts over with the next fault.
+    faults["database"] = faults["redis"] = None
+    tally.check(w.work_out()[1] == 200)
+    faults["redis"] = NoMaster("no Sentinel majority")
+    tally.check(w.work_out()[1] == 200)
+    faults["redis"] = None
+    faults["database"] = pymysql.err.OperationalError(
+        2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] Connection refused)")
+    doc, code = w.work_out()
+    tally.check(code == 503 and "refuses connections" in doc["why"], doc)
+    tally.expect(9)
 
 
 @pytest.mark.daemons

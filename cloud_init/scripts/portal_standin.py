@@ -7,10 +7,10 @@ for real: one process per (service, port) from the unit's environment (PORTAL_SE
 PORT, SERVER_ID, DB_NAME, HEALTH_PATH) and /etc/hpc/portal.env.
 
   GET  <HEALTH_PATH>            200 {"status": "healthy", "checks": {...}} or 503
-                                "unhealthy": Redis through Sentinel (PING on the master),
-                                the DB writer (SELECT 1 through 127.0.0.1:3306), Slurm (a
-                                controller answers `scontrol ping`, run every 15 s in the
-                                background)
+                                "unhealthy" (see health()): Redis through Sentinel (PING
+                                on the master), the DB writer (SELECT 1 through
+                                127.0.0.1:3306); Slurm (a controller answers `scontrol
+                                ping`, every 15 s in the background) only reported
   GET  /<prefix>/session        session in Redis (cookie `sid`, TTL 8 h), created if absent
   POST /<prefix>/records        {"request_id", "payload"}: idempotent write to MariaDB
                                 (unique request id; a replay changes nothing) -> 200
@@ -259,6 +259,10 @@ class Db:
 REDIS: Redis | None = None
 DB = Db()
 _health_cache: dict[str, Any] = {"t": 0.0, "value": None}
+_dep_state: dict[str, Any] = {"reached": set(), "failing_since": {}}
+# A shared backend failing this long is this host's problem (or the tier is down for
+# good): Redis fails over in ~5 s, the Galera writer in ~2-10 s.
+DEPENDENCY_GRACE_S = 30.0
 _health_lock = threading.Lock()
 
 
@@ -282,7 +286,9 @@ def check_db() -> str:
         DB.query("SELECT 1")
         return "ok"
     except Exception as e:  # noqa: BLE001
-        return f"error: {type(e).__name__}"
+        # PyMySQL's 2003 "Can't connect" with ECONNREFUSED: the local DB writer is not there.
+        refused = bool(getattr(e, "args", None)) and e.args[0] == 2003 and "refused" in str(e).lower()
+        return f"error: {type(e).__name__}{' (connection refused)' if refused else ''}"
 
 
 SLURM_CHECK_S = 15.0
@@ -325,14 +331,32 @@ def health() -> tuple[int, dict[str, Any]]:
         if time.monotonic() - _health_cache["t"] < CACHE_S and _health_cache["value"] is not None:
             return _health_cache["value"]
     checks = {"redis": check_redis(), "database": check_db(), "slurm": check_slurm()}
-    # Slurm is reported, not required: every API backend shares the same controllers, so
-    # a Slurm outage failing this check takes every backend out of the load balancer at
-    # once and turns it into a whole-portal outage (measured: with the primary slurmctld
-    # paused, every request answered 503 until the backup fenced it). Job requests fail
-    # on their own (503 with the reason) while Slurm is down; sessions and records go on.
-    ok = checks["redis"] == "ok" and checks["database"] == "ok"
-    status = "unhealthy" if not ok else "healthy" if checks["slurm"] == "ok" else "degraded"
-    value = (200 if ok else 503, {"status": status, "checks": checks, "service": SERVICE, "server": SERVER_ID})
+    # The LB's check asks "should this server get requests", and every backend shares
+    # Redis, the database and the controllers: failing it on a shared dependency takes
+    # every backend out of the load balancer at once (measured: with the primary slurmctld
+    # paused, every request answered 503 by HAProxy until the backup fenced it; with the
+    # Galera writer frozen, RTO 9 s against 5). So 503 only until Redis and the database
+    # were reached once, when the local DB writer refuses connections, or when one has
+    # failed for longer than DEPENDENCY_GRACE_S (this host is cut off, or the tier is down
+    # for good); while a tier fails over, or Slurm does not answer, 200 "degraded".
+    now = time.monotonic()
+    with _health_lock:
+        for dep in ("redis", "database"):
+            if checks[dep] == "ok":
+                _dep_state["reached"].add(dep)
+                _dep_state["failing_since"].pop(dep, None)
+            else:
+                _dep_state["failing_since"].setdefault(dep, now)
+        why = ("the local DB writer refuses connections" if "connection refused" in checks["database"] else "") \
+            or next((f"{d} never reached since start" for d in ("redis", "database")
+                     if d not in _dep_state["reached"]), "") \
+            or next((f"{d} failing for {now - t:.0f} s (> {DEPENDENCY_GRACE_S:.0f} s)"
+                     for d, t in _dep_state["failing_since"].items() if now - t > DEPENDENCY_GRACE_S), "")
+    doc: dict[str, Any] = {"checks": checks, "service": SERVICE, "server": SERVER_ID}
+    if why:
+        value = (503, {"status": "unhealthy", "why": why, **doc})
+    else:
+        value = (200, {"status": "healthy" if all(v == "ok" for v in checks.values()) else "degraded", **doc})
     with _health_lock:
         _health_cache.update(t=time.monotonic(), value=value)
     return value

@@ -38,6 +38,9 @@ USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HEALTH_EVERY_S = 1.0  # the health thread works the verdict out this often
 HEALTH_STALE_S = 5.0  # an older verdict is a 503
+# A shared backend failing this long is this host's problem (or the tier is down for
+# good): Redis fails over in ~5 s, the Galera writer in ~2-10 s (docs/rehearsal.md).
+DEPENDENCY_GRACE_S = 30.0
 
 
 class Backends:
@@ -57,35 +60,59 @@ class HealthWatcher:
     the database on a busy host (the LB gives a check 1 s). A verdict older than
     HEALTH_STALE_S (the thread is stuck on a hung backend) is a 503.
 
-    200 when this server can answer (Redis and the database reached), 503 when not.
-    Slurm is reported, not required: every server shares the same controllers, so a
-    Slurm outage failing this check takes every server out of the load balancer at once
-    and turns it into a whole-portal outage (the slurm drill measured it: 693 requests
-    answered 503 by HAProxy with no server left while the backup took over). Job requests
-    fail on their own (503 with the reason); sessions and records go on."""
+    A check from the LB asks "should this server get requests", and every server shares
+    the same Redis, database and controllers: failing it on a shared dependency takes every
+    server out at once and turns a tier's failover into a whole-portal outage, then adds
+    the LB's rise to the way back. Measured: with the primary slurmctld down, 693 requests
+    answered by HAProxy with no server left; with the Galera writer frozen, 207 (RTO 9.04 s
+    against the tier's 5). So:
+    - 503 until this process has reached Redis and the database once (a new host is not
+      put in service, and its gate does not pass, before it works);
+    - 503 when the local path itself is broken: the local DB writer refuses connections;
+    - 503 when Redis or the database has failed for longer than DEPENDENCY_GRACE_S, far
+      past either tier's failover: this host is cut off, or the tier is down for good;
+    - otherwise 200, "degraded" with the failing checks named while a tier fails over or
+      Slurm does not answer (Slurm is never required). Requests that need the failing
+      backend answer 503 with the reason on their own; the rest go on."""
 
     def __init__(self, s: Settings, b: Backends) -> None:
         self.s, self.b = s, b
         self.value: tuple[dict[str, Any], int] | None = None
         self.at = 0.0
+        self.reached: set[str] = set()  # the backends reached once since start
+        self.failing_since: dict[str, float] = {}
         self.ready = threading.Event()
         self._lock = threading.Lock()
         self._started = False
 
     def work_out(self) -> tuple[dict[str, Any], int]:
         checks = {"redis": "ok", "database": "ok", "slurm": self.b.slurm.check()}
+        local_fault = ""
         try:
             self.b.redis.call(lambda r: r.ping())
         except ERRORS as e:
             checks["redis"] = f"error: {type(e).__name__}: {e}"
         try:
             self.b.db.query("SELECT 1")
-        except Exception as e:  # noqa: BLE001 - any failure is "unhealthy", never a 500
+        except Exception as e:  # noqa: BLE001 - any failure is a check's error, never a 500
             checks["database"] = f"error: {type(e).__name__}: {e}"
-        ok = checks["redis"] == "ok" and checks["database"] == "ok"
-        status = "unhealthy" if not ok else "healthy" if checks["slurm"] == "ok" else "degraded"
-        return {"status": status, "checks": checks, "service": self.s.service, "server": self.s.server_id}, \
-            200 if ok else 503
+            if refused(e):
+                local_fault = f"the local DB writer ({self.s.db_host}:{self.s.db_port}) refuses connections"
+        now = time.monotonic()
+        for dep in ("redis", "database"):
+            if checks[dep] == "ok":
+                self.reached.add(dep)
+                self.failing_since.pop(dep, None)
+            else:
+                self.failing_since.setdefault(dep, now)
+        why = local_fault or next(
+            (f"{dep} never reached since start" for dep in ("redis", "database") if dep not in self.reached), "") \
+            or next((f"{dep} failing for {now - t:.0f} s (> {DEPENDENCY_GRACE_S:.0f} s)"
+                     for dep, t in self.failing_since.items() if now - t > DEPENDENCY_GRACE_S), "")
+        doc: dict[str, Any] = {"checks": checks, "service": self.s.service, "server": self.s.server_id}
+        if why:
+            return {"status": "unhealthy", "why": why, **doc}, 503
+        return {"status": "healthy" if all(v == "ok" for v in checks.values()) else "degraded", **doc}, 200
 
     def _loop(self) -> None:
         while True:
@@ -110,6 +137,13 @@ class HealthWatcher:
             return {"status": "unhealthy", "error": f"the last verdict is {age:.0f} s old (a backend hangs)",
                     "checks": value[0].get("checks"), "service": self.s.service, "server": self.s.server_id}, 503
         return value
+
+
+def refused(e: BaseException) -> bool:
+    """PyMySQL's "Can't connect" (2003) with ECONNREFUSED underneath: nothing listens on
+    the DB writer's port on this host."""
+    return isinstance(e, pymysql.err.OperationalError) and bool(e.args) and e.args[0] == 2003 \
+        and "refused" in str(e).lower()
 
 
 def error(code: int, message: str) -> Response:
