@@ -114,6 +114,7 @@ def takeover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, imds: FakeImds, fa
     mod.IMDS_URL_FILE = str(tmp_path / "no-imds-url")
     mod.AWS_ENDPOINT_FILE = str(tmp_path / "no-aws-endpoint")
     mod.SYSLOG_SOCKET = str(tmp_path / "no-syslog")
+    mod.IDENTITY_FILE = str(tmp_path / "instance-identity.json")  # never this machine's /run/hpc
     mod.sleeps = []
     mod.clock = [0.0]  # a fake monotonic clock: each recorded sleep advances it
 
@@ -166,11 +167,16 @@ def aws(takeover: ModuleType, imds: FakeImds, tmp_path: Path) -> Iterator[dict[s
         world["ec2"] = ec2
         world["cfg"] = write_config(tmp_path, world["alloc"])
         world["state"] = tmp_path / "run" / "vrrp-state"
+        world["imds"] = imds
         yield world
 
 
 def run(takeover: ModuleType, aws: dict[str, Any], *args: str) -> int:
-    return takeover.main([*args, "--config", str(aws["cfg"]), "--state-file", str(aws["state"])])
+    """One call as on the LB the fake IMDS currently answers for (its own identity file:
+    one host's ids never change)."""
+    ident = aws["state"].parent / f"identity-{aws['imds'].current}.json"
+    return takeover.main([*args, "--config", str(aws["cfg"]), "--state-file", str(aws["state"]),
+                          "--identity-file", str(ident)])
 
 
 # ---- moving the address ---------------------------------------------------------------
@@ -267,6 +273,30 @@ def test_every_metadata_request_carries_the_session_token(takeover: ModuleType, 
     assert imds.log[0][:2] == ("PUT", "/latest/api/token")
 
 
+def test_a_standby_reads_its_identity_before_it_is_promoted_and_the_takeover_reads_none(
+        takeover: ModuleType, imds: FakeImds, aws: dict[str, Any]) -> None:
+    """Instance id and primary interface cannot change while the instance runs: the
+    periodic --reconcile on a BACKUP reads them once, and the takeover after a promotion
+    goes straight to EC2 (four metadata round trips off the critical path; the ec2-api
+    drill with every call 2 s late took 28 s with them)."""
+    imds.current = "B"
+    aws["state"].parent.mkdir(parents=True, exist_ok=True)
+    aws["state"].write_text("BACKUP\n")
+    assert run(takeover, aws, "--reconcile") == 0
+    assert [m for m, _, _ in imds.log] == ["PUT", "GET", "GET", "GET"]
+    imds.log.clear()
+    assert run(takeover, aws, "--reconcile") == 0  # kept: nothing read again
+    assert imds.log == []
+    assert run(takeover, aws, "--reason", "master") == 0
+    assert eip_eni(aws["ec2"], aws["alloc"]) == aws["B"] and imds.log == []
+    # A damaged file is read again from metadata, not trusted.
+    ident = aws["state"].parent / "identity-B.json"
+    ident.write_text('{"instance_id": ""}')
+    assert run(takeover, aws, "--reason", "master") == 0
+    assert [m for m, _, _ in imds.log] == ["PUT", "GET", "GET", "GET"]
+    assert json.loads(ident.read_text())["interface_id"] == aws["B"]
+
+
 def test_without_a_token_nothing_moves_and_exit_code_is_2(takeover: ModuleType, imds: FakeImds,
                                                           aws: dict[str, Any]) -> None:
     imds.current = "A"
@@ -296,7 +326,13 @@ def test_boot_associates_only_on_the_master_unless_forced(takeover: ModuleType, 
     ec2, alloc = aws["ec2"], aws["alloc"]
     imds.current = "A"
     assert run(takeover, aws, "--boot") == 0  # no state yet (keepalived has not decided)
-    assert eip_eni(ec2, alloc) is None and imds.log == []
+    assert eip_eni(ec2, alloc) is None
+    # ... but the identity is read now, so a later promotion goes straight to EC2
+    assert [m for m, _, _ in imds.log] == ["PUT", "GET", "GET", "GET"]
+    ident = aws["state"].parent / "identity-A.json"
+    assert json.loads(ident.read_text()) == {"instance_id": imds.instances["A"]["instance_id"],
+                                             "interface_id": aws["A"]}
+    imds.log.clear()
     aws["state"].parent.mkdir(parents=True, exist_ok=True)
     aws["state"].write_text("BACKUP\n")
     assert run(takeover, aws, "--boot") == 0

@@ -234,7 +234,8 @@ def eip_eni(lb: dict[str, Any]) -> str | None:
 
 
 def run_takeover(lb: dict[str, Any]) -> int:
-    return int(takeover.main(["--reason", "master", "--config", str(lb["cfg"]), "--state-file", str(lb["state"])]))
+    return int(takeover.main(["--reason", "master", "--config", str(lb["cfg"]), "--state-file", str(lb["state"]),
+                              "--identity-file", str(lb["state"].parent / "instance-identity.json")]))
 
 
 # ---- the EIP takeover under throttling and slow answers ---------------------------------
