@@ -37,10 +37,11 @@ PREFIX = {"api": "/api", "auth": "/auth", "cae": "/cae", "ws": "/ws"}
 USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,63}")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HEALTH_EVERY_S = 1.0  # the health thread works the verdict out this often
-HEALTH_STALE_S = 5.0  # an older verdict is a 503
 # A shared backend failing this long is this host's problem (or the tier is down for
 # good): Redis fails over in ~5 s, the Galera writer in ~2-10 s (docs/rehearsal.md).
 DEPENDENCY_GRACE_S = 30.0
+HEALTH_HUNG_S = 3.0  # a round still running after this long: a backend hangs (degraded)
+HEALTH_STALE_S = DEPENDENCY_GRACE_S  # ... and after this long a 503
 
 
 class Backends:
@@ -57,8 +58,10 @@ class Backends:
 class HealthWatcher:
     """The health verdict, worked out in a thread of its own every HEALTH_EVERY_S: a check
     from HAProxy is answered at once from the latest one and never waits for Redis or
-    the database on a busy host (the LB gives a check 1 s). A verdict older than
-    HEALTH_STALE_S (the thread is stuck on a hung backend) is a 503.
+    the database on a busy host (the LB gives a check 1 s). A round still running after
+    HEALTH_HUNG_S waits on a hung backend (a frozen Galera writer holds SELECT 1 for its
+    read time-out: measured, freeze-galera): "degraded" like any shared backend that
+    fails, and a 503 once the verdict is HEALTH_STALE_S old.
 
     A check from the LB asks "should this server get requests", and every server shares
     the same Redis, database and controllers: failing it on a shared dependency takes every
@@ -134,8 +137,11 @@ class HealthWatcher:
             return {"status": "unhealthy", "error": "not checked yet", "service": self.s.service,
                     "server": self.s.server_id}, 503
         if age > HEALTH_STALE_S:
-            return {"status": "unhealthy", "error": f"the last verdict is {age:.0f} s old (a backend hangs)",
+            return {"status": "unhealthy", "why": f"the last verdict is {age:.0f} s old (a backend hangs)",
                     "checks": value[0].get("checks"), "service": self.s.service, "server": self.s.server_id}, 503
+        if age > HEALTH_HUNG_S and value[1] == 200:
+            return {**value[0], "status": "degraded",
+                    "note": f"the health round has run {age - HEALTH_EVERY_S:.0f} s (a backend hangs)"}, 200
         return value
 
 
