@@ -189,6 +189,11 @@ def test_slurmdbd_conf_names_the_active_and_the_standby_slurmdbd():
         assert f"DbdHost={ctls[0]['name']}" in lines and f"DbdAddr={ctls[0]['ip']}" in lines, f"{stack}/{name}"
         backup = [line for line in lines if line.startswith("DbdBackupHost=")]
         assert backup == ([f"DbdBackupHost={ctls[1]['name']}"] if len(ctls) == 2 else []), f"{stack}/{name}"
+        # The standby notices a dead active one only when its idle connection breaks:
+        # TCP keepalive within ~11 s (slurmdbd's own 30 s took 118 s in the slurm-host drill).
+        keep = [line for line in lines if line.startswith("CommunicationParameters=")]
+        assert keep == ["CommunicationParameters=keepalivetime=5,keepaliveinterval=2,keepaliveprobes=3"], \
+            f"{stack}/{name}"
         checked += 1
     assert checked == sum(len(controllers(s)) for s in STACKS)
 
