@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -756,6 +757,94 @@ def test_fence_single_controller_and_config_errors(tmp_path, caplog, fence_world
     w["cfg"] = bad
     rc, text = fence_run(w, caplog)
     assert rc == 1 and "'controllers' must be a non-empty list" in text
+
+
+def watch_world(w: Any, tmp_path: Path, heartbeat_age_s: float, here: bool = True) -> Any:
+    """The fence module set up for --watch: a state dir whose heartbeat was written
+    `heartbeat_age_s` ago, this host's slurmctld running or not, a fake clock that each
+    round's wait advances."""
+    import json as _json
+
+    mod = w["mod"]
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    hb = state / "heartbeat"
+    hb.write_bytes(b"\0" * 16)
+    t = time.time() - heartbeat_age_s
+    os.utime(hb, (t, t))
+    doc = _json.loads(w["cfg"].read_text())
+    assert doc["ctld_timeout"] == 15 and doc["state_dir"] == "/slurm/state"  # rendered from slurm.conf's values
+    doc["state_dir"] = str(state)
+    w["cfg"].write_text(_json.dumps(doc))
+    clock = [0.0]
+    mod._clock = lambda: clock[0]
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+    mod._sleep = sleep
+    mod.slurmctld_runs = lambda: here
+    w["clock"] = clock
+    return mod
+
+
+def watch_run(w: Any, caplog: pytest.LogCaptureFixture, rounds: int) -> tuple[int, str]:
+    mod = w["mod"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hpc-slurm-fence"):
+        mod.log.propagate = True
+        cfg = mod.load_config(str(w["cfg"]))
+        peers = [c for c in cfg["controllers"] if c["name"] != "slurm-2"]
+        rc = mod.watch(cfg, "slurm-2", peers, rounds=rounds)
+    return rc, caplog.text
+
+
+def test_watch_fences_a_hung_primary_at_slurmctld_timeout_not_after_the_takeover(fence_world, caplog, tmp_path):
+    """slurmctld runs SlurmctldPrimaryOnProg only after its takeover reached slurmdbd,
+    which the frozen host held 40 s (freeze-slurm drill: fenced 62 s after the freeze).
+    The watcher fences once the peer has been DOWN for SlurmctldTimeout + 2 s with no
+    heartbeat, and not a round before."""
+    w = fence_world
+    mod = watch_world(w, tmp_path, heartbeat_age_s=300)
+    fake_ping(w, PING_PRIMARY_DOWN)
+    limit = 15 + mod.WATCH_MARGIN_S
+    rounds_before = int(limit // mod.WATCH_EVERY_S)  # the last of them ends just short of the limit
+    rc, text = watch_run(w, caplog, rounds_before)
+    assert rc == 0 and state_of(w, "slurm-1") == "running" and w["probes"] == [], text
+    rc, text = watch_run(w, caplog, rounds_before + 2)
+    assert rc == 0 and state_of(w, "slurm-1") in ("stopping", "stopped"), text
+    assert "watch: slurm-1 DOWN for 18 s, heartbeat 300 s old, slurmctld runs here: fencing" in text
+    assert w["probes"] == [("10.40.10.20", 6817)]
+    for name in ("slurm-2", "app-1", "other-stack"):
+        assert state_of(w, name) == "running", name
+
+
+@pytest.mark.parametrize(("heartbeat", "here", "ping", "why"), [
+    (1.0, True, PING_PRIMARY_DOWN, "someone in control still writes the heartbeat (cut off from here only)"),
+    (300.0, False, PING_PRIMARY_DOWN, "no slurmctld here would take control"),
+    (300.0, True, PING_BOTH_UP, "the peer answers"),
+])
+def test_watch_leaves_the_peer_alone(fence_world, caplog, tmp_path, heartbeat, here, ping, why):
+    w = fence_world
+    watch_world(w, tmp_path, heartbeat_age_s=heartbeat, here=here)
+    fake_ping(w, ping, rc=0 if ping == PING_BOTH_UP else 1)
+    rc, text = watch_run(w, caplog, 30)
+    assert rc == 0 and "watch: slurm-1 DOWN" not in text, why
+    assert state_of(w, "slurm-1") == "running" and w["probes"] == [], why
+
+
+def test_watch_needs_the_timeout_and_the_state_dir(fence_world, caplog):
+    import json as _json
+
+    w = fence_world
+    doc = _json.loads(w["cfg"].read_text())
+    del doc["state_dir"]
+    w["cfg"].write_text(_json.dumps(doc))
+    rc, text = watch_run(w, caplog, 1)
+    assert rc == 1 and "--watch needs 'ctld_timeout' and 'state_dir'" in text
+    doc["state_dir"] = "relative"
+    w["cfg"].write_text(_json.dumps(doc))
+    with pytest.raises(ValueError, match="'state_dir' must be StateSaveLocation"):
+        w["mod"].load_config(str(w["cfg"]))
 
 
 def test_fence_port_probe_tells_refused_from_accepted():
