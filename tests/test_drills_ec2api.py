@@ -87,6 +87,8 @@ def test_the_drill_throttles_then_delays_and_reports_both_runs(tmp_path: Any, mo
 
     monkeypatch.setattr(ec2api, "api_faults", fake_faults)
     monkeypatch.setattr(ec2api.H, "kill", lambda h: [], raising=False)
+    slept: list[float] = []
+    monkeypatch.setattr(ec2api.time, "sleep", slept.append)
 
     class D(ec2api.Ec2ApiDrills):
         def __init__(self) -> None:
@@ -123,3 +125,5 @@ def test_the_drill_throttles_then_delays_and_reports_both_runs(tmp_path: Any, mo
     assert res.target_rto_s == 23.0 and ec2api.ec2_targets(3.0)["late"] == 13.0
     assert res.passed, res.checks
     assert "3 calls" in (res.fault_effect or "") and "5 calls" in (res.fault_effect or "")
+    # each run keeps its window open while the load goes through the new master
+    assert slept.count(ec2api.AFTER_MOVE_S) == 2, slept
