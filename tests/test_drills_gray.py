@@ -221,3 +221,18 @@ def test_freeze_app_waits_for_the_thawed_host_to_answer_the_load_again(
     assert drill.calls == ["freeze app-1", "thaw app-1"]
     assert res.checks["app_back_in_service"] is answers_again
     assert res.passed is answers_again, res.checks
+
+
+def test_fence_log_lines_read_the_journal_and_syslog_in_time_order() -> None:
+    """freeze-slurm's notes: slurmctld's journal lines (epoch stamps) and the fence
+    program's syslog lines (RFC 3339), since the freeze, oldest first; the backup's
+    fence lines were missing from the notes while only the journal was read."""
+    from rehearsal.drills.gray import fence_log_lines
+
+    text = ("1796220680.500000 slurm-2 slurmctld[990]: slurmctld: Terminate signal (SIGINT or SIGTERM) received\n"
+            "2026-12-02T14:11:48.447356+00:00 slurm-2 hpc-slurm-fence[1352]: slurm-2 took control\n"
+            "2026-12-02T14:01:48.000000+00:00 slurm-2 hpc-slurm-fence[1]: an older run\n"
+            "-- No entries --\n")
+    lines = fence_log_lines(text, 1796220652.0)
+    assert [round(t, 1) for t, _ in lines] == [28.5, 56.4]
+    assert lines[0][1].startswith("slurmctld[990]: ") and lines[1][1] == "hpc-slurm-fence[1352]: slurm-2 took control"

@@ -12,6 +12,7 @@ this drill, ends a stopped instance's processes as EC2 would).
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,24 @@ def freeze(host: str) -> None:
 def thaw(host: str) -> None:
     if frozen(host):
         H.thaw(host)
+
+
+def fence_log_lines(text: str, since: float, limit: int = 25) -> list[tuple[float, str]]:
+    """(seconds after `since`, message) of journal lines (`-o short-unix`: epoch first)
+    and syslog lines (RFC 3339 first), oldest first, the last `limit` from `since` on."""
+    out: list[tuple[float, str]] = []
+    for line in text.splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            t = float(stamp)
+        except ValueError:
+            try:
+                t = datetime.datetime.fromisoformat(stamp).timestamp()
+            except ValueError:
+                continue
+        if t >= since - 1:
+            out.append((t - since, rest.partition(" ")[2]))  # without the host name
+    return sorted(out)[-limit:]
 
 
 def one_master_holding(states: dict[str, str], eip_holder: str | None) -> bool:
@@ -233,15 +252,16 @@ class GrayDrills(DrillBase):
             # Where the time to the fence went: the backup's takeover and the fence
             # program's steps, seconds after the freeze (journal, epoch timestamps).
             t_freeze = froze.get("t0", time.time())
-            _, journal = self.run(backup, "journalctl -o short-unix --no-pager -t hpc-slurm-fence -u slurmctld "
-                                          f"--since=@{int(t_freeze) - 1} | grep -iE 'fenc|control|takeover|taking "
-                                          "over|primary|stop|ping' | tail -25", timeout=30)
-            for line in journal.splitlines():
-                stamp, _, text = line.partition(" ")
-                try:
-                    res.notes.append(f"{backup} +{float(stamp) - t_freeze:.1f}s {text[:200]}")
-                except ValueError:
-                    continue
+            # slurmctld's lines are in the journal; hpc-slurm-fence logs to /dev/log, which
+            # is rsyslog's socket on these hosts (/var/log/syslog), journald's on others.
+            _, journal = self.run(backup, "{ journalctl -o short-unix --no-pager -t slurmctld "
+                                          f"--since=@{int(t_freeze) - 1}; journalctl -o short-unix --no-pager "
+                                          f"-t hpc-slurm-fence --since=@{int(t_freeze) - 1}; "
+                                          "grep -h hpc-slurm-fence /var/log/syslog 2>/dev/null; } | grep -iE "
+                                          "'fenc|control|takeover|taking over|primary|stop|ping|persist'",
+                                  timeout=30)
+            for when, text in fence_log_lines(journal, t_freeze):
+                res.notes.append(f"{backup} +{when:.1f}s {text[:200]}")
             rc, ping = self.run(client, "scontrol ping", timeout=30)
             res.notes.append(f"scontrol ping: {' / '.join(ping.strip().splitlines())}")
             up = [line for line in ping.splitlines() if "is UP" in line]
