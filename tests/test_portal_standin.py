@@ -324,25 +324,46 @@ def test_slurm_down_degrades_the_health_check_but_does_not_fail_it(monkeypatch: 
     monkeypatch.setattr(mod, "check_redis", lambda: "ok")
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
     monkeypatch.setattr(mod, "check_slurm", lambda: "error: no slurmctld answers")
-    monkeypatch.setattr(mod, "CACHE_S", 0)
-    code, doc = mod.health()
+    code, doc = mod.work_out_health()
     assert code == 503 and doc["why"] == "database never reached since start"
     monkeypatch.setattr(mod, "check_db", lambda: "ok")
-    code, doc = mod.health()
+    code, doc = mod.work_out_health()
     assert code == 200 and doc["status"] == "degraded" and doc["checks"]["slurm"].startswith("error")
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError")
     for dt in (0.0, mod.DEPENDENCY_GRACE_S):
         clock[0] = 500.0 + dt
-        code, doc = mod.health()
+        code, doc = mod.work_out_health()
         assert code == 200 and doc["status"] == "degraded", (dt, doc)
     clock[0] += 1
-    code, doc = mod.health()
+    code, doc = mod.work_out_health()
     assert code == 503 and doc["status"] == "unhealthy" and doc["why"].startswith("database failing for 31 s")
     monkeypatch.setattr(mod, "check_db", lambda: "ok")
-    assert mod.health()[0] == 200
+    assert mod.work_out_health()[0] == 200
     monkeypatch.setattr(mod, "check_db", lambda: "error: OperationalError (connection refused)")
-    code, doc = mod.health()
+    code, doc = mod.work_out_health()
     assert code == 503 and doc["why"] == "the local DB writer refuses connections"
+
+
+def test_the_health_check_answers_from_the_thread_and_a_hung_round_degrades_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check from the LB (1 s) is answered from the health thread's latest verdict; a
+    round hung on a backend is "degraded" after HEALTH_HUNG_S and a 503 only once the
+    verdict is DEPENDENCY_GRACE_S old."""
+    mod = load_script("portal_standin.py")
+    clock = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
+    mod._health_started.append(True)  # no thread: the test sets the verdict and its age
+    mod._health_ready.set()
+    assert mod.health() == (503, {"status": "unhealthy", "why": "not checked yet", "service": mod.SERVICE,
+                                  "server": mod.SERVER_ID})
+    ok = (200, {"status": "healthy", "checks": {"redis": "ok", "database": "ok", "slurm": "ok"}})
+    mod._health_cache.update(t=clock[0], value=ok)
+    assert mod.health() == ok
+    clock[0] += mod.HEALTH_HUNG_S + 1
+    code, doc = mod.health()
+    assert code == 200 and doc["status"] == "degraded" and "has run" in doc["note"]
+    clock[0] = 100.0 + mod.DEPENDENCY_GRACE_S + 1
+    code, doc = mod.health()
+    assert code == 503 and "s old" in doc["why"]
 
 
 @pytest.fixture

@@ -326,10 +326,42 @@ def check_slurm() -> str:
     return str(value)
 
 
+HEALTH_HUNG_S = 3.0  # a round still running after this long waits on a hung backend
+_health_ready = threading.Event()
+_health_started: list[bool] = []
+
+
+def _watch_health() -> None:
+    while True:
+        value = work_out_health()
+        with _health_lock:
+            _health_cache.update(t=time.monotonic(), value=value)
+        _health_ready.set()
+        time.sleep(CACHE_S)
+
+
 def health() -> tuple[int, dict[str, Any]]:
+    """The latest verdict of the health thread (a check from the LB, which gives it 1 s,
+    never waits for Redis or the database). A round hung on a backend (a frozen Galera
+    writer holds SELECT 1 for the read time-out) is "degraded" after HEALTH_HUNG_S like any
+    failing shared backend, and a 503 once the verdict is DEPENDENCY_GRACE_S old."""
     with _health_lock:
-        if time.monotonic() - _health_cache["t"] < CACHE_S and _health_cache["value"] is not None:
-            return _health_cache["value"]
+        if not _health_started:
+            threading.Thread(target=_watch_health, daemon=True, name="health").start()
+            _health_started.append(True)
+    _health_ready.wait(5)
+    with _health_lock:
+        value, age = _health_cache["value"], time.monotonic() - _health_cache["t"]
+    if value is None:
+        return 503, {"status": "unhealthy", "why": "not checked yet", "service": SERVICE, "server": SERVER_ID}
+    if age > DEPENDENCY_GRACE_S:
+        return 503, {**value[1], "status": "unhealthy", "why": f"the last verdict is {age:.0f} s old (a backend hangs)"}
+    if age > HEALTH_HUNG_S and value[0] == 200:
+        return 200, {**value[1], "status": "degraded", "note": f"the health round has run {age - CACHE_S:.0f} s"}
+    return value
+
+
+def work_out_health() -> tuple[int, dict[str, Any]]:
     checks = {"redis": check_redis(), "database": check_db(), "slurm": check_slurm()}
     # The LB's check asks "should this server get requests", and every backend shares
     # Redis, the database and the controllers: failing it on a shared dependency takes
@@ -357,8 +389,6 @@ def health() -> tuple[int, dict[str, Any]]:
         value = (503, {"status": "unhealthy", "why": why, **doc})
     else:
         value = (200, {"status": "healthy" if all(v == "ok" for v in checks.values()) else "degraded", **doc})
-    with _health_lock:
-        _health_cache.update(t=time.monotonic(), value=value)
     return value
 
 
