@@ -546,7 +546,7 @@ def test_haproxy_cfg_routes_every_service_path_and_port() -> None:
             assert len(servers) == len(expected)
             assert all(" check" in line for line in servers)
             if svc["sticky"]:
-                assert "cookie SRV insert indirect nocache" in be
+                assert f"cookie SRV_{name} insert indirect nocache" in be
                 assert all(re.search(r" cookie \S+", line) for line in servers)
             if svc["websocket"]:
                 assert "timeout tunnel 1h" in be
@@ -674,10 +674,10 @@ def test_live_portal_haproxy_routes_requests_and_retries_only_idempotent_ones(
     assert routes["/api/jobs"]["xfp"] == "https"
     assert routes["/api/jobs"]["xff"] == "127.0.0.1"
     assert out["post_api"]["status"] == 200 and out["post_api"]["port"] in ports["api"]
-    # websocket upgrade -> ws backend, pinned by the SRV cookie
+    # websocket upgrade -> ws backend, pinned by its own SRV_ws cookie
     assert out["ws_first"]["status"] == 101
     assert out["ws_first"]["port"] in ports["ws"]
-    assert (out["ws_first"]["set_cookie"] or "").startswith("SRV=")
+    assert (out["ws_first"]["set_cookie"] or "").startswith("SRV_ws=")
     assert set(out["ws_sticky_ips"]) == {out["ws_first"]["ip"]}
     # a GET whose server closed without answering is retried, a POST is not
     assert out["drop_get"] == 502 and out["drop_get_hits"] > 1
