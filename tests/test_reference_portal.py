@@ -554,14 +554,12 @@ def test_a_shared_backend_failing_over_degrades_the_check_and_only_a_long_or_loc
     # A round that hangs on a backend (a frozen writer holds SELECT 1 for its read
     # time-out): degraded from HEALTH_HUNG_S, a 503 only once the verdict is stale.
     faults["database"] = None
-    w._started = True  # no thread: the test sets the verdict's age itself
-    w.value, w.at = w.work_out(), clock[0]
-    w.ready.set()
+    w.rounds.set(w.work_out(), at=clock[0])  # no thread: the test sets the verdict's age itself
     tally.check(w.verdict()[0]["status"] == "healthy")
     clock[0] += portal_app.HEALTH_HUNG_S + 1
     doc, code = w.verdict()
     tally.check(code == 200 and doc["status"] == "degraded" and "a backend hangs" in doc["note"], doc)
-    clock[0] = w.at + portal_app.HEALTH_STALE_S + 1
+    clock[0] = w.rounds.at + portal_app.HEALTH_STALE_S + 1
     doc, code = w.verdict()
     tally.check(code == 503 and "s old" in doc["why"], doc)
     tally.expect(12)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from flask import Flask, Response, abort, jsonify, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import slurm
+from .background import Background
 from .db import Database
 from .reconcile import Reconciler
 from .redisha import ERRORS, SentinelMaster, SubmitLock
@@ -80,13 +80,9 @@ class HealthWatcher:
 
     def __init__(self, s: Settings, b: Backends) -> None:
         self.s, self.b = s, b
-        self.value: tuple[dict[str, Any], int] | None = None
-        self.at = 0.0
         self.reached: set[str] = set()  # the backends reached once since start
         self.failing_since: dict[str, float] = {}
-        self.ready = threading.Event()
-        self._lock = threading.Lock()
-        self._started = False
+        self.rounds: Background[tuple[dict[str, Any], int]] = Background(self.work_out, HEALTH_EVERY_S, "health")
 
     def work_out(self) -> tuple[dict[str, Any], int]:
         checks = {"redis": "ok", "database": "ok", "slurm": self.b.slurm.check()}
@@ -117,24 +113,10 @@ class HealthWatcher:
             return {"status": "unhealthy", "why": why, **doc}, 503
         return {"status": "healthy" if all(v == "ok" for v in checks.values()) else "degraded", **doc}, 200
 
-    def _loop(self) -> None:
-        while True:
-            value = self.work_out()
-            with self._lock:
-                self.value, self.at = value, time.monotonic()
-            self.ready.set()
-            time.sleep(HEALTH_EVERY_S)
-
     def verdict(self) -> tuple[dict[str, Any], int]:
-        with self._lock:  # lazily, in the worker process (threads do not survive gunicorn's fork)
-            if not self._started:
-                threading.Thread(target=self._loop, daemon=True, name="health").start()
-                self._started = True
-        self.ready.wait(5)
-        with self._lock:
-            value, age = self.value, time.monotonic() - self.at
+        value, age = self.rounds.latest()
         if value is None:
-            return {"status": "unhealthy", "error": "not checked yet", "service": self.s.service,
+            return {"status": "unhealthy", "why": "not checked yet", "service": self.s.service,
                     "server": self.s.server_id}, 503
         if age > HEALTH_STALE_S:
             return {"status": "unhealthy", "why": f"the last verdict is {age:.0f} s old (a backend hangs)",

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
+
+from .background import Background
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
@@ -138,11 +138,7 @@ class PingWatcher:
     INTERVAL = 15.0
 
     def __init__(self) -> None:
-        self.value: str | None = None
-        self.at = 0.0
-        self.ready = threading.Event()
-        self._started = False
-        self._lock = threading.Lock()
+        self.answers: Background[str] = Background(self.ping, self.INTERVAL, "slurm-ping")
 
     @staticmethod
     def ping() -> str:
@@ -152,20 +148,10 @@ class PingWatcher:
         last = out.strip().splitlines()[-1][-120:] if out.strip() else "-"
         return f"error: no slurmctld answers scontrol ping (rc {rc}: {last})"
 
-    def _loop(self) -> None:
-        while True:
-            self.value, self.at = self.ping(), time.monotonic()
-            self.ready.set()
-            time.sleep(self.INTERVAL)
-
     def check(self) -> str:
-        with self._lock:
-            if not self._started:
-                threading.Thread(target=self._loop, daemon=True, name="slurm-ping").start()
-                self._started = True
-        self.ready.wait(5)
-        if self.value is None:
+        value, age = self.answers.latest()
+        if value is None:
             return "error: Slurm not checked yet"
-        if time.monotonic() - self.at > 4 * self.INTERVAL + 30:
-            return f"error: Slurm check stale ({time.monotonic() - self.at:.0f}s old)"
-        return self.value
+        if age > 4 * self.INTERVAL + 30:
+            return f"error: Slurm check stale ({age:.0f}s old)"
+        return value
