@@ -818,6 +818,26 @@ def test_watch_fences_a_hung_primary_at_slurmctld_timeout_not_after_the_takeover
         assert state_of(w, name) == "running", name
 
 
+@pytest.mark.parametrize("seen_up", [True, False])
+def test_watch_fences_a_young_peer_only_when_it_saw_it_answer(fence_world, caplog, tmp_path, seen_up):
+    """The boot grace spares a peer nobody has seen running yet (a later phase may start
+    it after this controller); a peer the watcher saw answer has been running, however
+    young its instance (measured: the first drill after a boot froze a 269 s old primary
+    and the fence refused it, costing a minute)."""
+    w = fence_world
+    mod = watch_world(w, tmp_path, heartbeat_age_s=300)
+    mod.BOOT_GRACE_S = 300.0  # moto launched the instances just now
+    down = {"slurm-1": "DOWN", "slurm-2": "UP"}
+    answers = iter(([{"slurm-1": "UP", "slurm-2": "UP"}] if seen_up else []) + [down] * 40)
+    mod.ping_states = lambda: next(answers)
+    rc, text = watch_run(w, caplog, 14)
+    assert rc == 0
+    if seen_up:
+        assert state_of(w, "slurm-1") in ("stopping", "stopped"), text
+    else:
+        assert state_of(w, "slurm-1") == "running" and "is booting (running, launched" in text, text
+
+
 @pytest.mark.parametrize(("heartbeat", "here", "ping", "why"), [
     (1.0, True, PING_PRIMARY_DOWN, "someone in control still writes the heartbeat (cut off from here only)"),
     (300.0, False, PING_PRIMARY_DOWN, "no slurmctld here would take control"),
