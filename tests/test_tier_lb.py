@@ -1029,12 +1029,12 @@ def test_dbwriter_has_one_writer_and_the_rest_backup() -> None:
         lst = secs["listen galera_writer"]
         assert f"bind 127.0.0.1:{g['writer_port']}" in lst
         assert "option httpchk GET /" in lst and "http-check expect status 200" in lst
-        assert (f"default-server port {g['clustercheck_port']} inter 1s fall 2 rise 2 "
+        assert (f"default-server port {g['clustercheck_port']} inter 1s fastinter 500ms fall 2 rise 2 "
                 "on-marked-down shutdown-sessions") in lst
         servers = [line.split() for line in lst if line.startswith("server ")]
         assert [s[1] for s in servers] == [n["name"] for n in g["nodes"]]
         assert [s[2] for s in servers] == [f"{n['ip']}:3306" for n in g["nodes"]]
-        assert "backup" not in servers[0] and servers[0][servers[0].index("rise") + 1] == "10"
+        assert "backup" not in servers[0] and servers[0][servers[0].index("rise") + 1] == "20"
         assert all(s[-1] == "backup" for s in servers[1:])
         checked += 1
     assert checked == len(DB_CLIENTS) > 0
@@ -1058,7 +1058,7 @@ def test_live_dbwriter_fails_over_and_back_with_one_writer(haproxy_etc: Path, tm
     assert out["failover_s"] < 10  # fall 2 x inter 1 s
     assert out["backup_sessions_cut"] is True
     assert out["during_stale_synced"] == second  # 3 s of 200 are not enough to move back
-    assert 8 <= out["failback_s"] < 20, out["failback_s"]  # rise 10 x inter 1 s
+    assert 8 <= out["failback_s"] < 20, out["failback_s"]  # rise 20: 1 s to the first pass, then 19 x fastinter 0.5 s
 
 
 def test_dbwriter_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
