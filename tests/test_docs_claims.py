@@ -129,6 +129,8 @@ CLAIMS = [
           setting(*SLURM, r"^SlurmctldTimeout=(\d+)$")),
     Claim("docs/slurm-cutover.md", r"DOWN for `SlurmctldTimeout` \+ (\d+) s", "hpc-slurm-fence WATCH_MARGIN_S",
           setting("prod", "slurm-2", "/usr/local/sbin/hpc-slurm-fence", r"^WATCH_MARGIN_S = (\d+)\.0$")),
+    Claim("docs/rehearsal.md", r"DOWN for `SlurmctldTimeout` \+ (\d+) s", "hpc-slurm-fence WATCH_MARGIN_S",
+          setting("prod", "slurm-2", "/usr/local/sbin/hpc-slurm-fence", r"^WATCH_MARGIN_S = (\d+)\.0$")),
     Claim("README.md", r"`SlurmctldTimeout` (\d+) s", "slurm.ctld_timeout default",
           default(lambda c: c.slurm.ctld_timeout)),
     Claim("docs/rehearsal.md", r"0\.7 × `SlurmctldTimeout` (\d+) s", "slurm.ctld_timeout default",
