@@ -105,7 +105,9 @@ def test_a_host_answering_while_drained_fails(tmp_path: Path, patched: None, mon
     clock = iter(float(x) for x in range(1000, 20000, 10))  # t0 1000, app-1 drained 1010, back 1020
     monkeypatch.setattr(deploy.time, "time", lambda: next(clock))
     # app-1 is out of service from its drain to its put-back; a request it answered in between
-    d.hist = ["1015.0 1015.1 read 1 200 r1 app-1 -", "1015.0 1015.1 read 1 200 r2 app-2 -"]
+    # ... and one it answered once its put-back had begun (ready again on the first LB) is fine
+    d.hist = ["1015.0 1015.1 read 1 200 r1 app-1 -", "1015.0 1015.1 read 1 200 r2 app-2 -",
+              "1021.5 1021.6 read 1 200 r3 app-1 -"]
     res = d.drill_deploy()
     assert res.checks["no_request_to_a_drained_host"] is False and not res.passed, res.checks
     assert any("1 requests answered by a host while it was out" in n for n in res.notes)

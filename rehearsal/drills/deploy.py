@@ -189,11 +189,15 @@ class DeployDrills(DrillBase):
                     cmd = plan["commands"][name]
                     if kind == "gate-ready":  # the new instance's id, as the Output resolves it
                         cmd = re.sub(r"--instance-id \S+", f"--instance-id {new_ids[host]}", cmd)
+                    if kind == "lb-ready" and host in out_of_service:
+                        # Out of service until the put-back begins: it makes the host
+                        # ready on one LB after the other, and from the first it serves
+                        # (measured: every request counted against the drain in the
+                        # first run was answered during the put-back).
+                        out_of_service[host].append(time.time())
                     rc, out = self.program_command(cmd)
                     if kind == "lb-drain":
                         out_of_service[host] = [time.time()]
-                    elif kind == "lb-ready" and host in out_of_service:
-                        out_of_service[host].append(time.time())
                 observed.append(name)
                 if rc != 0:
                     failed = f"{name}: exit {rc}: {out.strip()[-400:]}"
