@@ -59,6 +59,7 @@ class FakeDeploy(deploy.DeployDrills):
 
     def program_command(self, cmd: str, timeout: float = 0) -> tuple[int, str]:
         self.ran.append(cmd)
+        deploy.time.time()  # a command takes time: one tick of a test's clock
         return (1, "gate failed: host app-2 check portal") if self.fail and self.fail in cmd else (0, "ok")
 
 
@@ -102,15 +103,21 @@ def test_a_failed_gate_stops_the_deploy_before_the_next_host(tmp_path: Path, pat
 
 def test_a_host_answering_while_drained_fails(tmp_path: Path, patched: None, monkeypatch: pytest.MonkeyPatch) -> None:
     d = FakeDeploy(tmp_path, PLAN)
-    clock = iter(float(x) for x in range(1000, 20000, 10))  # t0 1000, app-1 drained 1010, back 1020
-    monkeypatch.setattr(deploy.time, "time", lambda: next(clock))
-    # app-1 is out of service from its drain to its put-back; a request it answered in between
-    # ... and one it answered once its put-back had begun (ready again on the first LB) is fine
-    d.hist = ["1015.0 1015.1 read 1 200 r1 app-1 -", "1015.0 1015.1 read 1 200 r2 app-2 -",
-              "1021.5 1021.6 read 1 200 r3 app-1 -"]
+    ticks: list[float] = []
+
+    def clock() -> float:
+        ticks.append(1000.0 + 10 * len(ticks))
+        return ticks[-1]
+    monkeypatch.setattr(deploy.time, "time", clock)
+    # t0 1000; app-1's drain runs 1010 and it is out from 1020; its gate runs 1030; its
+    # put-back begins 1040 and runs 1050. A request it answered while out fails the
+    # check; one it answered once the put-back had begun (ready on the first LB) does not.
+    d.hist = ["1025.0 1025.1 read 1 200 r1 app-1 -", "1025.0 1025.1 read 1 200 r2 app-2 -",
+              "1045.0 1045.1 read 1 200 r3 app-1 -"]
     res = d.drill_deploy()
+    assert ticks[:6] == [1000.0, 1010.0, 1020.0, 1030.0, 1040.0, 1050.0]
     assert res.checks["no_request_to_a_drained_host"] is False and not res.passed, res.checks
-    assert any("1 requests answered by a host while it was out" in n for n in res.notes)
+    assert any("1 requests answered by a host while it was out" in n for n in res.notes), res.notes
 
 
 def test_a_plan_that_is_not_a_replacement_by_pulumi_up_is_refused(tmp_path: Path, patched: None) -> None:
