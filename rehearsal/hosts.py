@@ -223,8 +223,11 @@ def put_file(layout: Layout, host: str, name: str, data: bytes) -> str:
 
 
 def _cloud_init_status(text: str) -> str:
-    """The `status:` of `cloud-init status --long`."""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("status:")), "unknown")
+    """The `status:` of `cloud-init status --long`. With --wait it prints a dot per poll
+    first; cloud-init 22.4 ends them with a line break, 25.x (Debian 13) does not
+    ("....status: done", measured), so the dots are skipped."""
+    return next((line.lstrip(".").split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.lstrip(".").startswith("status:")), "unknown")
 
 
 def _failed_units(layout: Layout, host: str) -> list[str]:

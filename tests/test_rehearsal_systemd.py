@@ -125,3 +125,14 @@ def test_the_drills_operations_are_systemctls(monkeypatch: pytest.MonkeyPatch) -
     assert ran[-1] == ["systemctl", "start", "redis-server.service"]
     with pytest.raises(HS.HostError, match="unknown operation"):
         HS.call(layout, "data-1", {"op": "nope"})
+
+
+def test_cloud_init_status_is_read_with_or_without_a_line_break_after_the_wait_dots() -> None:
+    """`cloud-init status --wait --long` prints a dot per poll: 22.4 (Debian 12) ends
+    them with a line break, 25.x (Debian 13) writes "status:" right after them (the first
+    OS=debian-13 boot reported every host's cloud-init as "unknown")."""
+    old = "......\nstatus: done\nextended_status: done\n"
+    new = "..........status: done\nextended_status: done\n"
+    assert HS._cloud_init_status(old) == HS._cloud_init_status(new) == "done"
+    assert HS._cloud_init_status("....status: error\n") == "error"
+    assert HS._cloud_init_status("nothing here\n") == "unknown"
