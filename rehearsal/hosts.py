@@ -264,13 +264,17 @@ def host_state(layout: Layout, host: str) -> dict[str, Any]:
     _rc, system = run(layout, host, ["systemctl", "is-system-running"], timeout=30)
     _rc, ci = run(layout, host, ["cloud-init", "status", "--long"], timeout=30)
     status = _cloud_init_status(ci)
-    errors = [line.strip() for line in ci.splitlines() if line.strip().startswith("(")]
+    # 22.4 lists each error as "('module', Error(...))"; 25.x as "\t- ('module', ...)" with
+    # its own summary lines ("- Failed to obtain gpg key ...") around them.
+    errors = [e for e in (line.strip().removeprefix("- ") for line in ci.splitlines()) if e.startswith("(")]
     accepted = [name for name, (module, text) in ACCEPTED_CLOUD_INIT_ERRORS.items()
                 if any(module in e and text in e for e in errors)]
     unexplained = [e for e in errors if not any(m in e and t in e for m, t in ACCEPTED_CLOUD_INIT_ERRORS.values())]
     units = _failed_units(layout, host)
-    # cloud-init's own error marks cloud-config.service failed: accepted with it.
-    units_left = [u for u in units if not (accepted and not unexplained and u == "cloud-config.service")]
+    # cloud-init's own error marks cloud-config.service failed (25.x: cloud-init-main.service
+    # too, measured on Debian 13): accepted with it.
+    units_left = [u for u in units if not (accepted and not unexplained
+                                           and u in ("cloud-config.service", "cloud-init-main.service"))]
     ok = (status == "done" or (status == "error" and accepted and not unexplained)) and not units_left and \
         system.strip() in ("running", "degraded")
     return {"systemd": system.strip(), "cloud_init": status, "failed_units": units, "accepted": accepted,

@@ -136,3 +136,28 @@ def test_cloud_init_status_is_read_with_or_without_a_line_break_after_the_wait_d
     assert HS._cloud_init_status(old) == HS._cloud_init_status(new) == "done"
     assert HS._cloud_init_status("....status: error\n") == "error"
     assert HS._cloud_init_status("nothing here\n") == "unknown"
+
+
+@pytest.mark.parametrize(("status", "units"), [
+    # cloud-init 22.4 (Debian 12)
+    ("status: error\nerrors:\n  ('apt-configure', ValueError(\"Failed to import key "
+     "'B53AE77BADB630A683046005963FA27710458545' from keyserver 'keyserver.ubuntu.com' after 3 tries\"))\n",
+     ["cloud-config.service"]),
+    # cloud-init 25.x (Debian 13, measured): tab-dash items, summary lines, and one more failed unit
+    ("status: error\nerrors:\n\t- ('apt-configure', ValueError(\"Failed to import key "
+     "'B53AE77BADB630A683046005963FA27710458545' from keyserver 'keyserver.ubuntu.com' after 3 tries\"))\n"
+     "\t- Failed due to systemd unit failure.\nERROR:\n\t- Failed to obtain gpg key B53AE77BADB630A683046005963FA27710458545\n",
+     ["cloud-config.service", "cloud-init-main.service"]),
+])
+def test_the_accepted_grafana_key_error_is_named_on_both_cloud_init_versions(
+        monkeypatch: pytest.MonkeyPatch, status: str, units: list[str]) -> None:
+    answers = {"systemctl": "degraded\n", "cloud-init": status}
+    monkeypatch.setattr(HS, "run", lambda layout, host, argv, timeout=0: (0, answers[argv[0]]))
+    monkeypatch.setattr(HS, "_failed_units", lambda layout, host: units)
+    st = HS.host_state(None, "mon-1")  # type: ignore[arg-type]
+    assert st["ok"] and st["accepted"] == ["apt-configure: Grafana's key from keyserver.ubuntu.com"], st
+    assert st["errors"] == []
+    # ... and any other error is not accepted
+    answers["cloud-init"] = status + "\t- ('runcmd', RuntimeError('boom'))\n"
+    st = HS.host_state(None, "mon-1")  # type: ignore[arg-type]
+    assert not st["ok"] and st["errors"] == ["('runcmd', RuntimeError('boom'))"], st
