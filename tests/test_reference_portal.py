@@ -537,7 +537,7 @@ def test_a_shared_backend_failing_over_degrades_the_check_and_only_a_long_or_loc
     for dt in (0.0, 10.0, portal_app.DEPENDENCY_GRACE_S):
         clock[0] = 1000.0 + dt
         doc, code = w.work_out()
-        tally.check(code == 200 and doc["status"] == "degraded", (dt, doc))
+        tally.check(code == 200 and doc["status"] == "degraded", f"{dt}: {doc}")
     clock[0] += 1.0
     doc, code = w.work_out()
     tally.check(code == 503 and doc["why"].startswith("redis failing for 31 s"), doc)
