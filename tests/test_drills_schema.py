@@ -244,3 +244,34 @@ def test_the_load_keeps_cookies_and_resends_once_on_a_connection_closed_while_id
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_job_read_back_waits_for_squeue_and_adds_sacct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only squeue knows an unfinished job's request id (sacct gets the comment with the
+    completion record): a read-back during a controller hand-back (29 s on Slurm 24.11)
+    fell back to sacct alone and called every unfinished job lost. It now waits for
+    squeue, and gives up (None: read-back failed) only after its deadline."""
+    from types import SimpleNamespace
+
+    from rehearsal.drills import base as B
+
+    d = B.DrillBase.__new__(B.DrillBase)
+    d.layout = SimpleNamespace(topo=SimpleNamespace(role_hosts={"app": ["app-1", "app-3"]}))  # type: ignore[assignment]
+    answers = {"squeue": [(1, "slurm_load_jobs error: Unable to contact slurm controller")] * 2
+               + [(0, "11|req-a\n12|req-b\n")], "sacct": [(0, "7|req-old\n11|\n")]}
+    asked: list[tuple[str, str]] = []
+
+    def run(host: str, cmd: str, timeout: float = 0) -> tuple[int, str]:
+        tool = cmd.split()[0]
+        asked.append((host, tool))
+        return answers[tool].pop(0) if len(answers[tool]) > 1 else answers[tool][0]
+
+    clock = [1000.0]
+    monkeypatch.setattr(d, "run", run, raising=False)
+    monkeypatch.setattr(B.time, "time", lambda: clock[0])
+    monkeypatch.setattr(B.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    found = d.jobs_by_request_id()
+    assert found == {"req-a": {"11"}, "req-b": {"12"}, "req-old": {"7"}}
+    assert [t for _, t in asked] == ["squeue", "squeue", "squeue", "sacct"] and {h for h, _ in asked} == {"app-3"}
+    answers["squeue"] = [(1, "no controller")]
+    assert d.jobs_by_request_id(wait_s=30) is None

@@ -45,6 +45,7 @@ KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
 SETTLE_S = 45.0  # after a thaw or a heal: how long the invariants may take to hold again
 MIN_WINDOW_S = 15.0  # the shortest fault window of a drill under _under_load
+READ_BACK_WAIT_S = 90.0  # how long the job read-back waits for squeue (a controller in charge)
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
 ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
@@ -328,7 +329,7 @@ class DrillBase:
         if job_hist:
             found = self.jobs_by_request_id()
             if found is None:
-                res.notes.append("job read-back failed: neither squeue nor sacct answered")
+                res.notes.append(f"job read-back failed: squeue did not answer within {READ_BACK_WAIT_S:.0f} s")
                 res.checks["read_back"] = False
                 kinds["jobs"]["lost"] = len({h[5] for h in job_hist if h[3]})
             else:
@@ -370,22 +371,31 @@ class DrillBase:
                 return {p[0]: (p[1], p[2]) for p in (line.split("\t") for line in out.splitlines()) if len(p) == 3}
         return {}
 
-    def jobs_by_request_id(self) -> dict[str, set[str]] | None:
+    def jobs_by_request_id(self, wait_s: float = READ_BACK_WAIT_S) -> dict[str, set[str]] | None:
         """request id (the job's comment) -> job ids, from squeue (every job slurmctld
-        holds) and sacct (every job accounting has), asked on an app host."""
+        holds) and sacct (every job accounting has), asked on an app host; None when
+        squeue does not answer within `wait_s`.
+
+        squeue must answer: it is the only one that knows an unfinished job's request id
+        (sacct gets the comment with the job's completion record). A read-back while no
+        controller is in charge fell back to sacct alone and called every unfinished job
+        lost (measured on Slurm 24.11: a 29 s hand-back when the primary takes control
+        back), so it waits for squeue."""
         app = self.layout.topo.role_hosts["app"][-1]
         out: dict[str, set[str]] = {}
-        ok = False
-        for cmd, sep in (("squeue --noheader --states=all -o '%i|%k'", "|"),
-                         ("sacct --noheader --parsable2 --allusers --allocations --starttime=now-1days "
-                          "--format=JobID,Comment", "|")):
-            rc, text = self.run(app, cmd + " 2>/dev/null", timeout=60)
-            if rc != 0:
-                continue
-            ok = True
-            for job, comment in parse_jobs(text, sep):
-                out.setdefault(comment, set()).add(job)
-        return out if ok else None
+        deadline = time.time() + wait_s
+        while True:
+            rc, text = self.run(app, "squeue --noheader --states=all -o '%i|%k' 2>/dev/null", timeout=60)
+            if rc == 0:
+                break
+            if time.time() >= deadline:
+                return None
+            time.sleep(3)
+        rc2, text2 = self.run(app, "sacct --noheader --parsable2 --allusers --allocations --starttime=now-1days "
+                                   "--format=JobID,Comment 2>/dev/null", timeout=60)
+        for job, comment in parse_jobs(text, "|") + (parse_jobs(text2, "|") if rc2 == 0 else []):
+            out.setdefault(comment, set()).add(job)
+        return out
 
     def cancel_jobs(self, jobs: list[str]) -> None:
         app = self.layout.topo.role_hosts["app"][-1]
