@@ -75,7 +75,9 @@ class FakeImds:
                 imds.log.append(("GET", self.path, has_token))
                 if not has_token:
                     return self._send(401)
-                inst = imds.instances[imds.current]
+                inst = imds.instances.get(imds.current)
+                if inst is None:  # no instance is asking: an answer, not a dropped connection
+                    return self._send(404)
                 prefix = "/latest/meta-data/"
                 paths = {
                     "instance-id": inst["instance_id"],
@@ -387,12 +389,17 @@ def test_endpoint_and_imds_overrides_reach_a_moto_server(takeover: ModuleType, i
         server.stop()
 
 
-def test_steps_are_logged_to_syslog(takeover: ModuleType, aws: dict[str, Any], tmp_path: Path) -> None:
+def test_steps_are_logged_to_syslog(takeover: ModuleType, imds: FakeImds, aws: dict[str, Any], tmp_path: Path) -> None:
     sock_path = tmp_path / "log.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(2)
     setattr(takeover, "SYSLOG_SOCKET", str(sock_path))  # noqa: B010 - a module attribute mypy cannot see
+    # The host has an identity (the BACKUP notification reads it): a failing metadata
+    # service would log a warning per retry, and more datagrams than the socket queues
+    # (net.unix.max_dgram_qlen, 10 here) block the sender while nothing reads: the
+    # suite hung here once.
+    imds.current = "A"
     try:
         assert run(takeover, aws, "--reason", "backup") == 0
         messages = [sock.recv(4096).decode() for _ in range(2)]
