@@ -50,7 +50,7 @@ SERVER_ID = os.environ.get("SERVER_ID", socket.gethostname())
 DB_NAME = os.environ.get("DB_NAME", "portal_api")
 HEALTH = os.environ.get("HEALTH_PATH", "/health")
 SESSION_TTL = 8 * 3600
-CACHE_S = 1.0
+HEALTH_EVERY_S = 1.0  # the health thread works the verdict out this often (as the reference portal)
 
 
 def secret(env_name: str, file_var: str) -> str:
@@ -337,7 +337,7 @@ def _watch_health() -> None:
         with _health_lock:
             _health_cache.update(t=time.monotonic(), value=value)
         _health_ready.set()
-        time.sleep(CACHE_S)
+        time.sleep(HEALTH_EVERY_S)
 
 
 def health() -> tuple[int, dict[str, Any]]:
@@ -357,7 +357,7 @@ def health() -> tuple[int, dict[str, Any]]:
     if age > DEPENDENCY_GRACE_S:
         return 503, {**value[1], "status": "unhealthy", "why": f"the last verdict is {age:.0f} s old (a backend hangs)"}
     if age > HEALTH_HUNG_S and value[0] == 200:
-        return 200, {**value[1], "status": "degraded", "note": f"the health round has run {age - CACHE_S:.0f} s"}
+        return 200, {**value[1], "status": "degraded", "note": f"the health round has run {age - HEALTH_EVERY_S:.0f} s"}
     return value
 
 
