@@ -206,7 +206,10 @@ class Db:
         if c is None:
             c = pymysql.connect(host=os.environ.get("DB_HOST", "127.0.0.1"), port=int(os.environ.get("DB_PORT", "3306")),
                                 user=os.environ.get("DB_USER", "portal"), password=self.password, database=DB_NAME,
-                                connect_timeout=2, read_timeout=5, write_timeout=5, autocommit=True)
+                                connect_timeout=2, read_timeout=5, write_timeout=5, autocommit=True,
+                                # No TLS on MariaDB here; spares PyMySQL 1.1+'s per-connect TLS
+                                # context (see the reference portal's portal/db.py).
+                                ssl_disabled=True)
             self.local.c = c
         return c
 

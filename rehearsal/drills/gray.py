@@ -30,6 +30,8 @@ DETECT_S = {
     "app": 2.0,     # the LB's HAProxy check of a web/app host: inter 1s fall 2 (timeout check 1s)
 }
 FREEZE_S = {"lb": 10.0, "redis": 12.0, "galera": 15.0, "app": 10.0}
+FAILBACK_S = 60.0  # the preferred Galera writer takes the writes back within this of Synced
+AFTER_FAILBACK_S = 5.0  # the load goes on this long after the failback
 BACK_IN_SERVICE_S = 30.0  # a thawed app host answers the load again within this
 SLURM_FREEZE_MAX_S = 120.0  # the primary stays paused until fenced, or this long
 SHORT_PAUSE = 0.7  # no-false-failover: a pause of this fraction of the detection time
@@ -191,13 +193,21 @@ class GrayDrills(DrillBase):
         def after(res: Result) -> None:
             synced = all(self.wait_synced(n, len(data), 240) for n in data)
             res.checks["cluster_synced"] = synced
-            def one_writer() -> bool:
+            def back_on_writer() -> bool:
+                # The frozen node was the preferred writer (the first Synced one in the
+                # DB writers' order, galera_writer()): once Synced and past its
+                # `rise`, every DB writer moves the writes back to it and cuts the
+                # sessions on the backup. That failback is part of this fault's cost,
+                # so the load runs through it (the window used to close before it).
                 seen = self.writers_seen()  # one probe of every DB client per check
-                return len(set(seen.values())) == 1 and None not in seen.values()
+                return set(seen.values()) == {self.galera_writer()}
 
-            t = self.settle(one_writer)
+            t = self.settle(back_on_writer, FAILBACK_S * max(1.0, self.ceiling)) if synced else None
             res.checks["one_writer_behind_every_dbwriter"] = t is not None
-            res.notes.append(f"after the thaw: writers {self.writers_seen()}")
+            res.notes.append(f"after the thaw: writers {self.writers_seen()}"
+                             f"{'' if t is None else f', all on the preferred writer {t}s after the cluster was Synced'}")
+            if t is not None:
+                time.sleep(AFTER_FAILBACK_S)  # what the cut sessions' reconnects cost, measured
 
         res = self._freeze("freeze-galera", writer, FREEZE_S["galera"], TARGETS["galera"]["kinds"],
                            TARGETS["galera"]["rto"], after, while_frozen)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -135,6 +136,9 @@ def refused(e: BaseException) -> bool:
 
 
 def error(code: int, message: str) -> Response:
+    # A backend failure says why in the journal too: the access log shows only "503 61".
+    if code >= 500:
+        print(f"hpc-portal: {code} {request.method} {request.path}: {message}", file=sys.stderr, flush=True)
     r = jsonify({"error": message})
     r.status_code = code
     return r
