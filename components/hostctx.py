@@ -140,7 +140,11 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
         "slurm": {
             "cluster_name": cfg.slurm.cluster_name,
             "controllers": [_brief(h) for h in ctl_hosts],
-            "slurmdbd_host": _brief(ctl_hosts[0]),
+            # The active slurmdbd lives with the BACKUP controller, the standby with the
+            # primary: a takeover then never waits on a service of the host it replaces
+            # (docs/slurm-cutover.md, "slurmdbd on the backup controller").
+            "slurmdbd_host": _brief(ctl_hosts[-1]),
+            "slurmdbd_standby": _brief(ctl_hosts[0]) if len(ctl_hosts) > 1 else None,
             "state_dir": "/slurm/state",
             "nodes": [dict(n) for n in cfg.slurm.nodes],
             "partitions": [dict(p) for p in cfg.slurm.partitions],

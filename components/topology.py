@@ -117,7 +117,8 @@ def build_topology(cfg: StackConfig) -> Topology:
         endpoints[f"sentinel-{i}.{d}"] = by_name[n].ip
     for i, n in enumerate(role_hosts["slurm"], 1):
         endpoints[f"slurmctld-{i}.{d}"] = by_name[n].ip
-    endpoints[f"slurmdbd.{d}"] = by_name[role_hosts["slurm"][0]].ip
+    # The active slurmdbd: on the backup controller (the last one), see hostctx.py.
+    endpoints[f"slurmdbd.{d}"] = by_name[role_hosts["slurm"][-1]].ip
     mon = by_name[role_hosts["monitoring"][0]]
     for alias in ("loghost", "prometheus", "alertmanager", "grafana"):
         endpoints[f"{alias}.{d}"] = mon.ip

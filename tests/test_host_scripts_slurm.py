@@ -371,7 +371,7 @@ def boot_env(tmp_path: Path, ctx: dict[str, Any], password: str) -> tuple[Path, 
         "HPC_SECRETS_DIR": str(secrets), "HPC_SLURMDBD_BASE": str(base),
         "HPC_SLURMDBD_CONF": str(tmp_path / "etc-slurm" / "slurmdbd.conf"), "HPC_SLURMDBD_OWNER": "root:root",
         "HPC_SLURM_READY": str(tmp_path / "ready"), "HPC_SYSTEMCTL": str(tmp_path / "systemctl"),
-        "HPC_MUNGE_KEY_CMD": str(tmp_path / "munge-key"), "HPC_PRIMARY_DBD_WAIT": "0",
+        "HPC_MUNGE_KEY_CMD": str(tmp_path / "munge-key"), "HPC_ACTIVE_DBD_WAIT": "0",
     }
 
 
@@ -415,7 +415,7 @@ def test_slurmdbd_conf_refuses_passwords_it_cannot_hold(tmp_path, password):
 @pytest.mark.parametrize("position,expect,absent", [
     ("primary", ["systemctl enable slurmdbd.service", "systemctl restart slurmdbd.service",
                  "systemctl start --no-block slurmctld.service", "systemctl enable --now hpc-slurm-metrics.timer"], []),
-    # slurmdbd runs on both controllers (standby on the backup: DbdBackupHost).
+    # slurmdbd runs on both controllers (active on the backup, standby on the primary).
     ("backup", ["systemctl enable slurmdbd.service", "systemctl restart slurmdbd.service",
                 "systemctl start --no-block slurmctld.service"], []),
     ("none", ["munge-key ", "systemctl start munge.service"], ["slurmdbd", "slurmctld", "metrics"]),
@@ -436,32 +436,34 @@ def test_boot_starts_what_the_host_runs(tmp_path, position, expect, absent):
         assert "restart" not in (tmp_path / "calls.log").read_text()
 
 
-def test_the_backups_slurmdbd_starts_after_the_primarys_answers(tmp_path):
+def test_the_standby_slurmdbd_starts_after_the_active_one_answers(tmp_path):
     """Two slurmdbds creating the schema of a new database at once leave its TRES table
-    short and slurmctld refuses to start: the backup waits for the primary's port."""
+    short and slurmctld refuses to start: the standby's host (the primary controller)
+    waits for the active one's port (on the backup controller)."""
     import socket
     import threading
     import time
 
-    script, env = boot_env(tmp_path, slurm_host("prod", "backup"), "pw")
+    script, env = boot_env(tmp_path, slurm_host("prod", "primary"), "pw")
+    assert "DBD_ROLE=standby" in script.read_text()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = Path(env["HPC_SLURMDBD_BASE"])
     text = re.sub(r"(?m)^DbdAddr=.*$", "DbdAddr=127.0.0.1", base.read_text())
     base.write_text(re.sub(r"(?m)^DbdPort=.*$", f"DbdPort={port}", text))
-    env["HPC_PRIMARY_DBD_WAIT"] = "60"
+    env["HPC_ACTIVE_DBD_WAIT"] = "60"
     opened: list[float] = []
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
-    def primary_comes_up() -> None:
+    def active_comes_up() -> None:
         time.sleep(4)
         listener.bind(("127.0.0.1", port))
         listener.listen()
         opened.append(time.monotonic())
 
-    t = threading.Thread(target=primary_comes_up)
+    t = threading.Thread(target=active_comes_up)
     t0 = time.monotonic()
     t.start()
     try:
@@ -471,11 +473,11 @@ def test_the_backups_slurmdbd_starts_after_the_primarys_answers(tmp_path):
         listener.close()
     done = time.monotonic()
     assert r.returncode == 0, r.stderr
-    assert opened and opened[0] - t0 >= 3.5 and done >= opened[0], "the backup's slurmdbd waited for the primary's"
+    assert opened and opened[0] - t0 >= 3.5 and done >= opened[0], "the standby slurmdbd waited for the active one"
     assert "systemctl restart slurmdbd.service" in (tmp_path / "calls.log").read_text().splitlines()
     # Nobody answers: it starts its own after the wait, and says why.
     (tmp_path / "calls.log").unlink()
-    env["HPC_PRIMARY_DBD_WAIT"] = "2"
+    env["HPC_ACTIVE_DBD_WAIT"] = "2"
     r = run(["bash", str(script)], env)
     assert r.returncode == 0 and "did not answer within 2s" in r.stderr, r.stderr
     assert "systemctl start slurmdbd.service" in (tmp_path / "calls.log").read_text()

@@ -171,7 +171,8 @@ def test_slurm_conf_has_one_line_per_controller_and_the_contract_values():
         backup = [line for line in lines if line.startswith("AccountingStorageBackupHost=")]
         fence = [line for line in lines if line.startswith("SlurmctldPrimaryOnProg=")]
         if len(s["controllers"]) == 2:
-            assert backup == [f"AccountingStorageBackupHost={s['controllers'][1]['name']}.{ctx['domain']}"]
+            # the standby slurmdbd, on the primary controller
+            assert backup == [f"AccountingStorageBackupHost={s['controllers'][0]['name']}.{ctx['domain']}"]
             assert fence == ["SlurmctldPrimaryOnProg=/usr/local/sbin/hpc-slurm-fence"]
         else:  # a single controller has no peer to fence and no standby slurmdbd
             assert backup == [] and fence == []
@@ -180,15 +181,19 @@ def test_slurm_conf_has_one_line_per_controller_and_the_contract_values():
 
 
 def test_slurmdbd_conf_names_the_active_and_the_standby_slurmdbd():
-    """DbdHost is the primary controller, DbdBackupHost the backup; the standby reaches
-    the active one at DbdAddr, an address (short names do not resolve in the VPC)."""
+    """DbdHost is the backup controller (the only one on a one-controller stack),
+    DbdBackupHost the primary: a backup taking control must not wait on a slurmdbd on the
+    host it replaces. The standby reaches the active one at DbdAddr, an address (short
+    names do not resolve in the VPC); slurmdbd.<domain> is the active one's address."""
     checked = 0
     for stack, name, ctx, text in rendered("slurm/slurmdbd.conf"):
         ctls = ctx["slurm"]["controllers"]
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-        assert f"DbdHost={ctls[0]['name']}" in lines and f"DbdAddr={ctls[0]['ip']}" in lines, f"{stack}/{name}"
+        active = ctls[-1]
+        assert f"DbdHost={active['name']}" in lines and f"DbdAddr={active['ip']}" in lines, f"{stack}/{name}"
+        assert ctx["endpoints"][f"slurmdbd.{ctx['domain']}"] == active["ip"], f"{stack}/{name}"
         backup = [line for line in lines if line.startswith("DbdBackupHost=")]
-        assert backup == ([f"DbdBackupHost={ctls[1]['name']}"] if len(ctls) == 2 else []), f"{stack}/{name}"
+        assert backup == ([f"DbdBackupHost={ctls[0]['name']}"] if len(ctls) == 2 else []), f"{stack}/{name}"
         # The standby notices a dead active one only when its idle connection breaks:
         # TCP keepalive within ~11 s (slurmdbd's own 30 s took 118 s in the slurm-host drill).
         keep = [line for line in lines if line.startswith("CommunicationParameters=")]
@@ -287,19 +292,24 @@ with open(sys.argv[2], "ab", buffering=0) as f:
             "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw_sql'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
     }
 
-    if [ "$HPC_T_ROLE" = primary ]; then
+    # This host's slurmdbd: the active one (DbdHost: the backup controller, or the only
+    # one) or the standby (DbdBackupHost: the primary of two).
+    if [ "$HPC_T_DBD" = active ]; then
         start_mariadb
         HPC_SLURMDBD_BASE="$W/slurmdbd.conf.base" bash "$W/hpc-slurm-boot" slurmdbd-conf
         stat -c 'slurmdbd.conf %U:%G %a' /etc/slurm/slurmdbd.conf
+        grep -qx "DbdHost=$(hostname)" /etc/slurm/slurmdbd.conf && echo "RESULT dbd-host-is-me"
         slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
         wait_for "$W/slurmdbd.log" 'slurmdbd version .* started' 30 $!
         echo "RESULT slurmdbd-started"
-    elif [ "$HPC_T_ROLE" = backup ] && [ "$HPC_T_DBD_BACKUP" = yes ]; then
+    elif [ "$HPC_T_DBD" = standby ]; then
         # The standby slurmdbd knows itself as DbdBackupHost. It never creates or converts
         # the accounting schema (the active one does), so on an empty database it exits
         # (systemd restarts it: hpc-restart.conf) ...
         start_mariadb
         HPC_SLURMDBD_BASE="$W/slurmdbd.conf.base" bash "$W/hpc-slurm-boot" slurmdbd-conf
+        stat -c 'slurmdbd.conf %U:%G %a' /etc/slurm/slurmdbd.conf
+        grep -qx "DbdBackupHost=$(hostname)" /etc/slurm/slurmdbd.conf && echo "RESULT dbd-backup-host-is-me"
         if timeout 30 slurmdbd -D >"$W/slurmdbd-empty.log" 2>&1; then :; fi
         grep -q 'Unable to initialize accounting_storage/mysql' "$W/slurmdbd-empty.log" && echo "RESULT standby-waits-for-schema"
         # ... until the active one has created it (done here by a slurmdbd that takes
@@ -312,9 +322,19 @@ with open(sys.argv[2], "ab", buffering=0) as f:
         wait_for "$W/slurmdbd-init.log" 'slurmdbd version .* started' 30 $init
         kill $init && wait $init || true
         cp -p "$W/slurmdbd.conf.standby" /etc/slurm/slurmdbd.conf
-        slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
-        wait_for "$W/slurmdbd.log" 'slurmdbd running in background mode' 30 $!
+        slurmdbd -D >"$W/slurmdbd-standby.log" 2>&1 &
+        standby=$!
+        wait_for "$W/slurmdbd-standby.log" 'slurmdbd running in background mode' 30 $standby
         echo "RESULT slurmdbd-standby"
+        if [ "$HPC_T_ROLE" = primary ]; then
+            # The active slurmdbd is on the other controller, which is not in this
+            # namespace: the primary slurmctld below needs one, so this host stands in
+            # for it (slurmdbd.<domain> resolves to this host here).
+            kill $standby && wait $standby || true
+            sed -i -e "s/^DbdHost=.*/DbdHost=$(hostname)/" -e '/^DbdBackupHost=/d' /etc/slurm/slurmdbd.conf
+            slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
+            wait_for "$W/slurmdbd.log" 'slurmdbd version .* started' 30 $!
+        fi
     fi
 
     guard_args=(--state-dir /slurm/state --slurm-user slurm --first-init-record "$W/first-init")
@@ -424,6 +444,10 @@ class Controller:
         (self.work / "portal_check.py").write_text(PORTAL_CHECK)
         hosts = {h["name"]: h["ip"] for h in self.ctx["hosts"]}
         hosts.update(self.ctx["endpoints"])  # the private zone's names (slurmdbd.<domain>, ...)
+        if self.role == "primary" and self.dbd_role() == "standby":
+            # The driver makes this host's slurmdbd stand in for the active one (on the
+            # backup controller, not in this namespace).
+            hosts[f"slurmdbd.{self.ctx['domain']}"] = self.ctx["host"]["ip"]
         # Compute nodes get addresses too: slurmctld resolves them at startup.
         for n in s["nodes"]:
             expanded = subprocess.run(["scontrol", "show", "hostnames", n["NodeName"]],
@@ -441,7 +465,7 @@ class Controller:
                    str(self.work / "etc-munge"): "/etc/munge", str(sbin): "/usr/local/sbin"},
             env={"HPC_T_WORK": str(self.work), "HPC_T_SCRIPTS": str(SCRIPTS), "HPC_T_ROLE": self.role,
                  "HPC_SLURMDBD_OWNER": "slurm:slurm",
-                 "HPC_T_DBD_BACKUP": "yes" if len(s["controllers"]) > 1 else "no",
+                 "HPC_T_DBD": self.dbd_role(),
                  "HPC_T_FENCE": "yes" if len(s["controllers"]) > 1 else "no",
                  # jobs are accepted only with real compute nodes configured
                  "HPC_T_PORTAL": "yes" if s["nodes"] else "no",
@@ -451,6 +475,13 @@ class Controller:
                  "PYTHONPATH": str(SCRIPTS), "HPC_IMDS_URL": "http://127.0.0.1:1"},
             timeout=120,
         )
+
+    def dbd_role(self) -> str:
+        """This host's slurmdbd as the context says: active, standby or none."""
+        s, me = self.ctx["slurm"], self.ctx["host"]["name"]
+        if s["slurmdbd_standby"] and s["slurmdbd_standby"]["name"] == me:
+            return "standby"
+        return "active" if s["slurmdbd_host"]["name"] == me else "none"
 
     def log(self, name: str) -> str:
         p = self.work / name
@@ -471,8 +502,11 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
         ctxs = {n: with_compute_nodes(c) for n, c in ctxs.items()}
         ctls = [(n, ctxs[n]) for n, _ in ctls]
     primary_name, primary_ctx = ctls[0]
-    # slurmdbd.conf names the primary as the active slurmdbd, the backup as the standby.
-    assert f"DbdHost={primary_name}\n" in render_template("slurm/slurmdbd.conf", primary_ctx)
+    # slurmdbd.conf names the backup controller (the last) as the active slurmdbd, the
+    # primary as the standby.
+    dbd = render_template("slurm/slurmdbd.conf", primary_ctx)
+    assert f"DbdHost={ctls[-1][0]}\n" in dbd
+    assert (f"DbdBackupHost={primary_name}\n" in dbd) == (len(ctls) == 2)
     started = 0
     for i, (name, ctx) in enumerate(ctls):
         slurm_conf = render_template("slurm/slurm.conf", ctxs[name])
@@ -480,10 +514,18 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
         try:
             r = c.run(state_mountpoint)
             detail = f"{stack}/{name}\n{r.stdout}\n{r.stderr}\nslurmctld:\n{c.log('slurmctld.log')}"
-            if i == 0:
+            assert "slurmdbd.conf slurm:slurm 600" in r.stdout, detail
+            if c.dbd_role() == "active":
                 detail += f"\nslurmdbd:\n{c.log('slurmdbd.log')}"
+                assert "RESULT dbd-host-is-me" in r.stdout, detail
                 assert "RESULT slurmdbd-started" in r.stdout, detail
-                assert "slurmdbd.conf slurm:slurm 600" in r.stdout, detail
+            else:
+                detail += f"\nslurmdbd:\n{c.log('slurmdbd-empty.log')}\n{c.log('slurmdbd-standby.log')}"
+                assert c.dbd_role() == "standby" and i == 0 and len(ctls) == 2, detail
+                assert "RESULT dbd-backup-host-is-me" in r.stdout, detail
+                assert "RESULT standby-waits-for-schema" in r.stdout, detail
+                assert "RESULT slurmdbd-standby" in r.stdout, detail
+            if i == 0:
                 assert "RESULT primary" in r.stdout, detail
                 assert "RESULT guard-refused" not in r.stdout, detail
                 assert (c.work / "state" / ".hpc-slurm-state").is_file(), "the guard wrote no marker"
@@ -515,10 +557,6 @@ def test_controllers_start_with_the_rendered_configs(stack, nodes, state_mountpo
                             "is silent: fencing it") in r.stdout, detail
                     assert "instance metadata unavailable, cannot tell this instance from the peer" in r.stdout, detail
             else:
-                if len(ctls) > 1:
-                    detail += f"\nslurmdbd:\n{c.log('slurmdbd-empty.log')}\n{c.log('slurmdbd.log')}"
-                    assert "RESULT standby-waits-for-schema" in r.stdout, detail
-                    assert "RESULT slurmdbd-standby" in r.stdout, detail
                 # A backup on an uninitialised state directory is refused by the guard;
                 # here the directory is the backup's own empty one, so that is expected.
                 assert "RESULT guard-refused" in r.stdout, detail
