@@ -930,7 +930,7 @@ def test_sentinel_fails_over_after_2s_because_redis_never_stalls_that_long() -> 
             assert f"\n{line}\n" in conf, (name, line)
 
 
-def test_isolated_redis_master_refuses_writes_within_3s_but_not_while_replicas_ack_each_second() -> None:
+def test_isolated_redis_master_refuses_writes_within_4s_but_not_while_replicas_ack_each_second() -> None:
     for _stack, name, ctx in all_data_hosts():
         conf = render_template("data/redis.conf", ctx)
         if len(ctx["redis"]["nodes"]) == 1:
@@ -938,7 +938,9 @@ def test_isolated_redis_master_refuses_writes_within_3s_but_not_while_replicas_a
             continue
         lag = int(re.search(r"^min-replicas-max-lag (\d+)$", conf, re.M).group(1))  # type: ignore[union-attr]
         assert "\nmin-replicas-to-write 1\n" in conf
-        assert lag + 1 <= 3, name  # isolated master: refuses after max-lag + the 1 s recount
+        # isolated master: refuses after max-lag, whole seconds (+1), and the 1 s recount (+1);
+        # the drills' documented session window (rehearsal/drills/base.py) ends there
+        assert lag + 2 <= 4, name
         assert lag >= 2, name  # replicas ack every second: an ack age of 1 s is normal
 
 

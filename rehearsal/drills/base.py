@@ -49,11 +49,16 @@ READ_BACK_WAIT_S = 90.0  # how long the job read-back waits for squeue (a contro
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
 ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
-# Sessions an isolated or killed Redis master acknowledged but had not replicated:
-# min-replicas-max-lag (2 s, counted in whole seconds against once-a-second replica
-# acks) + 1 s, from the fault on; a session acknowledged up to 1 s before the fault may
-# still be in flight to the replicas when the master dies (asynchronous replication).
-SESSION_WINDOW_S = (-1.0, 3.0)
+# Sessions an isolated or killed Redis master acknowledged but had not replicated, from
+# the fault on: min-replicas-max-lag (2 s) + 2 s. Redis counts the lag in whole seconds
+# (its clock's second minus the second of the replica's last ack, acks once a second) and
+# recounts the good replicas once a second (replicationCron), so an isolated master
+# takes writes for up to max-lag + 2 s: the full run of 2026-12-02 saw sessions
+# acknowledged 3.1-3.7 s after the cut (the window was max-lag + 1 s before; a max-lag of
+# 1 would refuse writes whenever an ack is 1.1 s old across a second boundary). A session
+# acknowledged up to 1 s before the fault may still be in flight to the replicas when
+# the master dies (asynchronous replication).
+SESSION_WINDOW_S = (-1.0, 4.0)
 
 # name -> (target RTO s or None, alert names that apply, RTO kinds)
 TARGETS: dict[str, dict[str, Any]] = {
