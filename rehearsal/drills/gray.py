@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import hosts as H
+from .. import netns
 from ..awsd import ops_call
 from ..stack import say
 from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, register, settled_rto
@@ -249,7 +250,11 @@ class GrayDrills(DrillBase):
             froze.setdefault("t0", t0)
             st = self.instance_state(primary)
             if st in ("stopping", "stopped"):
-                # EC2 stopped the instance (Force): its processes end, as on a hypervisor.
+                # EC2 stopped the instance (Force): it vanishes from the network without a
+                # FIN or a reset (link cut first), and its processes end, as on a
+                # hypervisor. Killing alone closed its sockets with resets, which freed
+                # whatever the backup waited on there at once, as AWS never does.
+                netns.set_link(self.layout, primary, False)
                 H.kill(primary)
                 fenced["t"] = time.time() - t0
                 res.fault_effect = (f"{primary} FROZEN; fenced by {backup}'s hpc-slurm-fence (EC2 {st}) "
@@ -279,6 +284,7 @@ class GrayDrills(DrillBase):
 
         def reboot_fenced() -> None:
             if "t" in fenced:  # the operator's restart of a fenced controller (docs/slurm-cutover.md)
+                netns.set_link(self.layout, primary, True)
                 iid = self.deploy["hosts"][primary]["instance_id"]
                 ops_call(self.wd, "ec2", "start_instances", InstanceIds=[iid])
                 self._reboot(primary, ["slurmctld.service"])
