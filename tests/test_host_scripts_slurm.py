@@ -854,6 +854,38 @@ def test_watch_leaves_the_peer_alone(fence_world, caplog, tmp_path, heartbeat, h
     assert state_of(w, "slurm-1") == "running" and w["probes"] == [], why
 
 
+@pytest.mark.parametrize(("runs", "answers_after_s", "restarts"), [
+    (True, None, 1),     # wedged: running, never answers -> one restart at WEDGED_S
+    (True, 60.0, 0),     # a slow hand-back that answers again in time is left alone
+    (False, None, 0),    # not running: systemd's business, nothing to restart
+])
+def test_watch_restarts_its_own_slurmctld_only_when_it_is_wedged(fence_world, caplog, tmp_path, runs,
+                                                                  answers_after_s, restarts):
+    """A backup whose hand-back was interrupted (the primary died again while it
+    relinquished control) stayed running and silent, leaving no controller: the watcher
+    restarts it after WEDGED_S of its own ping saying DOWN, once, and not a slow one."""
+    w = fence_world
+    mod = watch_world(w, tmp_path, heartbeat_age_s=1.0, here=runs)  # the peer is fine: no fencing here
+    calls: list[float] = []
+
+    def restart() -> bool:
+        calls.append(w["clock"][0])
+        return True
+    mod.restart_slurmctld = restart
+
+    def ping() -> dict[str, str]:
+        me_up = answers_after_s is not None and w["clock"][0] >= answers_after_s
+        return {"slurm-1": "UP", "slurm-2": "UP" if me_up else "DOWN"}
+    mod.ping_states = ping
+    rounds = int((mod.WEDGED_S + 10) // mod.WATCH_EVERY_S)
+    rc, text = watch_run(w, caplog, rounds)
+    assert rc == 0 and len(calls) == restarts, text
+    if restarts:
+        assert mod.WEDGED_S <= calls[0] <= mod.WEDGED_S + mod.WATCH_EVERY_S, calls
+        assert "has not answered scontrol ping for 90 s (wedged): restarting it" in text
+    assert state_of(w, "slurm-1") == "running"
+
+
 def test_watch_needs_the_timeout_and_the_state_dir(fence_world, caplog):
     import json as _json
 
