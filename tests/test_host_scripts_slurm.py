@@ -886,6 +886,26 @@ def test_watch_restarts_its_own_slurmctld_only_when_it_is_wedged(fence_world, ca
     assert state_of(w, "slurm-1") == "running"
 
 
+@pytest.mark.parametrize(("writer", "fenced"), [(1, True), (0, False)])
+def test_watch_fences_when_the_fresh_heartbeat_is_its_own(fence_world, caplog, tmp_path, writer, fenced):
+    """A fresh heartbeat written by this host (slurm-2, index 1: its slurmctld already took
+    control) is no sign of the peer: the watcher fences the DOWN peer. One written by the
+    peer (index 0) means the peer is in control and only cut off from here: left alone."""
+    w = fence_world
+    mod = watch_world(w, tmp_path, heartbeat_age_s=1.0)
+    hb = Path(mod.load_config(str(w["cfg"]))["state_dir"]) / "heartbeat"
+    hb.write_bytes(int(time.time()).to_bytes(8, "big") + writer.to_bytes(8, "big"))
+    assert mod.heartbeat_writer(str(hb.parent)) == writer
+    fake_ping(w, PING_PRIMARY_DOWN)
+    rc, text = watch_run(w, caplog, 14)
+    assert rc == 0
+    if fenced:
+        assert state_of(w, "slurm-1") in ("stopping", "stopped"), text
+        assert "heartbeat written by this host (in control), slurmctld runs here: fencing" in text
+    else:
+        assert state_of(w, "slurm-1") == "running" and "watch: slurm-1 DOWN" not in text, text
+
+
 def test_watch_needs_the_timeout_and_the_state_dir(fence_world, caplog):
     import json as _json
 
