@@ -19,7 +19,7 @@ from typing import Any
 from cloud_init.render import RenderedHost, render_host
 
 from .config import StackConfig
-from .topology import Host, Topology
+from .topology import Host, Topology, slurmdbd_placement
 
 # EFS directories, and which roles mount each (the NFS client mounts subdirectories;
 # the access points are for clients that use amazon-efs-utils, which Ubuntu lacks).
@@ -89,6 +89,7 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
     data_hosts = [by_name[n] for n in topo.role_hosts["data"]]
     lb_hosts = [by_name[n] for n in topo.role_hosts["lb"]]
     ctl_hosts = [by_name[n] for n in topo.role_hosts["slurm"]]
+    dbd_active, dbd_standby = slurmdbd_placement(topo.role_hosts["slurm"])
     mon = by_name[topo.role_hosts["monitoring"][0]]
     redis_master = by_name[topo.primaries["redis_master"]]
     services = [
@@ -140,11 +141,8 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
         "slurm": {
             "cluster_name": cfg.slurm.cluster_name,
             "controllers": [_brief(h) for h in ctl_hosts],
-            # The active slurmdbd lives with the BACKUP controller, the standby with the
-            # primary: a takeover then never waits on a service of the host it replaces
-            # (docs/slurm-cutover.md, "slurmdbd on the backup controller").
-            "slurmdbd_host": _brief(ctl_hosts[-1]),
-            "slurmdbd_standby": _brief(ctl_hosts[0]) if len(ctl_hosts) > 1 else None,
+            "slurmdbd_host": _brief(by_name[dbd_active]),
+            "slurmdbd_standby": _brief(by_name[dbd_standby]) if dbd_standby else None,
             "state_dir": "/slurm/state",
             "nodes": [dict(n) for n in cfg.slurm.nodes],
             "partitions": [dict(p) for p in cfg.slurm.partitions],

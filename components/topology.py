@@ -8,6 +8,7 @@ decided in exactly one place.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import ROLES, ConfigError, StackConfig
@@ -57,6 +58,13 @@ class Topology:
 
     def with_role(self, role: str) -> tuple[Host, ...]:
         return tuple(h for h in self.hosts if role in h.roles)
+
+
+def slurmdbd_placement(controllers: Sequence[str]) -> tuple[str, str | None]:
+    """(active slurmdbd, standby slurmdbd or None) among the Slurm controllers: the active
+    one on the backup (the last), the standby on the primary, so a backup taking control
+    never waits on a slurmdbd on the host it replaces (docs/slurm-cutover.md)."""
+    return controllers[-1], (controllers[0] if len(controllers) > 1 else None)
 
 
 def build_topology(cfg: StackConfig) -> Topology:
@@ -117,8 +125,7 @@ def build_topology(cfg: StackConfig) -> Topology:
         endpoints[f"sentinel-{i}.{d}"] = by_name[n].ip
     for i, n in enumerate(role_hosts["slurm"], 1):
         endpoints[f"slurmctld-{i}.{d}"] = by_name[n].ip
-    # The active slurmdbd: on the backup controller (the last one), see hostctx.py.
-    endpoints[f"slurmdbd.{d}"] = by_name[role_hosts["slurm"][-1]].ip
+    endpoints[f"slurmdbd.{d}"] = by_name[slurmdbd_placement(role_hosts["slurm"])[0]].ip
     mon = by_name[role_hosts["monitoring"][0]]
     for alias in ("loghost", "prometheus", "alertmanager", "grafana"):
         endpoints[f"{alias}.{d}"] = mon.ip

@@ -292,6 +292,10 @@ with open(sys.argv[2], "ab", buffering=0) as f:
             "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw_sql'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
     }
 
+    be_the_active_dbd() {  # slurmdbd.conf naming this host the active one (DbdHost), no standby
+        sed -i -e "s/^DbdHost=.*/DbdHost=$(hostname)/" -e '/^DbdBackupHost=/d' /etc/slurm/slurmdbd.conf
+    }
+
     # This host's slurmdbd: the active one (DbdHost: the backup controller, or the only
     # one) or the standby (DbdBackupHost: the primary of two).
     if [ "$HPC_T_DBD" = active ]; then
@@ -316,7 +320,7 @@ with open(sys.argv[2], "ab", buffering=0) as f:
         # this host as its DbdHost for a moment), then it accepts the same file and waits
         # for the active one in standby.
         cp -p /etc/slurm/slurmdbd.conf "$W/slurmdbd.conf.standby"
-        sed -i -e "s/^DbdHost=.*/DbdHost=$(hostname)/" -e '/^DbdBackupHost=/d' /etc/slurm/slurmdbd.conf
+        be_the_active_dbd
         slurmdbd -D >"$W/slurmdbd-init.log" 2>&1 &
         init=$!
         wait_for "$W/slurmdbd-init.log" 'slurmdbd version .* started' 30 $init
@@ -331,7 +335,7 @@ with open(sys.argv[2], "ab", buffering=0) as f:
             # namespace: the primary slurmctld below needs one, so this host stands in
             # for it (slurmdbd.<domain> resolves to this host here).
             kill $standby && wait $standby || true
-            sed -i -e "s/^DbdHost=.*/DbdHost=$(hostname)/" -e '/^DbdBackupHost=/d' /etc/slurm/slurmdbd.conf
+            be_the_active_dbd
             slurmdbd -D >"$W/slurmdbd.log" 2>&1 &
             wait_for "$W/slurmdbd.log" 'slurmdbd version .* started' 30 $!
         fi
