@@ -16,6 +16,7 @@ from rehearsal.drills.base import (
     MIN_ACKED,
     REGISTRY,
     SESSION_WINDOW_S,
+    DrillBase,
     finish,
     history,
     judge_jobs,
@@ -73,6 +74,31 @@ def test_sessions_are_judged_against_the_window_around_the_fault() -> None:
 def test_parse_jobs_reads_squeue_and_sacct() -> None:
     text = "101|rh-job-a\n102|(null)\n103.batch|rh-job-b\n104_3|rh-job-c\nJOBID|COMMENT\n105|\n"
     assert parse_jobs(text) == [("101", "rh-job-a"), ("103", "rh-job-b"), ("104_3", "rh-job-c")]
+
+
+def test_held_and_withdrawn_attempts_are_no_jobs_of_their_request_id() -> None:
+    """The reference portal submits an attempt (held, comment pending/<id>) and releases
+    it once the request id is settled: an attempt still held is reported apart (it must
+    be gone by the read-back's end), one cancelled never ran, a withdrawn one carries
+    withdrawn/<id>; none of them is a job of the request id, in squeue or in accounting.
+    A released attempt is a job, and so is a settled job its user holds."""
+    squeue = ("10|rh-job-a|RUNNING|None\n11|pending/rh-job-a|PENDING|JobHeldUser\n"
+              "12|withdrawn/rh-job-a|CANCELLED|JobHeldUser\n13|pending/rh-job-b|CANCELLED|JobHeldUser\n"
+              "14|(null)|PENDING|None\n15|pending/rh-job-d|PENDING|Resources\n16|rh-job-e|PENDING|JobHeldUser\n")
+    sacct = "10|rh-job-a\n12|withdrawn/rh-job-a\n13|pending/rh-job-b\n9|rh-job-c\n"
+    calls: list[str] = []
+
+    def run(host: str, cmd: str, timeout: float = 0) -> tuple[int, str]:
+        calls.append(host)
+        return 0, squeue if cmd.startswith("squeue") else sacct
+    me = type("Fake", (), {})()
+    me.layout = type("L", (), {"topo": type("T", (), {"role_hosts": {"app": ["app-1", "app-2"]}})()})()
+    me.run = run
+    found = DrillBase.jobs_by_request_id(me)  # type: ignore[arg-type]
+    # 15: released, its rename not done yet; 16: settled, then held by its user
+    assert found == {"rh-job-a": {"10"}, "rh-job-c": {"9"}, "rh-job-d": {"15"}, "rh-job-e": {"16"}}
+    assert me.held_attempts == {"rh-job-a": {"11"}}
+    assert calls == ["app-2", "app-2"]
 
 
 def H(rid: str, ok: bool, job: str = "-") -> tuple[float, float, str, bool, int, str, str, str]:
@@ -258,7 +284,7 @@ def test_the_job_read_back_waits_for_squeue_and_adds_sacct(monkeypatch: pytest.M
     d = B.DrillBase.__new__(B.DrillBase)
     d.layout = SimpleNamespace(topo=SimpleNamespace(role_hosts={"app": ["app-1", "app-3"]}))  # type: ignore[assignment]
     answers = {"squeue": [(1, "slurm_load_jobs error: Unable to contact slurm controller")] * 2
-               + [(0, "11|req-a\n12|req-b\n")], "sacct": [(0, "7|req-old\n11|\n")]}
+               + [(0, "11|req-a|RUNNING|None\n12|req-b|PENDING|Priority\n")], "sacct": [(0, "7|req-old\n11|\n")]}
     asked: list[tuple[str, str]] = []
 
     def run(host: str, cmd: str, timeout: float = 0) -> tuple[int, str]:

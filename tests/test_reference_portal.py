@@ -304,27 +304,44 @@ def opt(name):
         if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return None
-if cmd == "scontrol":
+if cmd == "scontrol" and args[0] == "ping":
     print("Slurmctld(primary) at ctl-1 is UP")
+elif cmd == "scontrol" and args[0] == "release":
+    db["jobs"][args[1]]["held"] = False
+    json.dump(db, open(STATE, "w"))
+elif cmd == "scontrol" and args[0] == "update":
+    kv = dict(a.split("=", 1) for a in args[1:])
+    db["jobs"][kv["JobId"]]["comment"] = kv["Comment"]
+    json.dump(db, open(STATE, "w"))
+elif cmd == "scancel":
+    for job in args:
+        db["jobs"][job]["state"] = "CANCELLED"
+    json.dump(db, open(STATE, "w"))
 elif cmd == "sbatch":
     job = str(db["next"]); db["next"] += 1
-    db["jobs"][job] = {"state": "PENDING", "comment": opt("--comment"), "done": False}
+    db["jobs"][job] = {"state": "PENDING", "comment": opt("--comment"), "done": False, "held": "--hold" in args,
+                       "hidden": os.path.exists(STATE + ".in-flight")}
     json.dump(db, open(STATE, "w"))
+    if os.path.exists(STATE + ".in-flight"):  # still on its way into the controller: unseen, unanswered
+        os.unlink(STATE + ".in-flight")
+        print("sbatch: error: Socket timed out on send/recv operation", file=sys.stderr)
+        sys.exit(1)
     if os.path.exists(STATE + ".lose-answer"):  # queued, but the caller never hears
         os.unlink(STATE + ".lose-answer")
         print("sbatch: error: Socket timed out on send/recv operation", file=sys.stderr)
         sys.exit(1)
     print(job + ";cluster")
 elif cmd == "squeue":
-    fmt, only = opt("-o"), opt("-j")
+    fmt, only, states = opt("-o"), opt("-j"), opt("--states")
     for job, j in db["jobs"].items():
-        if j["done"] or (only and job != only):
+        if j["done"] or j.get("hidden") or (only and job != only) or (states == "PENDING" and j["state"] != "PENDING"):
             continue
-        print(fmt.replace("%i", job).replace("%T", j["state"]).replace("%k", j["comment"] or "(null)"))
+        print(fmt.replace("%i", job).replace("%T", j["state"]).replace("%k", j["comment"] or "(null)")
+                 .replace("%r", "JobHeldUser" if j.get("held") else "None"))
 elif cmd == "sacct":
     fields, only = opt("-o").split(","), opt("-j")
     for job, j in db["jobs"].items():
-        if only and job not in only.split(","):
+        if j.get("hidden") or (only and job not in only.split(",")):
             continue
         print("|".join({"JobID": job, "State": j["state"], "Comment": j["comment"] or ""}[f] for f in fields))
 '''
@@ -340,7 +357,7 @@ def set_job(state_file: Path, job: str, state: str, done: bool = False) -> None:
 def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bindir = tmp_path / "slurm-bin"
     bindir.mkdir()
-    for cmd in ("sbatch", "squeue", "sacct", "scontrol"):
+    for cmd in ("sbatch", "squeue", "sacct", "scontrol", "scancel"):
         p = bindir / cmd
         p.write_text(FAKE_SLURM.replace("PYTHON", sys.executable, 1))
         p.chmod(0o755)
@@ -604,7 +621,7 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     tally.check(again["job_id"] == "100" and again["found_in"] == "sacct", str(again))
     sbatches = [line for line in (fake_slurm.parent / "slurm.json.log").read_text().splitlines()
                 if line.startswith("sbatch")]
-    tally.check(len(sbatches) == 2 and "--comment=req-1" in sbatches[0] and "--comment=req-2" in sbatches[1], str(sbatches))
+    tally.check(len(sbatches) == 2 and "--comment=pending/req-1" in sbatches[0] and "--comment=pending/req-2" in sbatches[1], str(sbatches))
     tally.check(api.get("/api/jobs/100").get_json() == {"job_id": "100", "state": "COMPLETED"})
     tally.check(api.get("/api/jobs/101").get_json() == {"job_id": "101", "state": "PENDING"})
     mine = api.get("/api/jobs").get_json()["jobs"]
@@ -614,6 +631,115 @@ def test_job_submission_is_idempotent_by_request_id(apps: dict[str, Any], fake_s
     tally.check(api.post("/api/jobs", data="name=x", content_type="application/x-www-form-urlencoded").status_code
                 == 415, "a form post (cross-site) is refused")
     tally.expect(13)
+
+
+def fake_jobs(state_file: Path) -> dict[str, dict[str, Any]]:
+    return dict(json.loads(state_file.read_text())["jobs"])
+
+
+def unhide(state_file: Path, job: str) -> None:
+    """The straggler's sbatch reaches the controller at last (a backup taking over works
+    off the requests queued meanwhile)."""
+    db = json.loads(state_file.read_text())
+    db["jobs"][job]["hidden"] = False
+    state_file.write_text(json.dumps(db))
+
+
+def test_a_job_is_submitted_held_and_released_only_once_its_request_id_is_settled(
+        apps: dict[str, Any], fake_slurm: Path, tally: Tally) -> None:
+    """The two phases (portal/slurm.py): every sbatch is --hold; the job the client gets
+    was released by scontrol; an attempt the portal gave up on that turns into a job after
+    its retry settled (the rehearsal's slurm drill: an sbatch killed at the portal's 20 s
+    time-out, created by the backup at 21 s) stays held, never runs, and loses to the
+    released job when the request id is settled again."""
+    api = apps["api"]
+    login(apps)
+    r1 = api.post("/api/jobs", json={"request_id": "req-h1", "name": "a", "seconds": 60}).get_json()
+    jobs = fake_jobs(fake_slurm)
+    tally.check(r1["created"] is True and jobs[r1["job_id"]]["held"] is False, f"{r1} {jobs}")
+    log = (fake_slurm.parent / "slurm.json.log").read_text().splitlines()
+    tally.check(any(x.startswith("sbatch --parsable --hold --comment=pending/req-h1") for x in log)
+                and f"scontrol release {r1['job_id']}" in log and jobs[r1["job_id"]]["comment"] == "req-h1", str(log))
+    # The first attempt is still on its way when the portal gives up on it: 503.
+    (fake_slurm.parent / "slurm.json.in-flight").touch()
+    first = api.post("/api/jobs", json={"request_id": "req-h2", "name": "b", "seconds": 60})
+    tally.check(first.status_code == 503, first.get_json())
+    straggler = max(fake_jobs(fake_slurm), key=int)
+    # The retry finds nothing yet, submits its own attempt and settles on it.
+    retry = api.post("/api/jobs", json={"request_id": "req-h2", "name": "b", "seconds": 60}).get_json()
+    tally.check(retry["created"] is True and retry["job_id"] != straggler, str(retry))
+    unhide(fake_slurm, straggler)
+    jobs = fake_jobs(fake_slurm)
+    tally.check(jobs[straggler]["held"] is True and jobs[retry["job_id"]]["held"] is False,
+                f"the straggler cannot run: {jobs}")
+    tally.check(portal_slurm.queue_states() == {r1["job_id"]: "PENDING", retry["job_id"]: "PENDING"},
+                "a held attempt is no job anyone is told of")
+    # Settling again (a later retry, or the reconciler): the released job answers, the
+    # straggler is renamed out of the request id and cancelled.
+    again = api.post("/api/jobs", json={"request_id": "req-h2", "name": "b", "seconds": 60}).get_json()
+    jobs = fake_jobs(fake_slurm)
+    tally.check(again["job_id"] == retry["job_id"] and again["created"] is False, str(again))
+    tally.check(jobs[straggler]["comment"] == "withdrawn/req-h2" and jobs[straggler]["state"] == "CANCELLED",
+                str(jobs[straggler]))
+    tally.check(portal_slurm.queue_request_ids().get("req-h2") == retry["job_id"], "one job answers req-h2")
+    # Two held attempts and no released job (both answers lost): the lowest id wins.
+    for _ in range(2):
+        (fake_slurm.parent / "slurm.json.lose-answer").touch()
+        portal_slurm.run(["sbatch", "--parsable", "--hold", "--comment=pending/req-h3", "--wrap=sleep 1"])
+    low, high = sorted((j for j, x in fake_jobs(fake_slurm).items() if x["comment"] == "pending/req-h3"), key=int)
+    won = api.post("/api/jobs", json={"request_id": "req-h3", "name": "c", "seconds": 60}).get_json()
+    jobs = fake_jobs(fake_slurm)
+    tally.check(won["job_id"] == low and not jobs[low]["held"] and jobs[high]["state"] == "CANCELLED",
+                f"{won} {jobs}")
+    tally.expect(10)
+
+
+@pytest.mark.daemons
+def test_the_reconciler_withdraws_held_attempts_nobody_settled_and_leaves_a_retry_alone(
+        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally) -> None:
+    """A straggler next to a released job is withdrawn after HELD_MIN_S; a lone held
+    attempt (its client gave up) after ORPHAN_S, not before; a request id whose
+    submission lock a client holds is left to that client; a job renamed but not
+    cancelled is cancelled."""
+    from portal import reconcile
+
+    b = Backends(settings("api", lab, db_ready))
+    login(apps)
+    b.db.query("DELETE FROM portal_jobs")
+    (fake_slurm.parent / "slurm.json.in-flight").touch()
+    apps["api"].post("/api/jobs", json={"request_id": "req-s1", "name": "a", "seconds": 60})
+    straggler = max(fake_jobs(fake_slurm), key=int)
+    ok = apps["api"].post("/api/jobs", json={"request_id": "req-s1", "name": "a", "seconds": 60}).get_json()
+    unhide(fake_slurm, straggler)
+    (fake_slurm.parent / "slurm.json.lose-answer").touch()
+    orphan = apps["api"].post("/api/jobs", json={"request_id": "req-s2", "name": "b", "seconds": 60})
+    orphan_job = max(fake_jobs(fake_slurm), key=int)
+    tally.check(orphan.status_code == 503 and fake_jobs(fake_slurm)[orphan_job]["held"], "a lone held attempt")
+    rec = reconcile.Reconciler(b)
+    t0 = 1000.0
+    tally.check(rec.settle_held(now=t0) == [], "first seen now: too young")
+    tally.check(rec.settle_held(now=t0 + reconcile.HELD_MIN_S - 1) == [], "younger than HELD_MIN_S")
+    done = rec.settle_held(now=t0 + reconcile.HELD_MIN_S)
+    jobs = fake_jobs(fake_slurm)
+    tally.check(done == [("req-s1", straggler)] and jobs[straggler]["state"] == "CANCELLED"
+                and jobs[ok["job_id"]]["state"] == "PENDING" and not jobs[ok["job_id"]]["held"], f"{done} {jobs}")
+    tally.check(jobs[orphan_job]["held"] and jobs[orphan_job]["state"] == "PENDING", "the lone one waits ORPHAN_S")
+    master(lab).set("portal:submit:req-s2", "a-client", ex=30)
+    tally.check(rec.settle_held(now=t0 + reconcile.ORPHAN_S) == [], "locked: a client's retry is settling it")
+    master(lab).delete("portal:submit:req-s2")
+    tally.check(rec.settle_held(now=t0 + reconcile.ORPHAN_S) == [("req-s2", orphan_job)], "withdrawn")
+    jobs = fake_jobs(fake_slurm)
+    tally.check(jobs[orphan_job]["comment"] == "withdrawn/req-s2" and jobs[orphan_job]["state"] == "CANCELLED",
+                str(jobs[orphan_job]))
+    # A later retry of req-s2 submits afresh: the withdrawn attempt is no answer.
+    again = apps["api"].post("/api/jobs", json={"request_id": "req-s2", "name": "b", "seconds": 60}).get_json()
+    tally.check(again["created"] is True and again["job_id"] != orphan_job, str(again))
+    # A withdraw interrupted after its rename: the next pass cancels the job.
+    portal_slurm.run(["sbatch", "--parsable", "--hold", "--comment=withdrawn/req-s3", "--wrap=sleep 1"])
+    renamed = max(fake_jobs(fake_slurm), key=int)
+    rec.settle_held(now=t0 + 2 * reconcile.ORPHAN_S)
+    tally.check(fake_jobs(fake_slurm)[renamed]["state"] == "CANCELLED", "renamed, then cancelled")
+    tally.expect(10)
 
 
 @pytest.mark.daemons
@@ -675,7 +801,7 @@ def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
     done = rec.once()
     tally.check(len(done) == 1 and done[0][:2] == ("req-lost", lost["job_id"]), str(done))
     new = done[0][2] if done else "?"
-    tally.check("--comment=req-lost" in sbatches()[-1] and "--job-name=c" in sbatches()[-1]
+    tally.check("--comment=pending/req-lost" in sbatches()[-1] and "--job-name=c" in sbatches()[-1]
                 and "sleep 30" in sbatches()[-1], sbatches()[-1])
     _n, rows = b.db.query("SELECT job_id, resubmitted_from FROM portal_jobs WHERE request_id = 'req-lost'")
     tally.check(rows == [(new, lost["job_id"])], str(rows))
@@ -1156,7 +1282,8 @@ backend be_api
     tally.check(len(jobs) >= 5, f"jobs acknowledged: {jobs}")
     sbatch = (fake_slurm.parent / (fake_slurm.name + ".log")).read_text()
     for rid in jobs:
-        tally.check(f"--comment={rid}" in sbatch or f"--comment {rid}" in sbatch, f"{rid} not an sbatch comment")
+        tally.check(f"--comment=pending/{rid}" in sbatch and f"Comment={rid}" in sbatch,
+                    f"{rid}: not submitted as an attempt and settled under its request id")
     refused = [h for h in hist if h[2] == "job" and h[4] == 401]
     tally.check(len(refused) == fig["forced_relogins"], f"every 401 led to a re-login: {refused}")
     # Outside the websocket's own restart and the forced logout, nothing failed.

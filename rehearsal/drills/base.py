@@ -46,6 +46,11 @@ MIN_ACKED = 500
 SETTLE_S = 45.0  # after a thaw or a heal: how long the invariants may take to hold again
 MIN_WINDOW_S = 15.0  # the shortest fault window of a drill under _under_load
 READ_BACK_WAIT_S = 90.0  # how long the job read-back waits for squeue (a controller in charge)
+# How long the job read-back gives the reference portal's reconciler when a job is lost
+# or a held attempt is unsettled: ORPHAN_S 60 s + two passes of 10 s + the leader's lease
+# (examples/reference-portal/app/portal/reconcile.py).
+SETTLE_WAIT_S = 100.0
+ATTEMPT, WITHDRAWN = "pending/", "withdrawn/"  # comment prefixes of its two-phase submission (portal/slurm.py)
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
 ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
@@ -164,6 +169,7 @@ class DrillBase:
         self.deploy = json.loads((self.wd / "deploy.json").read_text())
         self._secrets: dict[str, str] = {}
         self.effect: str | None = None  # what a drill's inject() observed of its fault
+        self.held_attempts: dict[str, set[str]] = {}  # the last job read-back's, see jobs_by_request_id
 
     def killed(self, *hosts: str) -> None:
         """After kill -9 of whole hosts: the effect when none of their processes is left."""
@@ -333,6 +339,14 @@ class DrillBase:
         job_hist = [h for h in hist if h[2] == "job"]
         if job_hist:
             found = self.jobs_by_request_id()
+            tried = {h[5] for h in job_hist}
+            deadline = time.time() + SETTLE_WAIT_S
+            while found is not None and self.portal_reconciles():
+                j = judge_jobs(job_hist, found, self.resubmitted_jobs())
+                if not (j["lost"] or tried & set(self.held_attempts)) or time.time() >= deadline:
+                    break
+                time.sleep(5)  # the reconciler submits lost jobs again and withdraws held attempts
+                found = self.jobs_by_request_id()
             if found is None:
                 res.notes.append(f"job read-back failed: squeue did not answer within {READ_BACK_WAIT_S:.0f} s")
                 res.checks["read_back"] = False
@@ -340,6 +354,11 @@ class DrillBase:
             else:
                 j = judge_jobs(job_hist, found, self.resubmitted_jobs())
                 kinds["jobs"].update(j)
+                unsettled = {rid: jobs for rid, jobs in self.held_attempts.items() if rid in tried}
+                res.checks["held_attempts_settled"] = not unsettled
+                if unsettled:
+                    res.notes.append(f"held attempts nobody settled after {SETTLE_WAIT_S:.0f} s (they cannot run): "
+                                     + ", ".join(f"{rid} {sorted(jobs)}" for rid, jobs in sorted(unsettled.items())[:5]))
                 if j.get("resubmitted"):
                     res.notes.append(f"{j['resubmitted']} acknowledged jobs a controller crash lost were submitted "
                                      "again by the portal's reconciler (same request id, new job id)")
@@ -349,7 +368,7 @@ class DrillBase:
                         f"{rid} (job {job}, acked {time.strftime('%H:%M:%S', time.gmtime(t))}"
                         f"{f', {t - res.fault_window[0]:+.1f}s from the fault' if res.fault_window else ''})"
                         for rid, job, t in lost[:5]))
-                self.cancel_jobs(sorted({x for rid in {h[5] for h in job_hist} for x in found.get(rid, set())}))
+                self.cancel_jobs(sorted({x for rid in tried for x in found.get(rid, set()) | unsettled.get(rid, set())}))
         res.lost_writes = sum(k["lost"] for k in kinds.values())
         res.duplicates = sum(k["duplicated"] for k in kinds.values())
         res.ghost_jobs = kinds["jobs"]["ghost"]
@@ -357,6 +376,12 @@ class DrillBase:
         if res.fault_window:
             a, b = res.fault_window
             res.acked_in_fault_window = sum(1 for h in hist if h[2] in WRITE_KINDS and h[3] and a <= h[1] <= b)
+
+    def portal_reconciles(self) -> bool:
+        """Whether the portal keeps a job journal and reconciles (the reference portal:
+        its api service has a database; the stand-in has none)."""
+        api = next((svc for svc in self.layout.cfg.services if svc.name == "api"), None)
+        return bool(api is not None and api.db)
 
     def resubmitted_jobs(self) -> dict[str, tuple[str, str]]:
         """request id -> (lost job id, new job id): what the portal's reconciler submitted
@@ -379,7 +404,12 @@ class DrillBase:
     def jobs_by_request_id(self, wait_s: float = READ_BACK_WAIT_S) -> dict[str, set[str]] | None:
         """request id (the job's comment) -> job ids, from squeue (every job slurmctld
         holds) and sacct (every job accounting has), asked on an app host; None when
-        squeue does not answer within `wait_s`.
+        squeue does not answer within `wait_s`. Held attempts (the reference portal's
+        two-phase submission: `sbatch --hold`, released once the request id is settled)
+        are no jobs: they cannot run and nobody was told of them; they go to
+        `self.held_attempts` (request id -> job ids) and must be gone by the read-back's
+        end. Withdrawn attempts carry a withdrawn/<request id> comment and count for no
+        request id.
 
         squeue must answer: it is the only one that knows an unfinished job's request id
         (sacct gets the comment with the job's completion record). A read-back while no
@@ -388,9 +418,10 @@ class DrillBase:
         back), so it waits for squeue."""
         app = self.layout.topo.role_hosts["app"][-1]
         out: dict[str, set[str]] = {}
+        self.held_attempts = {}
         deadline = time.time() + wait_s
         while True:
-            rc, text = self.run(app, "squeue --noheader --states=all -o '%i|%k' 2>/dev/null", timeout=60)
+            rc, text = self.run(app, "squeue --noheader --states=all -o '%i|%k|%T|%r' 2>/dev/null", timeout=60)
             if rc == 0:
                 break
             if time.time() >= deadline:
@@ -398,8 +429,10 @@ class DrillBase:
             time.sleep(3)
         rc2, text2 = self.run(app, "sacct --noheader --parsable2 --allusers --allocations --starttime=now-1days "
                                    "--format=JobID,Comment 2>/dev/null", timeout=60)
-        for job, comment in parse_jobs(text, "|") + (parse_jobs(text2, "|") if rc2 == 0 else []):
-            out.setdefault(comment, set()).add(job)
+        queued, self.held_attempts, not_jobs = read_queue(text)
+        for job, comment in queued + (parse_jobs(text2, "|") if rc2 == 0 else []):
+            if job not in not_jobs:
+                out.setdefault(comment.removeprefix(ATTEMPT), set()).add(job)
         return out
 
     def cancel_jobs(self, jobs: list[str]) -> None:
@@ -732,6 +765,31 @@ def parse_jobs(text: str, sep: str = "|") -> list[tuple[str, str]]:
         if job.split("_")[0].isdigit() and comment and comment not in ("(null)", "N/A"):
             out.append((job, comment))
     return out
+
+
+def read_queue(text: str) -> tuple[list[tuple[str, str]], dict[str, set[str]], set[str]]:
+    """squeue -o '%i|%k|%T|%r' lines, as the reference portal's two-phase submission
+    leaves them (its portal/slurm.py): ((job id, comment) of every job, {request id: held
+    attempts}, the job ids that are no job of any request id). An attempt carries
+    pending/<request id>: still held and pending, it is waiting to be settled; cancelled,
+    it never ran; otherwise it was released (its rename to the request id not done yet)
+    and is a job. A withdrawn attempt (withdrawn/<request id>) is no job."""
+    jobs: list[tuple[str, str]] = []
+    held: dict[str, set[str]] = {}
+    not_jobs: set[str] = set()
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != 4:
+            continue
+        job, comment, state, reason = parts[0].split(".")[0], parts[1], parts[2], parts[3]
+        if comment.startswith(WITHDRAWN) or (comment.startswith(ATTEMPT) and state == "CANCELLED"):
+            not_jobs.add(job)
+        elif comment.startswith(ATTEMPT) and state == "PENDING" and reason in ("JobHeldUser", "JobHeldAdmin"):
+            not_jobs.add(job)
+            held.setdefault(comment.removeprefix(ATTEMPT), set()).add(job)
+        else:
+            jobs.extend(parse_jobs(f"{job}|{comment.removeprefix(ATTEMPT)}", "|"))
+    return jobs, held, not_jobs
 
 
 def judge_jobs(job_hist: list[History], found: dict[str, set[str]],

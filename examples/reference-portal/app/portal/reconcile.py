@@ -18,6 +18,13 @@ on Galera: on three nodes before the answer), so:
 
 sacct is not asked: a lost job's submit record may have reached slurmdbd and stay there
 PENDING forever, although no controller will ever run it.
+
+It also settles held attempts (slurm.py's two phases) that no submission settled: a
+straggler sbatch that became a job after its retry had settled the request id, or an
+attempt whose client gave up. Seen held for HELD_MIN_S while another job answers its
+request id: withdrawn. Held alone for ORPHAN_S: withdrawn too (its client was never
+told of a job, so it must not run; a later retry submits afresh). Both under the
+request id's submission lock, so a client's retry in progress is left alone.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -37,6 +45,8 @@ if TYPE_CHECKING:
 INTERVAL_S = 10.0
 MIN_AGE_S = 15   # younger: its submission may still be on its way into squeue
 MAX_AGE_S = 240  # older: it may have ended and left squeue (MinJobAge 300 s)
+HELD_MIN_S = 15  # a held attempt seen for less may be a submission between its two phases
+ORPHAN_S = 60    # a held attempt alone this long: its client gave up
 
 
 def log(msg: str) -> None:
@@ -51,6 +61,7 @@ class Reconciler:
         self.stop = threading.Event()
         self._started = False
         self._lock = threading.Lock()
+        self.seen: dict[str, float] = {}  # held attempt -> when this process first saw it held
 
     def start(self) -> None:
         """Lazily, in the worker process (gunicorn forks after import)."""
@@ -63,8 +74,46 @@ class Reconciler:
         ttl = int(3 * INTERVAL_S * 1000)
         return bool(self.b.redis.call(lambda r: r.eval(LEAD, 1, self.key, self.me, ttl)))
 
+    def settle_held(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Held attempts nobody settled, withdrawn; returns (request id, job id) each.
+        SlurmError when squeue fails."""
+        now = time.monotonic() if now is None else now
+        jobs = slurm.queued_jobs()
+        waiting = {j.job_id: j for j in jobs if j.waiting}
+        self.seen = {job: self.seen.get(job, now) for job in waiting}
+        released = {j.request_id for j in jobs if j.job}
+        for rid in sorted({j.request_id for j in jobs if j.job and j.attempt}):
+            with SubmitLock(self.b.redis, rid, self.me) as mine:
+                if mine:  # released, not renamed yet (a settle interrupted): finished
+                    slurm.settle(rid)
+        done = []
+        for rid in sorted({j.request_id for j in waiting.values()}):
+            oldest = max(now - self.seen[job] for job, j in waiting.items() if j.request_id == rid)
+            if not (rid in released and oldest >= HELD_MIN_S or oldest >= ORPHAN_S):
+                continue
+            with SubmitLock(self.b.redis, rid, self.me) as mine:
+                if not mine:
+                    continue  # a client's retry is settling it right now
+                now_held = [j.job_id for j in slurm.queued_jobs() if j.request_id == rid and j.waiting]
+                if rid in released:  # a released job answers: settle withdraws every held attempt
+                    winner = slurm.settle(rid)
+                    done += [(rid, job) for job in now_held if job != winner]
+                    continue
+                for job in now_held:  # looked again under the lock: a retry may have released one
+                    if now - self.seen.get(job, now) >= ORPHAN_S:
+                        slurm.withdraw(rid, job)
+                        done.append((rid, job))
+        for job in slurm.withdrawn_waiting():  # renamed, not cancelled: an interrupted withdraw
+            slurm.cancel_withdrawn(job)
+        for rid, job in done:
+            log(f"request {rid}: held attempt {job} withdrawn "
+                f"({'another job answers the request' if rid in released else 'its client gave up'})")
+        return done
+
     def once(self) -> list[tuple[str, str, str]]:
-        """One pass; returns (request id, lost job id, new job id) per job submitted again."""
+        """One pass: held attempts settled (settle_held), then lost jobs submitted again;
+        returns (request id, lost job id, new job id) per job submitted again."""
+        self.settle_held()
         _n, rows = self.b.db.query(
             "SELECT request_id, job_id, name, seconds FROM portal_jobs "
             "WHERE created < NOW(6) - INTERVAL %s SECOND AND created > NOW(6) - INTERVAL %s SECOND",
@@ -81,7 +130,8 @@ class Reconciler:
                     continue  # a client's retry is submitting it right now
                 if rid in slurm.queue_request_ids():  # submitted between the look and the lock
                     continue
-                new = slurm.sbatch(rid, name, int(seconds))
+                slurm.sbatch(rid, name, int(seconds))  # an attempt, then settled: the two phases
+                new = slurm.settle(rid) or "?"
                 self.b.db.query("UPDATE portal_jobs SET job_id = %s, resubmitted_from = %s "
                                 "WHERE request_id = %s AND job_id = %s", (new, job, rid, job))
                 log(f"request {rid}: job {job} is unknown to the controller in charge (lost with its "

@@ -2,17 +2,35 @@
 munge on the app host do the rest, and a controller failover is Slurm's business.
 
 Idempotent submission: the portal's request id goes into the job's comment
-(`sbatch --comment=<request id>`, as the stand-in portal does; slurm.conf keeps it in accounting with
-AccountingStoreFlags=job_comment). A retry after a time-out (sbatch may have queued the
-job before the answer was lost) first looks the id up with squeue, then sacct, and
-submits only if neither knows it. Concurrent retries of one id are serialised by the
-caller (a short Redis lock), not here."""
+(`sbatch --comment=<request id>`, as the stand-in portal does; slurm.conf keeps it in
+accounting with AccountingStoreFlags=job_comment). Looking the id up before submitting
+is not enough: an sbatch the portal gave up on (its time-out, a controller taking over)
+may still be in the controller's backlog and become a job after the retry's lookup
+(measured in the rehearsal's `slurm` drill: the first attempt timed out at 20 s, the
+backup took control at 21 s and created it, the retry found nothing and submitted a
+second job). So a submission has two phases:
+
+  1. look the id up (squeue, then sacct); if unknown, submit an attempt: `sbatch --hold
+     --comment=pending/<request id>`: the job exists but cannot run (priority 0);
+  2. settle the id: of the jobs squeue holds for it, the one already released wins,
+     else the lowest job id; every other held attempt is withdrawn (comment
+     withdrawn/<request id>, then scancel), and the winner is released (`scontrol
+     release`, then its comment becomes the request id). Only then does the client get
+     the job id.
+
+An attempt is known by its comment, not by its hold: a user's or an admin's own hold on
+a settled job is theirs. A straggler that arrives after its retry settled stays held, so
+it never runs; the reconciler (reconcile.py) withdraws attempts nobody settled. Both
+prefixes hold a '/', outside REQUEST_ID, so no lookup of a request id takes one for a
+job of it. Concurrent attempts of one id are serialised by the caller (a short Redis
+lock), not here."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from .background import Background
@@ -20,10 +38,38 @@ from .background import Background
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
 TIMEOUT = 20.0
+ATTEMPT = "pending/"      # comment prefix of an attempt not settled yet
+WITHDRAWN = "withdrawn/"  # comment prefix of an attempt that lost
+HOLDS = ("JobHeldUser", "JobHeldAdmin")  # squeue's reasons of a held job (--hold by a user / by root)
 
 
 class SlurmError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    request_id: str
+    state: str
+    reason: str
+    attempt: bool  # its comment is still pending/<request id>
+
+    @property
+    def waiting(self) -> bool:
+        """An attempt still held: not settled, it cannot run."""
+        return self.attempt and self.state == "PENDING" and self.reason in HOLDS
+
+    @property
+    def dead(self) -> bool:
+        """An attempt cancelled before it was released: it never ran."""
+        return self.attempt and self.state == "CANCELLED"
+
+    @property
+    def job(self) -> bool:
+        """A job of its request id: released (an attempt released whose rename did not
+        happen yet included)."""
+        return not (self.waiting or self.dead)
 
 
 def run(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
@@ -34,19 +80,56 @@ def run(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
     return cp.returncode, (cp.stdout + cp.stderr).strip() if cp.returncode else cp.stdout.strip()
 
 
+def _job_key(job_id: str) -> tuple[int, int]:
+    base, _, task = job_id.partition("_")
+    return int(base), int(task or 0)
+
+
+def queued_jobs() -> list[QueuedJob]:
+    """Every job the controller in charge holds whose comment is a portal request id or
+    an attempt for one (squeue --states=all: also those that ended less than MinJobAge
+    ago), in squeue's order. SlurmError when squeue fails: then nothing can be said about
+    a job's absence."""
+    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k|%T|%r"])
+    if rc != 0:
+        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
+    jobs = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != 4 or not JOB_ID.fullmatch(parts[0]):
+            continue
+        job, comment, state, reason = parts
+        attempt = comment.startswith(ATTEMPT)
+        rid = comment[len(ATTEMPT):] if attempt else comment
+        if REQUEST_ID.fullmatch(rid):  # no comment ("(null)"), a withdrawn attempt: skipped
+            jobs.append(QueuedJob(job, rid, state, reason, attempt))
+    return jobs
+
+
+def queue_request_ids() -> dict[str, str]:
+    """{request id: job id} of every job the controller in charge holds, attempts still
+    held included (a retry must not submit while one waits to be settled). SlurmError
+    when squeue fails."""
+    ids: dict[str, str] = {}
+    for j in queued_jobs():
+        if not j.dead:
+            ids.setdefault(j.request_id, j.job_id)
+    return ids
+
+
 def find_by_request_id(request_id: str) -> tuple[str | None, str]:
-    """(the job whose comment is request_id or None, where it was looked up). squeue
+    """(a job whose comment is request_id or None, where it was looked up). squeue
     --states=all first (every job the controller holds, also those that ended less than
     MinJobAge ago), then sacct. A failing squeue raises: nothing may be submitted then (a
     duplicate could follow). A failing sacct (slurmdbd down) only narrows the lookup to
     squeue, so submissions do not stop with accounting."""
     try:
-        held = queue_request_ids()
+        ids = queue_request_ids()
     except SlurmError as e:
         raise SlurmError(f"cannot tell whether request {request_id} was already submitted: {e}; "
                          "retry with the same request id") from e
-    if request_id in held:
-        return held[request_id], "squeue"
+    if request_id in ids:
+        return ids[request_id], "squeue"
     rc, out = run(["sacct", "-n", "-X", "-P", "-a", "-S", "now-7days", "-o", "JobID,Comment"])
     if rc != 0:
         print(f"hpc-portal: sacct failed (rc {rc}), request {request_id} looked up in squeue only: {out[-200:]}",
@@ -61,36 +144,85 @@ def find_by_request_id(request_id: str) -> tuple[str | None, str]:
 
 def submit(request_id: str, name: str, seconds: int) -> dict[str, Any]:
     """The stand-in's answer: {"job_id", "request_id", "created"} (created false: an
-    earlier attempt's job was found, and "found_in" says where)."""
+    earlier attempt's job was found, and "found_in" says where). See the module's
+    docstring for the two phases."""
     found, where = find_by_request_id(request_id)
-    if found:
+    if found and where != "squeue":
         return {"job_id": found, "request_id": request_id, "created": False, "found_in": where}
-    return {"job_id": sbatch(request_id, name, seconds), "request_id": request_id, "created": True}
+    mine = None if found else sbatch(request_id, name, seconds)
+    winner = settle(request_id)
+    if winner is None:  # squeue no longer shows it: cancelled by hand before it was released
+        raise SlurmError(f"request {request_id}: job {mine or found} left the queue before it was released; "
+                         "retry with the same request id")
+    if mine is not None and winner == mine:
+        return {"job_id": winner, "request_id": request_id, "created": True}
+    return {"job_id": winner, "request_id": request_id, "created": False, "found_in": "squeue"}
+
+
+def settle(request_id: str) -> str | None:
+    """Phase 2: the one job of request_id (None if squeue holds none): a released job if
+    there is one (the lowest id), else the lowest held attempt, which is released; every
+    other held attempt is withdrawn. SlurmError when squeue, scontrol or scancel fail
+    (then a retry settles again: every step is repeatable)."""
+    jobs = [j for j in queued_jobs() if j.request_id == request_id and not j.dead]
+    if not jobs:
+        return None
+    released = sorted((j for j in jobs if j.job), key=lambda j: _job_key(j.job_id))
+    waiting = sorted((j for j in jobs if j.waiting), key=lambda j: _job_key(j.job_id))
+    if len(released) > 1:
+        print(f"hpc-portal: request {request_id} has {len(released)} released jobs "
+              f"{[j.job_id for j in released]}: submitted outside the two phases?", file=sys.stderr, flush=True)
+    winner = released[0] if released else waiting[0]
+    for j in waiting:
+        if j is not winner:
+            withdraw(request_id, j.job_id)
+    if winner.waiting:
+        _scontrol(request_id, "release", winner.job_id)
+    if winner.attempt:  # released: its comment becomes the request id
+        _scontrol(request_id, "update", f"JobId={winner.job_id}", f"Comment={request_id}")
+    return winner.job_id
+
+
+def _scontrol(request_id: str, *args: str) -> None:
+    rc, out = run(["scontrol", *args])
+    if rc != 0:
+        raise SlurmError(f"request {request_id}: scontrol {' '.join(args)} failed (rc {rc}): {out[-300:]}; "
+                         "retry with the same request id")
+
+
+def withdraw(request_id: str, job_id: str) -> None:
+    """A held attempt that lost: renamed first (so no lookup of the request id finds it
+    again, in squeue or in accounting), then cancelled. One renamed but not cancelled
+    (scancel failed) is still held: the reconciler cancels it."""
+    _scontrol(request_id, "update", f"JobId={job_id}", f"Comment={WITHDRAWN}{request_id}")
+    cancel_withdrawn(job_id)
+    print(f"hpc-portal: request {request_id}: held attempt {job_id} withdrawn", file=sys.stderr, flush=True)
+
+
+def cancel_withdrawn(job_id: str) -> None:
+    rc, out = run(["scancel", job_id])
+    if rc != 0:
+        raise SlurmError(f"scancel {job_id} failed (rc {rc}): {out[-300:]}")
+
+
+def withdrawn_waiting() -> list[str]:
+    """Jobs renamed withdrawn/... but not cancelled (a withdraw interrupted between its
+    two steps). SlurmError when squeue fails."""
+    rc, out = run(["squeue", "-h", "--states=PENDING", "-o", "%i|%k"])
+    if rc != 0:
+        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
+    return [job.strip() for job, _, comment in (line.partition("|") for line in out.splitlines())
+            if comment.strip().startswith(WITHDRAWN)]
 
 
 def sbatch(request_id: str, name: str, seconds: int) -> str:
-    """Submit, the request id as the job's comment; the job id."""
-    rc, out = run(["sbatch", "--parsable", f"--comment={request_id}", f"--job-name={name}",
+    """Phase 1: submit an attempt (held, comment pending/<request id>); its job id."""
+    rc, out = run(["sbatch", "--parsable", "--hold", f"--comment={ATTEMPT}{request_id}", f"--job-name={name}",
                    "--output=/dev/null", f"--wrap=sleep {seconds}"])
     job = out.split(";")[0].strip()
     if rc != 0 or not JOB_ID.fullmatch(job):
         raise SlurmError(f"sbatch failed (rc {rc}): {out[-300:]}; the job may exist: retry with the same request id")
     return job
-
-
-def queue_request_ids() -> dict[str, str]:
-    """{request id: job id} of every job the controller in charge holds (squeue
-    --states=all: also those that ended less than MinJobAge ago). SlurmError when squeue
-    fails: then nothing can be said about a job's absence."""
-    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%k"])
-    if rc != 0:
-        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
-    held: dict[str, str] = {}
-    for line in out.splitlines():
-        job, _, comment = line.partition("|")
-        if comment.strip() and comment.strip() != "(null)" and job.strip():
-            held.setdefault(comment.strip(), job.strip())  # the first, as squeue lists them
-    return held
 
 
 def job_state(job_id: str) -> str | None:
@@ -104,16 +236,9 @@ def job_state(job_id: str) -> str | None:
 
 
 def queue_states() -> dict[str, str]:
-    """Every job in the queue with a portal request id as its comment: {job id: state}."""
-    rc, out = run(["squeue", "-h", "--states=all", "-o", "%i|%T|%k"])
-    if rc != 0:
-        raise SlurmError(f"squeue failed (rc {rc}): {out[-300:]}")
-    states = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) == 3 and REQUEST_ID.fullmatch(parts[2].strip()) and parts[2].strip() != "(null)":
-            states[parts[0].strip()] = parts[1].strip()
-    return states
+    """Every released job in the queue with a portal request id as its comment: {job id:
+    state} (attempts not settled are no jobs anyone was told of)."""
+    return {j.job_id: j.state for j in queued_jobs() if j.job}
 
 
 def final_states(job_ids: list[str]) -> dict[str, str]:
