@@ -301,3 +301,32 @@ def test_the_job_read_back_waits_for_squeue_and_adds_sacct(monkeypatch: pytest.M
     assert [t for _, t in asked] == ["squeue", "squeue", "squeue", "sacct"] and {h for h, _ in asked} == {"app-3"}
     answers["squeue"] = [(1, "no controller")]
     assert d.jobs_by_request_id(wait_s=30) is None
+
+
+def test_the_portals_job_journal_is_read_through_the_socket_and_a_failure_is_loud() -> None:
+    """The read-back of the reconciler's journal ran `mariadb -uroot -h<ip>` with the
+    database name in backquotes inside double quotes: the shell ran `portal_api` as a
+    command and root has no network login, so every rehearsal read {} and judged each
+    resubmitted job a duplicate (three drills of one run). It asks each data host's
+    MariaDB through its socket, and raises when none answers."""
+    from types import SimpleNamespace
+
+    asked: list[tuple[str, str]] = []
+    answers = {"data-1": (1, "ERROR 2002 (HY000): Can't connect"), "data-2": (0, "rid-a\t11\t12\nbad line\n")}
+
+    def run(host: str, cmd: str, timeout: float = 0) -> tuple[int, str]:
+        asked.append((host, cmd))
+        return answers.get(host, (1, "down"))
+    me = SimpleNamespace(run=run, layout=SimpleNamespace(
+        cfg=SimpleNamespace(services=[SimpleNamespace(name="api", db="portal_api")]),
+        topo=SimpleNamespace(role_hosts={"data": ["data-1", "data-2", "data-3"]})))
+    assert DrillBase.resubmitted_jobs(me) == {"rid-a": ("11", "12")}  # type: ignore[arg-type]
+    assert [h for h, _ in asked] == ["data-1", "data-2"]
+    cmd = asked[-1][1]
+    assert "`" not in cmd and " -h" not in cmd and "MYSQL_PWD" not in cmd and "FROM portal_api.portal_jobs" in cmd
+    answers.clear()
+    with pytest.raises(RuntimeError, match="journal could not be read: data-1: rc 1"):
+        DrillBase.resubmitted_jobs(me)  # type: ignore[arg-type]
+    me.layout.cfg.services[0].db = "portal`api"
+    with pytest.raises(RuntimeError, match="not a plain identifier"):
+        DrillBase.resubmitted_jobs(me)  # type: ignore[arg-type]

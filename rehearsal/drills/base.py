@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from .. import hosts as H
 from ..awsd import ops_call
 from ..layout import EIP_PUBLIC_IP, NS_CLIENT, Layout
+from ..load import RESOLVE_AFTER_STOP_S
 from ..stack import _python, read_state, say, write_state
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: cwd of `python -m rehearsal.load`
@@ -271,7 +272,7 @@ class DrillBase:
             time.sleep(1)
         p.terminate()
         try:
-            p.wait(15)
+            p.wait(RESOLVE_AFTER_STOP_S + 10)  # a job submission in flight is resolved first
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -341,8 +342,16 @@ class DrillBase:
             found = self.jobs_by_request_id()
             tried = {h[5] for h in job_hist}
             deadline = time.time() + SETTLE_WAIT_S
+            journal_error: list[str] = []
+
+            def resubmitted() -> dict[str, tuple[str, str]]:
+                try:
+                    return self.resubmitted_jobs()
+                except RuntimeError as e:
+                    journal_error[:] = [str(e)]
+                    return {}
             while found is not None and self.portal_reconciles():
-                j = judge_jobs(job_hist, found, self.resubmitted_jobs())
+                j = judge_jobs(job_hist, found, resubmitted())
                 if not (j["lost"] or tried & set(self.held_attempts)) or time.time() >= deadline:
                     break
                 time.sleep(5)  # the reconciler submits lost jobs again and withdraws held attempts
@@ -352,8 +361,11 @@ class DrillBase:
                 res.checks["read_back"] = False
                 kinds["jobs"]["lost"] = len({h[5] for h in job_hist if h[3]})
             else:
-                j = judge_jobs(job_hist, found, self.resubmitted_jobs())
+                j = judge_jobs(job_hist, found, resubmitted())
                 kinds["jobs"].update(j)
+                if journal_error:
+                    res.notes.append(journal_error[0])
+                    res.checks["read_back"] = False
                 unsettled = {rid: jobs for rid, jobs in self.held_attempts.items() if rid in tried}
                 res.checks["held_attempts_settled"] = not unsettled
                 if unsettled:
@@ -385,21 +397,24 @@ class DrillBase:
 
     def resubmitted_jobs(self) -> dict[str, tuple[str, str]]:
         """request id -> (lost job id, new job id): what the portal's reconciler submitted
-        again (the reference portal's journal, portal_jobs.resubmitted_from); {} when the
-        portal keeps no journal (the stand-in) or the database does not answer."""
+        again (the reference portal's journal, portal_jobs.resubmitted_from), read on the
+        first data host whose MariaDB answers (as root through its socket: root has no
+        network login); {} when the portal keeps no journal (the stand-in). A journal that
+        no data host can read is an error: every resubmitted job would be judged a
+        duplicate."""
         api = next((svc for svc in self.layout.cfg.services if svc.name == "api"), None)
         if api is None or not api.db:
             return {}
-        data = self.layout.topo.role_hosts["data"]
-        pw = self.secret("mariadb_root_password")
-        for host in data:
-            ip = self.layout.host(host).ip
-            rc, out = self.run(host, f"MYSQL_PWD='{pw}' mariadb -uroot -h{ip} -N -B --connect-timeout=3 -e \""
-                                     f"SELECT request_id, resubmitted_from, job_id FROM `{api.db}`.portal_jobs "
-                                     "WHERE resubmitted_from IS NOT NULL\"", timeout=30)
+        if not re.fullmatch(r"[A-Za-z0-9_]+", api.db):
+            raise RuntimeError(f"the api service's database name {api.db!r} is not a plain identifier")
+        sql = f"SELECT request_id, resubmitted_from, job_id FROM {api.db}.portal_jobs WHERE resubmitted_from IS NOT NULL"
+        errors = []
+        for host in self.layout.topo.role_hosts["data"]:
+            rc, out = self.run(host, f"mariadb -N -B --connect-timeout=3 -e '{sql}'", timeout=30)
             if rc == 0:
                 return {p[0]: (p[1], p[2]) for p in (line.split("\t") for line in out.splitlines()) if len(p) == 3}
-        return {}
+            errors.append(f"{host}: rc {rc} {out.strip()[-200:]}")
+        raise RuntimeError("the portal's job journal could not be read: " + "; ".join(errors))
 
     def jobs_by_request_id(self, wait_s: float = READ_BACK_WAIT_S) -> dict[str, set[str]] | None:
         """request id (the job's comment) -> job ids, from squeue (every job slurmctld
