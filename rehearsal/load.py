@@ -63,7 +63,10 @@ TIMEOUT = 3.0
 # takes every auth server out (measured: 26 at once on 2 CPUs, checks timed out at 3 s).
 LOGIN_TIMEOUT = 30.0
 LOGINS_AT_ONCE = 3
-RESOLVE_AFTER_STOP_S = 9.0  # a job submission in flight is retried this long after the load stops
+# A job submission in flight is retried this long after the load stops: one whole attempt
+# (--job-timeout 25 s) and a retry. With 9 s, the freeze-slurm drill's last attempt gave up
+# 7 s into a submission the portal then completed (a job its client never heard of).
+RESOLVE_AFTER_STOP_S = 40.0
 WS_TIMEOUT = 5.0  # a websocket that brings nothing for this long (it answers a hello every second) is dead
 WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
@@ -301,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
                 # The load stopping does not abandon a submission in flight: a person
                 # whose click failed clicks again, and a job created by an attempt that
                 # got no answer would otherwise count as a ghost. It is retried for
-                # RESOLVE_AFTER_STOP_S more (the drill waits 15 s for the load to exit).
+                # RESOLVE_AFTER_STOP_S more (the drill waits that long + 10 s for the load to exit).
                 left = RESOLVE_AFTER_STOP_S - (time.time() - stopped_at[0]) if stop.is_set() else args.job_timeout
                 if left <= 0:
                     break
