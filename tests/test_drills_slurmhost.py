@@ -19,11 +19,14 @@ class D(slurmhost.SlurmHostDrills):
                                                                             "app": ["app-1", "app-2"]}})()})()
         self.sacct_ok, self.ping = sacct_ok, ping
         self.ops: list[str] = []
+        self.handback_ok = True
 
     def run(self, host: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
         assert host == "app-2"
         if cmd.startswith("sacct"):
             return (0, "101\n") if self.sacct_ok else (1, "sacct: error: Problem talking to the database")
+        if self.ops and self.handback_ok:  # the primary rebooted: in control again, the backup in standby
+            return 0, "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is UP\n"
         return 0, self.ping
 
     def killed(self, *hosts: str) -> None:
@@ -67,6 +70,21 @@ def test_the_primary_host_dies_and_accounting_and_control_come_back(tmp_path: Pa
     assert ops[:2] == ["link slurm-1 False", "kill slurm-1"] and "link slurm-1 True" in ops
     assert d.ops == ["reboot slurm-1"]
     assert res.checks["sacct_within_60s"] and res.checks["backup_in_control"] and res.passed, res.checks
+    assert res.checks["both_controllers_back"] and "both controllers answer ping" in " ".join(res.notes)
+
+
+def test_a_backup_wedged_by_its_hand_back_fails_the_drill(tmp_path: Path, ops: list[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary is back but the backup never returns to standby (no ping answer): the
+    drill fails on both_controllers_back after HANDBACK_LIMIT_S."""
+    from rehearsal.drills import base
+
+    monkeypatch.setattr(base, "HANDBACK_LIMIT_S", 0.0)
+    d = D(tmp_path, True, UP)
+    d.ceiling, d.handback_ok = 1000.0, False
+    res = d.drill_slurm_host()
+    assert res.checks["backup_in_control"] and res.checks["both_controllers_back"] is False and not res.passed
+    assert "not within 150 s" in " ".join(res.notes)
 
 
 def test_no_accounting_or_no_control_fails(tmp_path: Path, ops: list[str]) -> None:

@@ -886,6 +886,21 @@ def test_watch_restarts_its_own_slurmctld_only_when_it_is_wedged(fence_world, ca
     assert state_of(w, "slurm-1") == "running"
 
 
+def test_a_wedged_slurmctld_is_killed_before_it_is_started_again(fence_world, tmp_path, monkeypatch):
+    """A wedged slurmctld ignores SIGTERM: `systemctl restart` alone waited out
+    TimeoutStopSec (90 s) first. The watcher kills it with SIGKILL, then restarts."""
+    mod = watch_world(fence_world, tmp_path, heartbeat_age_s=1.0)
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(mod.subprocess, "run", run)
+    assert mod.restart_slurmctld() is True
+    assert calls == [["systemctl", "kill", "--signal=SIGKILL", "slurmctld.service"],
+                     ["systemctl", "restart", "slurmctld.service"]]
+
+
 @pytest.mark.parametrize(("writer", "fenced"), [(1, True), (0, False)])
 def test_watch_fences_when_the_fresh_heartbeat_is_its_own(fence_world, caplog, tmp_path, writer, fenced):
     """A fresh heartbeat written by this host (slurm-2, index 1: its slurmctld already took

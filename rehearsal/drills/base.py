@@ -51,6 +51,9 @@ READ_BACK_WAIT_S = 90.0  # how long the job read-back waits for squeue (a contro
 # or a held attempt is unsettled: ORPHAN_S 60 s + two passes of 10 s + the leader's lease
 # (examples/reference-portal/app/portal/reconcile.py).
 SETTLE_WAIT_S = 100.0
+# How long a drill that brought a Slurm controller back waits for both to answer ping:
+# hpc-slurm-fence's WEDGED_S (90 s) to restart a backup wedged by its hand-back, and its start.
+HANDBACK_LIMIT_S = 150.0
 ATTEMPT, WITHDRAWN = "pending/", "withdrawn/"  # comment prefixes of its two-phase submission (portal/slurm.py)
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
@@ -388,6 +391,21 @@ class DrillBase:
         if res.fault_window:
             a, b = res.fault_window
             res.acked_in_fault_window = sum(1 for h in hist if h[2] in WRITE_KINDS and h[3] and a <= h[1] <= b)
+
+    def controllers_back(self, client: str, limit_s: float | None = None) -> float | None:
+        """Seconds until `scontrol ping` from `client` says every controller is UP (the
+        primary in control again, the backup back in standby), None if not within
+        `limit_s`. A backup wedged by its hand-back answers no ping until hpc-slurm-fence
+        --watch restarts it (WEDGED_S, 90 s). `limit_s` defaults to HANDBACK_LIMIT_S."""
+        limit = HANDBACK_LIMIT_S if limit_s is None else limit_s
+        t0 = time.time()
+        while time.time() - t0 < limit:
+            rc, ping = self.run(client, "scontrol ping", timeout=15)
+            lines = [x for x in ping.splitlines() if x.startswith("Slurmctld(")]
+            if rc == 0 and lines and all(x.rstrip().endswith("is UP") for x in lines):
+                return time.time() - t0
+            time.sleep(2)
+        return None
 
     def portal_reconciles(self) -> bool:
         """Whether the portal keeps a job journal and reconciles (the reference portal:

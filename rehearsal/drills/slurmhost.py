@@ -70,5 +70,12 @@ class SlurmHostDrills(DrillBase):
         res.target_rto_s = 30.0
         res.checks["rto"] = res.rto_s is not None and res.rto_s <= 30.0 * self.ceiling
         res.checks["fault_effect"] = bool(res.fault_effect)
+        # The primary back: it asks for control, the backup hands it back and returns to
+        # standby. Measured: a backup stuck in that hand-back ("backup not completely done
+        # relinquishing control") answered no ping until the watcher restarted it.
+        back = self.controllers_back(client)
+        res.checks["both_controllers_back"] = back is not None
+        res.notes.append(f"after {primary}'s return both controllers answer ping: "
+                         + (f"{back:.0f}s after its reboot" if back is not None else "not within 150 s"))
         res.passed = all(res.checks.values())
         return res
