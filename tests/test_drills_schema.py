@@ -330,3 +330,23 @@ def test_the_portals_job_journal_is_read_through_the_socket_and_a_failure_is_lou
     me.layout.cfg.services[0].db = "portal`api"
     with pytest.raises(RuntimeError, match="not a plain identifier"):
         DrillBase.resubmitted_jobs(me)  # type: ignore[arg-type]
+
+
+def test_an_alerts_allowance_counts_its_for_and_the_range_it_averages(tmp_path: Path) -> None:
+    """The drills allow an alert its `for:` + 30 s (capped at a minute); one whose
+    expression averages a range (rate over 30 s) also needs that range to fill."""
+    from types import SimpleNamespace
+
+    rules = tmp_path / "hosts" / "mon-1" / "upper" / "etc" / "prometheus" / "rules"
+    rules.mkdir(parents=True)
+    (rules / "hpc-alerts.yml").write_text(
+        "      - alert: ServerDown\n        expr: up == 0\n        for: 20s\n"
+        "      - alert: GaleraFlowControl\n        # a comment\n"
+        "        expr: rate(mysql_global_status_wsrep_flow_control_paused_ns[30s]) / 1e9 > 0.25\n"
+        "        for: 15s\n"
+        "      - alert: Slow\n        expr: >-\n          avg_over_time(x[2m]) > 1\n        for: 1m\n")
+    me = SimpleNamespace(wd=tmp_path, layout=SimpleNamespace(topo=SimpleNamespace(role_hosts={"monitoring": ["mon-1"]})))
+    assert DrillBase.rule_for(me, "ServerDown") == 20.0  # type: ignore[arg-type]
+    assert DrillBase.rule_for(me, "GaleraFlowControl") == 45.0  # type: ignore[arg-type]
+    assert DrillBase.rule_for(me, "Slow") == 180.0  # type: ignore[arg-type]
+    assert DrillBase.rule_for(me, "Unknown") == 60.0  # type: ignore[arg-type]

@@ -513,14 +513,17 @@ class DrillBase:
             return []
 
     def rule_for(self, alert: str) -> float:
-        """The alert's `for:` in seconds, from the rules the monitoring host runs."""
+        """The alert's `for:` in seconds, from the rules the monitoring host runs, plus the
+        longest range its expression averages over (`rate(x[30s])` crosses its line only
+        once the window holds enough of the fault: measured, GaleraFlowControl with
+        for: 15s reached Alertmanager 46.7 s after the slowdown began)."""
         mon = self.layout.topo.role_hosts["monitoring"][0]
         rules = self.wd / "hosts" / mon / "upper" / "etc" / "prometheus" / "rules"
         for f in sorted(rules.glob("*.yml")) if rules.exists() else []:
-            text = f.read_text()
-            m = re.search(rf"- alert: {alert}\n(?:.*\n)*?\s+for: (\d+)([smh])", text)
+            m = re.search(rf"- alert: {alert}\n((?:.*\n)*?)\s+for: (\d+)([smh])", f.read_text())
             if m:
-                return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+                ranges = [_seconds(n, u) for n, u in re.findall(r"\[(\d+)([smh])\]", m.group(1))]
+                return _seconds(m.group(2), m.group(3)) + max(ranges, default=0.0)
         return 60.0
 
     def wait_alert(self, names: list[str], t0: float, match: Callable[[dict[str, Any]], bool], res: Result) -> None:
@@ -798,6 +801,10 @@ def parse_jobs(text: str, sep: str = "|") -> list[tuple[str, str]]:
         if job.split("_")[0].isdigit() and comment and comment not in ("(null)", "N/A"):
             out.append((job, comment))
     return out
+
+
+def _seconds(n: str, unit: str) -> float:
+    return float(n) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 def read_queue(text: str) -> tuple[list[tuple[str, str]], dict[str, set[str]], set[str]]:
