@@ -55,6 +55,7 @@ SETTLE_WAIT_S = 100.0
 # hpc-slurm-fence's WEDGED_S (90 s) to restart a backup wedged by its hand-back, and its start.
 HANDBACK_LIMIT_S = 150.0
 ATTEMPT, WITHDRAWN = "pending/", "withdrawn/"  # comment prefixes of its two-phase submission (portal/slurm.py)
+HOLDS = ("JobHeldUser", "JobHeldAdmin")  # squeue's reasons of a held job (--hold by a user / by root)
 MIN_IN_WINDOW = 20  # acknowledged writes inside the fault window: a fault with no load under it proves nothing
 LOAD_RATE = 60.0
 ALERT_TARGET_S = 60.0  # every alert within a minute of its fault
@@ -353,18 +354,19 @@ class DrillBase:
                 except RuntimeError as e:
                     journal_error[:] = [str(e)]
                     return {}
+            resub = resubmitted()
             while found is not None and self.portal_reconciles():
-                j = judge_jobs(job_hist, found, resubmitted())
+                j = judge_jobs(job_hist, found, resub)
                 if not (j["lost"] or tried & set(self.held_attempts)) or time.time() >= deadline:
                     break
                 time.sleep(5)  # the reconciler submits lost jobs again and withdraws held attempts
-                found = self.jobs_by_request_id()
+                found, resub = self.jobs_by_request_id(), resubmitted()
             if found is None:
                 res.notes.append(f"job read-back failed: squeue did not answer within {READ_BACK_WAIT_S:.0f} s")
                 res.checks["read_back"] = False
                 kinds["jobs"]["lost"] = len({h[5] for h in job_hist if h[3]})
             else:
-                j = judge_jobs(job_hist, found, resubmitted())
+                j = judge_jobs(job_hist, found, resub)
                 kinds["jobs"].update(j)
                 if journal_error:
                     res.notes.append(journal_error[0])
@@ -410,8 +412,7 @@ class DrillBase:
     def portal_reconciles(self) -> bool:
         """Whether the portal keeps a job journal and reconciles (the reference portal:
         its api service has a database; the stand-in has none)."""
-        api = next((svc for svc in self.layout.cfg.services if svc.name == "api"), None)
-        return bool(api is not None and api.db)
+        return api_db(self.layout) is not None
 
     def resubmitted_jobs(self) -> dict[str, tuple[str, str]]:
         """request id -> (lost job id, new job id): what the portal's reconciler submitted
@@ -420,12 +421,12 @@ class DrillBase:
         network login); {} when the portal keeps no journal (the stand-in). A journal that
         no data host can read is an error: every resubmitted job would be judged a
         duplicate."""
-        api = next((svc for svc in self.layout.cfg.services if svc.name == "api"), None)
-        if api is None or not api.db:
+        db = api_db(self.layout)
+        if db is None:
             return {}
-        if not re.fullmatch(r"[A-Za-z0-9_]+", api.db):
-            raise RuntimeError(f"the api service's database name {api.db!r} is not a plain identifier")
-        sql = f"SELECT request_id, resubmitted_from, job_id FROM {api.db}.portal_jobs WHERE resubmitted_from IS NOT NULL"
+        if not re.fullmatch(r"[A-Za-z0-9_]+", db):
+            raise RuntimeError(f"the api service's database name {db!r} is not a plain identifier")
+        sql = f"SELECT request_id, resubmitted_from, job_id FROM {db}.portal_jobs WHERE resubmitted_from IS NOT NULL"
         errors = []
         for host in self.layout.topo.role_hosts["data"]:
             rc, out = self.run(host, f"mariadb -N -B --connect-timeout=3 -e '{sql}'", timeout=30)
@@ -803,6 +804,13 @@ def parse_jobs(text: str, sep: str = "|") -> list[tuple[str, str]]:
     return out
 
 
+def api_db(layout: Layout) -> str | None:
+    """The portal api service's database (the reference portal's job journal lives
+    there); None when it has none (the stand-in)."""
+    api = next((svc for svc in layout.cfg.services if svc.name == "api"), None)
+    return api.db if api is not None and api.db else None
+
+
 def _seconds(n: str, unit: str) -> float:
     return float(n) * {"s": 1, "m": 60, "h": 3600}[unit]
 
@@ -824,7 +832,7 @@ def read_queue(text: str) -> tuple[list[tuple[str, str]], dict[str, set[str]], s
         job, comment, state, reason = parts[0].split(".")[0], parts[1], parts[2], parts[3]
         if comment.startswith(WITHDRAWN) or (comment.startswith(ATTEMPT) and state == "CANCELLED"):
             not_jobs.add(job)
-        elif comment.startswith(ATTEMPT) and state == "PENDING" and reason in ("JobHeldUser", "JobHeldAdmin"):
+        elif comment.startswith(ATTEMPT) and state == "PENDING" and reason in HOLDS:
             not_jobs.add(job)
             held.setdefault(comment.removeprefix(ATTEMPT), set()).add(job)
         else:
