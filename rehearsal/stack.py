@@ -53,18 +53,21 @@ class Lock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, wait: float = 0.0, machine_free: bool = True, stale_after: float = 60.0) -> None:
+    def acquire(self, wait: float = 0.0, machine_free: bool = True, stale_after: float = 300.0) -> None:
         """Take the lock; with `wait`, wait up to that many seconds for another rehearsal
         to finish. With `machine_free` (starting a rehearsal, not drilling one that is up),
         also for the namespaces and cgroups of a rehearsal started where this lock file is
-        not visible (another container on this kernel): they would collide. Namespaces
-        with no process in them for `stale_after` seconds are leftovers, not a rehearsal:
-        no use waiting for them."""
+        not visible (another container on this kernel): they would collide. Such a
+        rehearsal's processes may be invisible from here (another PID namespace), so it is
+        judged by what the kernel shows everyone: its namespaces and their packet counters
+        (machine_activity). Namespaces where nothing changes for `stale_after` seconds are
+        leftovers, not a rehearsal: no use waiting for them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
         said = 0.0
-        idle_since: float | None = None
+        seen: tuple[Any, ...] | None = None
+        idle_since = time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,14 +76,14 @@ class Lock:
                     break
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 why = f"namespaces or cgroups of another rehearsal exist: {', '.join(in_use[:6])}"
-                if machine_pids():
-                    idle_since = None
-                else:
-                    idle_since = time.monotonic() if idle_since is None else idle_since
-                    if time.monotonic() - idle_since >= stale_after:
-                        os.close(fd)
-                        raise RehearsalError(f"leftovers of a rehearsal that no longer runs (no process in them): "
-                                             f"{', '.join(in_use[:6])}; `make rehearse-down` removes them")
+                now = machine_activity()
+                if now != seen:
+                    seen, idle_since = now, time.monotonic()
+                elif time.monotonic() - idle_since >= stale_after:
+                    os.close(fd)
+                    raise RehearsalError(f"leftovers of a rehearsal that no longer runs (no process, no packet in "
+                                         f"{stale_after:.0f}s): {', '.join(in_use[:6])}; "
+                                         "`make rehearse-down` removes them")
             except BlockingIOError:
                 holder = self.path.read_text().strip() if self.path.exists() else "?"
                 why = f"another rehearsal is running ({holder})"
@@ -111,12 +114,23 @@ def machine_in_use() -> list[str]:
     return found
 
 
-def machine_pids() -> int:
-    """How many processes live in a rehearsal's namespaces or cgroups on this kernel."""
-    n = 0
-    for ns in (x for x in netns.existing_namespaces() if x.startswith("rh-")):
-        n += len(netns.sh(["ip", "netns", "pids", ns], check=False).stdout.split())
-    return n
+def machine_activity() -> tuple[Any, ...]:
+    """What changes while a rehearsal lives, as seen from anywhere on this kernel: the set
+    of its namespaces, the packets their links have carried (VRRP alone sends one a
+    second) and the processes in them that this PID namespace can see. Leftover
+    namespaces with no process in them carry no packets."""
+    names = sorted(n for n in netns.existing_namespaces() if n.startswith("rh-"))
+    packets = pids = 0
+    for ns in names:
+        cp = netns.sh(["ip", "-n", ns, "-s", "-j", "link", "show"], check=False)
+        try:
+            for link in json.loads(cp.stdout or "[]"):
+                st = link.get("stats64") or link.get("stats") or {}
+                packets += int(st.get("rx", {}).get("packets", 0)) + int(st.get("tx", {}).get("packets", 0))
+        except (ValueError, AttributeError):
+            pass
+        pids += len(netns.sh(["ip", "netns", "pids", ns], check=False).stdout.split())
+    return tuple(names), packets, pids
 
 
 def preflight() -> None:

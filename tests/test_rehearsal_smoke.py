@@ -123,7 +123,7 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
     first.release()
     # Not visible through the lock file (another container), but its namespaces are.
     monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc", "rh-lb-1"])
-    monkeypatch.setattr(stack, "machine_pids", lambda: 42)
+    monkeypatch.setattr(stack, "machine_activity", lambda: (("rh-lb-1", "rh-vpc"), 100, 42))
     with pytest.raises(stack.RehearsalError, match="namespaces or cgroups of another rehearsal exist: rh-vpc, rh-lb-1"):
         stack.Lock(lock_file).acquire()
     # A drill on the rehearsal that is up only needs the lock.
@@ -133,17 +133,25 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
     # Waiting: the other rehearsal goes away after two polls.
     polls = iter([["rh-vpc"], ["rh-vpc"], []])
     monkeypatch.setattr(stack, "machine_in_use", lambda: next(polls))
-    monkeypatch.setattr(stack, "machine_pids", lambda: 42)
     monkeypatch.setattr(stack.time, "sleep", lambda s: None)
     waiter = stack.Lock(lock_file)
     waiter.acquire(wait=60)
     assert waiter.fd is not None
     waiter.release()
-    # Namespaces nobody runs in are leftovers: no waiting for them.
+    # A rehearsal in another PID namespace: no process visible from here, but its
+    # packet counters move, so it is waited for (not taken for leftovers) until --wait.
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(stack.time, "monotonic", lambda: float(next(clock)))
+    counters = iter(range(0, 10_000, 7))
     monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc"])
-    monkeypatch.setattr(stack, "machine_pids", lambda: 0)
-    with pytest.raises(stack.RehearsalError, match=r"leftovers of a rehearsal that no longer runs .*rehearse-down"):
-        stack.Lock(lock_file).acquire(wait=3600, stale_after=0)
+    monkeypatch.setattr(stack, "machine_activity", lambda: (("rh-vpc",), next(counters), 0))
+    with pytest.raises(stack.RehearsalError, match=r"another rehearsal exist: rh-vpc after waiting 600s"):
+        stack.Lock(lock_file).acquire(wait=600, stale_after=60)
+    # Namespaces where nothing moves for stale_after are leftovers: no waiting them out.
+    monkeypatch.setattr(stack, "machine_activity", lambda: (("rh-vpc",), 1234, 0))
+    with pytest.raises(stack.RehearsalError,
+                       match=r"leftovers of a rehearsal that no longer runs \(no process, no packet in 60s\).*rehearse-down"):
+        stack.Lock(lock_file).acquire(wait=3600, stale_after=60)
 
 
 def test_only_a_rehearsals_running_hosts_count_as_a_running_rehearsal(tmp_path: Path,
@@ -158,9 +166,12 @@ def test_only_a_rehearsals_running_hosts_count_as_a_running_rehearsal(tmp_path: 
     monkeypatch.setattr(container, "STATE_DIR", tmp_path)
     monkeypatch.setattr(container, "alive", lambda name: name in ("app-1", "hs-t1-a"))
     monkeypatch.setattr(netns, "existing_namespaces", lambda: ["rh-vpc", "other-ns"])
-    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(cmd, 0, "4242\n", ""))
+    links = json.dumps([{"ifname": "lo", "stats64": {"rx": {"packets": 5}, "tx": {"packets": 5}}},
+                        {"ifname": "br0", "stats64": {"rx": {"packets": 7}, "tx": {"packets": 1}}}])
+    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(
+        cmd, 0, links if "link" in cmd else "4242\n", ""))
     assert stack.machine_in_use() == ["rh-vpc", "host app-1"]
-    assert stack.machine_pids() == 1
+    assert stack.machine_activity() == (("rh-vpc",), 18, 1)
 
 
 # ------------------------------------------------------------------ the smoke rehearsal
