@@ -12,6 +12,7 @@ here as it would be on AWS. Dropped flows are recorded in the sets `drop_in` / `
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -323,10 +324,31 @@ def vpn_rules(layout: Layout) -> str:
 
 
 def set_eip_target(public_ip: str, private_ip: str | None) -> None:
+    """Point the Elastic IP at `private_ip` (None: unassociated), for every packet from
+    now on, as AWS's internet gateway does: its one-to-one NAT keeps no per-connection
+    state, so after a re-association the packets of a connection made before it reach
+    the new instance, which has no such connection and resets it (a client then opens a
+    new one). The router's DNAT is conntrack's, decided once per connection: without
+    forgetting the Elastic IP's connections, those made before the move would go on
+    reaching the old instance (hanging while it is frozen, answered after a thaw), which
+    no client on AWS sees."""
     script = f"flush map ip {NFT_ROUTER_TABLE} eip\n"
     if private_ip:
         script += f"add element ip {NFT_ROUTER_TABLE} eip {{ {public_ip} : {private_ip} }}\n"
     nft(NS_ROUTER, script)
+    forget_connections(NS_ROUTER, public_ip)
+
+
+def forget_connections(ns: str, dst: str) -> int:
+    """Delete `ns`'s conntrack entries of connections to `dst` (conntrack-tools): their
+    next packet is NATed afresh (conntrack picks a connection up mid-stream). The
+    number deleted."""
+    cp = sh(in_ns(ns, ["conntrack", "-D", "--orig-dst", dst]), check=False)
+    # conntrack -D says "N flow entries have been deleted." and exits 1 when N is 0.
+    m = re.search(r"(\d+) flow entr", cp.stdout + cp.stderr)
+    if m is None:
+        raise NetError(f"conntrack -D --orig-dst {dst} in {ns}: {cp.stderr.strip() or cp.stdout.strip()}")
+    return int(m.group(1))
 
 
 def group_addresses(layout: Layout) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from . import image, netns
 from .layout import DEFAULT_WORKDIR, LOCK_FILE, NS_AWS, Layout, build_layout, read_state, state_path
 
 HERE = Path(__file__).resolve().parent
-TOOLS = ["ip", "nft", "nsenter", "systemd-nspawn", "curl", "openssl", "haproxy", "keepalived", "mariadbd",
+TOOLS = ["ip", "nft", "conntrack", "nsenter", "systemd-nspawn", "curl", "openssl", "haproxy", "keepalived", "mariadbd",
          "redis-server", "redis-sentinel", "nginx", "rsyslogd", "prometheus", "prometheus-alertmanager"]
 STANDIN_DEST = "usr/local/lib/hpc/portal_standin.py"
 

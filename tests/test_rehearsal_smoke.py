@@ -98,6 +98,99 @@ def test_a_port_the_matrix_forgot_is_dropped_between_hosts() -> None:
     assert f"{data.ip} . 26379" in drops
 
 
+ECHO_SERVER = """
+import socket, sys, threading
+name = sys.argv[1].encode()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 443)); s.listen()
+def serve(c):
+    while c.recv(64):
+        c.sendall(name)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 443), timeout=2)
+s.sendall(b"x"); print(s.recv(16).decode(), flush=True)
+sys.stdin.readline()  # the Elastic IP moves meanwhile
+try:
+    s.sendall(b"x"); got = s.recv(16)
+    print(got.decode() or "closed")
+except ConnectionResetError:
+    print("reset")
+except TimeoutError:
+    print("timeout")
+n = socket.create_connection((sys.argv[1], 443), timeout=2)
+n.sendall(b"x"); print(n.recv(16).decode())
+"""
+
+
+@needs_root
+def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Elastic IP stand-in behaves as AWS's one-to-one NAT: after a re-association, a
+    connection made before it reaches the new target (which resets it), not the old one;
+    a new connection reaches the new target. Negative control: with conntrack's entries
+    kept (the stand-in before), the old connection still reaches the old target."""
+    from rehearsal import netns
+    from rehearsal.layout import EIP_PUBLIC_IP
+
+    if shutil.which("conntrack") is None:
+        pytest.fail("conntrack (conntrack-tools) is missing: tools/install-debian-deps.sh installs it")
+    tag = f"rhe{os.getpid() % 10000}"
+    c, r, l1, l2 = (f"{tag}{x}" for x in "crab")
+    names = [c, r, l1, l2]
+    monkeypatch.setattr(netns, "NS_ROUTER", r)
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(list(cmd), check=True)
+
+    def attempt(forget: bool) -> list[str]:
+        procs: list[subprocess.Popen[str]] = []
+        for ns in names:
+            _ns(ns)
+        try:
+            for ns, peer, mine, theirs in ((c, "ec", "198.51.100.2", "198.51.100.1"), (l1, "e1", "10.9.1.10", "10.9.1.1"),
+                                           (l2, "e2", "10.9.2.10", "10.9.2.1")):
+                sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns", r)
+                sh("ip", "-n", ns, "addr", "add", f"{mine}/24", "dev", "eth0")
+                sh("ip", "-n", r, "addr", "add", f"{theirs}/24", "dev", peer)
+                for n, dev in ((ns, "eth0"), (r, peer), (ns, "lo")):
+                    sh("ip", "-n", n, "link", "set", dev, "up")
+                sh("ip", "-n", ns, "route", "add", "default", "via", theirs)
+            sh("ip", "-n", r, "link", "set", "lo", "up")
+            sh("nsenter", f"--net=/run/netns/{r}", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            netns.nft(r, netns.router_rules())
+            if not forget:
+                monkeypatch.setattr(netns, "forget_connections", lambda ns, dst: 0)
+            netns.set_eip_target(EIP_PUBLIC_IP, "10.9.1.10")
+            for ns, name in ((l1, "L1"), (l2, "L2")):
+                procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", ECHO_SERVER,
+                                               name], text=True))
+            time.sleep(0.5)
+            client = subprocess.Popen(["nsenter", f"--net=/run/netns/{c}", sys.executable, "-c", CLIENT, EIP_PUBLIC_IP],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(client)
+            assert client.stdout is not None and client.stdin is not None
+            seen = [client.stdout.readline().strip()]
+            netns.set_eip_target(EIP_PUBLIC_IP, "10.9.2.10")
+            client.stdin.write("\n")
+            client.stdin.flush()
+            out, _ = client.communicate(timeout=30)
+            return seen + out.split()
+        finally:
+            for pr in procs:
+                pr.kill()
+                pr.wait()
+            for ns in names:
+                subprocess.run(["ip", "netns", "del", ns])
+            monkeypatch.undo()
+            monkeypatch.setattr(netns, "NS_ROUTER", r)
+
+    assert attempt(forget=True) == ["L1", "reset", "L2"]
+    assert attempt(forget=False) == ["L1", "L1", "L2"]
+
+
 # ------------------------------------------------------------------ measurements
 
 

@@ -13,7 +13,7 @@ PACKAGES=(
   mariadb-server mariadb-backup galera-4 socat
   redis-server redis-sentinel
   slurmctld slurmdbd slurm-client munge
-  shellcheck cloud-init nftables iproute2 util-linux bsdutils openssl perl
+  shellcheck cloud-init nftables conntrack iproute2 util-linux bsdutils openssl perl
   systemd logrotate graphviz curl python3-boto3 python3-yaml python3-redis python3-pymysql python3-venv
   prometheus-mysqld-exporter prometheus-redis-exporter
   systemd-container debootstrap dpkg-dev
