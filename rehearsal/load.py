@@ -11,7 +11,8 @@ cookie: Redis through Sentinel; ref `lost` when the server no longer knew it), `
 writer), `job` (POST /api/jobs with a request id, in the body and as Idempotency-Key,
 one every --job-interval s from its own thread; a failed attempt is repeated with the
 same request id until --job-deadline, as a portal's retry would; ref is the job id).
-`server` is the web/app host that answered ("-" when none did).
+`server` is the web/app host that answered ("-" when none did); a request that got no
+answer at all has the exception's class as its ref (TimeoutError, ConnectionResetError, ...).
 
 With --user and --password-file (the reference portal: the rehearsal makes the account
 after boot, rehearsal/portal_artifact.py) every client logs in first, as a person would:
@@ -109,14 +110,16 @@ class Conn:
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        """One request. A keep-alive connection the LB closed while it was idle (its
-        `timeout http-keep-alive`) fails at once without an answer: the request is sent
-        again once on a new connection, as browsers and urllib3 do (nothing reached a
-        server; the load's writes are idempotent by request id anyway)."""
+        """One request. A keep-alive connection that was closed or reset while it was
+        idle (the LB's `timeout http-keep-alive`; the Elastic IP moved to the other LB,
+        which resets every connection made to the first) fails at once without an answer:
+        the request is sent again once on a new connection, as browsers and urllib3 do
+        (nothing reached a server; the load's writes are idempotent by request id anyway).
+        Over TLS, a reset seen while reading the answer is an SSLEOFError."""
         reused = self.used
         try:
             return self._request(method, path, body, timeout, headers)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
             if not reused:
                 raise
             self.stale_retries += 1
@@ -200,7 +203,10 @@ def run(args: argparse.Namespace) -> int:
     # its connect, and its reads (an answer comes every second, see ws_worker).
     socket.setdefaulttimeout(WS_TIMEOUT)
     account = Account.from_args(args)
+    if args.spares is None:
+        args.spares = int(args.rate * (TIMEOUT + 1))
     tickets: queue.Queue[str] = queue.Queue(maxsize=int(args.rate * 2))
+    overflow: queue.Queue[str] = queue.Queue(maxsize=int(args.rate * 2))  # for the spare connections
     out = open(args.out, "a", buffering=1)
     lock = threading.Lock()
     acked: list[str] = []
@@ -235,16 +241,38 @@ def run(args: argparse.Namespace) -> int:
             stop.wait(1.0)
         return False
 
-    def worker() -> None:
+    users: list[Conn] = []  # the logged-in clients: a spare connection shares one's cookies
+    idle = [0]  # user workers waiting for a ticket
+
+    def worker(spare: bool = False) -> None:
+        """A client taking tickets. A spare one takes only the tickets no user worker was
+        free for (see the dispatch below) on a connection of its own that shares a
+        logged-in client's cookies, as a browser's next connection does."""
         conn = Conn(args.url)  # the user's client: logged in when the load has an account
         probe = Conn(args.url)  # the session probes' own cookie (snew, session)
-        if account is not None and not log_in(conn, "first"):
-            return
+        source = overflow if spare else tickets
+        if account is not None and not spare:
+            if not log_in(conn, "first"):
+                return
+            with lock:
+                users.append(conn)
+        borrowed = account is None or not spare
         while not stop.is_set():
+            if not spare:
+                with lock:
+                    idle[0] += 1
             try:
-                kind = tickets.get(timeout=0.5)
+                kind = source.get(timeout=0.5)
             except queue.Empty:
                 continue
+            finally:
+                if not spare:
+                    with lock:
+                        idle[0] -= 1
+            if not borrowed:
+                with lock:
+                    if users:
+                        conn.jar, borrowed = dict(random.choice(users).jar), True
             rid = ""
             t0 = time.time()
             status = 0
@@ -278,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
                     status, body = conn.request("GET", path)
                     ok = status == 200
                     server = _server_of(body)
-            except Exception:  # noqa: BLE001 - timeouts, resets, refused: a failed request
-                ok = False
+            except Exception as e:  # noqa: BLE001 - timeouts, resets, refused: a failed request
+                ok, ref = False, type(e).__name__  # which one, for the drills' failure analysis
             t1 = time.time()
             if ok and kind == "write":
                 with lock:
@@ -318,8 +346,8 @@ def run(args: argparse.Namespace) -> int:
                     server = str(doc.get("server", "-"))
                     ok = status == 200 and bool(doc.get("job_id"))
                     ref = str(doc.get("job_id", "-"))
-                except Exception:  # noqa: BLE001
-                    ok = False
+                except Exception as e:  # noqa: BLE001
+                    ok, ref = False, type(e).__name__
                 out.write(line(t0, time.time(), "job", ok, status, rid, server, ref))
                 if ok or time.time() - first > args.job_deadline:
                     break
@@ -418,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
                 count("ws_failures")
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
+    threads += [threading.Thread(target=worker, args=(True,), daemon=True) for _ in range(args.spares)]
     if args.job_interval > 0:
         threads.append(threading.Thread(target=job_worker, daemon=True))
     if account is not None:
@@ -430,11 +459,16 @@ def run(args: argparse.Namespace) -> int:
     while not stop.is_set() and time.monotonic() < deadline and counts["sent"] < args.max_requests:
         x = random.random()
         kind = "write" if x < args.writes else "snew" if x < args.writes + args.new_sessions else random.choice(reads)
+        # Open, not closed: users do not wait for each other. When every user worker waits
+        # on a request (a frozen LB hangs them all for TIMEOUT), the ticket goes to a spare
+        # connection, so requests go on starting at the rate and the history shows when
+        # the service came back, not when the load's own clients were free again (with
+        # 24 clients and nothing else, no request started in the first 3 s of a freeze).
         try:
-            tickets.put_nowait(kind)
+            (tickets if idle[0] > 0 or not args.spares else overflow).put_nowait(kind)
             counts["sent"] += 1
         except queue.Full:
-            counts["skipped"] += 1  # every worker is waiting on a timeout: the load backs off
+            counts["skipped"] += 1  # every worker, spares too, is waiting on a timeout: the load backs off
         nxt += interval
         time.sleep(max(0.0, nxt - time.monotonic()))
     halt()
@@ -593,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rate", type=float, default=60.0)
     r.add_argument("--writes", type=float, default=0.3)
     r.add_argument("--workers", type=int, default=24)
+    r.add_argument("--spares", type=int, default=None,
+                   help="connections that take the requests no worker is free for (default: --rate x "
+                        f"{TIMEOUT + 1:.0f} s, what a stall of the request time-out holds; 0: none, a closed load)")
     r.add_argument("--duration", type=float, default=600.0)
     r.add_argument("--max-requests", type=int, default=60000)
     r.add_argument("--tag", default=os.environ.get("HPC_REHEARSAL_TAG", "rh"))

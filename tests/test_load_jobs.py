@@ -26,6 +26,7 @@ class Portal:
 
     def __init__(self) -> None:
         self.accept = threading.Event()
+        self.stall_until = 0.0  # every answer waits until then (a frozen LB: connections hang)
         self.jobs: dict[str, str] = {}
         self.tried: list[str] = []
         portal = self
@@ -40,9 +41,11 @@ class Portal:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802
+                time.sleep(max(0.0, portal.stall_until - time.time()))
                 self._answer(200, {"server": "app-t"})
 
             def do_POST(self) -> None:  # noqa: N802
+                time.sleep(max(0.0, portal.stall_until - time.time()))
                 doc = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
                 if self.path == "/api/jobs":
                     rid = str(doc.get("request_id"))
@@ -98,3 +101,39 @@ def test_a_job_in_flight_when_the_load_stops_is_resolved_with_its_request_id(tmp
                 f"acknowledged after the stop, under its own request id: {jobs}")
     tally.check(json.loads(stdout.strip().splitlines()[-1])["sent"] > 0, stdout)
     tally.expect(5)
+
+
+def test_requests_go_on_starting_while_every_client_waits_on_a_stall(tmp_path: Path, tally: Tally) -> None:
+    """An open load: when every answer hangs (a frozen LB) and all the load's clients wait
+    on their time-outs, the requests due meanwhile start on spare connections, so the
+    history shows when the service came back. With --spares 0 (the closed load) none
+    starts until the first time-outs free a client: the negative control."""
+    from rehearsal.load import TIMEOUT
+
+    def started_during_stall(spares: int) -> int:
+        portal = Portal()
+        out = tmp_path / f"load-{spares}.log"
+        load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", portal.url, "--out", str(out),
+                                 "--rate", "20", "--workers", "4", "--spares", str(spares), "--duration", "9",
+                                 "--job-interval", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            time.sleep(2)
+            t0 = time.time()
+            portal.stall_until = t0 + TIMEOUT + 1
+            _stdout, stderr = load.communicate(timeout=60)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait(10)
+            portal.srv.shutdown()
+        tally.check(load.returncode == 0, stderr[-2000:])
+        starts = [float(line.split()[0]) for line in out.read_text().splitlines()]
+        # between the moment the first clients were surely stuck and the first time-outs
+        return sum(1 for t in starts if t0 + 0.5 <= t < t0 + TIMEOUT - 0.2)
+
+    open_load = started_during_stall(80)
+    tally.check(open_load >= 20, f"requests started during the stall with spares: {open_load} (20/s for 2.3 s)")
+    closed = started_during_stall(0)
+    tally.check(closed == 0, f"the closed load started {closed} requests while its 4 clients waited")
+    tally.expect(4)
