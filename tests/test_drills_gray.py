@@ -144,6 +144,12 @@ class NoFalseFailoverDrill(FakeDrill):
         self.ctl_state = "running"
         self.ping = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup) at slurm-2 is UP\n"
         self.paused: list[tuple[str, float]] = []
+        self.downs = [{"lb-1": 2, "lb-2": 1}, {"lb-1": 2, "lb-2": 1}]  # chkdown before, after
+        self.downs_asked: list[str] = []
+
+    def lb_downs(self, app_host: str) -> dict[str, int]:
+        self.downs_asked.append(app_host)
+        return self.downs.pop(0)
 
     def redis_master(self) -> str | None:
         return "data-1"
@@ -191,11 +197,21 @@ def nff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NoFalseFailoverDrill
 def test_no_false_failover_pauses_every_tier_below_its_detection_including_the_slurm_primary(
         nff: NoFalseFailoverDrill) -> None:
     res = nff.drill_no_false_failover()
-    assert [h for h, _ in nff.paused] == ["lb-1", "data-1", "data-2", "slurm-1"]
+    assert [h for h, _ in nff.paused] == ["lb-1", "data-1", "data-2", "slurm-1", "app-1"]
     pauses = dict(nff.paused)
     assert pauses["slurm-1"] == pytest.approx(0.7 * 15)  # 0.7 x SlurmctldTimeout of the stack
     assert pauses["lb-1"] == pytest.approx(0.7 * gray.DETECT_S["lb"])
+    assert pauses["app-1"] == pytest.approx(0.7 * gray.DETECT_S["app"])
+    assert nff.downs_asked == ["app-1", "app-1"]
     assert res.checks["no_slurm_takeover"] and res.checks["no_eip_move"] and res.passed, res
+    assert res.checks["no_app_server_taken_out"]
+
+
+def test_no_false_failover_fails_when_an_lb_took_the_paused_app_host_out(nff: NoFalseFailoverDrill) -> None:
+    nff.downs = [{"lb-1": 2, "lb-2": 1}, {"lb-1": 2, "lb-2": 2}]
+    res = nff.drill_no_false_failover()
+    assert res.checks["no_app_server_taken_out"] is False and not res.passed
+
 
 
 def test_no_false_failover_fails_when_the_backup_took_over_and_fenced_the_primary(

@@ -572,9 +572,31 @@ def test_haproxy_cfg_uses_ip_addresses_only() -> None:
                     addr = line.split()[2].rsplit(":", 1)[0]
                     assert IP_RE.match(addr), (name, line)
                     checked += 1
-        assert "default-server inter 1s fastinter 500ms fall 2 rise 2 init-addr last,libc,none" in secs["defaults"]
-        assert "timeout check 1s" in secs["defaults"]
+        assert "default-server inter 1s fastinter 250ms fall 2 rise 2 init-addr last,libc,none" in secs["defaults"]
+        assert "timeout check 500ms" in secs["defaults"]
     assert checked > 0
+
+
+def test_the_lbs_take_a_paused_host_out_within_the_app_detection_time_and_never_sooner() -> None:
+    """From the rendered defaults: the shortest pause that takes a web/app host out is a
+    check hanging `timeout check`, fastinter, a second one hanging (what the
+    no-false-failover drill pauses 0.7x of: gray.DETECT_S["app"]); the longest time to
+    take a frozen host out is one `inter` more, within the freeze-app drill's 3 s."""
+    from rehearsal.drills import gray
+    from rehearsal.drills.base import TARGETS
+
+    def seconds(v: str) -> float:
+        return float(v[:-2]) / 1000 if v.endswith("ms") else float(v.removesuffix("s"))
+
+    for stack, host in LB_HOSTS:
+        d = sections(render_template("lb/haproxy.cfg", ctx_of(stack, host)))["defaults"]
+        default = next(line.split() for line in d if line.startswith("default-server "))
+        opts = dict(zip(default[1::2], default[2::2], strict=False))
+        check = seconds(next(line.split()[-1] for line in d if line.startswith("timeout check ")))
+        fall = int(opts["fall"])
+        shortest = fall * check + (fall - 1) * seconds(opts["fastinter"])
+        assert shortest == pytest.approx(gray.DETECT_S["app"]), (stack, host)
+        assert shortest + seconds(opts["inter"]) <= TARGETS["lb"]["rto"], (stack, host)
 
 
 def test_only_idempotent_requests_are_retried_after_they_were_sent() -> None:

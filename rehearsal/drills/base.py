@@ -19,6 +19,8 @@ each registers under its name with @register.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import re
 import subprocess
@@ -683,6 +685,24 @@ class DrillBase:
                 continue
             rc, text = self.run(c, probe, timeout=15)
             out[c] = haproxy_active(text) if rc == 0 else None
+        return out
+
+    def lb_downs(self, app_host: str) -> dict[str, int]:
+        """Per LB: how often its HAProxy took a server of `app_host` out (UP to DOWN
+        transitions, `chkdown` of `show stat`, summed over that host's servers)."""
+        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/haproxy/admin.sock');"
+                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
+                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
+        out: dict[str, int] = {}
+        for lb in self.layout.topo.role_hosts["lb"]:
+            if not H.alive(lb) or frozen(lb):
+                continue
+            rc, text = self.run(lb, probe, timeout=15)
+            if rc != 0:
+                raise RuntimeError(f"{lb}: HAProxy's show stat failed: {text.strip()[-200:]}")
+            rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+            out[lb] = sum(int(r.get("chkdown") or 0) for r in rows
+                          if r.get("svname") == app_host or str(r.get("svname", "")).startswith(f"{app_host}-"))
         return out
 
     def instance_state(self, host: str) -> str:

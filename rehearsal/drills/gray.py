@@ -28,7 +28,7 @@ DETECT_S = {
     "lb": 1.8,      # VRRPv3 advert_int 0.5: 3 missed adverts + skew
     "redis": 2.0,   # Sentinel down-after-milliseconds 2000
     "galera": 2.0,  # the DB writer's check: inter 1s fall 2 (evs.suspect_timeout PT2S behind it)
-    "app": 2.0,     # the LB's HAProxy check of a web/app host: inter 1s fall 2 (timeout check 1s)
+    "app": 1.25,    # the LBs' HAProxy checks of a web/app host: fall 2 checks of 500 ms, fastinter 250ms between
 }
 FREEZE_S = {"lb": 10.0, "redis": 12.0, "galera": 15.0, "app": 10.0}
 FAILBACK_S = 60.0  # the preferred Galera writer takes the writes back within this of Synced
@@ -306,8 +306,9 @@ class GrayDrills(DrillBase):
     @register("no-false-failover")
     def drill_no_false_failover(self) -> Result:
         """Pauses of 0.7x each tier's detection (LB, Redis master, Galera writer, primary
-        Slurm controller: SlurmctldTimeout) and a Redis BGSAVE + AOF rewrite under load: no
-        failover anywhere, no controller fenced."""
+        Slurm controller: SlurmctldTimeout, a web/app host: the LBs' checks) and a Redis
+        BGSAVE + AOF rewrite under load: no failover anywhere, no controller fenced, no
+        web/app server taken out."""
 
         eip = self.host_by_ip(self.eip_target())
         master = self.redis_master()
@@ -316,12 +317,14 @@ class GrayDrills(DrillBase):
             raise RuntimeError("no EIP holder or no Redis master")
         ctl = self.layout.topo.role_hosts["slurm"][0]
         client = self.layout.topo.role_hosts["app"][-1]
+        app = self.layout.topo.role_hosts["app"][0]
         detect = {**DETECT_S, "slurm": float(self.layout.cfg.slurm.ctld_timeout)}
         before = {"eip": eip, "redis": master, "writers": self.writers_seen()}
+        downs_before = self.lb_downs(app)
         paused: list[str] = []
 
         def inject() -> None:
-            for tier, host in (("lb", eip), ("redis", master), ("galera", writer), ("slurm", ctl)):
+            for tier, host in (("lb", eip), ("redis", master), ("galera", writer), ("slurm", ctl), ("app", app)):
                 pause = SHORT_PAUSE * detect[tier]
                 say(f"    pause {host} ({tier}) for {pause:.2f}s")
                 freeze(host)
@@ -345,6 +348,10 @@ class GrayDrills(DrillBase):
             res.checks["no_eip_move"] = after["eip"] == before["eip"]
             res.checks["no_redis_failover"] = after["redis"] == before["redis"]
             res.checks["no_writer_change"] = after["writers"] == before["writers"]
+            downs = self.lb_downs(app)
+            res.checks["no_app_server_taken_out"] = bool(downs) and all(
+                downs[lb] == downs_before.get(lb, 0) for lb in downs)
+            res.notes.append(f"{app}'s servers taken out by the LBs' checks: before {downs_before}, after {downs}")
             # A backup that took over would have fenced (stopped) the primary's instance.
             state = self.instance_state(ctl)
             rc, ping = self.run(client, "scontrol ping", timeout=30)
@@ -356,7 +363,7 @@ class GrayDrills(DrillBase):
         try:
             res = self._under_load("no-false-failover", inject, lambda: None, (), None, [], lambda a: False, extra)
         finally:
-            for h in (eip, master, writer, ctl):
+            for h in (eip, master, writer, ctl, app):
                 thaw(h)
         res.notes.append("no RTO: nothing may fail over")
         return self._repass(res)
