@@ -307,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
                     ok = status == 200
                     server = _server_of(body)
             except Exception as e:  # noqa: BLE001 - timeouts, resets, refused: a failed request
-                ok, ref = False, type(e).__name__  # which one, for the drills' failure analysis
+                ok = False
+                if status == 0:  # no answer at all: which failure, for the drills' analysis
+                    ref = type(e).__name__
             t1 = time.time()
             if ok and kind == "write":
                 with lock:
@@ -347,7 +349,9 @@ def run(args: argparse.Namespace) -> int:
                     ok = status == 200 and bool(doc.get("job_id"))
                     ref = str(doc.get("job_id", "-"))
                 except Exception as e:  # noqa: BLE001
-                    ok, ref = False, type(e).__name__
+                    ok = False
+                    if status == 0:  # no answer at all (an answer that is not JSON keeps ref "-")
+                        ref = type(e).__name__
                 out.write(line(t0, time.time(), "job", ok, status, rid, server, ref))
                 if ok or time.time() - first > args.job_deadline:
                     break

@@ -381,6 +381,8 @@ class DrillBase:
                 if j.get("resubmitted"):
                     res.notes.append(f"{j['resubmitted']} acknowledged jobs a controller crash lost were submitted "
                                      "again by the portal's reconciler (same request id, new job id)")
+                if j["ghost"]:
+                    res.notes.append(ghost_note(job_hist, found, res.fault_window[0] if res.fault_window else 0.0))
                 if j["lost"]:  # which: request id, the job id the portal acknowledged, when
                     lost = [(h[5], h[7], h[1]) for h in job_hist if h[3] and h[7] != "-" and not found.get(h[5])]
                     res.notes.append("jobs lost: " + ", ".join(
@@ -858,6 +860,18 @@ def read_queue(text: str) -> tuple[list[tuple[str, str]], dict[str, set[str]], s
         else:
             jobs.extend(parse_jobs(f"{job}|{comment.removeprefix(ATTEMPT)}", "|"))
     return jobs, held, not_jobs
+
+
+def ghost_note(job_hist: list[History], found: dict[str, set[str]], t0: float) -> str:
+    """Which request ids are ghosts (never acknowledged, yet Slurm holds a job for them):
+    each with its jobs, its attempts and when the first began, seconds from t0."""
+    acked = {h[5] for h in job_hist if h[3] and h[7] != "-"}
+    ghosts = sorted(({h[5] for h in job_hist} - acked) & {rid for rid, jobs in found.items() if jobs})
+    parts = []
+    for rid in ghosts[:5]:
+        tries = [h[0] for h in job_hist if h[5] == rid]
+        parts.append(f"{rid} (jobs {', '.join(sorted(found[rid]))}; {len(tries)} attempts from {min(tries) - t0:+.1f}s)")
+    return "ghost jobs (never acknowledged, held by Slurm): " + "; ".join(parts)
 
 
 def judge_jobs(job_hist: list[History], found: dict[str, set[str]],
