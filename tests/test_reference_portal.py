@@ -694,6 +694,62 @@ def test_a_job_is_submitted_held_and_released_only_once_its_request_id_is_settle
     tally.expect(10)
 
 
+
+@pytest.mark.daemons
+def test_a_job_the_portal_could_not_record_stays_held_and_the_reconciler_settles_by_the_record(
+        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB,
+        monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """The journal comes before the release: with the database refusing the record (the
+    galera-full drill: every node down), the submission answers 503 and its job stays
+    held, so it cannot run while its client may give up; the retry, the database back,
+    records and releases that same job. A held job nobody settled is withdrawn by the
+    reconciler after ORPHAN_S when the portal has no record of it, and released when it
+    has one (recorded, then the release failed)."""
+    import pymysql
+    from portal import reconcile
+
+    api = apps["api"]
+    login(apps)
+    b = Backends(settings("api", lab, db_ready))
+    b.db.query("DELETE FROM portal_jobs")
+    real = Database.query
+
+    def refusing(self: Database, sql: str, args: Any = None) -> tuple[int, list[tuple[Any, ...]]]:
+        if sql.startswith("INSERT IGNORE INTO portal_jobs"):
+            raise pymysql.err.OperationalError(2003, "Can't connect to MySQL server (the test refuses it)")
+        return real(self, sql, args)
+
+    monkeypatch.setattr(Database, "query", refusing)
+    r = api.post("/api/jobs", json={"request_id": "req-j1", "name": "a", "seconds": 60})
+    job = max(fake_jobs(fake_slurm), key=int)
+    jobs = fake_jobs(fake_slurm)
+    tally.check(r.status_code == 503 and jobs[job]["held"] and jobs[job]["comment"] == "pending/req-j1",
+                f"{r.status_code} {r.get_json()} {jobs[job]}")
+    monkeypatch.setattr(Database, "query", real)
+    again = api.post("/api/jobs", json={"request_id": "req-j1", "name": "a", "seconds": 60}).get_json()
+    jobs = fake_jobs(fake_slurm)
+    tally.check(again["job_id"] == job and not jobs[job]["held"] and jobs[job]["comment"] == "req-j1", f"{again} {jobs[job]}")
+    n, _ = b.db.query("SELECT 1 FROM portal_jobs WHERE request_id = 'req-j1' AND job_id = %s", (job,))
+    tally.check(n == 1, "recorded once released")
+    # Two lone held jobs: one recorded (its release failed), one not (its record failed).
+    for rid in ("req-j2", "req-j3"):
+        (fake_slurm.parent / "slurm.json.lose-answer").touch()
+        portal_slurm.run(["sbatch", "--parsable", "--hold", f"--comment=pending/{rid}", "--wrap=sleep 1"])
+    held = {x["comment"].split("/")[1]: j for j, x in fake_jobs(fake_slurm).items() if x["comment"].startswith("pending/")}
+    b.db.query("INSERT INTO portal_jobs (request_id, job_id, username, name, seconds) VALUES ('req-j2', %s, 'alice', "
+               "'b', 60)", (held["req-j2"],))
+    rec = reconcile.Reconciler(b)
+    t0 = 5000.0
+    tally.check(rec.settle_held(now=t0) == [] and rec.settle_held(now=t0 + reconcile.ORPHAN_S - 1) == [],
+                "younger than ORPHAN_S: left alone")
+    done = rec.settle_held(now=t0 + reconcile.ORPHAN_S)
+    jobs = fake_jobs(fake_slurm)
+    tally.check(done == [("req-j3", held["req-j3"])] and jobs[held["req-j3"]]["state"] == "CANCELLED",
+                f"the unrecorded one withdrawn: {done} {jobs[held['req-j3']]}")
+    tally.check(not jobs[held["req-j2"]]["held"] and jobs[held["req-j2"]]["comment"] == "req-j2",
+                f"the recorded one released: {jobs[held['req-j2']]}")
+    tally.expect(6)
+
 @pytest.mark.daemons
 def test_the_reconciler_withdraws_held_attempts_nobody_settled_and_leaves_a_retry_alone(
         apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally) -> None:
@@ -766,10 +822,10 @@ def test_a_submission_lock_left_by_a_dead_server_lapses_and_a_live_one_is_renewe
     real = portal_slurm.submit
     seen: dict[str, Any] = {}
 
-    def slow(rid: str, name: str, seconds: int) -> dict[str, Any]:
+    def slow(rid: str, name: str, seconds: int, journal: Any = None) -> dict[str, Any]:
         time.sleep(2.5)
         seen["held"] = m.get(f"portal:submit:{rid}")
-        return real(rid, name, seconds)
+        return real(rid, name, seconds, journal)
     monkeypatch.setattr(portal_slurm, "submit", slow)
     r = api.post("/api/jobs", json={"request_id": "req-slow", "name": "s", "seconds": 60})
     tally.check(r.status_code == 200, r.get_json())

@@ -287,9 +287,12 @@ def _api_routes(app: Flask, b: Backends) -> None:
         with SubmitLock(b.redis, rid, s.server_id) as held:
             if not held:
                 abort(error(409, f"request {rid} is being submitted; retry with the same request id"))
-            doc = slurm.submit(rid, name, seconds)
-            db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name, seconds) "
-                     "VALUES (%s, %s, %s, %s, %s)", (rid, doc["job_id"], session["user"], name, seconds))
+            user = session["user"]
+
+            def journal(job_id: str) -> None:  # before the job is released (portal/slurm.py)
+                db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name, seconds) "
+                         "VALUES (%s, %s, %s, %s, %s)", (rid, job_id, user, name, seconds))
+            doc = slurm.submit(rid, name, seconds, journal)
         return jsonify({**doc, "server": s.server_id})
 
     @app.get("/api/jobs")

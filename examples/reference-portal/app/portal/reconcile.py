@@ -74,8 +74,15 @@ class Reconciler:
         ttl = int(3 * INTERVAL_S * 1000)
         return bool(self.b.redis.call(lambda r: r.eval(LEAD, 1, self.key, self.me, ttl)))
 
+    def journaled(self, request_id: str) -> bool:
+        """Whether the portal recorded a job for request_id (the database's error when it
+        cannot tell: nothing is withdrawn then)."""
+        n, _rows = self.b.db.query("SELECT 1 FROM portal_jobs WHERE request_id = %s", (request_id,))
+        return bool(n)
+
     def settle_held(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Held attempts nobody settled, withdrawn; returns (request id, job id) each.
+        """Held attempts nobody settled, withdrawn (a lone one the portal recorded is released
+        instead: its release failed after the record); returns (request id, job id) withdrawn.
         SlurmError when squeue fails."""
         now = time.monotonic() if now is None else now
         jobs = slurm.queued_jobs()
@@ -97,6 +104,11 @@ class Reconciler:
                 now_held = [j.job_id for j in slurm.queued_jobs() if j.request_id == rid and j.waiting]
                 if rid in released:  # a released job answers: settle withdraws every held attempt
                     winner = slurm.settle(rid)
+                    done += [(rid, job) for job in now_held if job != winner]
+                    continue
+                if self.journaled(rid):  # recorded, then its release failed: the portal owes it
+                    winner = slurm.settle(rid)
+                    log(f"request {rid}: held job {winner} released (the portal had recorded it)")
                     done += [(rid, job) for job in now_held if job != winner]
                     continue
                 for job in now_held:  # looked again under the lock: a retry may have released one

@@ -14,9 +14,12 @@ second job). So a submission has two phases:
      --comment=pending/<request id>`: the job exists but cannot run (priority 0);
   2. settle the id: of the jobs squeue holds for it, the one already released wins,
      else the lowest job id; every other held attempt is withdrawn (comment
-     withdrawn/<request id>, then scancel), and the winner is released (`scontrol
-     release`, then its comment becomes the request id). Only then does the client get
-     the job id.
+     withdrawn/<request id>, then scancel); the caller records the winner (its journal,
+     `journal`), and only then is it released (`scontrol release`, then its comment
+     becomes the request id) and the client gets the job id. A job the portal could not
+     record stays held and never runs: its client got an error and retries, or gives up
+     and the reconciler withdraws it (measured: with the release before the record, the
+     galera-full drill's database outage left a running job whose client had given up).
 
 An attempt is known by its comment, not by its hold: a user's or an admin's own hold on
 a settled job is theirs. A straggler that arrives after its retry settled stays held, so
@@ -30,6 +33,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,15 +146,19 @@ def find_by_request_id(request_id: str) -> tuple[str | None, str]:
     return None, "squeue+sacct"
 
 
-def submit(request_id: str, name: str, seconds: int) -> dict[str, Any]:
+def submit(request_id: str, name: str, seconds: int,
+           journal: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The stand-in's answer: {"job_id", "request_id", "created"} (created false: an
-    earlier attempt's job was found, and "found_in" says where). See the module's
-    docstring for the two phases."""
+    earlier attempt's job was found, and "found_in" says where). `journal(job id)` records
+    the job before it is released (an exception from it leaves the job held). See the
+    module's docstring for the two phases."""
     found, where = find_by_request_id(request_id)
     if found and where != "squeue":
+        if journal is not None:
+            journal(found)
         return {"job_id": found, "request_id": request_id, "created": False, "found_in": where}
     mine = None if found else sbatch(request_id, name, seconds)
-    winner = settle(request_id)
+    winner = settle(request_id, journal)
     if winner is None:  # squeue no longer shows it: cancelled by hand before it was released
         raise SlurmError(f"request {request_id}: job {mine or found} left the queue before it was released; "
                          "retry with the same request id")
@@ -159,11 +167,12 @@ def submit(request_id: str, name: str, seconds: int) -> dict[str, Any]:
     return {"job_id": winner, "request_id": request_id, "created": False, "found_in": "squeue"}
 
 
-def settle(request_id: str) -> str | None:
+def settle(request_id: str, journal: Callable[[str], None] | None = None) -> str | None:
     """Phase 2: the one job of request_id (None if squeue holds none): a released job if
-    there is one (the lowest id), else the lowest held attempt, which is released; every
-    other held attempt is withdrawn. SlurmError when squeue, scontrol or scancel fail
-    (then a retry settles again: every step is repeatable)."""
+    there is one (the lowest id), else the lowest held attempt, which is recorded
+    (`journal`) and then released; every other held attempt is withdrawn. SlurmError when
+    squeue, scontrol or scancel fail (then a retry settles again: every step is
+    repeatable)."""
     jobs = [j for j in queued_jobs() if j.request_id == request_id and not j.dead]
     if not jobs:
         return None
@@ -176,6 +185,8 @@ def settle(request_id: str) -> str | None:
     for j in waiting:
         if j is not winner:
             withdraw(request_id, j.job_id)
+    if journal is not None:
+        journal(winner.job_id)  # before it can run: a job nobody recorded never runs
     if winner.waiting:
         _scontrol(request_id, "release", winner.job_id)
     if winner.attempt:  # released: its comment becomes the request id
