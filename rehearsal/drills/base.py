@@ -22,6 +22,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import time
@@ -230,7 +231,10 @@ class DrillBase:
         path.unlink(missing_ok=True)
         p = subprocess.Popen(["nsenter", f"--net=/run/netns/{NS_CLIENT}", "--", _python(), "-m", "rehearsal.load", "run",
                               "--url", URL, "--out", str(path), "--rate", str(LOAD_RATE), "--duration", "900",
-                              "--tag", name.replace("-", ""), *self.portal_login()],
+                              "--tag", name.replace("-", ""), *self.portal_login(),
+                              # HPC_REHEARSAL_LOAD_SPARES=0: the closed load (no spare connections), to compare
+                              *(["--spares", os.environ["HPC_REHEARSAL_LOAD_SPARES"]]
+                                if os.environ.get("HPC_REHEARSAL_LOAD_SPARES") else [])],
                              cwd=str(REPO), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
         st = read_state(self.wd)
