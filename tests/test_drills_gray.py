@@ -252,3 +252,28 @@ def test_fence_log_lines_read_the_journal_and_syslog_in_time_order() -> None:
     lines = fence_log_lines(text, 1796220652.0)
     assert [round(t, 1) for t, _ in lines] == [28.5, 56.4]
     assert lines[0][1].startswith("slurmctld[990]: ") and lines[1][1] == "hpc-slurm-fence[1352]: slurm-2 took control"
+
+
+@pytest.mark.parametrize("state", ["stopped", "running"])
+def test_a_reboot_starts_an_instance_a_fence_stopped_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           state: str) -> None:
+    """A host whose EC2 instance a peer fenced (stopped) while it was down is started
+    through EC2 before its reboot, as the operator does: a reboot alone left EC2 saying
+    stopped and IMDS answering 404, so that controller could fence nobody later."""
+    from types import SimpleNamespace
+
+    from rehearsal.drills import base
+
+    d = FakeDrill(tmp_path)
+    d.wd = tmp_path  # type: ignore[attr-defined]
+    d.deploy = {"hosts": {"slurm-2": {"instance_id": "i-2"}}}  # type: ignore[attr-defined]
+    d.layout = SimpleNamespace(host=lambda n: SimpleNamespace(name=n))  # type: ignore[assignment]
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(FakeDrill, "instance_state", lambda self, h: state)
+    monkeypatch.setattr(base, "ops_call", lambda wd, svc, method, **kw: calls.append((method, kw)))
+    monkeypatch.setattr(base, "read_state", lambda wd: {})
+    monkeypatch.setattr(base, "write_state", lambda wd, st: None)
+    monkeypatch.setattr(base.H, "start", lambda layout, h: 4242)
+    monkeypatch.setattr(base.H, "call", lambda layout, h, req: {"boot_done": True})
+    d._reboot("slurm-2")
+    assert calls == ([("start_instances", {"InstanceIds": ["i-2"]})] if state == "stopped" else [])

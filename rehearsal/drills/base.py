@@ -613,6 +613,14 @@ class DrillBase:
         return self.finish(res, rto_target)
 
     def _reboot(self, host: str, wait_units: list[str] | None = None, timeout: float = 180) -> None:
+        """Boot `host` again, as after a crash. An instance that was stopped meanwhile (a
+        Slurm controller fenced by its peer while it was down: EC2 StopInstances) is
+        started first, as the operator does (docs/slurm-cutover.md); rebooting the
+        container alone left EC2 saying "stopped" and the instance metadata answering 404,
+        so that host could fence nobody later (a full run's freeze-slurm after `az`)."""
+        if host in self.deploy.get("hosts", {}) and self.instance_state(host) in ("stopping", "stopped"):
+            ops_call(self.wd, "ec2", "start_instances", InstanceIds=[self.deploy["hosts"][host]["instance_id"]])
+            say(f"    {host}: its instance was stopped (fenced): started, as the operator does")
         say(f"    restart {host} (a reboot: its init starts the enabled units)")
         st = read_state(self.wd)
         st.setdefault("hosts", {})[host] = {"unshare_pid": H.start(self.layout, self.layout.host(host))}
