@@ -102,13 +102,13 @@ class Reconciler:
                 if not mine:
                     continue  # a client's retry is settling it right now
                 now_held = [j.job_id for j in slurm.queued_jobs() if j.request_id == rid and j.waiting]
-                if rid in released:  # a released job answers: settle withdraws every held attempt
+                # A released job answers: settle withdraws every held attempt. None, but the
+                # portal recorded one (then its release failed): settle releases it, the
+                # portal owes it.
+                if rid in released or self.journaled(rid):
                     winner = slurm.settle(rid)
-                    done += [(rid, job) for job in now_held if job != winner]
-                    continue
-                if self.journaled(rid):  # recorded, then its release failed: the portal owes it
-                    winner = slurm.settle(rid)
-                    log(f"request {rid}: held job {winner} released (the portal had recorded it)")
+                    if rid not in released:
+                        log(f"request {rid}: held job {winner} released (the portal had recorded it)")
                     done += [(rid, job) for job in now_held if job != winner]
                     continue
                 for job in now_held:  # looked again under the lock: a retry may have released one
