@@ -213,7 +213,6 @@ def test_no_false_failover_fails_when_an_lb_took_the_paused_app_host_out(nff: No
     assert res.checks["no_app_server_taken_out"] is False and not res.passed
 
 
-
 def test_no_false_failover_fails_when_the_backup_took_over_and_fenced_the_primary(
         nff: NoFalseFailoverDrill) -> None:
     nff.ctl_state = "stopped"

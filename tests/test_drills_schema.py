@@ -117,7 +117,6 @@ def test_jobs_acked_lost_duplicated_ghost() -> None:
     assert judge_jobs([H("x", True, "7")], {"x": {"8"}})["duplicated"] == 1
 
 
-
 def test_ghost_jobs_are_named_with_their_jobs_and_attempts() -> None:
     from rehearsal.drills.base import ghost_note
 
@@ -125,6 +124,7 @@ def test_ghost_jobs_are_named_with_their_jobs_and_attempts() -> None:
             (102.0, 102.2, "job", True, 200, "r-ok", "app-1", "7"), (103.0, 103.1, "job", False, 503, "r-gone", "-", "-")]
     note = ghost_note(hist, {"r-ghost": {"12"}, "r-ok": {"7"}, "r-gone": set()}, 90.0)  # type: ignore[arg-type]
     assert note == "ghost jobs (never acknowledged, held by Slurm): r-ghost (jobs 12; 2 attempts from +10.0s)"
+
 
 def test_a_job_the_portals_reconciler_submitted_again_is_neither_lost_nor_a_duplicate() -> None:
     hist = [H("r", True, "52")]

@@ -5,12 +5,14 @@ person clicks again; it is not left behind as a job Slurm holds that nobody was 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -70,14 +72,25 @@ class Portal:
         return f"http://127.0.0.1:{self.srv.server_address[1]}"
 
 
+@contextlib.contextmanager
+def running_load(portal: Portal, out: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m rehearsal.load run` against `portal`, writing `out`; killed if still
+    running when the block ends, and the portal shut down."""
+    load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", portal.url, "--out", str(out),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield load
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait(10)
+        portal.srv.shutdown()
+
 def test_a_job_in_flight_when_the_load_stops_is_resolved_with_its_request_id(tmp_path: Path, tally: Tally) -> None:
     portal = Portal()
     out = tmp_path / "load.log"
-    load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", portal.url, "--out", str(out),
-                             "--rate", "5", "--workers", "2", "--duration", "120", "--job-interval", "60",
-                             "--job-timeout", "5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
+    with running_load(portal, out, "--rate", "5", "--workers", "2", "--duration", "120", "--job-interval", "60",
+                      "--job-timeout", "5") as load:
         deadline = time.monotonic() + 30
         while len(portal.tried) < 2 and time.monotonic() < deadline:  # its first job failed at least twice
             time.sleep(0.1)
@@ -87,11 +100,6 @@ def test_a_job_in_flight_when_the_load_stops_is_resolved_with_its_request_id(tmp
         time.sleep(2)
         portal.accept.set()  # the controller answers again
         stdout, stderr = load.communicate(timeout=30)
-    finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait(10)
-        portal.srv.shutdown()
     tally.check(load.returncode == 0, stderr[-2000:])
     rids = set(portal.tried)
     tally.check(len(rids) == 1, f"one request id, retried: {portal.tried}")
@@ -113,20 +121,12 @@ def test_requests_go_on_starting_while_every_client_waits_on_a_stall(tmp_path: P
     def started_during_stall(spares: int) -> int:
         portal = Portal()
         out = tmp_path / f"load-{spares}.log"
-        load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", portal.url, "--out", str(out),
-                                 "--rate", "20", "--workers", "4", "--spares", str(spares), "--duration", "9",
-                                 "--job-interval", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        try:
+        with running_load(portal, out, "--rate", "20", "--workers", "4", "--spares", str(spares), "--duration", "9",
+                          "--job-interval", "0") as load:
             time.sleep(2)
             t0 = time.time()
             portal.stall_until = t0 + TIMEOUT + 1
             _stdout, stderr = load.communicate(timeout=60)
-        finally:
-            if load.poll() is None:
-                load.kill()
-                load.wait(10)
-            portal.srv.shutdown()
         tally.check(load.returncode == 0, stderr[-2000:])
         starts = [float(line.split()[0]) for line in out.read_text().splitlines()]
         # between the moment the first clients were surely stuck and the first time-outs

@@ -691,9 +691,7 @@ class DrillBase:
     def writers_seen(self) -> dict[str, str | None]:
         """Per DB client: the Galera node its writer HAProxy sends connections to."""
         out: dict[str, str | None] = {}
-        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/hpc-dbwriter/admin.sock');"
-                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
-                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
+        probe = show_stat("/run/hpc-dbwriter/admin.sock")
         for c in self.db_clients():
             if not H.alive(c) or frozen(c):
                 continue
@@ -704,9 +702,7 @@ class DrillBase:
     def lb_downs(self, app_host: str) -> dict[str, int]:
         """Per LB: how often its HAProxy took a server of `app_host` out (UP to DOWN
         transitions, `chkdown` of `show stat`, summed over that host's servers)."""
-        probe = ("python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('/run/haproxy/admin.sock');"
-                 "s.sendall(b'show stat\\n');import sys;b=b''\n"
-                 "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
+        probe = show_stat("/run/haproxy/admin.sock")
         out: dict[str, int] = {}
         for lb in self.layout.topo.role_hosts["lb"]:
             if not H.alive(lb) or frozen(lb):
@@ -873,6 +869,13 @@ def read_queue(text: str) -> tuple[list[tuple[str, str]], dict[str, set[str]], s
             jobs.extend(parse_jobs(f"{job}|{comment.removeprefix(ATTEMPT)}", "|"))
     return jobs, held, not_jobs
 
+
+def show_stat(sock: str) -> str:
+    """A shell command that prints HAProxy's `show stat` (CSV) from its admin socket
+    `sock` on a host (python3 is on every host; socat is not)."""
+    return (f"python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.connect('{sock}');"
+            "s.sendall(b'show stat\\n');import sys;b=b''\n"
+            "while True:\n  d=s.recv(65536)\n  if not d: break\n  b+=d\nsys.stdout.write(b.decode())\"")
 
 def ghost_note(job_hist: list[History], found: dict[str, set[str]], t0: float) -> str:
     """Which request ids are ghosts (never acknowledged, yet Slurm holds a job for them):
