@@ -694,6 +694,156 @@ def test_a_job_is_submitted_held_and_released_only_once_its_request_id_is_settle
     tally.expect(10)
 
 
+# ------------------------------------------- controller round trips of one submission
+
+CONTROLLER = ("squeue", "sbatch", "scontrol", "scancel")  # sacct asks slurmdbd, not slurmctld
+
+
+def slurm_log(state_file: Path) -> list[str]:
+    """The fake Slurm commands run so far, each as its command and first argument."""
+    log = state_file.parent / (state_file.name + ".log")
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [" ".join(x.split()[:2]) if x.startswith("scontrol") else x.split()[0] for x in lines]
+
+
+def controller_calls(calls: list[str]) -> int:
+    """Each one a process that, with the primary controller dead, pays a connect time-out."""
+    return sum(c.split()[0] in CONTROLLER for c in calls)
+
+
+def released_jobs(state_file: Path, request_id: str) -> set[str]:
+    """Jobs of request_id that can run: released and not cancelled."""
+    return {j for j, x in fake_jobs(state_file).items() if x["comment"] in (request_id, f"pending/{request_id}")
+            and not x["held"] and x["state"] != "CANCELLED"}
+
+
+class Journal:
+    """submit's `journal`, recording each job id with its state at that moment."""
+
+    def __init__(self, state_file: Path, fail: bool = False) -> None:
+        self.state_file, self.fail = state_file, fail
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, job_id: str) -> None:
+        if self.fail:
+            raise RuntimeError("the journal's database is down (the test says so)")
+        self.seen.append((job_id, dict(fake_jobs(self.state_file)[job_id])))
+
+    def recorded(self) -> set[str]:
+        return {job for job, _ in self.seen}
+
+
+def test_a_fresh_submission_makes_four_controller_calls_and_releases_only_a_recorded_job(
+        fake_slurm: Path, tally: Tally) -> None:
+    """squeue (the lookup), sbatch --hold, scontrol release, scontrol update: phase 2
+    settles from the lookup's squeue and sbatch's job id, with no second squeue (five
+    controller calls before, each a connect time-out while the primary is dead). The job
+    is recorded while it is still held; a record that fails leaves it held, and the retry
+    releases that same job in three calls."""
+    journal = Journal(fake_slurm)
+    doc = portal_slurm.submit("req-c1", "a", 60, journal)
+    calls = slurm_log(fake_slurm)
+    tally.check(calls == ["squeue", "sacct", "sbatch", "scontrol release", "scontrol update"], str(calls))
+    tally.check(controller_calls(calls) == 4, str(calls))
+    job = doc["job_id"]
+    tally.check(doc == {"job_id": job, "request_id": "req-c1", "created": True}, str(doc))
+    tally.check([j for j, _ in journal.seen] == [job] and journal.seen[0][1]["held"]
+                and journal.seen[0][1]["comment"] == "pending/req-c1", f"recorded while held: {journal.seen}")
+    jobs = fake_jobs(fake_slurm)
+    tally.check(not jobs[job]["held"] and jobs[job]["comment"] == "req-c1", str(jobs[job]))
+    # The record fails (the journal's database is down): the job stays held, unreleased.
+    n = len(slurm_log(fake_slurm))
+    with pytest.raises(RuntimeError):
+        portal_slurm.submit("req-c2", "b", 60, Journal(fake_slurm, fail=True))
+    held = max(fake_jobs(fake_slurm), key=int)
+    tally.check(slurm_log(fake_slurm)[n:] == ["squeue", "sacct", "sbatch"] and fake_jobs(fake_slurm)[held]["held"],
+                f"{slurm_log(fake_slurm)[n:]} {fake_jobs(fake_slurm)[held]}")
+    n = len(slurm_log(fake_slurm))
+    again = portal_slurm.submit("req-c2", "b", 60, journal)
+    calls = slurm_log(fake_slurm)[n:]
+    tally.check(calls == ["squeue", "scontrol release", "scontrol update"] and controller_calls(calls) == 3, str(calls))
+    tally.check(again == {"job_id": held, "request_id": "req-c2", "created": False, "found_in": "squeue"}, str(again))
+    for rid in ("req-c1", "req-c2"):
+        tally.check(released_jobs(fake_slurm, rid) <= journal.recorded() and len(released_jobs(fake_slurm, rid)) == 1,
+                    f"{rid}: one released job, recorded: {released_jobs(fake_slurm, rid)} {journal.seen}")
+    tally.expect(9)
+
+
+def test_a_retry_that_finds_an_attempt_settles_it_from_its_lookup_and_never_submits_again(
+        fake_slurm: Path, tally: Tally) -> None:
+    """sbatch queued the attempt but its answer was lost: the retry's lookup finds it held
+    and settles it from that same squeue (squeue, release, rename: three controller calls,
+    four before); a later retry finds the settled job in one squeue. Neither submits."""
+    journal = Journal(fake_slurm)
+    (fake_slurm.parent / "slurm.json.lose-answer").touch()
+    with pytest.raises(portal_slurm.SlurmError, match="retry with the same request id"):
+        portal_slurm.submit("req-r1", "a", 60, journal)
+    attempt = max(fake_jobs(fake_slurm), key=int)
+    tally.check(fake_jobs(fake_slurm)[attempt]["held"] and journal.seen == [], "held, not recorded")
+    n = len(slurm_log(fake_slurm))
+    doc = portal_slurm.submit("req-r1", "a", 60, journal)
+    calls = slurm_log(fake_slurm)[n:]
+    tally.check(calls == ["squeue", "scontrol release", "scontrol update"], str(calls))
+    tally.check(controller_calls(calls) == 3, str(calls))
+    tally.check(doc == {"job_id": attempt, "request_id": "req-r1", "created": False, "found_in": "squeue"}, str(doc))
+    tally.check([j for j, _ in journal.seen] == [attempt] and journal.seen[0][1]["held"], str(journal.seen))
+    n = len(slurm_log(fake_slurm))
+    again = portal_slurm.submit("req-r1", "a", 60, journal)
+    calls = slurm_log(fake_slurm)[n:]
+    tally.check(calls == ["squeue"] and again == doc, f"{calls} {again}")
+    tally.check(released_jobs(fake_slurm, "req-r1") == {attempt} and len(fake_jobs(fake_slurm)) == 1,
+                f"one job, released once: {fake_jobs(fake_slurm)}")
+    tally.expect(7)
+
+
+def test_a_straggler_that_arrives_after_the_lookup_stays_held_and_the_next_settle_withdraws_it(
+        fake_slurm: Path, tally: Tally) -> None:
+    """Phase 2 no longer reads squeue again, so an attempt that reaches the controller
+    between the retry's lookup and its release is not seen: it stays held (it cannot
+    run), the request's released job is the one the client got, and the next settle (a
+    retry, or the reconciler: a held attempt next to a released job of its request id)
+    withdraws it, although its job id is the lower one."""
+    (fake_slurm.parent / "slurm.json.in-flight").touch()
+    with pytest.raises(portal_slurm.SlurmError):
+        portal_slurm.submit("req-s1", "a", 60, Journal(fake_slurm))
+    straggler = max(fake_jobs(fake_slurm), key=int)
+
+    class Arriving(Journal):
+        def __call__(self, job_id: str) -> None:
+            super().__call__(job_id)
+            unhide(fake_slurm, straggler)  # reaches the controller while the retry records its own
+    journal = Arriving(fake_slurm)
+    n = len(slurm_log(fake_slurm))
+    doc = portal_slurm.submit("req-s1", "a", 60, journal)
+    calls = slurm_log(fake_slurm)[n:]
+    tally.check(calls == ["squeue", "sacct", "sbatch", "scontrol release", "scontrol update"], str(calls))
+    mine = doc["job_id"]
+    jobs = fake_jobs(fake_slurm)
+    tally.check(doc["created"] is True and int(straggler) < int(mine), f"{doc} {straggler}")
+    tally.check(jobs[straggler]["held"] and jobs[straggler]["comment"] == "pending/req-s1"
+                and jobs[straggler]["state"] == "PENDING", f"the straggler cannot run: {jobs[straggler]}")
+    tally.check(released_jobs(fake_slurm, "req-s1") == {mine} <= journal.recorded(), str(jobs))
+    # What the reconciler's settle_held withdraws (reconcile.py): a held attempt of a
+    # request id another (released) job answers.
+    queue = [j for j in portal_slurm.queued_jobs() if j.request_id == "req-s1"]
+    tally.check([j.job_id for j in queue if j.waiting] == [straggler] and [j.job_id for j in queue if j.job] == [mine],
+                str(queue))
+    tally.check(portal_slurm.queue_states() == {mine: "PENDING"}, "a held attempt is no job anyone is told of")
+    # A retry with the same request id: the released job answers (not the lower id), the
+    # straggler is withdrawn, nothing is submitted.
+    n = len(slurm_log(fake_slurm))
+    again = portal_slurm.submit("req-s1", "a", 60, journal)
+    calls = slurm_log(fake_slurm)[n:]
+    jobs = fake_jobs(fake_slurm)
+    tally.check(again == {"job_id": mine, "request_id": "req-s1", "created": False, "found_in": "squeue"}, str(again))
+    tally.check(calls == ["squeue", "scontrol update", "scancel"], f"the withdraw only, no sbatch: {calls}")
+    tally.check(jobs[straggler]["comment"] == "withdrawn/req-s1" and jobs[straggler]["state"] == "CANCELLED",
+                str(jobs[straggler]))
+    tally.check(released_jobs(fake_slurm, "req-s1") == {mine} and portal_slurm.settle("req-s1") == mine,
+                "one job answers req-s1, also for the reconciler's settle (its own squeue)")
+    tally.expect(10)
+
+
 
 @pytest.mark.daemons
 def test_a_job_the_portal_could_not_record_stays_held_and_the_reconciler_settles_by_the_record(

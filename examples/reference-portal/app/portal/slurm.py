@@ -21,6 +21,21 @@ second job). So a submission has two phases:
      and the reconciler withdraws it (measured: with the release before the record, the
      galera-full drill's database outage left a running job whose client had given up).
 
+Controller round trips: every client command is a process of its own, and the Slurm
+client library remembers which controller answered only within a process, so while the
+primary is dead (frozen, then fenced) each squeue, sbatch and scontrol first pays a
+connect time-out (about MessageTimeout) before it reaches the backup (measured: a
+submission during the failover took 34.2 s). submit() makes as few as its guarantees
+allow: a fresh submission four (squeue, sbatch, scontrol release, scontrol update), a
+retry that finds a held attempt three (squeue, release, update; two more for each other
+held attempt it withdraws), a retry that finds a settled job one (squeue); sacct asks
+slurmdbd, not the controller. Phase 2 of submit() settles from its own lookup's squeue
+plus the job id its sbatch returned, with no squeue of its own: an attempt that reaches
+the controller after that lookup (a straggler) is not seen, but it is held, so it cannot
+run, and the next settle of the id withdraws it (a retry's, or the reconciler's once it
+has seen it held HELD_MIN_S next to the released job): the same as for a straggler that
+arrives after a settle. Release and rename stay two calls: see settle().
+
 An attempt is known by its comment, not by its hold: a user's or an admin's own hold on
 a settled job is theirs. A straggler that arrives after its retry settled stays held, so
 it never runs; the reconciler (reconcile.py) withdraws attempts nobody settled. Both
@@ -33,7 +48,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,15 +125,19 @@ def queued_jobs() -> list[QueuedJob]:
     return jobs
 
 
+def _request_ids(jobs: Sequence[QueuedJob]) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for j in jobs:
+        if not j.dead:
+            ids.setdefault(j.request_id, j.job_id)
+    return ids
+
+
 def queue_request_ids() -> dict[str, str]:
     """{request id: job id} of every job the controller in charge holds, attempts still
     held included (a retry must not submit while one waits to be settled). SlurmError
     when squeue fails."""
-    ids: dict[str, str] = {}
-    for j in queued_jobs():
-        if not j.dead:
-            ids.setdefault(j.request_id, j.job_id)
-    return ids
+    return _request_ids(queued_jobs())
 
 
 def find_by_request_id(request_id: str) -> tuple[str | None, str]:
@@ -127,23 +146,30 @@ def find_by_request_id(request_id: str) -> tuple[str | None, str]:
     MinJobAge ago), then sacct. A failing squeue raises: nothing may be submitted then (a
     duplicate could follow). A failing sacct (slurmdbd down) only narrows the lookup to
     squeue, so submissions do not stop with accounting."""
+    found, where, _queue = _look_up(request_id)
+    return found, where
+
+
+def _look_up(request_id: str) -> tuple[str | None, str, list[QueuedJob]]:
+    """find_by_request_id's answer and the queue its squeue read (submit settles from it)."""
     try:
-        ids = queue_request_ids()
+        queue = queued_jobs()
     except SlurmError as e:
         raise SlurmError(f"cannot tell whether request {request_id} was already submitted: {e}; "
                          "retry with the same request id") from e
+    ids = _request_ids(queue)
     if request_id in ids:
-        return ids[request_id], "squeue"
+        return ids[request_id], "squeue", queue
     rc, out = run(["sacct", "-n", "-X", "-P", "-a", "-S", "now-7days", "-o", "JobID,Comment"])
     if rc != 0:
         print(f"hpc-portal: sacct failed (rc {rc}), request {request_id} looked up in squeue only: {out[-200:]}",
               file=sys.stderr, flush=True)
-        return None, "squeue (sacct failed)"
+        return None, "squeue (sacct failed)", queue
     for line in out.splitlines():
         job, _, comment = line.partition("|")
         if comment.strip() == request_id and job.strip():
-            return job.strip(), "sacct"
-    return None, "squeue+sacct"
+            return job.strip(), "sacct", queue
+    return None, "squeue+sacct", queue
 
 
 def submit(request_id: str, name: str, seconds: int,
@@ -151,15 +177,19 @@ def submit(request_id: str, name: str, seconds: int,
     """The stand-in's answer: {"job_id", "request_id", "created"} (created false: an
     earlier attempt's job was found, and "found_in" says where). `journal(job id)` records
     the job before it is released (an exception from it leaves the job held). See the
-    module's docstring for the two phases."""
-    found, where = find_by_request_id(request_id)
+    module's docstring for the two phases and its controller round trips."""
+    found, where, queue = _look_up(request_id)
     if found and where != "squeue":
         if journal is not None:
             journal(found)
         return {"job_id": found, "request_id": request_id, "created": False, "found_in": where}
     mine = None if found else sbatch(request_id, name, seconds)
-    winner = settle(request_id, journal)
-    if winner is None:  # squeue no longer shows it: cancelled by hand before it was released
+    # Settled from the lookup's squeue, not from one more (a connect time-out more in a
+    # failover): sbatch --hold made `mine` an attempt held by its user. A straggler that
+    # arrived since is not in `queue`: it stays held and the next settle withdraws it.
+    known = queue if mine is None else [*queue, QueuedJob(mine, request_id, "PENDING", HOLDS[0], True)]
+    winner = settle(request_id, journal, known)
+    if winner is None:  # not with `known` holding `mine` or `found`; a job cancelled since fails its release
         raise SlurmError(f"request {request_id}: job {mine or found} left the queue before it was released; "
                          "retry with the same request id")
     if mine is not None and winner == mine:
@@ -167,13 +197,15 @@ def submit(request_id: str, name: str, seconds: int,
     return {"job_id": winner, "request_id": request_id, "created": False, "found_in": "squeue"}
 
 
-def settle(request_id: str, journal: Callable[[str], None] | None = None) -> str | None:
+def settle(request_id: str, journal: Callable[[str], None] | None = None,
+           queue: Sequence[QueuedJob] | None = None) -> str | None:
     """Phase 2: the one job of request_id (None if squeue holds none): a released job if
     there is one (the lowest id), else the lowest held attempt, which is recorded
-    (`journal`) and then released; every other held attempt is withdrawn. SlurmError when
-    squeue, scontrol or scancel fail (then a retry settles again: every step is
-    repeatable)."""
-    jobs = [j for j in queued_jobs() if j.request_id == request_id and not j.dead]
+    (`journal`) and then released; every other held attempt is withdrawn. `queue`: the
+    jobs to settle from (submit's: its lookup's squeue and its own attempt), else squeue
+    is read (the reconciler's, under the submission lock). SlurmError when squeue,
+    scontrol or scancel fail (then a retry settles again: every step is repeatable)."""
+    jobs = [j for j in (queued_jobs() if queue is None else queue) if j.request_id == request_id and not j.dead]
     if not jobs:
         return None
     released = sorted((j for j in jobs if j.job), key=lambda j: _job_key(j.job_id))
@@ -187,6 +219,16 @@ def settle(request_id: str, journal: Callable[[str], None] | None = None) -> str
             withdraw(request_id, j.job_id)
     if journal is not None:
         journal(winner.job_id)  # before it can run: a job nobody recorded never runs
+    # Two controller calls, not one, and the rename only once the release succeeded.
+    # slurmctld releases a job its owner held only on an update whose priority is
+    # INFINITE, which `scontrol release` sends and `scontrol update Priority=` cannot
+    # (it takes numbers below NO_VAL; raising a priority is for operators, any other one
+    # on a held job is refused with ESLURM_JOB_HELD), so no single RPC releases and
+    # renames. One scontrol reading both commands from stdin would pay the dead
+    # primary's time-out once (the client library remembers the backup within a process),
+    # but it goes on after a failed command: a rename after a failed release leaves a job
+    # held under the plain request id, which reads as settled and never runs (or a
+    # cancelled one that reads as the request's job).
     if winner.waiting:
         _scontrol(request_id, "release", winner.job_id)
     if winner.attempt:  # released: its comment becomes the request id
