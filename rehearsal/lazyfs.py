@@ -29,11 +29,20 @@ allow_other and default_permissions so the kernel checks permissions as on any d
     python -m rehearsal.lazyfs poweroff --control SOCK    drop unsynced writes, unmount
     python -m rehearsal.lazyfs status --control SOCK      dirty files and bytes now
     python -m rehearsal.lazyfs umount --control SOCK      a clean shutdown: keep all
+    python -m rehearsal.lazyfs stall --control SOCK --seconds N   stop answering (at most N s)
+    python -m rehearsal.lazyfs resume --control SOCK      answer again
+
+Stalled, every operation waits (none fails) until `resume` or the stall's N seconds are
+over, as on an NFS share mounted `hard` (EFS's mount options) whose server stops
+answering: a process touching it blocks in the kernel, killable by SIGKILL only. The
+rehearsal's Slurm share goes through this layer with `--durable` (no undo log: nothing
+there is ever powered off) for the `efs-stall` drill.
 
 The control socket takes one JSON request per connection ({"op": "poweroff" | "status" |
-"umount"}) and answers one JSON line (rehearsal/sockcall.py). poweroff answers
-{"files": N, "bytes": N, "paths": [...]} (what was dropped). From Python: start(),
-poweroff(), stop(), mounted().
+"umount" | "stall" | "resume"}, "seconds" with stall) and answers one JSON line
+(rehearsal/sockcall.py). poweroff answers {"files": N, "bytes": N, "paths": [...]} (what
+was dropped); poweroff and umount end a stall first. From Python: start(), poweroff(),
+stop(), stall(), resume(), mounted().
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
+STALL_MAX_S = 600.0  # a stall nobody ends is over after this long at most
 
 
 class Dirty:
@@ -155,8 +165,9 @@ def _ops_base() -> type:
 class LazyOps(_ops_base()):  # type: ignore[misc]
     use_ns = True
 
-    def __init__(self, backing: Path, spill_dir: Path) -> None:
+    def __init__(self, backing: Path, spill_dir: Path, durable: bool = False) -> None:
         self.root = os.path.realpath(backing)
+        self.durable = durable  # every write durable at once: no undo log, power_off drops nothing
         self.spill_dir = spill_dir
         spill_dir.mkdir(parents=True, exist_ok=True)
         self._mu = threading.Lock()  # the tables below
@@ -168,6 +179,12 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         self.off = False
         self.synced_files = 0
         self.synced_bytes = 0
+        self._answering = threading.Event()  # cleared while stalled
+        self._answering.set()
+        self._stall_timer: threading.Timer | None = None
+        self.waiting = 0  # operations waiting on the stall now
+        self.stalled_ops = 0  # operations that waited on a stall, ever
+        self.stalls = 0
 
     # ---------------------------------------------------------------- helpers
     def _p(self, path: str | None) -> str:
@@ -175,7 +192,20 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
             raise OSError(errno.ESTALE, "unlinked")
         return os.path.join(self.root, path.lstrip("/"))
 
+    def _wait_answering(self) -> None:
+        if self._answering.is_set():
+            return
+        with self._mu:
+            self.waiting += 1
+            self.stalled_ops += 1
+        try:
+            self._answering.wait()
+        finally:
+            with self._mu:
+                self.waiting -= 1
+
     def _alive(self) -> None:
+        self._wait_answering()
         if self.off:
             raise OSError(errno.EIO, "powered off")
 
@@ -359,7 +389,7 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         ino, sync, opened = self.fhs[fh]
         with self._ilock(ino):
             self._alive()
-            if not sync:
+            if not sync and not self.durable:
                 self._dirty(ino, fh, path or opened).save(offset, offset + len(data))
             n = os.pwrite(fh, data, offset)
         if sync:  # O_SYNC/O_DSYNC: durable when write() returns (the whole file's data, as fdatasync)
@@ -370,6 +400,9 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
     def _truncate_fd(self, fd: int, ino: int, length: int, path: str) -> None:
         with self._ilock(ino):
             self._alive()
+            if self.durable:
+                os.ftruncate(fd, length)
+                return
             d = self._dirty(ino, fd, path)
             size = os.fstat(fd).st_size
             if length < size:
@@ -400,7 +433,8 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         ino, _sync, opened = self.fhs[fh]
         with self._ilock(ino):
             self._alive()
-            self._dirty(ino, fh, path or opened).changed = True
+            if not self.durable:
+                self._dirty(ino, fh, path or opened).changed = True
             os.posix_fallocate(fh, offset, size)
         return 0
 
@@ -413,7 +447,8 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
         return 0
 
     def flush(self, path: str, fh: int) -> int:
-        return 0  # close(2): not a sync
+        self._wait_answering()  # close(2) flushes to an NFS server: it waits on a stall too
+        return 0  # not a sync
 
     def release(self, path: str, fh: int) -> int:
         gone = None
@@ -445,12 +480,38 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
     def status(self) -> dict[str, Any]:
         with self._mu:
             dirty = list(self.dirty.values())
+            waiting, stalled_ops = self.waiting, self.stalled_ops
         return {"dirty_files": sum(1 for d in dirty if d.changed), "saved_bytes": sum(d.spill_end for d in dirty),
-                "synced_files": self.synced_files, "off": self.off}
+                "synced_files": self.synced_files, "off": self.off, "durable": self.durable,
+                "stalled": not self._answering.is_set(), "waiting": waiting, "stalled_ops": stalled_ops,
+                "stalls": self.stalls}
+
+    def stall(self, seconds: float) -> dict[str, Any]:
+        """Stop answering: every operation waits until resume() or `seconds` have passed."""
+        if not 0 < seconds <= STALL_MAX_S:
+            raise ValueError(f"stall seconds must be in (0, {STALL_MAX_S:.0f}], got {seconds}")
+        with self._mu:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+            self._stall_timer = threading.Timer(seconds, self.resume)
+            self._stall_timer.daemon = True
+            self.stalls += 1
+        self._answering.clear()
+        self._stall_timer.start()
+        return self.status()
+
+    def resume(self) -> dict[str, Any]:
+        with self._mu:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+        self._answering.set()
+        return self.status()
 
     def power_off(self) -> dict[str, Any]:
         """Every unsynced write is dropped; nothing is served after."""
         self.off = True
+        self.resume()  # waiting operations end (with EIO)
         with self._mu:
             inos = sorted(self.dirty)
         files, total, paths = 0, 0, []
@@ -499,16 +560,25 @@ def _serve(ops: LazyOps, sock_path: Path, mountpoint: str, report: Path | None) 
                     break
                 data += chunk
             try:
-                op = json.loads(data or b"{}").get("op")
-            except ValueError:
-                op = None
+                req = json.loads(data or b"{}")
+                op = req.get("op")
+            except (ValueError, AttributeError):
+                req, op = {}, None
             if op == "status":
                 out: dict[str, Any] = {**ops.status(), "mounted": mounted(mountpoint)}
+            elif op == "stall":
+                try:
+                    out = ops.stall(float(req.get("seconds", 0)))
+                except (TypeError, ValueError) as e:
+                    out = {"error": str(e)}
+            elif op == "resume":
+                out = ops.resume()
             elif op == "poweroff":
                 out = {"dropped": ops.power_off()}
                 if report:
                     report.write_text(json.dumps(out) + "\n")
             elif op == "umount":
+                ops.resume()
                 out = {"dropped": None}
             else:
                 out = {"error": f"unknown op {op!r}"}
@@ -519,7 +589,7 @@ def _serve(ops: LazyOps, sock_path: Path, mountpoint: str, report: Path | None) 
 
 
 def serve(backing: Path, mountpoint: Path, control: Path, spill: Path | None = None,
-          report: Path | None = None) -> None:
+          report: Path | None = None, durable: bool = False) -> None:
     import mfusepy
 
     class FUSE(mfusepy.FUSE):  # type: ignore[misc]
@@ -535,7 +605,7 @@ def serve(backing: Path, mountpoint: Path, control: Path, spill: Path | None = N
     spill = spill or control.parent / f"{control.name}.spill"
     if spill.exists():
         shutil.rmtree(spill)
-    ops = LazyOps(backing, spill)
+    ops = LazyOps(backing, spill, durable)
     t = threading.Thread(target=_serve, args=(ops, control, str(mountpoint), report), daemon=True)
     t.start()
     try:
@@ -547,20 +617,73 @@ def serve(backing: Path, mountpoint: Path, control: Path, spill: Path | None = N
 
 
 # -------------------------------------------------------------------- callers
-def mounted(mountpoint: Path | str) -> bool:
-    target = os.path.realpath(mountpoint)
+def _target(mountpoint: Path | str) -> str:
+    """The mountpoint's real path without a stat of the mountpoint itself: that would be
+    a request to the layer, which waits while it is stalled (and deadlocks the layer's
+    own control thread)."""
+    p = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+
+def _mount_line(mountpoint: Path | str) -> list[str] | None:
+    target = _target(mountpoint)
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target and " fuse.lazyfs " in line for line in f)
+        for line in f:
+            fields = line.split()
+            if fields[4] == target and " fuse.lazyfs " in line:
+                return fields
+    return None
 
 
-def call(control: Path, op: str, timeout: float = 120) -> dict[str, Any]:
+def mounted(mountpoint: Path | str) -> bool:
+    return _mount_line(mountpoint) is not None
+
+
+def connection(mountpoint: Path | str) -> str | None:
+    """The FUSE connection's name under /sys/fs/fuse/connections (the mount's device
+    minor), while it is mounted."""
+    fields = _mount_line(mountpoint)
+    return fields[2].split(":")[1] if fields else None
+
+
+def abort_connection(conn: str) -> bool:
+    """Abort a FUSE connection whose daemon cannot end (a thread of it waiting on its own
+    stalled mount): every request waiting on it fails, so every process ends. True if
+    it was there."""
+    base = Path("/sys/fs/fuse/connections")
+    ours = False
+    if not (base / conn).exists() and not os.path.ismount(base):
+        ours = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(base)], capture_output=True).returncode == 0
+    try:
+        (base / conn / "abort").write_text("1")
+        return True
+    except OSError:
+        return False
+    finally:
+        if ours:
+            subprocess.run(["umount", str(base)], capture_output=True)
+
+
+def call(control: Path, op: str, timeout: float = 120, **args: Any) -> dict[str, Any]:
     from .sockcall import call as sockcall
 
-    return dict(sockcall(control, {"op": op}, timeout) or {})
+    return dict(sockcall(control, {"op": op, **args}, timeout) or {})
+
+
+def stall(control: Path, seconds: float) -> dict[str, Any]:
+    """The layer stops answering for `seconds` at most (resume() ends it sooner)."""
+    out = call(control, "stall", 30, seconds=seconds)
+    if out.get("error") or not out.get("stalled"):
+        raise RuntimeError(f"lazyfs {control}: stall refused: {out}")
+    return out
+
+
+def resume(control: Path) -> dict[str, Any]:
+    return call(control, "resume", 30)
 
 
 def start(backing: Path, mountpoint: Path, control: Path, log: Path, python: str = sys.executable,
-          timeout: float = 30) -> int:
+          timeout: float = 30, durable: bool = False) -> int:
     """Mount the layer (a daemon in its own session); returns its pid once it answers."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     if mounted(mountpoint):
@@ -568,7 +691,7 @@ def start(backing: Path, mountpoint: Path, control: Path, log: Path, python: str
     repo = Path(__file__).resolve().parents[1]
     with open(log, "ab") as out:
         p = subprocess.Popen([python, "-m", "rehearsal.lazyfs", "mount", str(backing), str(mountpoint),
-                              "--control", str(control)], cwd=str(repo), stdin=subprocess.DEVNULL, stdout=out,
+                              "--control", str(control), *(["--durable"] if durable else [])], cwd=str(repo), stdin=subprocess.DEVNULL, stdout=out,
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -589,6 +712,7 @@ def start(backing: Path, mountpoint: Path, control: Path, log: Path, python: str
 
 
 def _wait_gone(pid: int | None, mountpoint: Path, timeout: float) -> None:
+    conn = connection(mountpoint)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         alive = False
@@ -607,6 +731,16 @@ def _wait_gone(pid: int | None, mountpoint: Path, timeout: float) -> None:
         except OSError:
             pass
     _unmount(str(mountpoint))
+    if pid and conn:  # killed, but a thread of it may wait on its own mount: abort the connection
+        for _ in range(50):
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z" and \
+                        len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                    return
+            except (OSError, IndexError):
+                return
+            time.sleep(0.1)
+        abort_connection(conn)
 
 
 def poweroff(control: Path, mountpoint: Path, pid: int | None = None, timeout: float = 120) -> dict[str, Any]:
@@ -635,15 +769,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--control", type=Path, required=True, help="the control socket")
     m.add_argument("--spill", type=Path, help="where undo logs go (default: beside the socket)")
     m.add_argument("--report", type=Path, help="write poweroff's answer here too")
-    for name in ("poweroff", "status", "umount"):
+    m.add_argument("--durable", action="store_true", help="every write durable at once (no undo log)")
+    for name in ("poweroff", "status", "umount", "stall", "resume"):
         c = sub.add_parser(name)
         c.add_argument("--control", type=Path, required=True)
+        if name == "stall":
+            c.add_argument("--seconds", type=float, required=True, help=f"at most {STALL_MAX_S:.0f}")
     a = ap.parse_args(argv)
     if a.cmd == "mount":
         logging.basicConfig(level=logging.WARNING)
-        serve(a.backing, a.mountpoint, a.control, a.spill, a.report)
+        serve(a.backing, a.mountpoint, a.control, a.spill, a.report, a.durable)
         return 0
-    print(json.dumps(call(a.control, a.cmd)))
+    print(json.dumps(call(a.control, a.cmd, **({"seconds": a.seconds} if a.cmd == "stall" else {}))))
     return 0
 
 

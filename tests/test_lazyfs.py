@@ -58,8 +58,9 @@ class Lazy:
         for d in (self.backing, self.mnt):
             d.mkdir(parents=True, exist_ok=True)
 
-    def mount(self) -> Path:
-        self.pid = lazyfs.start(self.backing, self.mnt, self.control, self.base / "lazyfs.log", python=sys.executable)
+    def mount(self, durable: bool = False) -> Path:
+        self.pid = lazyfs.start(self.backing, self.mnt, self.control, self.base / "lazyfs.log", python=sys.executable,
+                                durable=durable)
         return self.mnt
 
     def poweroff(self) -> dict[str, Any]:
@@ -229,6 +230,80 @@ def test_the_layer_serves_many_threads_at_once(lazy: Lazy) -> None:
     assert dropped["files"] == 8 and dropped["bytes"] == 8 * 100 * 512
     for i in range(8):
         assert (lazy.backing / f"w{i}").read_bytes() == bytes([i]) * 512 * 100
+
+
+# ------------------------------------------------------------------ a stalled share (efs-stall)
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+        out["at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_stall_holds_every_operation_until_resume_then_all_complete(lazy: Lazy) -> None:
+    m = lazy.mount(durable=True)
+    (m / "state").write_bytes(b"x" * 100)
+
+    def rewrite() -> bytes:  # what slurmctld does with a state file: write a new one, rename it over
+        with open(m / "state.new", "wb") as f:
+            f.write(b"y" * 200)
+            os.fsync(f.fileno())
+        os.rename(m / "state.new", m / "state")
+        return (m / "state").read_bytes()
+
+    before = lazyfs.stall(lazy.control, 60)
+    assert before["stalled"] and before["durable"], before
+    t0 = time.monotonic()
+    writer, wout = _in_thread(rewrite)
+    lister, lout = _in_thread(lambda: sorted(os.listdir(m)))
+    time.sleep(1.5)
+    assert writer.is_alive() and lister.is_alive(), f"an operation was answered while stalled: {wout} {lout}"
+    st = lazyfs.call(lazy.control, "status", 10)
+    assert st["stalled"] and st["waiting"] >= 1, st
+    t_resume = time.monotonic()
+    after = lazyfs.resume(lazy.control)
+    assert not after["stalled"], after
+    writer.join(20)
+    lister.join(20)
+    assert "error" not in wout and "error" not in lout, (wout, lout)
+    assert wout["value"] == b"y" * 200 and "state" in "".join(lout["value"])
+    assert wout["at"] >= t_resume and wout["at"] - t0 >= 1.5
+    assert lazyfs.call(lazy.control, "status", 10)["stalled_ops"] >= 1
+
+
+def test_a_stall_nobody_ends_is_over_after_its_seconds_and_unmount_ends_one(lazy: Lazy) -> None:
+    m = lazy.mount(durable=True)
+    lazyfs.stall(lazy.control, 1.0)
+    t0 = time.monotonic()
+    (m / "f").write_bytes(b"z")
+    assert time.monotonic() - t0 >= 0.8, "the write did not wait for the stall"
+    with pytest.raises(RuntimeError, match="stall refused"):
+        lazyfs.stall(lazy.control, 10_000)  # over STALL_MAX_S: refused, named
+    lazyfs.stall(lazy.control, 300)
+    hung, hout = _in_thread(lambda: (m / "f").read_bytes())
+    time.sleep(0.5)
+    assert hung.is_alive()
+    lazy.close()  # a clean unmount while stalled: the stall ends first, nothing hangs
+    hung.join(20)
+    assert not hung.is_alive() and not lazyfs.mounted(lazy.mnt)
+    assert (lazy.backing / "f").read_bytes() == b"z"
+
+
+def test_a_durable_layer_keeps_unsynced_writes_at_power_off(lazy: Lazy) -> None:
+    m = lazy.mount(durable=True)
+    with open(m / "never-synced", "wb") as f:
+        f.write(b"n" * 123)
+    dropped = lazy.poweroff()
+    assert dropped["files"] == 0 and dropped["bytes"] == 0, dropped
+    assert (lazy.backing / "never-synced").read_bytes() == b"n" * 123
 
 
 # ------------------------------------------------------------------ positive control
