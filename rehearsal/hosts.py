@@ -11,6 +11,8 @@ What the stack and the drills call:
   boot(layout, name)           wait for cloud-init and systemd: the per-host boot report
   run / call / put_file / kill / alive / pids / freeze / thaw / unit_state / hold /
   kill_unit / rss_bytes / pss_bytes
+  efs_stall / efs_resume / efs_status   the Slurm share stops answering, as an EFS mount
+                               target that does (the `efs-stall` drill)
 
 What exists only for the rehearsal lives on the host's disk, never in user-data:
 /etc/hpc/aws-endpoint (the stand-in endpoints), /etc/apt/sources.list (the package
@@ -136,9 +138,8 @@ def binds(layout: Layout, h: RHost) -> list[tuple[str, str]]:
     out = []
     for name, path, roles in EFS_MOUNTS:
         if set(roles) & set(h.roles):
-            src = layout.shared / name
-            src.mkdir(parents=True, exist_ok=True)
-            out.append((str(src), path))
+            (layout.shared / name).mkdir(parents=True, exist_ok=True)
+            out.append((str(efs_source(layout, name)), path))
     if layout.topo.host(h.name).data_gb:
         d = layout.hostdir(h.name)
         out.append((str(d / (LAZY_DIR if lazy_for(layout, h) else "volume")), DATA_VOLUME_MOUNT))
@@ -147,8 +148,12 @@ def binds(layout: Layout, h: RHost) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------ the data volume's power-loss layer
 def _lazy_pid(d: Path) -> int | None:
+    return _lazy_pid_file(d / LAZY_PID)
+
+
+def _lazy_pid_file(f: Path) -> int | None:
     try:
-        pid = int((d / LAZY_PID).read_text())
+        pid = int(f.read_text())
         Path(f"/proc/{pid}").stat()
         return pid
     except (OSError, ValueError):
@@ -201,9 +206,95 @@ def volume_stop(d: Path) -> None:
     (d / LAZY_PID).unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------ the Slurm share's stall layer
+# The Slurm share (slurmctld's StateSaveLocation) reaches its hosts through the same FUSE
+# layer in --durable mode (nothing is undone at a power cut: EFS is durable), so the
+# `efs-stall` drill can make it stop answering: every operation waits, as on an NFS
+# mount `hard` whose server is gone. workdir/efs-layer/<share> is the mountpoint the
+# hosts bind, workdir/efs/<share> stays the backing directory.
+EFS_LAYER = "efs-layer"
+STALLABLE_SHARES = ("slurm",)
+
+
+def efs_source(layout: Layout, name: str) -> Path:
+    """What a host binds for EFS share `name`: the layer's mountpoint for a stallable
+    share (when the layers are on), else the share's directory."""
+    if name in STALLABLE_SHARES and lazy_volume():
+        return layout.workdir / EFS_LAYER / name
+    return layout.shared / name
+
+
+def _efs_paths(workdir: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    d = workdir / EFS_LAYER
+    return d / name, d / f"{name}.sock", d / f"{name}.pid", d / f"{name}.log"
+
+
+def efs_start(layout: Layout, h: RHost) -> None:
+    """The layer of every stallable share `h` mounts, running before `h` (re)starts."""
+    from . import lazyfs
+    from .stack import _python
+
+    if not lazy_volume():
+        return
+    for name, _path, roles in EFS_MOUNTS:
+        if name not in STALLABLE_SHARES or not set(roles) & set(h.roles):
+            continue
+        mnt, sock, pidf, log = _efs_paths(layout.workdir, name)
+        if lazyfs.mounted(mnt) and _lazy_pid_file(pidf):
+            continue
+        efs_stop(layout.workdir, name)
+        (layout.shared / name).mkdir(parents=True, exist_ok=True)
+        pid = lazyfs.start(layout.shared / name, mnt, sock, log, python=_python(), durable=True)
+        pidf.write_text(f"{pid}\n")
+
+
+def efs_stop(workdir: Path, name: str) -> bool:
+    """Unmount a share's layer (ending a stall first); True if there was one."""
+    from . import lazyfs
+
+    mnt, sock, pidf, _log = _efs_paths(workdir, name)
+    pid = _lazy_pid_file(pidf)
+    there = bool(pid) or lazyfs.mounted(mnt)
+    if there:
+        lazyfs.stop(sock, mnt, pid)
+    pidf.unlink(missing_ok=True)
+    return there
+
+
+def _efs_sock(layout: Layout, name: str) -> Path:
+    from . import lazyfs
+
+    mnt, sock, _pidf, _log = _efs_paths(layout.workdir, name)
+    if not lazyfs.mounted(mnt):
+        raise HostError(f"EFS share {name!r} is not behind the stall layer ({mnt} not mounted; "
+                        "HPC_REHEARSAL_LAZYFS=0?): the efs-stall drill needs it")
+    return sock
+
+
+def efs_stall(layout: Layout, seconds: float, name: str = "slurm") -> dict[str, Any]:
+    """EFS share `name` stops answering for `seconds` at most (efs_resume ends it sooner)."""
+    from . import lazyfs
+
+    return lazyfs.stall(_efs_sock(layout, name), seconds)
+
+
+def efs_resume(layout: Layout, name: str = "slurm") -> dict[str, Any]:
+    from . import lazyfs
+
+    return lazyfs.resume(_efs_sock(layout, name))
+
+
+def efs_status(layout: Layout, name: str = "slurm") -> dict[str, Any]:
+    from . import lazyfs
+
+    return lazyfs.call(_efs_sock(layout, name), "status", 10)
+
+
 def start(layout: Layout, h: RHost) -> int:
-    """Boot the host (its data volume's layer first); returns the pid of its systemd-nspawn."""
+    """Boot the host (its data volume's layer and its EFS shares' layers first); returns
+    the pid of its systemd-nspawn."""
     volume_start(layout, h)
+    efs_start(layout, h)
     handle = C.start(h.name, image_for(layout), layout.hostdir(h.name), h.ns, binds=binds(layout, h),
                      files=host_files(layout, h))
     return handle.nspawn_pid
@@ -435,6 +526,9 @@ def cleanup(workdir: Path) -> list[str]:
         if (d / LAZY_PID).exists() or (d / LAZY_DIR).is_dir() and _lazy_mounted(d):
             volume_stop(d)
             done.append(f"host {d.name}: data volume layer unmounted")
+    for name in STALLABLE_SHARES:
+        if efs_stop(workdir, name):
+            done.append(f"EFS share {name}: stall layer unmounted")
     return done
 
 
