@@ -264,6 +264,45 @@ def test_metrics_replace_the_previous_file_atomically(tmp_path):
     assert "old" not in out.read_text()
 
 
+def test_state_dir_probe_is_written_first_and_tells_a_stalled_share(tmp_path):
+    """--state-dir: a share that answers gives 1 (and the probe leaves no file); one where
+    the probe's open blocks (a FIFO at its path: open for writing waits for a reader, as
+    on a hard NFS mount whose server is gone) gives 0 after the probe time-out, the
+    child killed; a missing state directory gives 0 at once. The Slurm metrics follow."""
+    import socket
+    import time
+
+    bin_dir = fake_bin(tmp_path, PING_UP)
+    state = tmp_path / "state"
+    state.mkdir()
+    probe_out = tmp_path / "textfile" / "slurm-statedir.prom"
+
+    def metrics(state_dir: Path, timeout: str = "2") -> tuple[str, float]:
+        t = time.monotonic()
+        r = run([sys.executable, str(METRICS), "--output", str(tmp_path / "textfile" / "slurm.prom"),
+                 "--timeout", "5", "--state-dir", str(state_dir), "--probe-timeout", timeout,
+                 "--state-output", str(probe_out)], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert r.returncode == 0, r.stderr
+        assert "hpc_slurm_controller_up" in (tmp_path / "textfile" / "slurm.prom").read_text()
+        return probe_out.read_text(), time.monotonic() - t
+
+    text, _ = metrics(state)
+    assert f'hpc_slurm_state_dir_up{{dir="{state}"}} 1' in text.splitlines(), text
+    assert list(state.iterdir()) == [], "the probe left its file"
+    assert promtool_check_metrics(text).returncode == 0
+
+    os.mkfifo(state / f".hpc-probe.{socket.gethostname()}")
+    text, took = metrics(state)
+    assert f'hpc_slurm_state_dir_up{{dir="{state}"}} 0' in text.splitlines(), text
+    assert 2.0 <= took < 30, f"the blocked probe was not ended at its time-out: {took:.1f}s"
+    probe_s = next(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("hpc_slurm_state_dir_probe_seconds{"))
+    assert probe_s == 2.0
+
+    text, _ = metrics(tmp_path / "missing")
+    assert 'hpc_slurm_state_dir_up{dir="' + str(tmp_path / "missing") + '"} 0' in text
+
+
 def test_local_slurmctld_state_is_written_at_once_without_asking_slurm(tmp_path):
     """ExecStartPost/ExecStopPost record the local controller; no Slurm command runs
     (a dead controller would make them wait)."""

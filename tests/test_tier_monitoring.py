@@ -76,6 +76,7 @@ KNOWN_METRICS = {
     "hpc_slurm_controller_up", "hpc_slurm_nodes", "hpc_slurm_jobs", "hpc_slurm_collector_success",
     "hpc_slurm_collector_last_run_timestamp_seconds", "hpc_backup_last_success_timestamp_seconds",
     "hpc_slurmctld_running", "hpc_slurmctld_state_change_timestamp_seconds",
+    "hpc_slurm_state_dir_up", "hpc_slurm_state_dir_probe_seconds",
 }
 
 
