@@ -164,6 +164,40 @@ def test_discovery_takes_the_master_a_majority_reports_not_the_first_answer(lab:
 
 
 @pytest.mark.daemons
+def test_a_paused_sentinel_costs_discovery_nothing_and_a_late_failure_keeps_the_new_master(
+        lab: dict[str, Any], tally: Tally) -> None:
+    """The Sentinels are asked at once and discovery ends when a majority agrees: a
+    paused Sentinel (on the paused master's host) no longer costs every discovery its
+    socket time-out. A thread whose command failed on a client that is no longer the
+    one in use does not forget the one another thread found since."""
+    tally.expect(6)
+    rl = lab["lab"]
+    paused = rl.procs[2]  # the first of the three good Sentinels (after servers A and B)
+    sm = SentinelMaster(sentinels(lab["sentinels"]), MASTER, PW, PW, timeout=1.0)
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        sm.discover().close()
+        took = time.monotonic() - t0
+        tally.check(took < 0.5, f"discovery with a paused Sentinel took {took:.2f} s (time-out 1 s)")
+        tally.check(sm.address == ("127.0.0.1", lab["a"]), str(sm.address))
+        t0 = time.monotonic()
+        answers = sm.ask_sentinels()  # every answer: the paused one's after its time-out
+        tally.check(answers[f"127.0.0.1:{lab['sentinels'][0]}"].startswith("error: Timeout")
+                    and time.monotonic() - t0 >= 0.9, str(answers))
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    old = sm.master()
+    sm.forget()
+    new = sm.master()
+    sm.forget(old)  # a late failure on the old client
+    tally.check(sm.master() is new, "a failure on a client no longer in use dropped the current one")
+    sm.forget(new)
+    tally.check(sm.address is None, "a failure on the client in use forgets it")
+    tally.check(sm.call(lambda r: r.ping()) is True)
+
+
+@pytest.mark.daemons
 def test_a_master_refusing_writes_for_want_of_replicas_is_forgotten(lab: dict[str, Any], tally: Tally) -> None:
     """An isolated master refuses writes with NOREPLICAS (min-replicas-to-write): the
     client must not stay on it but discover again on the next call."""

@@ -6,13 +6,19 @@ sends every client to the old master. And a master that is paused (a VM stall, S
 accepts TCP connections but never answers: without a socket time-out a client waits
 forever. So here:
 
-- every Sentinel is asked (each with a socket time-out), and the address that a
-  MAJORITY of the configured Sentinels reports wins; no majority, no master;
+- every Sentinel is asked at once (each with a socket time-out), and the address that a
+  MAJORITY of the configured Sentinels reports wins as soon as a majority has answered
+  it; no majority, no master. Asked one after another, a paused Sentinel (it runs on the
+  paused master's host) cost every discovery its whole time-out, and threads queue
+  behind discovery (measured: freeze-redis answered sessions again after 4 s but kept
+  failing some until 8 s);
 - the winner is checked with ROLE on the master itself (a demoted master says "slave");
 - every connection has a connect and a read time-out, and redis-py's automatic retries
   are off, so one call fails within its time-out and the caller answers 503;
 - a connection or time-out error forgets the master: the next call discovers again
-  (after a Sentinel failover the new master is found within one request).
+  (after a Sentinel failover the new master is found within one request). Only the
+  client that failed is forgotten: a thread whose command on the old master times out
+  after another thread found the new one leaves the new one in place.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import redis
@@ -62,23 +69,43 @@ class SentinelMaster:
         self._master: redis.Redis | None = None
         self.address: tuple[str, int] | None = None
 
-    def ask_sentinels(self) -> dict[str, str]:
-        """Each Sentinel's answer, "host:port" or "error: ..." (for logs and tests)."""
-        answers: dict[str, str] = {}
-        for host, port in self.sentinels:
-            s = _client(host, port, self.sentinel_password, self.timeout)
-            try:
-                addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
-                answers[f"{host}:{port}"] = f"{addr[0]}:{addr[1]}" if addr else "error: unknown master name"
-            except ERRORS as e:
-                answers[f"{host}:{port}"] = f"error: {type(e).__name__}: {e}"
-            finally:
-                s.close()
-        return answers
+    def _ask(self, host: str, port: int) -> str:
+        s = _client(host, port, self.sentinel_password, self.timeout)
+        try:
+            addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            return f"{addr[0]}:{addr[1]}" if addr else "error: unknown master name"
+        except ERRORS as e:
+            return f"error: {type(e).__name__}: {e}"
+        finally:
+            s.close()
+
+    def ask_sentinels(self, majority: bool = False) -> dict[str, str]:
+        """Each Sentinel's answer, "host:port" or "error: ..." (for logs and tests), all
+        asked at once. With `majority`, it returns as soon as one address has a majority
+        of the configured Sentinels (the others' answers are "pending"; their threads end
+        within the socket time-out)."""
+        need = len(self.sentinels) // 2 + 1
+        pool = ThreadPoolExecutor(max_workers=len(self.sentinels), thread_name_prefix="sentinel")
+        try:
+            futures = {pool.submit(self._ask, host, port): f"{host}:{port}" for host, port in self.sentinels}
+            answers = {name: "pending" for name in futures.values()}
+            left = set(futures)
+            while left:
+                done, left = wait(left, timeout=self.timeout * 2 + 1, return_when=FIRST_COMPLETED)
+                if not done:
+                    break
+                for f in done:
+                    answers[futures[f]] = f.result()
+                votes = Counter(a for a in answers.values() if not a.startswith(("error", "pending")))
+                if majority and votes and votes.most_common(1)[0][1] >= need:
+                    break
+            return answers
+        finally:
+            pool.shutdown(wait=False)
 
     def discover(self) -> redis.Redis:
-        answers = self.ask_sentinels()
-        votes = Counter(a for a in answers.values() if not a.startswith("error"))
+        answers = self.ask_sentinels(majority=True)
+        votes = Counter(a for a in answers.values() if not a.startswith(("error", "pending")))
         need = len(self.sentinels) // 2 + 1
         if not votes or votes.most_common(1)[0][1] < need:
             raise NoMaster(f"no master reported by {need} of {len(self.sentinels)} Sentinels: {answers}")
@@ -102,13 +129,18 @@ class SentinelMaster:
                 self._master = self.discover()
             return self._master
 
-    def forget(self) -> None:
-        """Drop the master; the next call discovers again. Only the idle connections are
-        closed: another thread may be in the middle of a command on one of this client's
-        connections, and closing it under that thread makes redis-py raise ValueError
-        ("I/O operation on closed file"), which no caller expects (a 500 in the
-        rehearsal's redis drill). A connection in use goes when its thread lets it go."""
+    def forget(self, failed: redis.Redis | None = None) -> None:
+        """Drop the master; the next call discovers again. With `failed`, only if that
+        client is still the one in use (another thread may have found the new master
+        since `failed` was handed out). Only the idle connections are closed: another
+        thread may be in the middle of a command on one of this client's connections,
+        and closing it under that thread makes redis-py raise ValueError ("I/O operation
+        on closed file"), which no caller expects (a 500 in the rehearsal's redis drill).
+        A connection in use goes when its thread lets it go."""
         with self._lock:
+            if failed is not None and self._master is not failed:
+                failed.connection_pool.disconnect(inuse_connections=False)
+                return
             if self._master is not None:
                 self._master.connection_pool.disconnect(inuse_connections=False)
             self._master, self.address = None, None
@@ -118,14 +150,15 @@ class SentinelMaster:
         NOREPLICAS (a master cut from its replicas: min-replicas-to-write refuses writes
         there, while the Sentinels of the majority elect another) forgets the master and
         is raised: the caller fails fast, the next call discovers again."""
+        client = self.master()
         try:
-            return fn(self.master())
+            return fn(client)
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError):
-            self.forget()
+            self.forget(client)
             raise
         except redis.ResponseError as e:
             if str(e).startswith("NOREPLICAS"):
-                self.forget()
+                self.forget(client)
             raise
 
 
