@@ -34,7 +34,11 @@ allow_other and default_permissions so the kernel checks permissions as on any d
 
 Stalled, every operation waits (none fails) until `resume` or the stall's N seconds are
 over, as on an NFS share mounted `hard` (EFS's mount options) whose server stops
-answering: a process touching it blocks in the kernel, killable by SIGKILL only. The
+answering: a process touching it blocks in the kernel, killable by SIGKILL only. A FUSE
+request the daemon has read is not killable by itself (the kernel waits for its
+answer), so a waiting operation watches for the kernel's interrupt of its request
+(fuse_interrupted) and ends it with EINTR only when its caller is being killed (SIGKILL
+pending, as a fatal signal makes it); any other signal goes on waiting, as on NFS. The
 rehearsal's Slurm share goes through this layer with `--durable` (no undo log: nothing
 there is ever powered off) for the `efs-stall` drill.
 
@@ -54,6 +58,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -156,6 +161,25 @@ class Dirty:
         self.spill_path.unlink(missing_ok=True)
 
 
+def _caller_killed() -> bool:
+    """The kernel interrupted this handler's request and its caller has SIGKILL pending
+    (a fatal signal: the process is dying, as a hard NFS wait lets it)."""
+    import mfusepy
+    from mfusepy import fuse_get_context
+
+    try:
+        if not mfusepy._libfuse.fuse_interrupted():
+            return False
+        _uid, _gid, pid = fuse_get_context()
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & (1 << (signal.SIGKILL - 1)):
+                    return True
+    except (OSError, AttributeError, ValueError):
+        return False
+    return False
+
+
 def _ops_base() -> type:
     from mfusepy import Operations
 
@@ -199,7 +223,9 @@ class LazyOps(_ops_base()):  # type: ignore[misc]
             self.waiting += 1
             self.stalled_ops += 1
         try:
-            self._answering.wait()
+            while not self._answering.wait(0.2):
+                if _caller_killed():
+                    raise OSError(errno.EINTR, "interrupted: the caller is being killed")
         finally:
             with self._mu:
                 self.waiting -= 1

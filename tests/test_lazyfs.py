@@ -288,6 +288,19 @@ def test_a_stall_nobody_ends_is_over_after_its_seconds_and_unmount_ends_one(lazy
     with pytest.raises(RuntimeError, match="stall refused"):
         lazyfs.stall(lazy.control, 10_000)  # over STALL_MAX_S: refused, named
     lazyfs.stall(lazy.control, 300)
+    # SIGKILL ends a process waiting on the stall (as on a hard NFS mount); SIGTERM caught
+    # by a handler does not end its wait.
+    waiter = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                               "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+                               f"open({str(m / 'f')!r}, 'rb').read()\nprint('read', flush=True)"],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    waiter.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert waiter.poll() is None, "a caught SIGTERM ended the wait"
+    t0 = time.monotonic()
+    waiter.kill()
+    assert waiter.wait(10) == -signal.SIGKILL and time.monotonic() - t0 < 5, "SIGKILL did not end the wait"
     hung, hout = _in_thread(lambda: (m / "f").read_bytes())
     time.sleep(0.5)
     assert hung.is_alive()
