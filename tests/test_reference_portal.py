@@ -879,6 +879,40 @@ def test_a_straggler_that_arrives_after_the_lookup_stays_held_and_the_next_settl
 
 
 
+def test_a_recorded_held_job_wins_over_a_straggler_with_a_lower_job_id(fake_slurm: Path, tally: Tally) -> None:
+    """A settle recorded its job A and failed before releasing it; then a straggler S of
+    the same request id, with a lower job id, reached the controller. The retry must
+    release A, the job the journal names (its INSERT IGNORE keeps the first record), not
+    the lowest: otherwise S runs while the portal's record names a withdrawn job."""
+    (fake_slurm.parent / "slurm.json.in-flight").touch()
+    with pytest.raises(portal_slurm.SlurmError):
+        portal_slurm.submit("req-j1", "a", 60, Journal(fake_slurm))
+    straggler = max(fake_jobs(fake_slurm), key=int)
+    first: list[str] = []
+
+    class RecordThenFail(Journal):
+        def __call__(self, job_id: str) -> None:
+            super().__call__(job_id)
+            first.append(job_id)
+            unhide(fake_slurm, straggler)  # the straggler arrives
+            raise RuntimeError("the submission failed after the record (the test says so)")
+
+    with pytest.raises(RuntimeError, match="after the record"):
+        portal_slurm.submit("req-j1", "a", 60, RecordThenFail(fake_slurm))
+    recorded = first[0]
+    jobs = fake_jobs(fake_slurm)
+    tally.check(int(straggler) < int(recorded) and jobs[recorded]["held"] and jobs[straggler]["held"], str(jobs))
+    journal = Journal(fake_slurm)
+    doc = portal_slurm.submit("req-j1", "a", 60, journal, recorded=lambda: recorded)
+    jobs = fake_jobs(fake_slurm)
+    tally.check(doc["job_id"] == recorded and released_jobs(fake_slurm, "req-j1") == {recorded}, f"{doc} {jobs}")
+    tally.check(jobs[straggler]["comment"] == "withdrawn/req-j1" and jobs[straggler]["state"] == "CANCELLED",
+                str(jobs[straggler]))
+    # Without the record the lowest held attempt would have won (the rule for attempts
+    # nobody recorded), which is what the journal guards against here.
+    tally.expect(3)
+
+
 @pytest.mark.daemons
 def test_a_job_the_portal_could_not_record_stays_held_and_the_reconciler_settles_by_the_record(
         apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB,

@@ -292,7 +292,10 @@ def _api_routes(app: Flask, b: Backends) -> None:
             def journal(job_id: str) -> None:  # before the job is released (portal/slurm.py)
                 db.query("INSERT IGNORE INTO portal_jobs (request_id, job_id, username, name, seconds) "
                          "VALUES (%s, %s, %s, %s, %s)", (rid, job_id, user, name, seconds))
-            doc = slurm.submit(rid, name, seconds, journal)
+            def recorded() -> str | None:  # the job an earlier attempt recorded (INSERT IGNORE keeps it)
+                n, rows = db.query("SELECT job_id FROM portal_jobs WHERE request_id = %s", (rid,))
+                return str(rows[0][0]) if n else None
+            doc = slurm.submit(rid, name, seconds, journal, recorded)
         return jsonify({**doc, "server": s.server_id})
 
     @app.get("/api/jobs")

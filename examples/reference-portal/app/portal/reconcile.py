@@ -29,6 +29,7 @@ request id's submission lock, so a client's retry in progress is left alone.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -74,11 +75,14 @@ class Reconciler:
         ttl = int(3 * INTERVAL_S * 1000)
         return bool(self.b.redis.call(lambda r: r.eval(LEAD, 1, self.key, self.me, ttl)))
 
+    def recorded(self, request_id: str) -> str | None:
+        """The job the portal recorded for request_id, None if none (the database's error
+        when it cannot tell: nothing is withdrawn then)."""
+        n, rows = self.b.db.query("SELECT job_id FROM portal_jobs WHERE request_id = %s", (request_id,))
+        return str(rows[0][0]) if n else None
+
     def journaled(self, request_id: str) -> bool:
-        """Whether the portal recorded a job for request_id (the database's error when it
-        cannot tell: nothing is withdrawn then)."""
-        n, _rows = self.b.db.query("SELECT 1 FROM portal_jobs WHERE request_id = %s", (request_id,))
-        return bool(n)
+        return self.recorded(request_id) is not None
 
     def settle_held(self, now: float | None = None) -> list[tuple[str, str]]:
         """Held attempts nobody settled, withdrawn (a lone one the portal recorded is released
@@ -106,7 +110,7 @@ class Reconciler:
                 # portal recorded one (then its release failed): settle releases it, the
                 # portal owes it.
                 if rid in released or self.journaled(rid):
-                    winner = slurm.settle(rid)
+                    winner = slurm.settle(rid, recorded=functools.partial(self.recorded, rid))
                     if rid not in released:
                         log(f"request {rid}: held job {winner} released (the portal had recorded it)")
                     done += [(rid, job) for job in now_held if job != winner]

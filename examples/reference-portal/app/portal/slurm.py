@@ -173,7 +173,8 @@ def _look_up(request_id: str) -> tuple[str | None, str, list[QueuedJob]]:
 
 
 def submit(request_id: str, name: str, seconds: int,
-           journal: Callable[[str], None] | None = None) -> dict[str, Any]:
+           journal: Callable[[str], None] | None = None,
+           recorded: Callable[[], str | None] | None = None) -> dict[str, Any]:
     """The stand-in's answer: {"job_id", "request_id", "created"} (created false: an
     earlier attempt's job was found, and "found_in" says where). `journal(job id)` records
     the job before it is released (an exception from it leaves the job held). See the
@@ -188,7 +189,7 @@ def submit(request_id: str, name: str, seconds: int,
     # failover): sbatch --hold made `mine` an attempt held by its user. A straggler that
     # arrived since is not in `queue`: it stays held and the next settle withdraws it.
     known = queue if mine is None else [*queue, QueuedJob(mine, request_id, "PENDING", HOLDS[0], True)]
-    winner = settle(request_id, journal, known)
+    winner = settle(request_id, journal, known, recorded)
     if winner is None:  # not with `known` holding `mine` or `found`; a job cancelled since fails its release
         raise SlurmError(f"request {request_id}: job {mine or found} left the queue before it was released; "
                          "retry with the same request id")
@@ -198,7 +199,8 @@ def submit(request_id: str, name: str, seconds: int,
 
 
 def settle(request_id: str, journal: Callable[[str], None] | None = None,
-           queue: Sequence[QueuedJob] | None = None) -> str | None:
+           queue: Sequence[QueuedJob] | None = None,
+           recorded: Callable[[], str | None] | None = None) -> str | None:
     """Phase 2: the one job of request_id (None if squeue holds none): a released job if
     there is one (the lowest id), else the lowest held attempt, which is recorded
     (`journal`) and then released; every other held attempt is withdrawn. `queue`: the
@@ -214,6 +216,12 @@ def settle(request_id: str, journal: Callable[[str], None] | None = None,
         print(f"hpc-portal: request {request_id} has {len(released)} released jobs "
               f"{[j.job_id for j in released]}: submitted outside the two phases?", file=sys.stderr, flush=True)
     winner = released[0] if released else waiting[0]
+    if not released and len(waiting) > 1 and recorded is not None:
+        # An earlier settle recorded one of them, then failed before its release; a
+        # straggler may have a lower job id. The record names the job that runs (the
+        # journal keeps the first record of a request id), so that one wins.
+        journaled = recorded()
+        winner = next((j for j in waiting if j.job_id == journaled), winner)
     for j in waiting:
         if j is not winner:
             withdraw(request_id, j.job_id)
