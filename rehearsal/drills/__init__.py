@@ -15,7 +15,8 @@
   slurmhost.py   slurm-host: the whole primary Slurm host dies; accounting answers
   partition.py   partition-redis, partition-galera, partition-lb: one host cut from its
                  peers only (asymmetric), probed both ways
-  slow.py        slow-galera: one Galera node held to 1 % of a CPU (flow control)
+  slow.py        slow-galera: one Galera node held to 1 % of a CPU (flow control);
+                 efs-stall: the Slurm state directory (EFS) stops answering for 30 s
 
 `Drills` is every family on one object; `Drills(...).drill(name)` runs the drill that
 registered under `name` and ORDER is the order a full rehearsal runs them in.
