@@ -72,6 +72,56 @@ WS_TIMEOUT = 5.0  # a websocket that brings nothing for this long (it answers a 
 WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledgements are read back
 
 
+
+STICKY_PREFIX = "SRV_"  # HAProxy's stickiness cookies (lb/haproxy.cfg: one per sticky backend)
+
+
+def stickiness(set_cookies: list[str]) -> str | None:
+    """The server named by a stickiness cookie among these Set-Cookie headers, if one."""
+    for header in set_cookies:
+        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        try:
+            jar.load(header)
+        except http.cookies.CookieError:
+            continue
+        for name, morsel in jar.items():
+            if name.startswith(STICKY_PREFIX) and morsel.value:
+                return str(morsel.value)
+    return None
+
+
+_STICKY: type | None = None
+
+
+def sticky_client() -> Any:
+    """simple_websocket's Client that keeps the Set-Cookie headers of its upgrade's 101
+    answer (`set_cookies`): the library reads them (wsproto's AcceptConnection) and
+    drops them. Built on first use: the stand-in's load runs without simple_websocket."""
+    global _STICKY
+    if _STICKY is None:
+        from simple_websocket import Client
+        from wsproto.events import AcceptConnection
+
+        class StickyClient(Client):  # type: ignore[misc]
+            def handshake(self) -> None:
+                self.set_cookies: list[str] = []
+                events = self.ws.events
+
+                def spy() -> Any:
+                    for event in events():
+                        if isinstance(event, AcceptConnection):
+                            self.set_cookies = [v.decode("latin-1") for k, v in event.extra_headers
+                                                if k.lower() == b"set-cookie"]
+                        yield event
+                self.ws.events = spy
+                try:
+                    super().handshake()
+                finally:
+                    self.ws.events = events
+
+        _STICKY = StickyClient
+    return _STICKY
+
 class Conn:
     """One client: a keep-alive connection and its cookies (every Set-Cookie it got, the
     way a browser keeps them: the `sid` session, HAProxy's stickiness cookie)."""
@@ -212,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
     acked: list[str] = []
     counts = {"sent": 0, "skipped": 0}
     stats = {"logins": 0, "relogins": 0, "login_failures": 0, "ws_opened": 0, "ws_reconnects": 0, "ws_resyncs": 0,
-             "ws_failures": 0, "ws_round_trips": 0, "ws_job_messages": 0, "ws_gaps": 0, "stale_retries": 0}
+             "ws_failures": 0, "ws_round_trips": 0, "ws_job_messages": 0, "ws_gaps": 0, "stale_retries": 0,
+             "ws_sticky_reconnects": 0, "ws_moved": 0}
     deadline = time.monotonic() + args.duration
 
     def count(key: str, n: int = 1) -> None:
@@ -370,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         """A websocket subscription, as the portal's page holds one: hello with the last
         sequence seen, every second; job messages between; reconnect at once when it
         closes or goes silent (a hello unanswered for WS_TIMEOUT s)."""
-        from simple_websocket import Client, ConnectionClosed
+        from simple_websocket import ConnectionClosed
         from simple_websocket import ConnectionError as Refused
 
         assert account is not None
@@ -379,10 +430,11 @@ def run(args: argparse.Namespace) -> int:
             return
         ws_url = ("wss" if conn.tls else "ws") + f"://{conn.host}:{conn.port}/ws/"
         last_seq = -1  # no snapshot or uptodate yet
+        server = "-"  # the ws server HAProxy's stickiness cookie names (the browser's, kept here)
         while not stop.is_set():
             t0 = time.time()
             try:
-                ws = Client.connect(ws_url, headers={"Cookie": conn.cookie}, ssl_context=conn.ctx)
+                ws = sticky_client().connect(ws_url, headers={"Cookie": conn.cookie}, ssl_context=conn.ctx)
             except Refused as e:  # the upgrade answered with another status than 101
                 code = int(e.status_code or 0)
                 out.write(line(t0, time.time(), "ws", False, code, str(last_seq), "-", "connect"))
@@ -397,10 +449,21 @@ def run(args: argparse.Namespace) -> int:
                 count("ws_failures")
                 stop.wait(0.5)
                 continue
+            # The upgrade's Set-Cookie is kept as a browser keeps it: HAProxy inserts its
+            # stickiness cookie when it places the client (first, or after its server went
+            # away: `option redispatch`), and routes a reconnect that carries it back to
+            # the same server.
+            placed = stickiness(ws.set_cookies)
+            conn.keep(ws.set_cookies)
             with lock:
                 stats["ws_opened"] += 1
                 if stats["ws_opened"] > 1:
                     stats["ws_reconnects"] += 1
+                    if placed is None:
+                        stats["ws_sticky_reconnects"] += 1
+                    elif placed != server:
+                        stats["ws_moved"] += 1
+            server = placed or server
             why = "closed"
             # A snapshot is a resync when the client asks to catch up after a reconnect or
             # a gap; otherwise it only answers a hello sent while a change was on its way.
@@ -435,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
                     if answer is None:
                         why = "timeout"
                         break
-                    out.write(line(sent, time.time(), "ws", True, 101, str(last_seq), "-", answer))
+                    out.write(line(sent, time.time(), "ws", True, 101, str(last_seq), server, answer))
                     count("ws_round_trips")
                     stop.wait(max(0.0, sent + 1.0 - time.time()))
             except (ConnectionClosed, OSError, ValueError, KeyError, TypeError):
@@ -446,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
                 except Exception:  # noqa: BLE001 - already closed
                     pass
             if not stop.is_set():
-                out.write(line(time.time(), time.time(), "ws", False, 0, str(last_seq), "-", why))
+                out.write(line(time.time(), time.time(), "ws", False, 0, str(last_seq), server, why))
                 count("ws_failures")
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]

@@ -212,15 +212,19 @@ def test_the_loads_login_and_websocket_figures() -> None:
     assert load_portal_figures([(1.0, 1.1, "write", True, 200, "a", "-", "-")], 0.0) == {}  # the stand-in's load
     h = [(0.0, 0.5, "login", True, 200, "-", "-", "first"), (0.0, 0.6, "login", True, 200, "-", "-", "first"),
          (0.1, 9.0, "login", False, 0, "-", "-", "first"),
-         (1.0, 1.01, "ws", True, 101, "0", "-", "uptodate"), (2.0, 2.01, "ws", True, 101, "1", "-", "snapshot"),
-         (2.5, 2.5, "ws", False, 0, "1", "-", "closed"), (2.6, 2.7, "ws", False, 503, "1", "-", "connect"),
-         # answered from the server's copy while Redis was away, then from live state
-         (2.8, 2.85, "ws", True, 101, "1", "-", "uptodate-stale"),
-         (3.3, 3.4, "ws", True, 101, "4", "-", "resync"), (4.3, 4.31, "ws", True, 101, "4", "-", "uptodate"),
+         (1.0, 1.01, "ws", True, 101, "0", "app-1-5011", "uptodate"),
+         (2.0, 2.01, "ws", True, 101, "1", "app-1-5011", "snapshot"),
+         (2.5, 2.5, "ws", False, 0, "1", "app-1-5011", "closed"), (2.6, 2.7, "ws", False, 503, "1", "-", "connect"),
+         # answered from the server's copy while Redis was away, then from live state;
+         # the reconnect was placed on another server (its own had gone)
+         (2.8, 2.85, "ws", True, 101, "1", "app-2-5011", "uptodate-stale"),
+         (3.3, 3.4, "ws", True, 101, "4", "app-2-5011", "resync"),
+         (4.3, 4.31, "ws", True, 101, "4", "app-2-5011", "uptodate"),
          (5.0, 5.9, "login", True, 200, "-", "-", "relogin")]
     f = load_portal_figures(h, 2.4)
     assert f == {"logins": 2, "forced_relogins": 1, "login_failures": 1, "ws_round_trips": 5, "ws_opened": 2,
-                 "ws_reconnects": 1, "ws_resyncs": 1, "ws_failures": 2, "ws_back_s": 0.45, "ws_live_back_s": 1.0}
+                 "ws_reconnects": 1, "ws_resyncs": 1, "ws_failures": 2, "ws_back_s": 0.45, "ws_live_back_s": 1.0,
+                 "ws_servers": 2, "ws_moves": 1}
 
 
 def test_tally_leaves_the_websocket_out_and_counts_failed_logins_as_writes() -> None:

@@ -1439,13 +1439,16 @@ def test_the_rehearsal_load_logs_in_submits_jobs_and_holds_a_websocket(
     """rehearsal/load.py against the reference portal behind HAProxy (the LB tier's
     routing: /auth, /api, websocket upgrades; two API servers): every client logs in, jobs
     go in with their request id (the sbatch comment), one websocket subscription answers
-    its hello every second. The ws service killed and restarted while a change is
-    published: the subscription reconnects and resyncs. The sessions deleted: the job
-    client's 401 is a forced re-login, counted."""
+    its hello every second, kept on one of two ws servers by HAProxy's stickiness
+    cookie (the LB tier's `cookie SRV_<service> insert indirect nocache`). Its ws server
+    killed while a change is published: the subscription reconnects to the other one
+    (redispatch, a new cookie) and resyncs; the killed one comes back. HAProxy closes the
+    subscription on its server, which is up: the reconnect carries the cookie and stays
+    there. The sessions deleted: the job client's 401 is a forced re-login, counted."""
     from rehearsal.drills.base import failure_breakdown, history, load_portal_figures
 
     haproxy = need("haproxy", "haproxy")
-    ports = {"auth": free_port(), "api1": free_port(), "api2": free_port(), "ws": free_port()}
+    ports = {"auth": free_port(), "api1": free_port(), "api2": free_port(), "ws1": free_port(), "ws2": free_port()}
     front = free_port()
     m = master(lab)
     for k in m.keys("portal:jobs:loadtest*"):
@@ -1482,7 +1485,9 @@ frontend fe
 backend be_ws
     option httpchk GET /ws/health
     timeout tunnel 1h
-    server ws 127.0.0.1:{ports['ws']} check
+    cookie SRV_ws insert indirect nocache
+    server ws1 127.0.0.1:{ports['ws1']} check cookie ws1
+    server ws2 127.0.0.1:{ports['ws2']} check cookie ws2
 backend be_auth
     option httpchk GET /auth/health
     http-request disable-l7-retry if !METH_GET !METH_HEAD
@@ -1498,7 +1503,8 @@ backend be_api
     procs = {"auth": _service(artifact, "auth", ports["auth"], "app-test-1", lab, db_ready, log),
              "api1": _service(artifact, "api", ports["api1"], "app-test-1", lab, db_ready, log, workers=2),
              "api2": _service(artifact, "api", ports["api2"], "app-test-2", lab, db_ready, log, workers=2),
-             "ws": _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)}
+             "ws1": _service(artifact, "ws", ports["ws1"], "app-test-1", lab, db_ready, log),
+             "ws2": _service(artifact, "ws", ports["ws2"], "app-test-2", lab, db_ready, log)}
     lb_log = tmp_path / "haproxy.log"  # its warnings: a server going DOWN and why
     with open(lb_log, "wb") as f:
         lb = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=f, stderr=subprocess.STDOUT)
@@ -1506,26 +1512,43 @@ backend be_api
     out = tmp_path / "load.log"
     try:
         for name, port in ports.items():
-            path = {"auth": "/auth/health", "ws": "/ws/health"}.get(name, "/api/health")
+            path = {"auth": "/auth/health", "ws1": "/ws/health", "ws2": "/ws/health"}.get(name, "/api/health")
             wait_for(lambda p=port, h=path: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p}{h}", timeout=5)
                                                        .read())["status"] == "healthy", 60, f"{name} (log: {log})")
         # A server starts UP in HAProxy and goes DOWN on its first failed check: the load
         # starts once every server has passed a check (UP, L7OK), not on HAProxy's start.
-        wait_for(lambda: _haproxy_servers_up(sock) == {"be_ws/ws", "be_auth/auth", "be_api/api1", "be_api/api2"}, 30,
+        every = {"be_ws/ws1", "be_ws/ws2", "be_auth/auth", "be_api/api1", "be_api/api2"}
+        wait_for(lambda: _haproxy_servers_up(sock) == every, 30,
                  f"every server UP after a passed check (log: {lb_log})")
         load = subprocess.Popen([sys.executable, "-m", "rehearsal.load", "run", "--url", f"http://127.0.0.1:{front}",
-                                 "--out", str(out), "--rate", "40", "--duration", "30", "--workers", "6",
+                                 "--out", str(out), "--rate", "40", "--duration", "45", "--workers", "6",
                                  "--job-interval", "2", "--job-timeout", "10", "--tag", "lt", "--user", "loadtest",
                                  "--password-file", str(pw)], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         wait_for(lambda: sum(1 for h in history(out) if h[2] == "ws" and h[3]) >= 3, 20, "three websocket round trips")
-        # The ws service dies; a job's state changes while the client is away (published as
-        # the poller does, through the same keys); the service comes back.
-        _kill(procs["ws"])
+        # The subscription's ws server dies; a job's state changes while the client is away
+        # (published as the poller does, through the same keys); the client reconnects to
+        # the other server; the dead one comes back.
+        first = [h[6] for h in history(out) if h[2] == "ws" and h[3]][-1]
+        tally.check(first in ("ws1", "ws2"), f"the subscription's server from its stickiness cookie: {first!r}")
+        other = "ws2" if first == "ws1" else "ws1"
+        _kill(procs[first])
         m.incr("portal:jobs:loadtest:seq")
         m.hset("portal:jobs:loadtest:state", "999999", "RUNNING")
-        procs["ws"] = _service(artifact, "ws", ports["ws"], "app-test-1", lab, db_ready, log)
         wait_for(lambda: load_portal_figures(history(out), 0)["ws_resyncs"] >= 1, 30, "a resync after the reconnect")
+        procs[first] = _service(artifact, "ws", ports[first], "app-test-1" if first == "ws1" else "app-test-2",
+                                lab, db_ready, log)
+        wait_for(lambda: _haproxy_servers_up(sock) == every, 30, f"{first} back UP (log: {lb_log})")
+        # HAProxy closes the subscription (its server is up): the reconnect keeps its server.
+        closed_at = time.time()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            s.sendall(f"shutdown sessions server be_ws/{other}\n".encode())
+            s.recv(65536)
+        wait_for(lambda: any(h[2] == "ws" and h[3] and h[0] > closed_at + 0.5 for h in history(out))
+                 and any(h[2] == "ws" and not h[3] and h[0] >= closed_at for h in history(out)), 20,
+                 "the subscription closed and answering again")
         # Every session of the account goes (an operator's forced logout): the job
         # client's next submission answers 401 and it logs in again.
         for k in m.scan_iter("portal:session:*"):
@@ -1552,6 +1575,10 @@ backend be_api
     tally.check(fig["forced_relogins"] >= 1 and summary["relogins"] == fig["forced_relogins"], str((fig, summary)))
     tally.check(fig["ws_reconnects"] >= 1 and summary["ws_reconnects"] == fig["ws_reconnects"], str((fig, summary)))
     tally.check(fig["ws_resyncs"] >= 1 and fig["ws_round_trips"] >= 10, str(fig))
+    # Placed on one server, moved once when it died, kept there across the closed session.
+    tally.check(fig["ws_servers"] == 2 and fig["ws_moves"] == 1, str(fig))
+    tally.check(summary["ws_moved"] == 1 and summary["ws_sticky_reconnects"] >= 1, str(summary))
+    tally.check([h[6] for h in hist if h[2] == "ws" and h[3]][-1] == other, "the last round trips' server")
     jobs = {h[5]: h[7] for h in hist if h[2] == "job" and h[3]}
     tally.check(len(jobs) >= 5, f"jobs acknowledged: {jobs}")
     sbatch = (fake_slurm.parent / (fake_slurm.name + ".log")).read_text()
@@ -1564,4 +1591,4 @@ backend be_api
     failed = failure_breakdown(hist, (0, 0))
     tally.check(set(failed) <= {"job 401 after"}, str(failed))
     tally.check(sum(1 for h in hist if h[2] == "write" and h[3]) >= 100, "records written")
-    tally.expect(14)
+    tally.expect(18)

@@ -799,7 +799,9 @@ def load_portal_figures(hist: list[History], t0: float) -> dict[str, Any]:
     resyncs (the client caught up after a reconnect or a gap), failures, ws_back_s: from
     the fault to the first round trip that began after it (None: none did), and
     ws_live_back_s: the same for the first one answered from live state (not `-stale`:
-    the server's copy following Redis again)."""
+    the server's copy following Redis again); ws_servers, ws_moves: the servers its
+    stickiness cookie named and how often it changed (a reconnect stays on its server
+    while that one is up)."""
     logins = [h for h in hist if h[2] == "login"]
     ws = [h for h in hist if h[2] == "ws"]
     if not logins and not ws:
@@ -809,13 +811,16 @@ def load_portal_figures(hist: list[History], t0: float) -> dict[str, Any]:
     opened = sum(1 for i, h in enumerate(ws) if h[3] and (i == 0 or not ws[i - 1][3]))
     after = sorted(h[1] for h in ok if h[0] >= t0)
     live_after = sorted(h[1] for h in ok if h[0] >= t0 and not h[7].endswith("-stale"))
+    # The ws server HAProxy's stickiness cookie placed the subscription on ("-": unknown).
+    placed = [h[6] for h in ok if h[6] != "-"]
     return {"logins": sum(1 for h in logins if h[3] and h[7] != "relogin"),
             "forced_relogins": sum(1 for h in logins if h[3] and h[7] == "relogin"),
             "login_failures": sum(1 for h in logins if not h[3]),
             "ws_round_trips": len(ok), "ws_opened": opened, "ws_reconnects": max(0, opened - 1),
             "ws_resyncs": sum(1 for h in ok if h[7].startswith("resync")), "ws_failures": len(ws) - len(ok),
             "ws_back_s": round(after[0] - t0, 2) if after else None,
-            "ws_live_back_s": round(live_after[0] - t0, 2) if live_after else None}
+            "ws_live_back_s": round(live_after[0] - t0, 2) if live_after else None,
+            "ws_servers": len(set(placed)), "ws_moves": sum(1 for a, b in zip(placed, placed[1:], strict=False) if a != b)}
 
 
 def split_window(acked_at: dict[str, float], window: tuple[float, float] | None,
