@@ -482,3 +482,71 @@ def test_reconcile_runs_from_a_timer_on_every_lb() -> None:
     dests = {f.get("dest") for f in man["files"]}
     assert {"/etc/systemd/system/hpc-eip-reconcile.service", "/etc/systemd/system/hpc-eip-reconcile.timer"} <= dests
     assert ["systemctl", "enable", "--now", "hpc-eip-reconcile.timer"] in [c["run"] for c in man["commands"]]
+
+
+def test_reconcile_leaves_the_eip_with_a_peer_cut_off_from_here_and_takes_it_back_after_the_heal(
+        takeover: ModuleType, imds: FakeImds, aws: dict[str, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A cut between the LBs (both reachable from the internet): both are MASTER. B took
+    the address; A's reconcile must not pull it back while B does not answer here (each
+    move drops every connection through the EIP: they moved it back and forth). Once B
+    answers (the cut healed, B is BACKUP), A's reconcile takes it. A node whose own
+    takeover never completed since its transition takes it whatever the peer does."""
+    import os
+    import socket
+    import time
+
+    ec2, alloc = aws["ec2"], aws["alloc"]
+    # The peer's probe port: closed and unroutable first (TEST-NET-1: no route here), then
+    # a listener on loopback once the "cut" heals.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    aws["cfg"] = write_config(tmp_path, alloc, peers=["192.0.2.7"], probe_port=port)  # type: ignore[arg-type]
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "master") == 0 and eip_eni(ec2, alloc) == aws["A"]
+    held = aws["state"].parent / takeover.HELD_FILE
+    assert held.exists(), "a completed takeover is recorded"
+    imds.current = "B"
+    assert run(takeover, aws, "--reason", "master") == 0 and eip_eni(ec2, alloc) == aws["B"]  # B, cut off, MASTER too
+    imds.current = "A"
+    aws["state"].write_text("MASTER\n")
+    old = time.time() - takeover.RECONCILE_SETTLE_S - 1
+    os.utime(aws["state"], (old, old))
+    capsys.readouterr()
+    first = assoc_id(ec2, alloc)
+    for _ in range(3):  # every 5 s while the cut lasts: nothing moves
+        assert run(takeover, aws, "--reconcile") == 0
+    assert eip_eni(ec2, alloc) == aws["B"] and assoc_id(ec2, alloc) == first
+    assert "does not answer here" in capsys.readouterr().err
+    # The heal: B answers on its private address (here: refused counts, as a peer whose
+    # HAProxy is down is up and FAULT, not a MASTER cut off).
+    aws["cfg"] = write_config(tmp_path, alloc, peers=["127.0.0.1"], probe_port=port)  # type: ignore[arg-type]
+    assert run(takeover, aws, "--reconcile") == 0
+    assert eip_eni(ec2, alloc) == aws["A"]
+    # A transition clears the record: a MASTER whose takeover failed retries in the
+    # reconcile even when the peer holding the address does not answer (it may be dead).
+    imds.current = "B"
+    assert run(takeover, aws, "--reason", "master") == 0 and eip_eni(ec2, alloc) == aws["B"]
+    imds.current = "A"
+    assert run(takeover, aws, "--reason", "backup") == 0 and not held.exists()
+    aws["state"].write_text("MASTER\n")
+    os.utime(aws["state"], (old, old))
+    aws["cfg"] = write_config(tmp_path, alloc, peers=["192.0.2.7"], probe_port=port)  # type: ignore[arg-type]
+    assert run(takeover, aws, "--reconcile") == 0
+    assert eip_eni(ec2, alloc) == aws["A"] and held.exists()
+    probe.close()
+
+
+def test_the_lb_config_names_the_peers_to_probe(tmp_path: Path) -> None:
+    """eip.json on each LB lists the other LBs' private addresses and the probe port;
+    bad values are refused with the key named."""
+    import pytest as _pytest
+
+    mod: Any = load_file(SCRIPT)
+    bad = tmp_path / "bad.json"
+    for doc, key in (({"peers": "10.0.0.1"}, "peers"), ({"probe_port": 0}, "probe_port"),
+                     ({"probe_port": "443"}, "probe_port")):
+        bad.write_text(json.dumps({"allocation_id": "eipalloc-1", "region": REGION, **doc}))
+        with _pytest.raises(ValueError, match=key):
+            mod.load_config(str(bad))
