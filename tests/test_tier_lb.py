@@ -968,17 +968,24 @@ def test_sysctl_file_applies_and_a_bad_key_is_rejected(tmp_path: Path) -> None:
     assert r.returncode != 0
 
 
-def test_eip_json_names_the_allocation_and_region() -> None:
+def test_eip_json_names_the_allocation_region_and_peers() -> None:
+    paired = 0
     for stack, host in LB_HOSTS:
         ctx = ctx_of(stack, host)
         data = json.loads(render_template("lb/eip.json", ctx))
         assert data["allocation_id"] == ctx["vip"]["allocation_id"]
         assert data["region"] == ctx["region"]
         assert "aws_endpoint_url" not in data  # None on AWS
+        # The reconcile probes the other LBs (not itself) on the HTTPS port the internet
+        # rule opens to every source, so no extra security-group rule is needed.
+        others = [p["ip"] for p in ctx["lb"]["peers"] if p["ip"] != ctx["host"]["ip"]]
+        assert data["peers"] == others and data["probe_port"] == 443
+        paired += bool(others)
     rehearsal = {**ctx_of("dev", "lb-1"), "aws_endpoint_url": "http://10.99.0.1:5000"}
     assert json.loads(render_template("lb/eip.json", rehearsal))["aws_endpoint_url"] == "http://10.99.0.1:5000"
     with pytest.raises(json.JSONDecodeError):
         json.loads(render_template("lb/eip.json", ctx_of("prod", "lb-1"))[:-5])
+    assert paired >= 2, "no LB pair among the stacks: the peers were never checked"
 
 
 # ---- hpc-check-haproxy ----------------------------------------------------------------
