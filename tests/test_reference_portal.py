@@ -1040,10 +1040,10 @@ def test_a_submission_lock_left_by_a_dead_server_lapses_and_a_live_one_is_renewe
     real = portal_slurm.submit
     seen: dict[str, Any] = {}
 
-    def slow(rid: str, name: str, seconds: int, journal: Any = None) -> dict[str, Any]:
+    def slow(rid: str, name: str, seconds: int, *rest: Any) -> dict[str, Any]:  # rest: journal, recorded
         time.sleep(2.5)
         seen["held"] = m.get(f"portal:submit:{rid}")
-        return real(rid, name, seconds, journal)
+        return real(rid, name, seconds, *rest)
     monkeypatch.setattr(portal_slurm, "submit", slow)
     r = api.post("/api/jobs", json={"request_id": "req-slow", "name": "s", "seconds": 60})
     tally.check(r.status_code == 200, r.get_json())
