@@ -170,7 +170,7 @@ def test_a_paused_sentinel_costs_discovery_nothing_and_a_late_failure_keeps_the_
     paused Sentinel (on the paused master's host) no longer costs every discovery its
     socket time-out. A thread whose command failed on a client that is no longer the
     one in use does not forget the one another thread found since."""
-    tally.expect(6)
+    tally.expect(7)
     rl = lab["lab"]
     paused = rl.procs[2]  # the first of the three good Sentinels (after servers A and B)
     sm = SentinelMaster(sentinels(lab["sentinels"]), MASTER, PW, PW, timeout=1.0)
@@ -187,6 +187,17 @@ def test_a_paused_sentinel_costs_discovery_nothing_and_a_late_failure_keeps_the_
                     and time.monotonic() - t0 >= 0.9, str(answers))
     finally:
         os.kill(paused.pid, signal.SIGCONT)
+    # An exiting interpreter starts no new threads: the Sentinels are asked in turn.
+    import concurrent.futures
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+    real_submit = concurrent.futures.ThreadPoolExecutor.submit
+    concurrent.futures.ThreadPoolExecutor.submit = refuse  # type: ignore[method-assign]
+    try:
+        tally.check(len(sm.ask_sentinels(majority=True)) == 3, "asked in turn when no thread can start")
+    finally:
+        concurrent.futures.ThreadPoolExecutor.submit = real_submit  # type: ignore[method-assign]
     old = sm.master()
     sm.forget()
     new = sm.master()

@@ -87,7 +87,10 @@ class SentinelMaster:
         need = len(self.sentinels) // 2 + 1
         pool = ThreadPoolExecutor(max_workers=len(self.sentinels), thread_name_prefix="sentinel")
         try:
-            futures = {pool.submit(self._ask, host, port): f"{host}:{port}" for host, port in self.sentinels}
+            try:
+                futures = {pool.submit(self._ask, host, port): f"{host}:{port}" for host, port in self.sentinels}
+            except RuntimeError:  # the interpreter is exiting (a worker's last health check): ask in turn
+                return {f"{host}:{port}": self._ask(host, port) for host, port in self.sentinels}
             answers = {name: "pending" for name in futures.values()}
             left = set(futures)
             while left:
