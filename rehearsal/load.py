@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -76,17 +77,23 @@ WRITE_KINDS = ("write", "snew", "job")  # the kinds that write: their acknowledg
 STICKY_PREFIX = "SRV_"  # HAProxy's stickiness cookies (lb/haproxy.cfg: one per sticky backend)
 
 
-def stickiness(set_cookies: list[str]) -> str | None:
-    """The server named by a stickiness cookie among these Set-Cookie headers, if one."""
+def set_cookies_parsed(set_cookies: list[str]) -> Iterator[tuple[str, http.cookies.Morsel[str]]]:
+    """(name, morsel) of every cookie in these Set-Cookie headers; a header the cookie
+    parser refuses is skipped."""
     for header in set_cookies:
         jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
         try:
             jar.load(header)
         except http.cookies.CookieError:
             continue
-        for name, morsel in jar.items():
-            if name.startswith(STICKY_PREFIX) and morsel.value:
-                return str(morsel.value)
+        yield from jar.items()
+
+
+def stickiness(set_cookies: list[str]) -> str | None:
+    """The server named by a stickiness cookie among these Set-Cookie headers, if one."""
+    for name, morsel in set_cookies_parsed(set_cookies):
+        if name.startswith(STICKY_PREFIX) and morsel.value:
+            return str(morsel.value)
     return None
 
 
@@ -146,17 +153,11 @@ class Conn:
         self.jar = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
 
     def keep(self, set_cookies: list[str]) -> None:
-        for header in set_cookies:
-            jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
-            try:
-                jar.load(header)
-            except http.cookies.CookieError:
-                continue
-            for name, morsel in jar.items():
-                if morsel["max-age"] == "0" or not morsel.value:  # deleted (a logout)
-                    self.jar.pop(name, None)
-                else:
-                    self.jar[name] = morsel.value
+        for name, morsel in set_cookies_parsed(set_cookies):
+            if morsel["max-age"] == "0" or not morsel.value:  # deleted (a logout)
+                self.jar.pop(name, None)
+            else:
+                self.jar[name] = morsel.value
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:

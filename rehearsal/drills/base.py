@@ -770,6 +770,20 @@ def history(path: Path) -> list[History]:
     return out
 
 
+def job_waits(hist: list[History], a: float, b: float) -> dict[str, float | None]:
+    """{request id: seconds from its first try to its acknowledgement, None if never} for
+    the portal's job submissions first tried in [a, b]."""
+    first: dict[str, float] = {}
+    acked: dict[str, float] = {}
+    for h in hist:
+        if h[2] != "job":
+            continue
+        first.setdefault(h[5], h[0])
+        if h[3]:
+            acked.setdefault(h[5], h[1])
+    return {rid: (acked[rid] - t if rid in acked else None) for rid, t in first.items() if a <= t <= b}
+
+
 def tally(recs: list[tuple[float, float, str, bool, int, str]], t0: float, res: Result) -> None:
     recs = [r for r in recs if r[2] != "ws"]  # the websocket's round trips: load_portal_figures
     res.requests = len(recs)

@@ -21,7 +21,7 @@ from .. import hosts as H
 from .. import netns
 from ..awsd import ops_call
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, register, settled_rto
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, job_waits, register, settled_rto
 
 # Detection of each tier (the templates' settings) and how long a freeze outlasts it.
 DETECT_S = {
@@ -78,16 +78,7 @@ def single_redis_master(roles: dict[str, str]) -> bool:
 def slow_jobs(hist: list[Any], window: tuple[float, float], limit: float) -> list[str]:
     """Job request ids first tried inside the window and not acknowledged within `limit`
     seconds of that first try."""
-    first: dict[str, float] = {}
-    acked: dict[str, float] = {}
-    for h in hist:
-        if h[2] != "job":
-            continue
-        first.setdefault(h[5], h[0])
-        if h[3]:
-            acked.setdefault(h[5], h[1])
-    return sorted(rid for rid, t in first.items()
-                  if window[0] <= t <= window[1] and (rid not in acked or acked[rid] - t > limit))
+    return sorted(rid for rid, w in job_waits(hist, *window).items() if w is None or w > limit)
 
 
 class GrayDrills(DrillBase):

@@ -26,7 +26,7 @@ from typing import Any
 from .. import container as C
 from .. import hosts as H
 from ..stack import say
-from .base import ALERT_TARGET_S, TARGETS, DrillBase, Result, history, register
+from .base import ALERT_TARGET_S, TARGETS, DrillBase, Result, history, job_waits, register
 
 QUOTA_US, PERIOD_US = 1000, 100000  # 1 % of one CPU for the whole host
 SAMPLE_AFTER_S = 20.0  # flow-control counters are compared over this much of the throttle
@@ -57,20 +57,6 @@ def latencies(path: Path, a: float, b: float) -> tuple[int, int, float | None, f
     ok = sorted(h[1] - h[0] for h in rows if h[3])
     p95 = ok[min(len(ok) - 1, int(0.95 * len(ok)))] if ok else None
     return len(ok), len(rows) - len(ok), (statistics.median(ok) if ok else None), p95
-
-
-def job_waits(hist: list[Any], a: float, b: float) -> dict[str, float | None]:
-    """{request id: seconds from its first try to its acknowledgement, None if never} for
-    the portal's job submissions first tried in [a, b)."""
-    first: dict[str, float] = {}
-    acked: dict[str, float] = {}
-    for h in hist:
-        if h[2] != "job":
-            continue
-        first.setdefault(h[5], h[0])
-        if h[3]:
-            acked.setdefault(h[5], h[1])
-    return {rid: (acked[rid] - t if rid in acked else None) for rid, t in first.items() if a <= t < b}
 
 
 def first_ack_after(hist: list[Any], kind: str, t: float) -> float | None:
