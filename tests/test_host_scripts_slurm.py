@@ -879,6 +879,40 @@ def test_watch_fences_a_young_peer_only_when_it_saw_it_answer(fence_world, caplo
         assert state_of(w, "slurm-1") == "running" and "is booting (running, launched" in text, text
 
 
+def test_watch_leaves_a_replaced_peer_alone_while_it_boots(fence_world, caplog, tmp_path):
+    """Seen answering counts for the instance that answered: a rolled controller's
+    replacement, launched after the watcher last saw the old one, gets the boot grace
+    (it reports DOWN and its port is silent until its OS is up)."""
+    w = fence_world
+    mod = watch_world(w, tmp_path, heartbeat_age_s=300)
+    mod.BOOT_GRACE_S = 300.0
+    mod._wall = lambda: time.time() - 60  # the old slurm-1 answered a minute ago
+    w["ec2"].terminate_instances(InstanceIds=[w["ids"]["slurm-1"]])
+    # moto keeps a terminated instance's address taken in its subnet: the replacement
+    # gets the same address in a subnet of the same range.
+    vpc = w["ec2"].create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+    net = w["ctls"]["slurm-1"].rsplit(".", 1)[0] + ".0/24"
+    new = w["ec2"].run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="m7i.large",
+        SubnetId=w["ec2"].create_subnet(VpcId=vpc, CidrBlock=net)["Subnet"]["SubnetId"],
+        PrivateIpAddress=w["ctls"]["slurm-1"],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "Name", "Value": "slurm-1"}, {"Key": "Role", "Value": "slurm"}, {"Key": "Stack", "Value": "prod"}]}],
+    )["Instances"][0]["InstanceId"]
+    w["ids"]["slurm-1"] = new
+    w["port"] = "silent"
+    answers = iter([{"slurm-1": "UP", "slurm-2": "UP"}] + [{"slurm-1": "DOWN", "slurm-2": "UP"}] * 40)
+    mod.ping_states = lambda: next(answers)
+    rc, text = watch_run(w, caplog, 14)
+    assert rc == 0 and "watch: slurm-1 DOWN" in text, text
+    assert state_of(w, "slurm-1") == "running" and f"{new} is booting (running, launched" in text, text
+    # The same instance, seen answering after its launch, is fenced as before.
+    mod._wall = time.time
+    answers = iter([{"slurm-1": "UP", "slurm-2": "UP"}] + [{"slurm-1": "DOWN", "slurm-2": "UP"}] * 40)
+    rc, text = watch_run(w, caplog, 14)
+    assert rc == 0 and state_of(w, "slurm-1") in ("stopping", "stopped"), text
+
+
 @pytest.mark.parametrize(("heartbeat", "here", "ping", "why"), [
     (1.0, True, PING_PRIMARY_DOWN, "someone in control still writes the heartbeat (cut off from here only)"),
     (300.0, False, PING_PRIMARY_DOWN, "no slurmctld here would take control"),
