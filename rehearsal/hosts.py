@@ -9,7 +9,7 @@ What the stack and the drills call:
                                AWS endpoint override and the package mirror)
   start(layout, h)             boot (nspawn in the host's network namespace)
   boot(layout, name)           wait for cloud-init and systemd: the per-host boot report
-  run / call / put_file / kill / alive / pids / freeze / thaw / unit_state / hold /
+  run / call / put_file / kill / stop / alive / pids / freeze / thaw / unit_state / hold /
   kill_unit / rss_bytes / pss_bytes
   efs_stall / efs_resume / efs_status   the Slurm share stops answering, as an EFS mount
                                target that does (the `efs-stall` drill)
@@ -115,15 +115,24 @@ def package_enabled_units(image_root: Path, packages: list[str]) -> dict[str, st
     return out
 
 
-def prepare(layout: Layout, h: RHost, deploy: dict[str, Any] | None = None) -> Path:
+def prepare(layout: Layout, h: RHost, deploy: dict[str, Any] | None = None, keep_volume: bool = False) -> Path:
     """A fresh instance disk (the previous one, if any, is deleted), with the enablement
-    of the units the host's packages enable (see package_enabled_units)."""
+    of the units the host's packages enable (see package_enabled_units). `keep_volume`:
+    the data volume outlives the instance, as the EBS volume a replacement is attached
+    to again (tools/rolling.py on a data host)."""
     d = layout.hostdir(h.name)
     volume_stop(d)  # a layer left mounted: never delete through it
+    kept = d.parent / f".{h.name}-volume"
+    if keep_volume and (d / "volume").is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+        (d / "volume").rename(kept)
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    (d / "volume").mkdir()
+    if keep_volume and kept.is_dir():
+        kept.rename(d / "volume")
+    else:
+        (d / "volume").mkdir()
     packages = ((deploy or {}).get("hosts", {}).get(h.name) or {}).get("packages", [])
     image_root = image_for(layout)
     for unit, target in package_enabled_units(image_root, packages).items():
@@ -409,6 +418,15 @@ def kill(host: str, timeout: float = 10) -> list[int]:
         return C.kill(_handle(host), timeout)
     except HostError:
         return []
+
+
+def stop(host: str, timeout: float = 90) -> bool:
+    """The instance shuts down from inside (EC2's stop and terminate send the guest an
+    ACPI shutdown), killed if it is not down after `timeout`; True when it was clean."""
+    try:
+        return C.stop(_handle(host), timeout)
+    except HostError:
+        return False
 
 
 def freeze(host: str) -> None:

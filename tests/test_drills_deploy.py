@@ -9,6 +9,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,8 +27,6 @@ PLAN: dict[str, Any] = {"app": {"template": {
 
 class FakeDeploy(deploy.DeployDrills):
     def __init__(self, tmp: Path, plan: dict[str, Any], fail: str = "") -> None:
-        from types import SimpleNamespace
-
         self.out_dir = self.wd = tmp
         self.ceiling = 1.0
         self.layout = SimpleNamespace(stack="prod")  # type: ignore[assignment]
@@ -53,8 +52,8 @@ class FakeDeploy(deploy.DeployDrills):
         res.per_kind = {"records": {"acked": 600, "lost": 0, "duplicated": 0, "ghost": 0}}
         res.acked_writes = 600
 
-    def replace_instance(self, host: str) -> str:
-        self.ran.append(f"replace {host}")
+    def replace_instance(self, host: str, keep_volume: bool = False) -> str:
+        self.ran.append(f"replace {host}" + (" keeping its volume" if keep_volume else ""))
         return f"i-new-{host}"
 
     def program_command(self, cmd: str, timeout: float = 0) -> tuple[int, str]:
@@ -132,3 +131,99 @@ def test_a_plan_that_is_not_a_replacement_by_pulumi_up_is_refused(tmp_path: Path
     finally:
         PLAN.clear()
         PLAN.update(PLAN_SAVED)
+
+
+class FakeRolling(FakeDeploy):
+    """The `rolling` drill over the prod stack's real tools/rolling.py plan: every step it
+    takes is recorded; the stateful hosts' probes answer what the test says."""
+
+    def __init__(self, tmp: Path, rejoined: bool = True, gate_fails: str = "") -> None:
+        super().__init__(tmp, PLAN, fail=gate_fails)
+        from components.stackfile import load_stack
+
+        cfg, topo = load_stack("prod")
+        self.layout = SimpleNamespace(stack="prod", cfg=cfg, topo=topo, host=topo.host)  # type: ignore[assignment]
+        self.deploy = {"hosts": {h.name: {"instance_id": f"i-{h.name}"} for h in topo.hosts}}
+        self.rejoined = rejoined
+        self.protected: dict[str, bool] = {}
+
+    def replace_instance(self, host: str, keep_volume: bool = False) -> str:
+        iid = super().replace_instance(host, keep_volume)
+        self.deploy["hosts"][host]["instance_id"] = iid
+        return iid
+
+    def run(self, host: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
+        self.ran.append(f"{host}: {cmd.split()[0]}")
+        return 0, ""
+
+    def gate(self, host: str, timeout: float = 180) -> bool:
+        self.ran.append(f"gate {host}")
+        return True
+
+    def protect(self, host: str, on: bool) -> None:
+        self.ran.append(f"protection {host} {'on' if on else 'off'}")
+        self.protected[self.deploy["hosts"][host]["instance_id"]] = on
+
+    def galera_writer(self) -> str:
+        return "data-1"
+
+    def redis_master(self) -> str | None:
+        return "data-2"
+
+    def wait_synced(self, host: str, size: int | None, timeout: float = 240) -> bool:
+        return self.rejoined
+
+    def redis_roles(self) -> dict[str, str]:
+        return {"data-1": "slave", "data-2": "master", "data-3": "slave"}
+
+    def controllers_up(self) -> tuple[bool, str]:
+        return True, "Slurmctld(primary) at slurm-1 is UP / Slurmctld(backup) at slurm-2 is UP"
+
+
+@pytest.fixture
+def rolling_patched(patched: None, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    protected: dict[str, bool] = {}
+
+    def ops_call(wd: Path, service: str, method: str, **kw: Any) -> Any:
+        assert (service, method) == ("ec2", "describe_instance_attribute"), (service, method)
+        return {"DisableApiTermination": {"Value": protected.get(kw["InstanceId"], False)}}
+    monkeypatch.setattr(deploy, "ops_call", ops_call)
+    return protected
+
+
+def test_rolling_replaces_a_galera_node_and_the_backup_controller_as_the_rolling_command_says(
+        tmp_path: Path, rolling_patched: dict[str, bool]) -> None:
+    d = FakeRolling(tmp_path)
+    d.protected = rolling_patched
+    res = d.drill_rolling()
+    stateful = [r for r in d.ran[d.ran.index("protection data-3 off"):] if r != "data-3: journalctl"]
+    # data-3: neither the writer (data-1) nor the Redis master (data-2). Protection off,
+    # the one replacement with its volume, the role gate through SSM with the new id,
+    # protection back; then the backup controller, replaced and gated the same way.
+    assert [r.split(" --timeout")[0] for r in stateful] == [
+        "protection data-3 off", "replace data-3 keeping its volume",
+        "python3 tools/gate.py --region ap-northeast-2 --host data-3 --instance-id i-new-data-3 --roles data",
+        "protection data-3 on", "replace slurm-2",
+        "python3 tools/gate.py --region ap-northeast-2 --host slurm-2 --instance-id i-new-slurm-2 --roles slurm"]
+    app = d.ran[:d.ran.index("protection data-3 off")]
+    assert [r for r in app if r.startswith(("replace", "gate"))] == [
+        x for h in ("app-1", "app-2", "app-3") for x in (f"replace {h}", f"gate {h}")]
+    assert res.checks["galera_node_rejoined"] and res.checks["data_host_protected_again"], res.checks
+    assert res.passed, res
+
+
+def test_rolling_fails_when_the_galera_node_does_not_rejoin(tmp_path: Path, rolling_patched: dict[str, bool]) -> None:
+    d = FakeRolling(tmp_path, rejoined=False)
+    d.protected = rolling_patched
+    res = d.drill_rolling()
+    assert res.checks["galera_node_rejoined"] is False and not res.passed
+
+
+def test_a_failed_stateful_gate_stops_the_roll_before_the_controller(tmp_path: Path,
+                                                                    rolling_patched: dict[str, bool]) -> None:
+    d = FakeRolling(tmp_path, gate_fails="--host data-3 --instance-id")
+    d.protected = rolling_patched
+    res = d.drill_rolling()
+    assert not any("slurm-2" in r for r in d.ran) and "protection data-3 on" not in d.ran
+    assert res.checks["roll_completed"] is False and not res.passed
+    assert any("gate data-3: exit 1" in n for n in res.notes), res.notes

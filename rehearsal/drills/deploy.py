@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components.server import DATA_DEVICE, STATEFUL_ROLES
+
 from .. import hosts as H
 from ..awsd import ops_call
 from ..stack import _python, read_state, say, write_state
@@ -17,17 +19,32 @@ from .base import REPO, DrillBase, Result, history, register
 
 
 class DeployDrills(DrillBase):
-    def replace_instance(self, host: str) -> str:
-        """What `pulumi up --replace` does to one host: a new instance with the same private
-        IP and the same user-data, on a fresh disk, booting through cloud-init."""
-
+    def replace_instance(self, host: str, keep_volume: bool = False) -> str:
+        """What `pulumi up --replace` does to one host (delete before replace): its
+        dependents go first (a data volume's attachment stops the instance, then detaches),
+        the old instance is terminated (EC2 refuses while termination protection is on)
+        and shuts down, a new one gets the same interface (the same private IP), the same
+        user-data and a fresh root disk and boots through cloud-init. `keep_volume`: the
+        data volume outlives the instance and is attached to the new one."""
         old = ops_call(self.wd, "ec2", "describe_instances", Filters=[
             {"Name": "private-ip-address", "Values": [self.layout.host(host).ip]},
             {"Name": "instance-state-name", "Values": ["running", "pending"]}])["Reservations"][0]["Instances"][0]
         ud = ops_call(self.wd, "ec2", "describe_instance_attribute", InstanceId=old["InstanceId"],
                       Attribute="userData")["UserData"]["Value"]
-        H.kill(host)
+        volumes: list[dict[str, Any]] = []
+        if keep_volume:
+            vols = ops_call(self.wd, "ec2", "describe_volumes", Filters=[
+                {"Name": "attachment.instance-id", "Values": [old["InstanceId"]]}])["Volumes"]
+            volumes = [a for v in vols for a in v.get("Attachments", []) if a.get("Device") == DATA_DEVICE]
+            if not volumes:
+                raise RuntimeError(f"{host} ({old['InstanceId']}): no data volume attached at {DATA_DEVICE}")
+            clean = H.stop(host)
+            for a in volumes:
+                ops_call(self.wd, "ec2", "detach_volume", VolumeId=a["VolumeId"], InstanceId=old["InstanceId"])
         ops_call(self.wd, "ec2", "terminate_instances", InstanceIds=[old["InstanceId"]])
+        if not keep_volume:
+            clean = H.stop(host)
+        say(f"    {host}: {old['InstanceId']} terminated ({'clean shutdown' if clean else 'killed after the shutdown time-out'})")
         eni = old["NetworkInterfaces"][0]["NetworkInterfaceId"]
         # The program's tags, as its replacement gets them: SSM (the agent stand-in) finds
         # the host by its Name tag; without them the deploy drill's gate waited out its
@@ -39,9 +56,19 @@ class DeployDrills(DrillBase):
                        NetworkInterfaces=[{"DeviceIndex": 0, "NetworkInterfaceId": eni}],
                        Placement={"AvailabilityZone": old["Placement"]["AvailabilityZone"]},
                        IamInstanceProfile={"Arn": old["IamInstanceProfile"]["Arn"]}, **tags)["Instances"][0]
+        for a in volumes:
+            ops_call(self.wd, "ec2", "attach_volume", VolumeId=a["VolumeId"], InstanceId=new["InstanceId"],
+                     Device=DATA_DEVICE)
         deploy = json.loads((self.wd / "deploy.json").read_text())
+        # Later drills find the host's instance by this id (a fenced controller started
+        # again, EC2's state of a host): it is the replacement's now.
+        deploy["hosts"][host]["instance_id"] = new["InstanceId"]
+        tmp = self.wd / "deploy.json.tmp"
+        tmp.write_text(json.dumps(deploy, indent=2, sort_keys=True))
+        tmp.rename(self.wd / "deploy.json")
+        self.deploy = deploy
         h = self.layout.host(host)
-        H.prepare(self.layout, h, deploy)
+        H.prepare(self.layout, h, deploy, keep_volume=keep_volume)
         from ..stack import STANDIN_DEST, install_standin
 
         if "app" in h.roles and not self.layout.cfg.app_artifact and \
@@ -55,6 +82,13 @@ class DeployDrills(DrillBase):
         if failed:
             raise RuntimeError(f"replacement {host} ({new['InstanceId']}): {len(failed)} boot commands failed")
         return str(new["InstanceId"])
+
+    def protect(self, host: str, on: bool) -> None:
+        """What the program's `disable_api_termination` does to a data host's instance: the
+        rolling command's first `pulumi up` lifts it (HPC_ROLL_STEP=unprotect), its last
+        one sets it again."""
+        ops_call(self.wd, "ec2", "modify_instance_attribute", InstanceId=self.deploy["hosts"][host]["instance_id"],
+                 DisableApiTermination={"Value": on})
 
     def gate(self, host: str, timeout: float = 180) -> bool:
         """Readiness: every portal health endpoint and nginx on the host answer 200, asked
@@ -75,19 +109,47 @@ class DeployDrills(DrillBase):
             time.sleep(2)
         return False
 
+    def roll_candidates(self) -> tuple[str, str]:
+        """The data host and the Slurm controller the drill rolls: a Galera node that is
+        neither the writer nor the Redis master (moving those first is not part of
+        tools/rolling.py), and the backup controller (slurm.conf's second)."""
+        busy = {self.galera_writer(), self.redis_master()}
+        data = [n for n in self.layout.topo.role_hosts["data"] if n not in busy]
+        if not data:
+            raise RuntimeError(f"every data host is the Galera writer or the Redis master: {sorted(b for b in busy if b)}")
+        return data[-1], self.layout.topo.role_hosts["slurm"][1]
+
+    def controllers_up(self) -> tuple[bool, str]:
+        """`scontrol ping` from an app host: every controller UP."""
+        app = next(n for n in self.layout.topo.role_hosts["app"] if H.alive(n))
+        rc, out = self.run(app, "scontrol ping", timeout=30)
+        lines = [line for line in out.splitlines() if line.startswith("Slurmctld(")]
+        return len(lines) == len(self.layout.topo.role_hosts["slurm"]) and all(" is UP" in x for x in lines), \
+            " / ".join(lines) or out.strip()[-200:]
+
     @register("rolling")
     def drill_rolling(self) -> Result:
-        """Replace the web/app hosts one at a time with tools/rolling.py's own plan (drain on
-        every LB, replace, readiness gate, back into service), executed here."""
+        """Roll hosts one at a time with tools/rolling.py's own plan, executed here: every
+        web/app host (drain on every LB, replace, readiness gate, back into service), then
+        one Galera node (termination protection lifted, replaced with its data volume
+        attached to the new instance, the role gate tools/gate.py runs through SSM,
+        protection back) and the backup Slurm controller (replaced, gated)."""
+        import shlex
         import sys as _sys
 
         _sys.path.insert(0, str(REPO / "tools"))
         import gate  # tools/gate.py: the drain script's wait
         import rolling  # tools/rolling.py: the phased rollout's command
 
-        steps = rolling.plan(self.layout.stack, "app")
+        data_host, backup = self.roll_candidates()
+        steps = (rolling.plan(self.layout.stack, "app") + rolling.plan(self.layout.stack, "data", [data_host])
+                 + rolling.plan(self.layout.stack, "slurm", [backup]))
         res = Result("rolling")
+        res.notes.append(f"rolled every app host, {data_host} (neither Galera writer nor Redis master) and {backup} "
+                         "(backup controller)")
         replaced: list[str] = []
+        protection: list[str] = []
+        gates: dict[str, float] = {}
 
         def run_step(step: Any) -> int:
             if step.kind in ("drain", "ready"):
@@ -103,13 +165,29 @@ class DeployDrills(DrillBase):
                     time.sleep(3)  # let in-flight requests on the drained server finish
                 return rc
             if step.kind == "pulumi":
-                if "--replace" not in step.argv:
+                if "--replace" in step.argv:
+                    iid = self.replace_instance(step.host, keep_volume=bool(self.layout.topo.host(step.host).data_gb))
+                    replaced.append(f"{step.host}={iid}")
                     return 0
-                iid = self.replace_instance(step.host)
-                replaced.append(f"{step.host}={iid}")
+                # The data host's other two updates: termination protection off, then on.
+                on = step.env.get("HPC_ROLL_STEP") != "unprotect"
+                self.protect(step.host, on)
+                protection.append(f"{step.host} {'on' if on else 'off'}")
                 return 0
             if step.kind == "gate":
-                return 0 if self.gate(step.host) else 1
+                t = time.time()
+                if any(r in STATEFUL_ROLES for r in self.layout.host(step.host).roles):
+                    # The role gate as the rolling command runs it: tools/gate.py through
+                    # SSM (the agent stand-in), with the replacement's instance id.
+                    argv = [self.deploy["hosts"][a[1:]]["instance_id"] if a.startswith("@") else a
+                            for a in step.argv]
+                    rc, out = self.program_command(shlex.join(argv), timeout=1300)
+                    if rc != 0:
+                        res.notes.append(f"gate {step.host}: exit {rc}: {out.strip()[-300:]}")
+                else:
+                    rc = 0 if self.gate(step.host) else 1
+                gates[step.host] = round(time.time() - t, 1)
+                return rc
             return 1
 
         with self.load("rolling") as (p, path):
@@ -119,7 +197,8 @@ class DeployDrills(DrillBase):
             t0 = time.time()
             rc = rolling.execute(steps, run_step)
             res.checks["roll_completed"] = rc == 0
-            res.notes.append(f"replaced {', '.join(replaced)}")
+            res.notes.append(f"replaced {', '.join(replaced)}; termination protection {', '.join(protection)}; "
+                             f"gates passed after {gates} s")
             res.fault_window = (t0, time.time())
             if replaced:
                 res.fault_effect = f"replaced {', '.join(replaced)}"
@@ -127,6 +206,22 @@ class DeployDrills(DrillBase):
             self.tally(path, t0, res)
         self.verify(path, res)
         res.checks["no_failed_reads"] = res.failed_reads == 0
+        # The stateful replacements, afterwards: the Galera node back in a cluster of
+        # three, one Redis master with its replicas, every Slurm controller answering,
+        # and the data host protected again.
+        size = len(self.layout.topo.role_hosts["data"])
+        res.checks["galera_node_rejoined"] = self.wait_synced(data_host, size, timeout=300)
+        roles = self.redis_roles()
+        res.checks["redis_one_master"] = sorted(roles.values()) == sorted(["master"] + ["slave"] * (size - 1))
+        ok, ping = self.controllers_up()
+        res.checks["slurm_controllers_up"] = ok
+        res.notes.append(f"after: Redis roles {roles}; scontrol ping: {ping}")
+        rc, out = self.run(data_host, "journalctl -u mariadb --no-pager -o cat | "
+                                      "grep -E 'IST received|SST (received|complete)|State transfer' | tail -3", timeout=30)
+        res.notes.append(f"{data_host} rejoined: {' | '.join(out.strip().splitlines()) or 'no state-transfer line'}")
+        inst = ops_call(self.wd, "ec2", "describe_instance_attribute", InstanceId=self.deploy["hosts"][data_host]["instance_id"],
+                        Attribute="disableApiTermination")
+        res.checks["data_host_protected_again"] = bool(inst.get("DisableApiTermination", {}).get("Value"))
         return self.finish(res, None)
 
     # ------------------------------------------------------------------ deploy
