@@ -242,3 +242,96 @@ def test_the_drain_script_against_a_live_haproxy(tmp_path: Path, tally):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+HAPROXY_WS_CFG = """global
+    stats socket {sock} mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+backend be_api
+    server app-2-5010 127.0.0.1:{dead}
+backend be_ws
+    server app-2-5011 127.0.0.1:{held}
+frontend fe
+    bind 127.0.0.1:{front}
+    default_backend be_ws
+"""
+
+
+def test_a_drain_closes_a_websocket_servers_sessions_instead_of_waiting_them_out(tmp_path: Path, tally):
+    """A websocket's session never ends by itself: the drain sets its server to maint and
+    shuts its sessions down (the client reconnects elsewhere) instead of waiting the whole
+    DRAIN_WAIT_S and leaving it to the host's deletion; without `tunnels` it waits."""
+    import socket
+
+    for tool in ("haproxy", "socat"):
+        assert shutil.which(tool), f"{tool} is needed (tools/install-debian-deps.sh installs it)"
+    sock = str(tmp_path / "admin.sock")
+    held = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: an open websocket
+    held.settimeout(10)
+    front = held.getsockname()[1] + 1
+    (tmp_path / "h.cfg").write_text(HAPROXY_WS_CFG.format(sock=sock, held=held.getsockname()[1], dead=front + 1,
+                                                          front=front))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    servers = ["be_api/app-2-5010", "be_ws/app-2-5011"]
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+
+        def open_client() -> tuple[socket.socket, socket.socket]:
+            c = socket.create_connection(("127.0.0.1", front), timeout=10)
+            # A request the server never answers holds the session open, as an upgraded
+            # websocket does (HAProxy wants a real handshake before it tunnels).
+            c.sendall(b"GET /ws/ HTTP/1.1\r\nHost: portal\r\n\r\n")
+            conn, _ = held.accept()  # HAProxy reached the server: the session is open
+            conn.settimeout(10)
+            return c, conn  # both ends held: the session stays open
+
+        c, server_end = open_client()
+        # Without tunnels: the drain waits for the session, which does not end.
+        t = time.monotonic()
+        waited = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "drain", wait_s=3, sock=sock)],
+                                capture_output=True, text=True)
+        tally.check(waited.returncode == 0 and "be_ws/app-2-5011: 1 sessions still open after 3 s" in waited.stdout
+                    and time.monotonic() - t >= 3, waited.stdout)
+        # With tunnels: maint, the session shut down at once.
+        t = time.monotonic()
+        closed = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "drain", wait_s=30, sock=sock,
+                                                                       tunnels=["be_ws"])],
+                                capture_output=True, text=True)
+        took = time.monotonic() - t
+        tally.check(closed.returncode == 0 and "be_ws/app-2-5011: maint, its websockets closed" in closed.stdout
+                    and took < 15, (closed.stdout + closed.stderr, took))
+        tally.check(_state(sock, "be_ws", "app-2-5011") == "1" and _state(sock, "be_api", "app-2-5010") == "8")
+        # The server's end is closed; the client gets the close (an upgraded websocket) or,
+        # for this unanswered request, HAProxy's 502 on its kept-alive connection.
+        got = b""
+        while chunk := server_end.recv(4096):
+            got += chunk
+        tally.check(got.startswith(b"GET /ws/"), got)
+        answer = c.recv(4096)
+        tally.check(answer == b"" or answer.startswith(b"HTTP/1.1 502"), answer)
+        ready = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "ready", sock=sock)],
+                               capture_output=True, text=True)
+        tally.check(ready.returncode == 0 and _state(sock, "be_ws", "app-2-5011") == "0", ready.stdout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        held.close()
+
+
+def test_the_websocket_backends_come_from_the_stacks_services(tally, capsys):
+    tally.check(gate.tunnel_backends("prod") == ["be_ws"], gate.tunnel_backends("prod"))
+    tally.check(gate.tunnel_backends("no-such-stack") == [])
+    tally.check("websocket servers are drained like the others" in capsys.readouterr().err)
+    script = gate.haproxy_state_script(["be_api/app-2-5010", "be_ws/app-2-5011"], "drain", tunnels=["be_ws"])
+    tally.check("for s in be_api/app-2-5010; do" in script and "state maint; shutdown sessions server $s" in script
+                and "for s in be_ws/app-2-5011; do" in script, script)
+    ready = gate.haproxy_state_script(["be_ws/app-2-5011"], "ready", tunnels=["be_ws"])
+    tally.check("maint" not in ready and "shutdown" not in ready, ready)

@@ -42,7 +42,9 @@ then names the host, the check and its last output.
 
 LB state (`--lb-state drain|ready --stack S --lb-hosts lb-1,lb-2 --servers be_api/app-2-5010,...`):
 instead of a gate, set a web/app host's HAProxy servers to `drain` (no new requests; the
-gate waits up to DRAIN_WAIT_S for its open sessions to end) or back to `ready` on every LB,
+gate waits up to DRAIN_WAIT_S for its open sessions to end; with --stack, the websocket
+services' servers then go to `maint` and their sessions are closed, so clients reconnect
+to another server) or back to `ready` on every LB,
 through HAProxy's runtime API (the admin socket) by the same SSM path. A server or backend
 HAProxy does not know fails now (exit 3 of the script: the command names a server the LB's
 config lacks); an unreachable agent or admin socket is retried until the timeout. The LB
@@ -63,6 +65,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # role -> (check name, shell command); each must exit 0 when the role is healthy.
@@ -277,14 +280,23 @@ LB_STATES = ("drain", "ready")
 
 
 def haproxy_state_script(servers: list[str], state: str, wait_s: int = DRAIN_WAIT_S,
-                         sock: str = ADMIN_SOCKET) -> str:
+                         sock: str = ADMIN_SOCKET, tunnels: list[str] | None = None) -> str:
     """The shell script an LB runs: `set server <b>/<s> state <state>` for each server
     through the runtime API (an answer means an error: HAProxy answers nothing on
-    success), then for `drain` wait until their current sessions (`show stat` scur) end."""
+    success), then for `drain` wait until their current sessions (`show stat` scur) end.
+
+    `tunnels`: backends whose sessions are websockets. Those never end by themselves,
+    and a drained server still takes the clients whose cookie names it, so a reconnect
+    would come back to it. Once the other servers' sessions have ended, such a server
+    goes to `maint` (persistence no longer applies: the next connection goes to another
+    server) and its sessions are shut down, so each client reconnects to another server
+    now instead of after the wait and the host's deletion."""
     if state not in LB_STATES:
         raise ValueError(f"state {state!r}: allowed are {', '.join(LB_STATES)}")
     if not servers or any(s.count("/") != 1 or not re.fullmatch(r"[A-Za-z0-9_.:/-]+", s) for s in servers):
         raise ValueError(f"servers {servers!r}: <backend>/<server> names")
+    if any(not re.fullmatch(r"[A-Za-z0-9_.:-]+", b) for b in tunnels or []):
+        raise ValueError(f"tunnels {tunnels!r}: backend names")
     names = " ".join(servers)
     lines = [
         f"sock={sock}",
@@ -293,10 +305,12 @@ def haproxy_state_script(servers: list[str], state: str, wait_s: int = DRAIN_WAI
         f'  if [ -n "$out" ]; then echo "$s: $out"; exit {UNKNOWN_SERVER_EXIT}; fi',
         "done",
     ]
-    if state == "drain":
+    ws = [s for s in servers if s.split("/")[0] in (tunnels or [])]
+    waited = [s for s in servers if s not in ws]
+    if state == "drain" and waited:
         lines += [
             f"end=$(( $(date +%s) + {int(wait_s)} ))",
-            f"for s in {names}; do",
+            f"for s in {' '.join(waited)}; do",
             '  b=${s%%/*}; n=${s#*/}',
             "  while :; do",
             "    cur=$(echo 'show stat' | socat stdio \"$sock\" | awk -F, -v b=\"$b\" -v n=\"$n\" '$1==b && $2==n {print $5}')",
@@ -306,20 +320,45 @@ def haproxy_state_script(servers: list[str], state: str, wait_s: int = DRAIN_WAI
             "  done",
             "done",
         ]
+    if state == "drain" and ws:
+        lines += [
+            f"for s in {' '.join(ws)}; do",
+            # One connection, one line: the runtime API runs `;`-separated commands in turn.
+            '  out=$(echo "set server $s state maint; shutdown sessions server $s" | socat stdio "$sock")',
+            '  if [ -n "$(echo "$out" | tr -d \'[:space:]\')" ]; then echo "$s: $out"; exit 1; fi',
+            '  echo "$s: maint, its websockets closed (clients reconnect to another server)"',
+            "done",
+        ]
     lines.append(f'echo "{state}: {names} on $(hostname)"')
     return "\n".join(lines)
+
+
+def tunnel_backends(stack: str) -> list[str]:
+    """The HAProxy backends of the stack's websocket services (cloud_init/templates/lb/
+    haproxy.cfg: be_<service>)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        from components.stackfile import load_stack
+
+        cfg, _topo = load_stack(stack)
+    except Exception as e:  # noqa: BLE001 - the drain still works, only waits for websockets
+        print(f"lb-state: stack {stack}'s services unreadable ({e}): websocket servers are drained like the "
+              "others (their sessions wait out the drain)", file=sys.stderr)
+        return []
+    return [f"be_{s.name}" for s in cfg.services if s.websocket]
 
 
 def set_lb_state(ssm: Any, host: str, lb_instance_ids: list[str], servers: list[str], state: str,
                  timeout: float, sleep: Callable[[float], None] | None = None,
                  clock: Callable[[], float] | None = None,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 tunnels: list[str] | None = None) -> None:
     """Set `servers` to `state` on every LB, one LB after the other; GateFailed as soon as
     an LB refuses (unknown server) or when the timeout passes."""
     sleep = sleep or time.sleep
     clock = clock or time.monotonic
     deadline = clock() + timeout
-    script = haproxy_state_script(servers, state)
+    script = haproxy_state_script(servers, state, tunnels=tunnels)
     check = f"haproxy-{state}"
     for lb in lb_instance_ids:
         last = Result(False, "", "NotRun")
@@ -396,8 +435,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
         lbs = (args.lb_instance_ids.split(",") if args.lb_instance_ids else
                lb_instance_ids(boto3.client("ec2", region_name=args.region), args.stack, args.lb_hosts.split(",")))
         try:
-            set_lb_state(ssm, args.host, lbs, args.servers.split(","),
-                         args.lb_state, args.timeout)
+            set_lb_state(ssm, args.host, lbs, args.servers.split(","), args.lb_state, args.timeout,
+                         tunnels=tunnel_backends(args.stack) if args.stack else [])
         except GateFailed as e:
             print(str(e), file=sys.stderr)
             return 1

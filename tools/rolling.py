@@ -89,7 +89,8 @@ def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami
     def lb_steps(kind: str, h: Any) -> list[Step]:
         """One step per LB: the script HAProxy's admin socket takes there, run through
         SSM by tools/gate.py --lb-state (retries, an unknown server fails now)."""
-        script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind)
+        script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind,
+                                           tunnels=[f"be_{s.name}" for s in cfg.services if s.websocket])
         return [Step(kind, [lb, script], host=h.name,
                      via=shlex.split(lb_state_command(cfg, h, kind, [lb]))) for lb in lbs]
 

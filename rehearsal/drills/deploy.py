@@ -157,9 +157,8 @@ class DeployDrills(DrillBase):
                 if not H.alive(lb):
                     return 0
                 # A drain waits up to gate.DRAIN_WAIT_S for the server's open sessions to
-                # end (a websocket's never does before its host goes): the step gets that
-                # and half a minute (it had 30 s: exit 124 with the reference portal's
-                # websockets on app-2).
+                # end (websockets are closed at once, after the others): the step gets that
+                # and half a minute.
                 rc, out = self.run(lb, cmd, timeout=gate.DRAIN_WAIT_S + 30)
                 if rc == 0 and step.kind == "drain":
                     time.sleep(3)  # let in-flight requests on the drained server finish
