@@ -346,3 +346,23 @@ def test_every_role_has_checks():
     from components.config import ROLES
 
     assert set(gate.ROLE_CHECKS) == set(ROLES)
+
+
+def test_role_checks_ask_where_the_daemons_listen(tally):
+    """A role check that asks a port on 127.0.0.1 fails on a daemon bound to the host's
+    private address only: the data gate asked hpc-clustercheck there and would have failed
+    every data host's roll after its whole time-out (found by the rolling drill). Each
+    check's address is compared with the rendered unit of the daemon it asks."""
+    import re
+
+    from cloud_init.render import render_host
+    from offline.contexts import contexts
+
+    ctx = next(c for c in contexts("prod").values() if "data" in c["host"]["roles"])
+    files = {f.path: f.content for f in render_host(ctx).files}
+    unit = files["/etc/systemd/system/hpc-clustercheck.service"]
+    unit = unit.decode() if isinstance(unit, bytes) else unit
+    bind = re.search(r"--bind (\S+)", unit)
+    tally.check(bind is not None and bind.group(1) == ctx["host"]["ip"], unit)
+    cmd = dict(gate.ROLE_CHECKS["data"])["galera-synced"]
+    tally.check("127.0.0.1" not in cmd and "$(hostname -I | cut -d' ' -f1):9200/" in cmd, cmd)

@@ -75,7 +75,8 @@ ROLE_CHECKS: dict[str, list[tuple[str, str]]] = {
     "web": [("nginx", "curl -fsS http://127.0.0.1:8080/health")],
     "app": [("portal", "curl -fsS http://127.0.0.1:5010/api/health"),
             ("dbwriter", "curl -fsS -o /dev/null http://127.0.0.1:8405/ || pidof haproxy")],
-    "data": [("galera-synced", "curl -fsS http://127.0.0.1:9200/"),
+    # hpc-clustercheck listens on the host's private address only (HAProxy asks it there).
+    "data": [("galera-synced", "curl -fsS http://$(hostname -I | cut -d' ' -f1):9200/"),
              ("redis", "REDISCLI_AUTH=$(cat /run/hpc/secrets/redis_password) redis-cli -h $(hostname -I | cut -d' ' -f1) ping")],
     "slurm": [("slurmctld", "scontrol ping")],
     "monitoring": [("prometheus", "curl -fsS http://127.0.0.1:9090/-/ready"),
