@@ -359,9 +359,8 @@ def test_role_checks_ask_where_the_daemons_listen(tally):
     from offline.contexts import contexts
 
     ctx = next(c for c in contexts("prod").values() if "data" in c["host"]["roles"])
-    files = {f.path: f.content for f in render_host(ctx).files}
-    unit = files["/etc/systemd/system/hpc-clustercheck.service"]
-    unit = unit.decode() if isinstance(unit, bytes) else unit
+    raw = {f.path: f.content for f in render_host(ctx).files}["/etc/systemd/system/hpc-clustercheck.service"]
+    unit = raw.decode() if isinstance(raw, bytes) else str(raw)
     bind = re.search(r"--bind (\S+)", unit)
     tally.check(bind is not None and bind.group(1) == ctx["host"]["ip"], unit)
     cmd = dict(gate.ROLE_CHECKS["data"])["galera-synced"]
