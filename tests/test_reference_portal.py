@@ -1064,7 +1064,8 @@ def test_a_submission_lock_left_by_a_dead_server_lapses_and_a_live_one_is_renewe
 
 @pytest.mark.daemons
 def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
-        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally) -> None:
+        apps: dict[str, Any], fake_slurm: Path, lab: dict[str, Any], db_ready: MariaDB, tally: Tally,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     b = Backends(settings("api", lab, db_ready))
     login(apps)
     b.db.query("DELETE FROM portal_jobs")  # only this test's jobs in the journal
@@ -1083,7 +1084,20 @@ def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
     rec = Reconciler(b)
     tally.check(rec.once() == [], "acknowledged less than MIN_AGE_S ago: not judged yet")
     b.db.query("UPDATE portal_jobs SET created = NOW(6) - INTERVAL 20 SECOND")
+    # The new job is recorded while still held, as an API submission's is (a read-back
+    # between its release and its record saw two jobs for one request id).
+    held_when_recorded: list[bool] = []
+    real = Database.query
+
+    def watching(self: Database, sql: str, args: Any = None) -> tuple[int, list[tuple[Any, ...]]]:
+        if sql.startswith("UPDATE portal_jobs SET job_id"):
+            held_when_recorded.append(bool(fake_jobs(fake_slurm)[args[0]]["held"]))
+        return real(self, sql, args)
+
+    monkeypatch.setattr(Database, "query", watching)
     done = rec.once()
+    monkeypatch.setattr(Database, "query", real)
+    tally.check(held_when_recorded == [True], f"recorded while held: {held_when_recorded}")
     tally.check(len(done) == 1 and done[0][:2] == ("req-lost", lost["job_id"]), str(done))
     new = done[0][2] if done else "?"
     tally.check("--comment=pending/req-lost" in sbatches()[-1] and "--job-name=c" in sbatches()[-1]
@@ -1101,7 +1115,7 @@ def test_a_job_the_controller_lost_is_submitted_again_under_its_request_id(
     with pytest.raises(portal_slurm.SlurmError):
         rec.once()
     tally.check(len(sbatches()) == 3 and kept["job_id"] not in (new,), "nothing submitted without an answer")
-    tally.expect(7)
+    tally.expect(8)
 
 
 # ----------------------------------------------------------- websocket, gunicorn, HAProxy

@@ -363,7 +363,9 @@ class DrillBase:
             resub = resubmitted()
             while found is not None and self.portal_reconciles():
                 j = judge_jobs(job_hist, found, resub)
-                if not (j["lost"] or tried & set(self.held_attempts)) or time.time() >= deadline:
+                # A duplicate can be a moment of the reconciler's resubmission (its new
+                # job visible, the journal read a moment before): a real one outlasts the wait.
+                if not (j["lost"] or j["duplicated"] or tried & set(self.held_attempts)) or time.time() >= deadline:
                     break
                 time.sleep(5)  # the reconciler submits lost jobs again and withdraws held attempts
                 found, resub = self.jobs_by_request_id(), resubmitted()

@@ -14,7 +14,8 @@ on Galera: on three nodes before the answer), so:
   (and squeue answered: the controller in charge is up) is submitted again under the same
   request id, holding the submission lock of that id (portal:submit:<id>, so a client's
   retry cannot run at the same time) and after looking once more; the journal keeps the
-  new job id and the lost one (resubmitted_from), and the log says so.
+  new job id and the lost one (resubmitted_from) before the new job is released, and the
+  log says so.
 
 sacct is not asked: a lost job's submit record may have reached slurmdbd and stay there
 PENDING forever, although no controller will ever run it.
@@ -147,9 +148,14 @@ class Reconciler:
                 if rid in slurm.queue_request_ids():  # submitted between the look and the lock
                     continue
                 slurm.sbatch(rid, name, int(seconds))  # an attempt, then settled: the two phases
-                new = slurm.settle(rid) or "?"
-                self.b.db.query("UPDATE portal_jobs SET job_id = %s, resubmitted_from = %s "
-                                "WHERE request_id = %s AND job_id = %s", (new, job, rid, job))
+
+                def journal(new_job: str, rid: str = rid, job: str = job) -> None:
+                    # Recorded before the release, as an API submission is: a job the
+                    # journal does not name never runs (a failed update leaves it held,
+                    # and settle_held withdraws it; the next pass submits again).
+                    self.b.db.query("UPDATE portal_jobs SET job_id = %s, resubmitted_from = %s "
+                                    "WHERE request_id = %s AND job_id = %s", (new_job, job, rid, job))
+                new = slurm.settle(rid, journal) or "?"
                 log(f"request {rid}: job {job} is unknown to the controller in charge (lost with its "
                     f"unsaved state); submitted again as job {new}")
                 done.append((rid, job, new))
