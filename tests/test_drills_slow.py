@@ -41,6 +41,7 @@ class FakeSlow(slow.SlowDrills):
     def _under_load(self, name: str, inject: Any, restore: Any, kinds: Any, rto: Any, alerts: Any, match: Any,
                     extra: Any = None) -> Result:
         res = Result(name)
+        self.alerts_asked = list(alerts)
         inject()
         self.quota_during.append((self.cg / "cpu.cfs_quota_us").read_text())
         extra(res)
@@ -72,6 +73,9 @@ def test_the_quota_goes_on_a_replica_and_comes_off(tmp_path: Path, patched: None
     monkeypatch.setattr(slow, "cpu_dir", cpu_dir)
     res = d.drill_slow_galera()
     assert set(victims) == {"data-2"}  # not the writer
+    # The cause's alert or the users' errors at the LBs (measured: with the node evicted
+    # rather than pausing the cluster, no flow-control pause at all, writes still failed).
+    assert d.alerts_asked == ["GaleraFlowControl", "PortalErrors"]
     assert d.quota_during == [str(slow.QUOTA_US)] and (d.cg / "cpu.cfs_quota_us").read_text() == "-1"
     assert res.checks["fault_effect"] is throttles and res.passed is throttles, res.checks
     if throttles:
