@@ -15,14 +15,6 @@ from .base import TARGETS, DrillBase, Result, register
 class LbNetworkDrills(DrillBase):
     @register("lb")
     def drill_lb(self) -> Result:
-        # Right after a boot the higher-priority LB may still be taking over from the
-        # first one up (measured in a smoke run: the EIP moved lb-2 -> lb-1 between the
-        # drill's start and its kill, so the killed LB held nothing): wait until one LB
-        # is MASTER and holds the address.
-        def settled() -> bool:
-            masters = [n for n, st in self.vrrp_states().items() if st == "MASTER"]
-            return len(masters) == 1 and self.host_by_ip(self.eip_target()) == masters[0]
-        self.settle(settled, timeout=60)
         active = self.host_by_ip(self.eip_target())
         if active is None:
             raise RuntimeError("the Elastic IP is not associated: is an LB master?")
