@@ -68,6 +68,12 @@ def haproxy_servers(cfg: StackConfig, host: Host) -> list[str]:
     return servers
 
 
+def tunnel_backends(cfg: StackConfig) -> list[str]:
+    """The LBs' backends whose sessions are websockets (be_<service> of every websocket
+    service): a drain closes them instead of waiting (tools/gate.py)."""
+    return [f"be_{s.name}" for s in cfg.services if s.websocket]
+
+
 def lb_state_command(cfg: StackConfig, host: Host, state: str, lb_hosts: list[str]) -> str:
     """Set the host's servers to `state` (drain | ready) on every LB, through SSM. The LBs
     are named by host, their instances looked up when it runs: the text stays the same

@@ -339,6 +339,7 @@ def tunnel_backends(stack: str) -> list[str]:
     haproxy.cfg: be_<service>)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     try:
+        from components.gates import tunnel_backends as backends
         from components.stackfile import load_stack
 
         cfg, _topo = load_stack(stack)
@@ -346,7 +347,7 @@ def tunnel_backends(stack: str) -> list[str]:
         print(f"lb-state: stack {stack}'s services unreadable ({e}): websocket servers are drained like the "
               "others (their sessions wait out the drain)", file=sys.stderr)
         return []
-    return [f"be_{s.name}" for s in cfg.services if s.websocket]
+    return backends(cfg)
 
 
 def set_lb_state(ssm: Any, host: str, lb_instance_ids: list[str], servers: list[str], state: str,

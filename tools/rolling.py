@@ -77,7 +77,7 @@ def _resolve_later(name: str) -> str:
 
 def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami: bool = False,
          put_back: str | None = None) -> list[Step]:
-    from components.gates import haproxy_servers, lb_state_command
+    from components.gates import haproxy_servers, lb_state_command, tunnel_backends
     from components.server import STATEFUL_ROLES
     from components.stackfile import load_stack, project_name
 
@@ -89,8 +89,7 @@ def plan(stack: str, role: str | None = None, only: list[str] | None = None, ami
     def lb_steps(kind: str, h: Any) -> list[Step]:
         """One step per LB: the script HAProxy's admin socket takes there, run through
         SSM by tools/gate.py --lb-state (retries, an unknown server fails now)."""
-        script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind,
-                                           tunnels=[f"be_{s.name}" for s in cfg.services if s.websocket])
+        script = gate.haproxy_state_script(haproxy_servers(cfg, h), kind, tunnels=tunnel_backends(cfg))
         return [Step(kind, [lb, script], host=h.name,
                      via=shlex.split(lb_state_command(cfg, h, kind, [lb]))) for lb in lbs]
 
