@@ -6,10 +6,12 @@ runtime API."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,18 +218,32 @@ def _state(sock: str, backend: str, server: str) -> str:
     raise AssertionError(f"{backend}/{server} not in {out}")
 
 
-def test_the_drain_script_against_a_live_haproxy(tmp_path: Path, tally):
+@contextlib.contextmanager
+def live_haproxy(tmp_path: Path, cfg: str, **fmt: Any) -> Iterator[str]:
+    """HAProxy started from `cfg` (formatted with its admin socket's path as `sock` and
+    `fmt`); yields the socket once HAProxy listens on it; stopped afterwards."""
     for tool in ("haproxy", "socat"):
         assert shutil.which(tool), f"{tool} is needed (tools/install-debian-deps.sh installs it)"
     sock = str(tmp_path / "admin.sock")
-    port = 20000 + os.getpid() % 20000
-    (tmp_path / "h.cfg").write_text(HAPROXY_CFG.format(sock=sock, port=port + 1, front=port))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    (tmp_path / "h.cfg").write_text(cfg.format(sock=sock, **fmt))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
-        for _ in range(100):
-            if os.path.exists(sock):
-                break
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode() if proc.stdout and proc.poll() is not None else "still starting"
+                raise AssertionError(f"HAProxy did not open {sock}: {out}")
             time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_drain_script_against_a_live_haproxy(tmp_path: Path, tally):
+    port = 20000 + os.getpid() % 20000
+    with live_haproxy(tmp_path, HAPROXY_CFG, port=port + 1, front=port) as sock:
         servers = ["be_web/app-2", "be_api/app-2-5010"]
         drain = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "drain", wait_s=5, sock=sock)],
                                capture_output=True, text=True)
@@ -239,9 +255,6 @@ def test_the_drain_script_against_a_live_haproxy(tmp_path: Path, tally):
         unknown = subprocess.run(["sh", "-c", gate.haproxy_state_script(["be_web/app-9"], "drain", sock=sock)],
                                  capture_output=True, text=True)
         tally.check(unknown.returncode == gate.UNKNOWN_SERVER_EXIT and "app-9" in unknown.stdout, unknown.stdout)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 HAPROXY_WS_CFG = """global
@@ -267,23 +280,12 @@ def test_a_drain_closes_a_websocket_servers_sessions_instead_of_waiting_them_out
     DRAIN_WAIT_S and leaving it to the host's deletion; without `tunnels` it waits."""
     import socket
 
-    for tool in ("haproxy", "socat"):
-        assert shutil.which(tool), f"{tool} is needed (tools/install-debian-deps.sh installs it)"
-    sock = str(tmp_path / "admin.sock")
     held = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: an open websocket
     held.settimeout(10)
     front = held.getsockname()[1] + 1
-    (tmp_path / "h.cfg").write_text(HAPROXY_WS_CFG.format(sock=sock, held=held.getsockname()[1], dead=front + 1,
-                                                          front=front))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
     servers = ["be_api/app-2-5010", "be_ws/app-2-5011"]
-    try:
-        for _ in range(100):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.05)
-
+    with held, live_haproxy(tmp_path, HAPROXY_WS_CFG, held=held.getsockname()[1], dead=front + 1,
+                            front=front) as sock:
         def open_client() -> tuple[socket.socket, socket.socket]:
             c = socket.create_connection(("127.0.0.1", front), timeout=10)
             # A request the server never answers holds the session open, as an upgraded
@@ -320,10 +322,6 @@ def test_a_drain_closes_a_websocket_servers_sessions_instead_of_waiting_them_out
         ready = subprocess.run(["sh", "-c", gate.haproxy_state_script(servers, "ready", sock=sock)],
                                capture_output=True, text=True)
         tally.check(ready.returncode == 0 and _state(sock, "be_ws", "app-2-5011") == "0", ready.stdout)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        held.close()
 
 
 def test_the_websocket_backends_come_from_the_stacks_services(tally, capsys):
