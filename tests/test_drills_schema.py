@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -363,3 +364,46 @@ def test_an_alerts_allowance_counts_its_for_and_the_range_it_averages(tmp_path: 
     assert DrillBase.rule_for(me, "GaleraFlowControl") == 45.0  # type: ignore[arg-type]
     assert DrillBase.rule_for(me, "Slow") == 180.0  # type: ignore[arg-type]
     assert DrillBase.rule_for(me, "Unknown") == 60.0  # type: ignore[arg-type]
+
+
+def test_a_drill_starts_from_a_settled_lb_pair_and_fails_when_it_never_settles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smoke run's lb drill chose "the active LB" while the Elastic IP still sat on the
+    LB that had just become BACKUP after the boot; the reconcile moved it, and the drill
+    killed an LB that held nothing. Every drill now waits for one MASTER holding the
+    address, and a pair that never settles fails the drill with what it saw."""
+    from types import SimpleNamespace
+
+    from rehearsal.drills import base as B
+
+    d = B.DrillBase.__new__(B.DrillBase)
+    d.layout = SimpleNamespace(topo=SimpleNamespace(role_hosts={"lb": ["lb-1", "lb-2"]}),  # type: ignore[assignment]
+                               hosts=[SimpleNamespace(name="lb-1", ip="10.0.0.10"), SimpleNamespace(name="lb-2", ip="10.0.0.11")])
+    # Both MASTER (the boot), then lb-1 MASTER with the address still on lb-2, then settled.
+    views = [({"lb-1": "MASTER", "lb-2": "MASTER"}, "10.0.0.11"), ({"lb-1": "MASTER", "lb-2": "BACKUP"}, "10.0.0.11"),
+             ({"lb-1": "MASTER", "lb-2": "BACKUP"}, "10.0.0.10")]
+    view = [0]
+    monkeypatch.setattr(d, "vrrp_states", lambda: views[min(view[0], 2)][0], raising=False)
+    monkeypatch.setattr(d, "eip_target", lambda: views[min(view[0], 2)][1], raising=False)
+    clock = [1000.0]
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+        view[0] += 1
+
+    monkeypatch.setattr(B.time, "time", lambda: clock[0])
+    monkeypatch.setattr(B.time, "sleep", sleep)
+    ran: list[float] = []
+
+    def fake(self: Any) -> Result:
+        ran.append(view[0])
+        return Result("fake", passed=True, checks={"rto": True})
+
+    monkeypatch.setitem(B.REGISTRY, "fake", fake)
+    res = d.drill("fake")
+    assert ran == [2] and res.passed and "waited 2.0s" in " ".join(res.notes), (ran, res)
+    # A pair that never settles: the drill still runs and reports, and fails.
+    views[:] = [views[1]] * 3
+    view[0] = 0
+    res = d.drill("fake")
+    assert not res.passed and res.checks["lb_pair_settled_before"] is False, res
+    assert "had not settled" in res.notes[0] and "Elastic IP on lb-2" in res.notes[0], res.notes

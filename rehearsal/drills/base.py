@@ -48,6 +48,9 @@ FAILED_WRITE_KINDS = (*WRITE_KINDS, "login")
 KIND_NAMES = {"write": "records", "snew": "sessions", "job": "jobs"}
 MIN_ACKED = 500
 SETTLE_S = 45.0  # after a thaw or a heal: how long the invariants may take to hold again
+# Before a drill: how long the LB pair may take to settle (hpc-eip-reconcile.timer's 30 s
+# after boot plus a few of its 5 s periods and a takeover's own retries).
+LB_SETTLE_S = 90.0
 MIN_WINDOW_S = 15.0  # the shortest fault window of a drill under _under_load
 READ_BACK_WAIT_S = 90.0  # how long the job read-back waits for squeue (a controller in charge)
 # How long the job read-back gives the reference portal's reconciler when a job is lost
@@ -578,7 +581,22 @@ class DrillBase:
             raise ValueError(f"unknown drill {name!r}; known: {', '.join(ORDER)}")
         t = time.time()
         say(f"drill {name}")
+        # Every drill starts from a settled LB pair. Right after a boot both LBs may have
+        # been MASTER for a moment (each starts keepalived on its own) and the Elastic IP
+        # may sit on the one that became BACKUP until hpc-eip-reconcile moves it (30 s
+        # after boot, then every 5 s): a drill choosing "the active LB" then would fault
+        # the wrong one (a smoke run's lb drill killed the LB that had just lost the address).
+        waited = self.settle(self.lb_pair_settled, timeout=LB_SETTLE_S)
+        if waited:
+            say(f"    waited {waited}s for one MASTER LB holding the Elastic IP")
         res: Result = fn(self)
+        if waited is None:
+            res.checks["lb_pair_settled_before"] = False
+            res.passed = False
+            res.notes.insert(0, f"the LB pair had not settled {LB_SETTLE_S:.0f}s before the drill: "
+                                f"VRRP {self.vrrp_states()}, Elastic IP on {self.host_by_ip(self.eip_target())}")
+        elif waited:
+            res.notes.append(f"waited {waited}s before the drill for one MASTER LB holding the Elastic IP")
         res.seconds = round(time.time() - t, 1)
         say(f"drill {name}: {'PASSED' if res.passed else 'FAILED'} rto={res.rto_s} "
             f"acked={res.acked_writes} lost={res.lost_writes} errors={res.errors} alert={res.alert} "
@@ -672,6 +690,13 @@ class DrillBase:
             if self.galera_status(n).get("wsrep_local_state") == "4":
                 return n
         raise RuntimeError("no Synced Galera node")
+
+    def lb_pair_settled(self) -> bool:
+        """Exactly one LB is VRRP MASTER and the Elastic IP is associated with it."""
+        if not self.layout.topo.role_hosts.get("lb"):
+            return True
+        masters = [n for n, st in self.vrrp_states().items() if st == "MASTER"]
+        return len(masters) == 1 and self.host_by_ip(self.eip_target()) == masters[0]
 
     def vrrp_states(self) -> dict[str, str]:
         out = {}

@@ -22,6 +22,10 @@ class LbNetworkDrills(DrillBase):
         ip = self.layout.host(active).ip
 
         def inject() -> None:
+            holder = self.host_by_ip(self.eip_target())
+            if holder != active:  # the address moved with no fault: the drill is void, and says so
+                self.moved_before = f"the Elastic IP moved from {active} to {holder} before the fault"
+                say(f"    {self.moved_before}")
             say(f"    kill -9 every process of {active} (active LB: HAProxy + keepalived)")
             H.kill(active)
             self.killed(active)
@@ -35,11 +39,14 @@ class LbNetworkDrills(DrillBase):
                     res.fault_effect = f"{self.effect}; EIP moved to {self.host_by_ip(self.eip_target())}"
             else:
                 res.checks["eip_moved"] = False
+            if self.moved_before:
+                res.notes.insert(0, self.moved_before)
 
         def restore() -> None:
             self._reboot(active)
 
         self._t_fault = 0.0
+        self.moved_before = ""
         return self._under_load("lb", self._mark(inject), restore, TARGETS["lb"]["kinds"], TARGETS["lb"]["rto"],
                                 TARGETS["lb"]["alerts"], lambda a: ip in a.get("labels", {}).get("instance", "")
                                 or active in json.dumps(a.get("labels", {})), extra)
