@@ -16,7 +16,8 @@ probe in the page sends the websocket service's `hello` every 200 ms on its own 
 watch reports, per protocol, the seconds from the fault to the first round trip sent
 after it, whether the login was kept (GET /auth/me still 200 with the cookie from
 before: 0 forced re-logins; asked again while the portal answers 503, until it says 200 or
-401) and a screenshot.
+401) and a screenshot. Chromium's net log of each protocol's browser is kept beside the
+screenshots (netlog-h1.json, netlog-h2.json; chrome://net-export's viewer reads them).
 
     python -m rehearsal.browser watch --url https://portal.example.org --resolve IP --ca PEM \\
         --user NAME --password-file F --out DIR [--protocols h1,h2]
@@ -127,13 +128,17 @@ class Journey:
 
 
 def journey(pw: Any, protocol: str, url: str, resolve: str, home: Path, user: str, password: str,
-            timeout: float = 60.0) -> Journey:
-    """Log in, see the job list, submit a job and see its state change over the websocket."""
+            timeout: float = 60.0, netlog: Path | None = None) -> Journey:
+    """Log in, see the job list, submit a job and see its state change over the websocket.
+    `netlog`: Chromium's own record of its sockets, sessions and websockets there (the
+    default capture mode, which leaves cookies and credentials out), to tell afterwards
+    why a connection hung."""
     name = urlparse(url).hostname or ""
     data_dir = Path(tempfile.mkdtemp(prefix=f"profile-{protocol}-", dir=home))  # a fresh profile
+    log_args = [f"--log-net-log={netlog}", "--net-log-capture-mode=Default"] if netlog else []
     ctx = pw.chromium.launch_persistent_context(
         str(data_dir), executable_path=_chromium(), headless=True,
-        args=FLAGS + PROTOCOLS[protocol] + [f"--host-resolver-rules=MAP {name} {resolve}"],
+        args=FLAGS + PROTOCOLS[protocol] + [f"--host-resolver-rules=MAP {name} {resolve}"] + log_args,
         env={**os.environ, "HOME": str(home)}, viewport={"width": 1000, "height": 700})
     ms = int(timeout * 1000)
     ctx.set_default_timeout(ms)
@@ -243,7 +248,8 @@ def watch_main(a: argparse.Namespace) -> int:
         with sync_playwright() as pw:
             journeys = {}
             for proto in protocols:
-                journeys[proto] = journey(pw, proto, a.url, a.resolve, home, a.user, password, timeout=a.timeout)
+                journeys[proto] = journey(pw, proto, a.url, a.resolve, home, a.user, password, timeout=a.timeout,
+                                          netlog=out / f"netlog-{proto}.json")
             print(json.dumps({"event": "ready", "journeys": {p: {"steps": j.steps, "job": j.job, "states": j.job_states}
                                                              for p, j in journeys.items()}}), flush=True)
             line = sys.stdin.readline().strip()

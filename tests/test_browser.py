@@ -259,6 +259,9 @@ def test_the_journey_keeps_its_login_and_websocket_over_h1_and_h2_across_a_serve
         # The backend is gone for 2 s plus its start: the websocket is back after that, soon.
         assert r["ws_back_s"] is not None and 2.0 <= r["ws_back_s"] <= 10.0, r
         assert Path(r["screenshot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # Chromium's net log is kept, and it holds the websocket it watched.
+        netlog = json.loads((tmp_path / "out" / f"netlog-{proto}.json").read_text())
+        assert netlog["constants"] and "/ws/" in json.dumps(netlog["events"]), proto
     # Both protocols really ran: the websocket upgrade over HTTP/1.1 and RFC 8441's
     # extended CONNECT over HTTP/2, as HAProxy logged them.
     log = (tmp_path / "haproxy.log").read_text()
