@@ -407,3 +407,27 @@ def test_a_drill_starts_from_a_settled_lb_pair_and_fails_when_it_never_settles(m
     res = d.drill("fake")
     assert not res.passed and res.checks["lb_pair_settled_before"] is False, res
     assert "had not settled" in res.notes[0] and "Elastic IP on lb-2" in res.notes[0], res.notes
+
+
+def test_alert_latency_is_prometheus_firing_time_not_when_the_drill_looked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An lb drill whose browser waited 50 s reported ServerDown 50.9 s after the fault and
+    failed its 50 s target, while Alertmanager's startsAt said it fired 22.8 s after it.
+    The latency is now the alert's own startsAt; an alert active since before the fault,
+    or one without a readable startsAt, is timed when it is seen."""
+    from rehearsal.drills import base as B
+
+    t0 = B.epoch_of("2026-12-03T13:29:27.000Z")
+    assert t0 is not None and B.epoch_of("x") is None and B.epoch_of(None) is None
+    d = B.DrillBase.__new__(B.DrillBase)
+    d.ceiling = 1.0
+    seen_at = t0 + 50.9
+    monkeypatch.setattr(B.time, "time", lambda: seen_at)
+    for starts, latency, note in (("2026-12-03T13:29:49.848Z", 22.8, False), ("2026-12-03T13:20:00.000Z", 50.9, True),
+                                  ("x", 50.9, False)):
+        monkeypatch.setattr(d, "alerts", lambda s=starts: [{"labels": {"alertname": "ServerDown", "instance": "lb-1:8404"},
+                                                             "startsAt": s}], raising=False)
+        res = Result("lb")
+        res.alert_target_s = 50.0
+        assert d.alert_seen(["ServerDown"], t0, lambda a: True, res)
+        assert res.alert_latency_s == latency and res.checks["alert"] == (latency <= 50), (starts, res)
+        assert any("before the fault" in n for n in res.notes) == note, res.notes
