@@ -431,3 +431,34 @@ def test_alert_latency_is_prometheus_firing_time_not_when_the_drill_looked(monke
         assert d.alert_seen(["ServerDown"], t0, lambda a: True, res)
         assert res.alert_latency_s == latency and res.checks["alert"] == (latency <= 50), (starts, res)
         assert any("before the fault" in n for n in res.notes) == note, res.notes
+
+
+def test_the_return_of_a_thawed_node_is_its_own_outage_against_the_same_target() -> None:
+    """A full run's freeze-lb: the service was back 2.8 s after the freeze; after the thaw
+    at 10 s the thawed LB, the higher VRRP priority, took the Elastic IP back at 11.9 s and
+    one write begun at 10.96 s failed. The one RTO said 10.96 s: the freeze and the return
+    were one outage. They are now measured apart, each against the target, so a return
+    that is itself too long still fails."""
+    from rehearsal.drills.base import recovery_outage, settled_rto
+
+    recs = [(100.2 + i * 0.1, 100.3 + i * 0.1, "write", False, 0, "-") for i in range(25)]  # 0-2.7 s: the freeze
+    recs += [(103.0 + i * 0.1, 103.1 + i * 0.1, "write", True, 200, "-") for i in range(60)]
+    recs += [(110.96, 113.96, "write", False, 0, "-")]  # the move back after the thaw at 110
+    recs += [(111.0 + i * 0.1, 111.1 + i * 0.1, "write", True, 200, "-") for i in range(60)]
+    res = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
+    settled_rto(res, recs, ("write",), 3.0, until=110.0)
+    assert res.rto_s == 2.8 and res.checks["rto"] is True, res
+    recovery_outage(res, recs, ("write",), 110.0, "thaw", 3.0)
+    assert res.checks["rto_after_thaw"] is True and "1 failed requests, the last begun 0.96s" in res.notes[-1], res.notes
+    # Without the split, the same history is one 10.96 s outage.
+    whole = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
+    settled_rto(whole, recs, ("write",), 3.0)
+    assert whole.rto_s == 10.96 and whole.checks["rto"] is False
+    # A return that fails for longer than the target fails the drill.
+    late = recs + [(114.5, 115.0, "write", False, 503, "-")]
+    res = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
+    recovery_outage(res, late, ("write",), 110.0, "thaw", 3.0)
+    assert res.checks["rto_after_thaw"] is False
+    quiet = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
+    recovery_outage(quiet, recs[:85], ("write",), 110.0, "thaw", 3.0)
+    assert "rto_after_thaw" not in quiet.checks and quiet.notes == ["after the thaw: no failed request"]

@@ -1013,16 +1013,18 @@ def finish(res: Result, rto_target: float | None, ceiling: float = 1.0) -> Resul
 
 
 def settled_rto(res: Result, recs: list[tuple[float, float, str, bool, int, str]], kinds: tuple[str, ...],
-                target: float | None, ceiling: float = 1.0) -> None:
+                target: float | None, ceiling: float = 1.0, until: float | None = None) -> None:
     """For faults that fail only part of the traffic (a paused or cut node behind a
     balancer, some clients on the wrong side): ten successes in a row come at once, so
     the RTO is also at least the start of the last failed request of those kinds that
     began inside the fault window (a request begun then still failed: the service was
-    not back; its end would add the client's own time-out). Updates rto_s and the rto
-    check."""
+    not back; its end would add the client's own time-out). `until`: the fault ended
+    then (a thaw, a heal) and what follows is measured on its own (recovery_outage).
+    Updates rto_s and the rto check."""
     if res.fault_window is None or res.rto_s is None or not kinds:
         return
     t0, t1 = res.fault_window
+    t1 = min(t1, until) if until is not None else t1
     fails = [r[0] for r in recs if r[2] in kinds and not r[3] and t0 <= r[0] <= t1]
     if fails:
         last = round(max(fails) - t0, 2)
@@ -1032,6 +1034,27 @@ def settled_rto(res: Result, recs: list[tuple[float, float, str, bool, int, str]
             res.rto_s = last
     if target is not None:
         res.checks["rto"] = res.rto_s <= target * ceiling
+
+
+def recovery_outage(res: Result, recs: list[tuple[float, float, str, bool, int, str]], kinds: tuple[str, ...],
+                    since: float, event: str, target: float | None, ceiling: float = 1.0) -> None:
+    """The end of a gray fault is an event of its own: a thawed or healed VRRP master has
+    the higher priority and takes the Elastic IP back (one more move, which resets the
+    connections made through it), a preferred Galera writer takes the writes back. Its
+    failed requests (of `kinds`, begun from `since` to the window's end) are measured
+    from `since`, as their own outage, against the same target: the start of the last
+    of them (what settled_rto takes). Noted, and checked as `rto_after_<event>`."""
+    if res.fault_window is None:
+        return
+    fails = sorted(r[0] for r in recs if r[2] in kinds and not r[3] and since <= r[0] <= res.fault_window[1])
+    if not fails:
+        res.notes.append(f"after the {event}: no failed request")
+        return
+    took = round(fails[-1] - since, 2)
+    res.notes.append(f"after the {event}: {len(fails)} failed requests, the last begun {took}s after it "
+                     "(measured on its own)")
+    if target is not None:
+        res.checks[f"rto_after_{event}"] = took <= target * ceiling
 
 
 def epoch_of(stamp: Any) -> float | None:

@@ -21,7 +21,7 @@ from .. import hosts as H
 from .. import netns
 from ..awsd import ops_call
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, job_waits, register, settled_rto
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, job_waits, recovery_outage, register, settled_rto
 
 # Detection of each tier (the templates' settings) and how long a freeze outlasts it.
 DETECT_S = {
@@ -113,6 +113,8 @@ class GrayDrills(DrillBase):
             if held and res.fault_effect is None and self.effect:
                 res.fault_effect = f"{self.effect} {time.time() - t0:.1f}s"
             thaw(host)
+            if not ended_early:  # a node back alive (not fenced): its return is measured on its own
+                state["thawed"] = time.time()
             res.notes.append(f"thawed {host} {time.time() - t0:.1f}s after the freeze")
             after_thaw(res)
 
@@ -120,7 +122,11 @@ class GrayDrills(DrillBase):
             res = self._under_load(name, inject, lambda: thaw(host), kinds, rto, [], lambda a: False, extra)
         finally:
             thaw(host)
-        settled_rto(res, self.records(self.out_dir / f"load-{name}.log"), kinds, rto, self.ceiling)
+        recs = self.records(self.out_dir / f"load-{name}.log")
+        thawed = state.get("thawed")
+        settled_rto(res, recs, kinds, rto, self.ceiling, until=thawed)
+        if thawed is not None:
+            recovery_outage(res, recs, kinds, thawed, "thaw", rto, self.ceiling)
         return res
 
     # ------------------------------------------------------------------ drills

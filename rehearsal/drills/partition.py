@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .. import netns
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, register, settled_rto
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, recovery_outage, register, settled_rto
 
 CUT_S = {"redis": 20.0, "galera": 20.0, "lb": 15.0}
 # (port probed between the cut hosts, port probed on the path that stays open). The LBs
@@ -66,6 +66,7 @@ class PartitionDrills(DrillBase):
             elif ok and res.fault_effect:
                 res.fault_effect = f"{res.fault_effect}; {note}"
             netns.heal(self.layout, victim)
+            state["healed"] = time.time()
             res.notes.append(f"healed {time.time() - state['t0']:.1f}s after the cut")
             after(res)
 
@@ -74,7 +75,11 @@ class PartitionDrills(DrillBase):
                                    lambda a: False, extra)
         finally:
             netns.heal(self.layout, victim)
-        settled_rto(res, self.records(self.out_dir / f"load-{name}.log"), kinds, rto, self.ceiling)
+        recs = self.records(self.out_dir / f"load-{name}.log")
+        healed = state.get("healed")
+        settled_rto(res, recs, kinds, rto, self.ceiling, until=healed)
+        if healed is not None:
+            recovery_outage(res, recs, kinds, healed, "heal", rto, self.ceiling)
         return res
 
     @register("partition-redis")
