@@ -437,8 +437,9 @@ def test_the_return_of_a_thawed_node_is_its_own_outage_against_the_same_target()
     """A full run's freeze-lb: the service was back 2.8 s after the freeze; after the thaw
     at 10 s the thawed LB, the higher VRRP priority, took the Elastic IP back at 11.9 s and
     one write begun at 10.96 s failed. The one RTO said 10.96 s: the freeze and the return
-    were one outage. They are now measured apart, each against the target, so a return
-    that is itself too long still fails."""
+    were one outage. They are now measured apart, each against the target (the return's
+    from its first failed request to its last), so a return that is itself too long
+    still fails."""
     from rehearsal.drills.base import recovery_outage, settled_rto
 
     recs = [(100.2 + i * 0.1, 100.3 + i * 0.1, "write", False, 0, "-") for i in range(25)]  # 0-2.7 s: the freeze
@@ -449,12 +450,13 @@ def test_the_return_of_a_thawed_node_is_its_own_outage_against_the_same_target()
     settled_rto(res, recs, ("write",), 3.0, until=110.0)
     assert res.rto_s == 2.8 and res.checks["rto"] is True, res
     recovery_outage(res, recs, ("write",), 110.0, "thaw", 3.0)
-    assert res.checks["rto_after_thaw"] is True and "1 failed requests, the last begun 0.96s" in res.notes[-1], res.notes
+    assert res.checks["rto_after_thaw"] is True and "begun 0.96s to 0.96s after it: an outage of 0.0s" in res.notes[-1], \
+        res.notes
     # Without the split, the same history is one 10.96 s outage.
     whole = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
     settled_rto(whole, recs, ("write",), 3.0)
     assert whole.rto_s == 10.96 and whole.checks["rto"] is False
-    # A return that fails for longer than the target fails the drill.
+    # A return that fails for longer than the target fails the drill (0.96 s to 4.5 s).
     late = recs + [(114.5, 115.0, "write", False, 503, "-")]
     res = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
     recovery_outage(res, late, ("write",), 110.0, "thaw", 3.0)

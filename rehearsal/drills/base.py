@@ -1041,18 +1041,20 @@ def recovery_outage(res: Result, recs: list[tuple[float, float, str, bool, int, 
     """The end of a gray fault is an event of its own: a thawed or healed VRRP master has
     the higher priority and takes the Elastic IP back (one more move, which resets the
     connections made through it), a preferred Galera writer takes the writes back. Its
-    failed requests (of `kinds`, begun from `since` to the window's end) are measured
-    from `since`, as their own outage, against the same target: the start of the last
-    of them (what settled_rto takes). Noted, and checked as `rto_after_<event>`."""
+    failed requests (of `kinds`, begun from `since` to the window's end) are an outage
+    of their own, which begins when the system acts (the move back comes seconds after
+    the thaw, at the next reconcile), not at the thaw: from the start of the first of
+    them to the start of the last (what settled_rto takes for the fault's own outage),
+    against the same target. Noted, and checked as `rto_after_<event>`."""
     if res.fault_window is None:
         return
     fails = sorted(r[0] for r in recs if r[2] in kinds and not r[3] and since <= r[0] <= res.fault_window[1])
     if not fails:
         res.notes.append(f"after the {event}: no failed request")
         return
-    took = round(fails[-1] - since, 2)
-    res.notes.append(f"after the {event}: {len(fails)} failed requests, the last begun {took}s after it "
-                     "(measured on its own)")
+    took = round(fails[-1] - fails[0], 2)
+    res.notes.append(f"after the {event}: {len(fails)} failed requests, begun {fails[0] - since:.2f}s to "
+                     f"{fails[-1] - since:.2f}s after it: an outage of {took}s (measured on its own)")
     if target is not None:
         res.checks[f"rto_after_{event}"] = took <= target * ceiling
 
