@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import os
@@ -674,6 +675,16 @@ class DrillBase:
                     break
                 time.sleep(1)
 
+    def judge_partial_outage(self, res: Result, name: str, kinds: tuple[str, ...], rto: float | None,
+                             ended: float | None, event: str) -> None:
+        """A gray fault's RTO from its load log: settled_rto up to the fault's end (`ended`:
+        the thaw, the heal; None when it did not end with the node back, e.g. fenced),
+        then the return after it as an outage of its own (recovery_outage)."""
+        recs = self.records(self.out_dir / f"load-{name}.log")
+        settled_rto(res, recs, kinds, rto, self.ceiling, until=ended)
+        if ended is not None:
+            recovery_outage(res, recs, kinds, ended, event, rto, self.ceiling)
+
     def settle(self, cond: Callable[[], bool], timeout: float = SETTLE_S) -> float | None:
         """Seconds until cond() holds (checked every second), or None after `timeout`."""
         t = time.time()
@@ -1062,8 +1073,6 @@ def recovery_outage(res: Result, recs: list[tuple[float, float, str, bool, int, 
 def epoch_of(stamp: Any) -> float | None:
     """An RFC 3339 time (Alertmanager's `2026-12-03T13:29:49.848Z`) as epoch seconds, or
     None when it is not one."""
-    import datetime
-
     try:
         return datetime.datetime.fromisoformat(str(stamp)).timestamp()
     except ValueError:

@@ -12,7 +12,6 @@ this drill, ends a stopped instance's processes as EC2 would).
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from .. import hosts as H
 from .. import netns
 from ..awsd import ops_call
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, frozen, history, job_waits, recovery_outage, register, settled_rto
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, epoch_of, frozen, history, job_waits, register
 
 # Detection of each tier (the templates' settings) and how long a freeze outlasts it.
 DETECT_S = {
@@ -56,10 +55,10 @@ def fence_log_lines(text: str, since: float, limit: int = 25) -> list[tuple[floa
         try:
             t = float(stamp)
         except ValueError:
-            try:
-                t = datetime.datetime.fromisoformat(stamp).timestamp()
-            except ValueError:
+            parsed = epoch_of(stamp)
+            if parsed is None:
                 continue
+            t = parsed
         if t >= since - 1:
             out.append((t - since, rest.partition(" ")[2]))  # without the host name
     return sorted(out)[-limit:]
@@ -122,11 +121,7 @@ class GrayDrills(DrillBase):
             res = self._under_load(name, inject, lambda: thaw(host), kinds, rto, [], lambda a: False, extra)
         finally:
             thaw(host)
-        recs = self.records(self.out_dir / f"load-{name}.log")
-        thawed = state.get("thawed")
-        settled_rto(res, recs, kinds, rto, self.ceiling, until=thawed)
-        if thawed is not None:
-            recovery_outage(res, recs, kinds, thawed, "thaw", rto, self.ceiling)
+        self.judge_partial_outage(res, name, kinds, rto, state.get("thawed"), "thaw")
         return res
 
     # ------------------------------------------------------------------ drills

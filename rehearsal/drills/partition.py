@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .. import netns
 from ..stack import say
-from .base import ALL_KINDS, TARGETS, DrillBase, Result, recovery_outage, register, settled_rto
+from .base import ALL_KINDS, TARGETS, DrillBase, Result, register
 
 CUT_S = {"redis": 20.0, "galera": 20.0, "lb": 15.0}
 # (port probed between the cut hosts, port probed on the path that stays open). The LBs
@@ -75,11 +75,7 @@ class PartitionDrills(DrillBase):
                                    lambda a: False, extra)
         finally:
             netns.heal(self.layout, victim)
-        recs = self.records(self.out_dir / f"load-{name}.log")
-        healed = state.get("healed")
-        settled_rto(res, recs, kinds, rto, self.ceiling, until=healed)
-        if healed is not None:
-            recovery_outage(res, recs, kinds, healed, "heal", rto, self.ceiling)
+        self.judge_partial_outage(res, name, kinds, rto, state.get("healed"), "heal")
         return res
 
     @register("partition-redis")
