@@ -293,12 +293,13 @@ def test_smoke_rehearsal_lb_redis_galera() -> None:
             shutil.copy(report, ROOT / "build" / "smoke-last-report.json")
         except AssertionError:
             # What explains a failure (the report, the load's histories, HAProxy's and the
-            # portal's logs, the screenshots) outlives the temporary directory.
+            # portal's logs, the screenshots, Chromium's net logs) outlives the temporary
+            # directory.
             keep = ROOT / "build" / f"smoke-failed-{time.strftime('%Y%m%d-%H%M%S')}"
             keep.mkdir(parents=True, exist_ok=True)
             if report.exists():
                 shutil.copy(report, keep)
-            for pattern in ("load-*.log", "logs-*", "browser-*/*.png", "boot-report.json"):
+            for pattern in ("load-*.log", "logs-*", "browser-*/*.png", "browser-*/netlog-*.json", "boot-report.json"):
                 for f in workdir.glob(pattern):
                     dest = keep / f.relative_to(workdir)
                     dest.parent.mkdir(parents=True, exist_ok=True)
