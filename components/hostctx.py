@@ -63,6 +63,32 @@ class Deployed:
         )
 
 
+# MariaDB connections (max_connections on every Galera node, 65-hpc-galera.cnf). Every
+# app host reaches the one writer through its local DB writer, so the writer holds the
+# connections of all app hosts at once; MariaDB's default of 151 is used up by one writer
+# move with one connection per portal thread (measured: 135 after a freeze-galera drill,
+# 3 app hosts x 16 threads x 12 processes). So each app host gets a share, announced in
+# /etc/hpc/portal.env (DB_CONNECTIONS_PER_HOST) for the portal to size its pools by, and
+# the nodes allow the sum plus a reserve for slurmdbd, clustercheck, the exporter, the
+# backup and an operator (MariaDB keeps one more for SUPER, extra_max_connections).
+DB_CONNECTIONS_PER_APP_HOST = 100
+DB_CONNECTIONS_RESERVED = 50
+# An idle connection costs a thread (~300 KiB of stack and buffers); past this the shares
+# shrink instead, down to 2 for each of a host's 12 portal processes (6 ports x 2 gunicorn
+# workers); an app tier wider than ~160 hosts wants a connection pooler, not more threads.
+DB_MAX_CONNECTIONS_CAP = 4000
+DB_CONNECTIONS_PER_APP_HOST_MIN = 24
+
+
+def db_connection_budget(app_hosts: int) -> tuple[int, int]:
+    """(max_connections, each app host's share) for a stack with `app_hosts` app hosts."""
+    share = DB_CONNECTIONS_PER_APP_HOST
+    if app_hosts and DB_CONNECTIONS_RESERVED + app_hosts * share > DB_MAX_CONNECTIONS_CAP:
+        share = max(DB_CONNECTIONS_PER_APP_HOST_MIN, (DB_MAX_CONNECTIONS_CAP - DB_CONNECTIONS_RESERVED) // app_hosts)
+    # Never below MariaDB's own default (a stack or phase without app hosts).
+    return max(151, DB_CONNECTIONS_RESERVED + app_hosts * share), share
+
+
 def _brief(h: Host) -> dict[str, Any]:
     return {"name": h.name, "ip": h.ip}
 
@@ -100,6 +126,7 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
         for s in cfg.services
     ]
     databases = sorted({s.db for s in cfg.services}) + ["slurm_acct_db"]
+    max_connections, app_share = db_connection_budget(len(topo.role_hosts.get("app", ())))
     return {
         "project": cfg.project,
         "stack": cfg.stack,
@@ -128,6 +155,8 @@ def stack_context(cfg: StackConfig, topo: Topology, dep: Deployed) -> dict[str, 
             "writer_port": 3306,
             "clustercheck_port": 9200,
             "databases": databases,
+            "max_connections": max_connections,
+            "app_connections_per_host": app_share,
             "bootstrap_marker": f"{cfg.ssm_path}/galera/bootstrapped",
         },
         "redis": {

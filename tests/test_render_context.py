@@ -12,7 +12,15 @@ import pytest
 
 from cloud_init.render import load_manifests, render_host
 from components.config import StackConfig
-from components.hostctx import EFS_MOUNTS, SECRET_NAMES, Deployed, host_context, render_hosts, stack_context
+from components.hostctx import (
+    EFS_MOUNTS,
+    SECRET_NAMES,
+    Deployed,
+    db_connection_budget,
+    host_context,
+    render_hosts,
+    stack_context,
+)
 from components.stackfile import load_stack
 from components.topology import Host, Topology
 from offline.contexts import contexts, mocked_deployed
@@ -68,7 +76,9 @@ def old_host_context(cfg: StackConfig, topo: Topology, host: Host, dep: Deployed
         "galera": {"cluster_name": "hpc_cluster", "bootstrap_host": topo.primaries["galera_bootstrap"],
                    "nodes": [brief(h) for h in data_hosts], "writer_port": 3306, "clustercheck_port": 9200,
                    "databases": sorted({s.db for s in cfg.services}) + ["slurm_acct_db"],
-                   "bootstrap_marker": f"{cfg.ssm_path}/galera/bootstrapped"},
+                   "bootstrap_marker": f"{cfg.ssm_path}/galera/bootstrapped",
+                   **dict(zip(("max_connections", "app_connections_per_host"),
+                              db_connection_budget(len(topo.role_hosts["app"])), strict=True))},
         "redis": {"master_name": "mymaster", "quorum": 2 if len(data_hosts) >= 3 else 1,
                   "initial_master": brief(redis_master), "nodes": [brief(h) for h in data_hosts],
                   "port": 6379, "sentinel_port": 26379},

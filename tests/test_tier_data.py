@@ -906,6 +906,8 @@ def test_mariadbd_sees_the_durability_settings_after_every_fragment(tmp_path: Pa
     assert values["innodb-flush-log-at-trx-commit"] == "1"
     assert values["sync-binlog"] == "1"
     assert values["innodb-doublewrite"] == "TRUE"
+    # room for every app host's share of connections (portal.env DB_CONNECTIONS_PER_HOST)
+    assert values["max-connections"] == str(ctx["galera"]["max_connections"]) != "151"
     assert values["wsrep-provider-options"] == re.search(
         r'^wsrep_provider_options = "(.*)"$', render_template("data/65-hpc-galera.cnf", ctx), re.M
     ).group(1)  # type: ignore[union-attr]

@@ -227,6 +227,11 @@ def test_portal_env_has_every_variable_and_no_secret(stack: str, name: str, ctx:
         assert env[f"PORTAL_{key}_PORTS"] == ",".join(map(str, svc["ports"]))
         for port in svc["ports"]:
             assert env[f"BACKEND_{port}_HOST"] == "0.0.0.0" and env[f"BACKEND_{port}_PORT"] == str(port)
+    # The host's share of the writer's connections: all app hosts' shares fit under the
+    # Galera nodes' max_connections with the reserve left over.
+    share = int(env["DB_CONNECTIONS_PER_HOST"])
+    apps = len(ctx["role_hosts"]["app"])
+    assert share >= 24 and apps * share + 50 <= ctx["galera"]["max_connections"], (share, apps)
     # No values that belong in the secrets files: only *_FILE paths for passwords.
     secretish = [k for k in env if re.search("PASS|SECRET|TOKEN|KEY", k)]
     assert secretish and all(k.endswith("_FILE") and env[k].startswith("/run/hpc/") for k in secretish)
@@ -583,3 +588,17 @@ def test_every_unit_the_scripts_start_is_installed() -> None:
     assert "systemctl enable hpc-portal-secrets.service" in text
     assert "/etc/systemd/system/hpc-portal-secrets.service" in dests
     assert "/etc/systemd/system/hpc-fetch-secrets.service" in dests
+
+
+def test_db_connection_shares_fit_the_writer_for_any_width_of_app_tier() -> None:
+    from components.hostctx import DB_CONNECTIONS_RESERVED, DB_MAX_CONNECTIONS_CAP, db_connection_budget
+
+    checked = 0
+    for apps in (0, 1, 3, 6, 39, 40, 300, 1000):
+        top, share = db_connection_budget(apps)
+        # every share fits with the reserve; past the cap only the floor of 24 per host
+        assert top >= 151 and share >= 24 and apps * share + DB_CONNECTIONS_RESERVED <= top, (apps, top, share)
+        assert top <= DB_MAX_CONNECTIONS_CAP or share == 24, (apps, top, share)
+        checked += 1
+    assert db_connection_budget(3) == (350, 100) and db_connection_budget(300)[1] == 24
+    assert checked == 8
