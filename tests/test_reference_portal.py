@@ -28,7 +28,6 @@ import redis
 
 from offline.mariadb import APP_PASSWORD, APP_USER, MariaDB, mariadb  # noqa: F401  (session fixture)
 from tests.conftest import Tally
-from tests.fakedb import FakeConn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "reference-portal"
@@ -1379,41 +1378,121 @@ def test_frontend_builds_into_a_release_directory_for_nginx(tmp_path: Path, tall
     tally.expect(10)
 
 
-def test_a_kept_db_connection_that_broke_is_replaced_once(monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
-    """The DB writer cuts kept connections (a failed node, or the preferred node's return):
-    the statement runs once more on a new connection; a second break, or any other error,
-    fails the request."""
-    import portal.db as portal_db
+@pytest.mark.daemons
+def test_a_pooled_db_connection_that_broke_is_replaced_once(db_ready: MariaDB, lab: dict[str, Any],  # noqa: F811
+                                                             tally: Tally) -> None:
+    """The DB writer cuts pooled connections (a failed node, or the preferred node's
+    return): the statement runs once more on a new connection. A fresh connection's
+    failure, or any other error, fails the request with PyMySQL's own exception."""
     import pymysql
 
-    lost = pymysql.err.OperationalError(2013, "Lost connection to server during query")
-    plan: list[list[BaseException | None]] = []
-    made: list[Any] = []
+    db = Database(settings("api", lab, db_ready, db_pool_size=1))
+    first = db.query("SELECT CONNECTION_ID()")[1][0][0]
+    db_ready.sql(f"KILL CONNECTION {int(first)}")  # idle in the pool, cut under it
+    second = db.query("SELECT CONNECTION_ID()")[1][0][0]
+    tally.check(second != first, f"a killed idle connection was used again: {first}")
+    # Cut in the middle of a statement (2013): the statement runs again, on a new one.
+    out: dict[str, Any] = {}
 
-    def connect(**kw: Any) -> FakeConn:
-        made.append(FakeConn(plan.pop(0) if plan else []))
-        return made[-1]
+    def slow() -> None:
+        try:
+            out["rows"] = db.query("SELECT CONNECTION_ID(), SLEEP(1.5)")[1]
+        except Exception as e:  # noqa: BLE001 - reported below
+            out["error"] = e
 
-    monkeypatch.setattr(portal_db.pymysql, "connect", connect)
-    from types import SimpleNamespace
-
-    d = Database(SimpleNamespace(db_host="127.0.0.1", db_port=3306, db_user="u", db_password="p",  # type: ignore[arg-type]
-                                 db_name="portal_api"))
-    d._schema_done = True
-    plan += [[None, lost], [None]]
-    tally.check(d.query("SELECT 1") == (1, []) and d.query("SELECT 1") == (1, []) and len(made) == 2,
-                "a kept connection that broke: replaced once")
-    plan += [[lost]]
-    d._drop()
-    with pytest.raises(pymysql.err.OperationalError):
-        d.query("SELECT 1")  # a fresh connection's failure is not retried
-    tally.check(len(made) == 3, "fresh connection: no retry")
-    plan += [[None, pymysql.err.IntegrityError(1062, "dup")]]
-    d.query("SELECT 1")
+    t = threading.Thread(target=slow)
+    t.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not db_ready.sql(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE ID = %s AND INFO LIKE 'SELECT CONNECTION_ID(), SLEEP%%'",
+            (second,)):
+        time.sleep(0.05)
+    db_ready.sql(f"KILL CONNECTION {int(second)}")
+    t.join(30)
+    tally.check("error" not in out and out["rows"][0][0] not in (first, second), str(out))
+    # A connection that cannot be made is not retried: 2003, as PyMySQL raises it.
+    dead = Database(settings("api", lab, db_ready, db_port=free_port()))
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        dead.query("SELECT 1")
+    tally.check(refused.value.args[0] == 2003, str(refused.value))
+    # Any other error: PyMySQL's exception, not SQLAlchemy's wrapper, and no second try.
+    rid = f"dup-{time.time_ns()}"
+    db.query("INSERT INTO records (request_id, payload, server_id) VALUES (%s, 'p', 't')", (rid,))
     with pytest.raises(pymysql.err.IntegrityError):
-        d.query("INSERT ...")
-    tally.check(len(made) == 4, "other errors: no retry")
-    tally.expect(3)
+        db.query("INSERT INTO records (request_id, payload, server_id) VALUES (%s, 'p', 't')", (rid,))
+    tally.check(db.query("SELECT COUNT(*) FROM records WHERE request_id = %s", [rid])[1] == [(1,)])
+    tally.expect(4)
+
+
+@pytest.mark.daemons
+def test_a_process_holds_at_most_its_pool_of_connections_however_many_threads_wait(
+        db_ready: MariaDB, lab: dict[str, Any], tally: Tally) -> None:  # noqa: F811
+    """Threads are many (a stalled backend holds one per request), connections are the
+    pool's: 12 threads share 3; when all 3 stay busy past POOL_WAIT_S a request fails
+    with PoolTimeout (a PyMySQL error: the app answers 503) and frees its thread."""
+    import pymysql
+    from portal.db import POOL_WAIT_S, PoolTimeout
+
+    db = Database(settings("api", lab, db_ready, db_pool_size=3))
+    seen: set[int] = set()
+    errors: list[BaseException] = []
+
+    def one(sleep: float) -> None:
+        try:
+            seen.add(int(db.query("SELECT CONNECTION_ID(), SLEEP(%s)", (sleep,))[1][0][0]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(0.2,)) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    tally.check(not errors and 1 <= len(seen) <= 3, f"connections {seen}, errors {errors}")
+    tally.check(db.pool_status() == {"size": 3, "in_use": 0, "idle": len(seen)}, str(db.pool_status()))
+    # All three held longer than the wait: the fourth request gives up after POOL_WAIT_S.
+    hold = [threading.Thread(target=one, args=(POOL_WAIT_S + 2,)) for _ in range(3)]
+    for t in hold:
+        t.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and db.pool_status()["in_use"] < 3:
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout) as busy:
+        db.query("SELECT 1")
+    waited = time.monotonic() - t0
+    for t in hold:
+        t.join(60)
+    tally.check(isinstance(busy.value, pymysql.err.OperationalError) and "pool of 3" in str(busy.value), str(busy.value))
+    tally.check(POOL_WAIT_S - 0.1 <= waited < 30 and not errors, f"waited {waited:.2f} s, errors {errors}")
+    tally.expect(4)
+
+
+def test_the_pool_size_is_the_hosts_share_of_connections_divided_among_its_processes(tally: Tally) -> None:
+    """portal.env as the program renders it for a prod app host: every portal process on
+    the host (ports x gunicorn workers) together stays within DB_CONNECTIONS_PER_HOST."""
+    from portal.settings import SettingsError, db_pool_size
+
+    from cloud_init.templating import render_template
+    from offline.contexts import contexts
+
+    ctx = contexts("prod")["app-1"]
+    env = dict(line.split("=", 1) for line in render_template("app/portal.env", ctx).splitlines()
+               if line and not line.startswith("#"))
+    share = int(env["DB_CONNECTIONS_PER_HOST"])
+    ports = sum(len(s["ports"]) for s in ctx["services"])
+    size = db_pool_size(env)
+    tally.check(size >= 2 and ports * 2 * size <= share, f"{ports} ports x 2 workers x {size} > {share}")
+    tally.check(db_pool_size({**env, "PORTAL_WORKERS": "4"}) == share // (ports * 4))
+    tally.check(db_pool_size({**env, "PORTAL_DB_POOL_SIZE": "5"}) == 5)
+    tally.check(db_pool_size({}) == 8, "no share announced: the default")
+    for bad, key in (({**env, "DB_CONNECTIONS_PER_HOST": "12"}, "DB_CONNECTIONS_PER_HOST=12"),
+                     ({**env, "PORTAL_DB_POOL_SIZE": "1"}, "PORTAL_DB_POOL_SIZE='1'"),
+                     ({**env, "PORTAL_WORKERS": "two"}, "PORTAL_WORKERS='two'")):
+        with pytest.raises(SettingsError) as e:
+            db_pool_size(bad)
+        tally.check(key in str(e.value), str(e.value))
+    tally.expect(7)
 
 
 # ------------------------------------------------------- the rehearsal's load against it

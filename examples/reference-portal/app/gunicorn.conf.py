@@ -14,7 +14,13 @@ wsgi_app = "portal.wsgi:app"
 bind = [f"{os.environ.get(f'BACKEND_{_port}_HOST', '0.0.0.0')}:{_port}"]
 worker_class = "gthread"
 workers = int(os.environ.get("PORTAL_WORKERS", "2"))
-threads = int(os.environ.get("PORTAL_THREADS", "200" if _ws else "16"))
+# HTTP services: 64 threads. A request to a stalled backend holds its thread until a
+# time-out (a frozen Galera writer: ~3.5 s until the DB writer cuts it; a frozen Redis
+# master: the 1 s socket time-out, per try), and HAProxy's health check needs a free one
+# within 1 s: with 16 threads a frozen host that was both writer and Redis master starved
+# every app host's pool and the LB had no server for 12 s (freeze-galera). Threads cost
+# no database connections (db.py keeps a bounded pool).
+threads = int(os.environ.get("PORTAL_THREADS", "200" if _ws else "64"))
 # A worker that does not report for 30 s is restarted (the gthread worker reports from
 # its main loop, so long-lived websockets do not trip it).
 timeout = 30

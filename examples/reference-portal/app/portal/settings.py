@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 SERVICES = {"api": "/api/health", "auth": "/auth/health", "cae": "/health", "ws": "/ws/health"}
 
@@ -43,6 +44,42 @@ def _sentinels(raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _int(env: Any, name: str, default: int, least: int) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < least:
+        raise SettingsError(f"{name}={raw!r}: a whole number, at least {least}")
+    return int(raw)
+
+
+# Without a share in portal.env (a program older than DB_CONNECTIONS_PER_HOST), each
+# process keeps this many: 12 processes on a host use 96 of the writer's connections.
+DEFAULT_POOL_SIZE = 8
+# The health round holds one while it checks; a request needs another.
+MIN_POOL_SIZE = 2
+
+
+def db_pool_size(env: Any) -> int:
+    """Connections per process: PORTAL_DB_POOL_SIZE if set, else this host's share of the
+    writer's connections (DB_CONNECTIONS_PER_HOST, from the program) divided among every
+    portal process on the host (the ports in PORTAL_<SERVICE>_PORTS times PORTAL_WORKERS
+    gunicorn workers each), so the host never takes more than its share."""
+    if env.get("PORTAL_DB_POOL_SIZE"):
+        return _int(env, "PORTAL_DB_POOL_SIZE", DEFAULT_POOL_SIZE, MIN_POOL_SIZE)
+    share = _int(env, "DB_CONNECTIONS_PER_HOST", 0, 1)
+    if not share:
+        return DEFAULT_POOL_SIZE
+    ports = sum(len([p for p in v.split(",") if p.strip()]) for k, v in env.items()
+                if k.startswith("PORTAL_") and k.endswith("_PORTS"))
+    processes = max(1, ports) * _int(env, "PORTAL_WORKERS", 2, 1)
+    if share // processes < MIN_POOL_SIZE:
+        raise SettingsError(f"DB_CONNECTIONS_PER_HOST={share}: {processes} portal processes on this host "
+                            f"({ports} ports x PORTAL_WORKERS) need at least {MIN_POOL_SIZE} connections each; "
+                            "set PORTAL_DB_POOL_SIZE or fewer workers")
+    return share // processes
+
+
 @dataclass(frozen=True)
 class Settings:
     service: str
@@ -64,6 +101,8 @@ class Settings:
     poll_interval: float
     # The api service resubmits jobs a controller crash lost (reconcile.py); tests turn it off.
     reconcile_jobs: bool = True
+    # Connections in this process's pool (db.py): see db_pool_size().
+    db_pool_size: int = 8
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -95,4 +134,5 @@ class Settings:
             cookie_secure=env.get("PORTAL_COOKIE_SECURE", "1") != "0",
             poll_interval=float(env.get("PORTAL_POLL_INTERVAL", "2")),
             reconcile_jobs=env.get("PORTAL_RECONCILE_JOBS", "1") != "0",
+            db_pool_size=db_pool_size(env),
         )
