@@ -744,10 +744,14 @@ CONTROLLER = ("squeue", "sbatch", "scontrol", "scancel")  # sacct asks slurmdbd,
 
 
 def slurm_log(state_file: Path) -> list[str]:
-    """The fake Slurm commands run so far, each as its command and first argument."""
+    """The fake Slurm commands run so far, each as its command and first argument, but
+    `scontrol ping`: the health watchers' (of this test's apps and earlier tests', whose
+    threads live on) ping in the background, and one wakes up when a command of the
+    test finds no controller (ControllerOrder.trouble); they are no submission's calls."""
     log = state_file.parent / (state_file.name + ".log")
     lines = log.read_text().splitlines() if log.exists() else []
-    return [" ".join(x.split()[:2]) if x.startswith("scontrol") else x.split()[0] for x in lines]
+    calls = [" ".join(x.split()[:2]) if x.startswith("scontrol") else x.split()[0] for x in lines]
+    return [c for c in calls if c != "scontrol ping"]
 
 
 def controller_calls(calls: list[str]) -> int:
@@ -775,6 +779,52 @@ class Journal:
 
     def recorded(self) -> set[str]:
         return {job for job, _ in self.seen}
+
+
+def test_client_commands_ask_the_controller_that_answers_first_while_the_primary_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """With the primary stopped each client command pays a connect time-out to it before
+    it asks the backup; while scontrol ping finds the first controller DOWN, commands get
+    a slurm.conf with the one that answers first, and slurm.conf itself once it is back."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    conf = etc / "slurm.conf"
+    conf.write_text("ClusterName=hpc\nSlurmctldHost=slurm-1(10.0.0.1)\n# the backups\n"
+                    "SlurmctldHost=slurm-2(10.0.0.2)\nslurmctldhost = slurm-3(10.0.0.3)\nMessageTimeout=5\n")
+    (etc / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    order = portal_slurm.ControllerOrder()
+    out = {"ping": ""}
+    real_run = portal_slurm.run
+    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0: (1, out["ping"]))
+    w = portal_slurm.PingWatcher(order)
+    out["ping"] = ("Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
+                   "Slurmctld(backup2) at slurm-3 is UP\n")
+    tally.check(w.ping() == "ok" and order.first() == "slurm-3" and w.pause("ok") == w.INTERVAL_DOWN)
+    env = order.env()
+    assert env is not None
+    copy = Path(env["SLURM_CONF"])
+    tally.check(copy.read_text() == "ClusterName=hpc\nslurmctldhost = slurm-3(10.0.0.3)\n# the backups\n"
+                "SlurmctldHost=slurm-1(10.0.0.1)\nSlurmctldHost=slurm-2(10.0.0.2)\nMessageTimeout=5\n", copy.read_text())
+    tally.check((copy.parent / "cgroup.conf").resolve() == (etc / "cgroup.conf").resolve(), "files beside it are linked")
+    tally.check(conf.read_text().startswith("ClusterName=hpc\nSlurmctldHost=slurm-1"), "slurm.conf itself untouched")
+    # A client command runs with it; one that finds no controller wakes the watcher.
+    monkeypatch.setattr(portal_slurm, "run", real_run)
+    monkeypatch.setattr(portal_slurm, "ORDER", order)
+    woken: list[int] = []
+    order.on_trouble.append(lambda: woken.append(1))
+    tally.check(portal_slurm.run(["sh", "-c", "echo $SLURM_CONF"]) == (0, str(copy)))
+    rc, _o = portal_slurm.run(["sh", "-c", "echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1"])
+    tally.check(rc == 1 and woken == [1] and w.answers._wake.is_set(), f"woken {woken}")
+    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0: (1, out["ping"]))
+    # Every controller silent: nothing to prefer, the order stays; the first back: slurm.conf's.
+    out["ping"] = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
+    tally.check(w.ping().startswith("error: no slurmctld answers") and order.first() == "slurm-3")
+    out["ping"] = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup1) at slurm-2 is DOWN\n"
+    tally.check(w.ping() == "ok" and order.first() is None and order.env() is None)
+    out["ping"] = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup1) at slurm-2 is UP\n"
+    tally.check(w.ping() == "ok" and w.pause("ok") == w.INTERVAL)
+    tally.expect(9)
 
 
 def test_a_fresh_submission_makes_four_controller_calls_and_releases_only_a_recorded_job(

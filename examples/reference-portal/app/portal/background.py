@@ -14,11 +14,15 @@ T = TypeVar("T")
 
 
 class Background(Generic[T]):
-    def __init__(self, work: Callable[[], T], every_s: float, name: str) -> None:
+    """`every_s` is the pause between rounds, or a function of the latest value giving it
+    (a watcher that looks more often while something is wrong); wake() ends a pause early."""
+
+    def __init__(self, work: Callable[[], T], every_s: float | Callable[[T], float], name: str) -> None:
         self.work, self.every_s, self.name = work, every_s, name
         self.value: T | None = None
         self.at = 0.0
         self.ready = threading.Event()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
         self._started = False
 
@@ -28,7 +32,13 @@ class Background(Generic[T]):
             with self._lock:
                 self.value, self.at = value, time.monotonic()
             self.ready.set()
-            time.sleep(self.every_s)
+            pause = self.every_s(value) if callable(self.every_s) else self.every_s
+            self._wake.wait(pause)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Start the next round now (if a round runs, right after it)."""
+        self._wake.set()
 
     def start(self) -> None:
         with self._lock:

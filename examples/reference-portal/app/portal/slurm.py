@@ -45,9 +45,12 @@ lock), not here."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,11 +94,108 @@ class QueuedJob:
         return not (self.waiting or self.dead)
 
 
+class ControllerOrder:
+    """Which controller Slurm's client commands ask first.
+
+    Every client command is a process of its own and tries slurm.conf's SlurmctldHost
+    lines in their order, so while the primary is stopped (fenced: EC2 keeps its address,
+    nothing answers) each one first waits TCPTimeout (2 s) to connect to it, then asks
+    the backup. A submission is four commands: measured in the freeze-slurm drill, the
+    first submission after the fence took 8.1 s and ended 32.2 s after it began, past
+    the tier's 30 s. So while `scontrol ping` (PingWatcher) finds the first controller
+    DOWN and another UP, commands run with SLURM_CONF naming a copy of slurm.conf whose
+    SlurmctldHost lines put the one that answers first: the same file otherwise, in a
+    directory of its own whose other entries link to those beside slurm.conf (anything
+    Slurm looks up next to it is found). Once the first one answers again, the original."""
+
+    HOST_LINE = re.compile(r"^\s*SlurmctldHost\s*=\s*([^(\s#]+)", re.I | re.M)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: str | None = None  # the controller put first, None: slurm.conf's order
+        self._dir: str | None = None
+        self.on_trouble: list[Callable[[], None]] = []  # PingWatcher: look again now
+
+    def trouble(self) -> None:
+        """A command could not reach a controller: the watchers ping now, not in 15 s."""
+        for wake in list(self.on_trouble):
+            wake()
+
+    @staticmethod
+    def source() -> str:
+        return os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+
+    def env(self) -> dict[str, str] | None:
+        """The environment for a client command: None (this process's) in slurm.conf's order."""
+        with self._lock:
+            if self._first is None or self._dir is None:
+                return None
+            return {**os.environ, "SLURM_CONF": os.path.join(self._dir, "slurm.conf")}
+
+    def first(self) -> str | None:
+        with self._lock:
+            return self._first
+
+    def update(self, status: list[tuple[str, bool]]) -> None:
+        """`status`: (controller, answers) in slurm.conf's order, from scontrol ping."""
+        up = [name for name, ok in status if ok]
+        if not up:
+            return  # none answers: nothing to prefer, the order stays
+        want = None if status[0][1] else up[0]
+        with self._lock:
+            if want == self._first:
+                return
+            if want is not None:
+                try:
+                    self._write(want)
+                except OSError as e:
+                    print(f"hpc-portal slurm: cannot write a slurm.conf with {want} first: {e}", file=sys.stderr)
+                    return
+            why = f"{want} first ({status[0][0]} does not answer scontrol ping)" if want else "in slurm.conf's order"
+            print(f"hpc-portal slurm: client commands ask the controllers {why}", file=sys.stderr, flush=True)
+            self._first = want
+
+    def _write(self, first: str) -> None:
+        src = self.source()
+        with open(src) as f:
+            text = f.read()
+        lines = text.splitlines(keepends=True)
+        idx = [i for i, line in enumerate(lines) if self.HOST_LINE.match(line)]
+        names = [self.HOST_LINE.match(lines[i]).group(1) for i in idx]  # type: ignore[union-attr]
+        if first not in names:
+            raise OSError(f"{src} has no SlurmctldHost={first}")
+        ordered = sorted(idx, key=lambda i: names[idx.index(i)] != first)  # stable: the rest keep their order
+        new = list(lines)
+        for slot, i in zip(idx, ordered, strict=True):
+            new[slot] = lines[i]
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="hpc-portal-slurm-")
+        here = os.path.dirname(os.path.abspath(src))
+        for entry in os.listdir(here):
+            link = os.path.join(self._dir, entry)
+            if entry != "slurm.conf" and not os.path.lexists(link):
+                os.symlink(os.path.join(here, entry), link)
+        tmp = os.path.join(self._dir, ".slurm.conf.new")
+        with open(tmp, "w") as f:
+            f.write("".join(new))
+        os.replace(tmp, os.path.join(self._dir, "slurm.conf"))
+
+
+ORDER = ControllerOrder()
+# What a client command says when the controller it asked did not answer.
+UNREACHABLE = re.compile(r"Socket timed out|Unable to contact slurm controller|Connection (refused|timed out)", re.I)
+
+
 def run(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=ORDER.env())
+    except subprocess.TimeoutExpired as e:
+        ORDER.trouble()
         return 1, f"{argv[0]}: {e}"
+    except OSError as e:
+        return 1, f"{argv[0]}: {e}"
+    if cp.returncode and UNREACHABLE.search(cp.stdout + cp.stderr):
+        ORDER.trouble()
     return cp.returncode, (cp.stdout + cp.stderr).strip() if cp.returncode else cp.stdout.strip()
 
 
@@ -317,19 +417,34 @@ def final_states(job_ids: list[str]) -> dict[str, str]:
     return {j: found.get(j, "DONE") for j in job_ids}
 
 
+PING_LINE = re.compile(r"^Slurmctld\([^)]*\) at (\S+) is (UP|DOWN)", re.M)
+
+
 class PingWatcher:
-    """`scontrol ping` every 15 s in a background thread: the health check reads the last
-    answer (a dead primary controller makes scontrol wait; the health check must not)."""
+    """`scontrol ping` every 15 s in a background thread, every 2 s while a controller
+    does not answer: the health check reads the last answer (a dead primary controller
+    makes scontrol wait; the health check must not), and ControllerOrder follows it."""
 
     INTERVAL = 15.0
+    INTERVAL_DOWN = 2.0
 
-    def __init__(self) -> None:
-        self.answers: Background[str] = Background(self.ping, self.INTERVAL, "slurm-ping")
+    def __init__(self, order: ControllerOrder | None = None) -> None:
+        self.order = order or ORDER
+        self.all_up = False
+        self.answers: Background[str] = Background(self.ping, self.pause, "slurm-ping")
+        self.order.on_trouble.append(self.answers.wake)
 
-    @staticmethod
-    def ping() -> str:
+    def pause(self, _value: str) -> float:
+        return self.INTERVAL if self.all_up else self.INTERVAL_DOWN
+
+    def ping(self) -> str:
         rc, out = run(["scontrol", "ping"])
-        if " is UP" in out:  # one controller answering is enough (rc is 1 if another is down)
+        status = [(m.group(1), m.group(2) == "UP") for m in PING_LINE.finditer(out)]
+        self.all_up = bool(status) and all(ok for _n, ok in status)
+        if status:
+            # Each controller is asked whatever the order, so this sees the first one return.
+            self.order.update(status)
+        if any(ok for _n, ok in status):  # one controller answering is enough (rc is 1 if another is down)
             return "ok"
         last = out.strip().splitlines()[-1][-120:] if out.strip() else "-"
         return f"error: no slurmctld answers scontrol ping (rc {rc}: {last})"
