@@ -796,7 +796,8 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
     order = portal_slurm.ControllerOrder()
     out = {"ping": ""}
     real_run = portal_slurm.run
-    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0: (1, out["ping"]))
+    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0, ordered=True: (1, out["ping"]) if not ordered
+                        else pytest.fail("scontrol ping ran with the reordered slurm.conf"))
     w = portal_slurm.PingWatcher(order)
     out["ping"] = ("Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
                    "Slurmctld(backup2) at slurm-3 is UP\n")
@@ -816,7 +817,8 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
     tally.check(portal_slurm.run(["sh", "-c", "echo $SLURM_CONF"]) == (0, str(copy)))
     rc, _o = portal_slurm.run(["sh", "-c", "echo 'squeue: error: Socket timed out on send/recv operation' >&2; exit 1"])
     tally.check(rc == 1 and woken == [1] and w.answers._wake.is_set(), f"woken {woken}")
-    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0: (1, out["ping"]))
+    monkeypatch.setattr(portal_slurm, "run", lambda argv, timeout=0, ordered=True: (1, out["ping"]) if not ordered
+                        else pytest.fail("scontrol ping ran with the reordered slurm.conf"))
     # Every controller silent: nothing to prefer, the order stays; the first back: slurm.conf's.
     out["ping"] = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
     tally.check(w.ping().startswith("error: no slurmctld answers") and order.first() == "slurm-3")

@@ -186,9 +186,12 @@ ORDER = ControllerOrder()
 UNREACHABLE = re.compile(r"Socket timed out|Unable to contact slurm controller|Connection (refused|timed out)", re.I)
 
 
-def run(argv: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
+def run(argv: list[str], timeout: float = TIMEOUT, ordered: bool = True) -> tuple[int, str]:
+    """A Slurm client command: (rc, stdout, or stdout and stderr when it failed).
+    `ordered=False`: with slurm.conf itself, whatever ControllerOrder prefers."""
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=ORDER.env())
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                            env=ORDER.env() if ordered else None)
     except subprocess.TimeoutExpired as e:
         ORDER.trouble()
         return 1, f"{argv[0]}: {e}"
@@ -438,7 +441,8 @@ class PingWatcher:
         return self.INTERVAL if self.all_up else self.INTERVAL_DOWN
 
     def ping(self) -> str:
-        rc, out = run(["scontrol", "ping"])
+        # With slurm.conf's own order: "primary" in the answer is its first SlurmctldHost.
+        rc, out = run(["scontrol", "ping"], ordered=False)
         status = [(m.group(1), m.group(2) == "UP") for m in PING_LINE.finditer(out)]
         self.all_up = bool(status) and all(ok for _n, ok in status)
         if status:
