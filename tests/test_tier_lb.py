@@ -1058,12 +1058,12 @@ def test_dbwriter_has_one_writer_and_the_rest_backup() -> None:
         lst = secs["listen galera_writer"]
         assert f"bind 127.0.0.1:{g['writer_port']}" in lst
         assert "option httpchk GET /" in lst and "http-check expect status 200" in lst
-        assert (f"default-server port {g['clustercheck_port']} inter 1s fastinter 500ms fall 2 rise 2 "
+        assert (f"default-server port {g['clustercheck_port']} inter 500ms fastinter 250ms fall 2 rise 2 "
                 "on-marked-down shutdown-sessions") in lst
         servers = [line.split() for line in lst if line.startswith("server ")]
         assert [s[1] for s in servers] == [n["name"] for n in g["nodes"]]
         assert [s[2] for s in servers] == [f"{n['ip']}:3306" for n in g["nodes"]]
-        assert "backup" not in servers[0] and servers[0][servers[0].index("rise") + 1] == "20"
+        assert "backup" not in servers[0] and servers[0][servers[0].index("rise") + 1] == "40"
         assert all(s[-1] == "backup" for s in servers[1:])
         checked += 1
     assert checked == len(DB_CLIENTS) > 0
@@ -1084,10 +1084,10 @@ def test_live_dbwriter_fails_over_and_back_with_one_writer(haproxy_etc: Path, tm
     assert out["initial_writers"] == [first] * 5, out["haproxy_log"]
     assert out["old_sessions_cut"] is True
     assert out["during_failover"] == [second] * 3
-    assert out["failover_s"] < 10  # fall 2 x inter 1 s
+    assert out["failover_s"] < 10  # fall 2: a check, a second one a fastinter later
     assert out["backup_sessions_cut"] is True
     assert out["during_stale_synced"] == second  # 3 s of 200 are not enough to move back
-    assert 8 <= out["failback_s"] < 20, out["failback_s"]  # rise 20: 1 s to the first pass, then 19 x fastinter 0.5 s
+    assert 8 <= out["failback_s"] < 20, out["failback_s"]  # rise 40: 0.5 s to the first pass, then 39 x fastinter 0.25 s
 
 
 def test_dbwriter_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -1229,19 +1229,35 @@ def test_keepalived_rejects_a_sub_second_check_interval(tmp_path: Path) -> None:
     assert "interval" in r.stdout + r.stderr
 
 
-def test_dbwriter_moves_writes_within_2s_of_a_failed_clustercheck_because_it_checks_every_second() -> None:
+def test_dbwriter_drops_a_node_within_1_5s_of_its_503_and_3s_of_a_hung_node() -> None:
+    """From the rendered files: a node that left the Primary component answers 503 once
+    clustercheck's verdict (refreshed every --cache s) says so, and is dropped after a
+    check (within `inter`) and a second one (`fastinter` later); a hung node's checks run
+    into `timeout check` each. The shortest pause that drops a hung writer is what the
+    no-false-failover drill pauses 0.7x of (gray.DETECT_S["galera"])."""
+    from rehearsal.drills import gray
+
+    def seconds(v: str) -> float:
+        return float(v[:-2]) / 1000 if v.endswith("ms") else float(v.removesuffix("s"))
+
+    checked = 0
     for stack, host in DB_CLIENTS:
         ctx = ctx_of(stack, host)
-        lst = sections(render_template("dbwriter/dbwriter.cfg", ctx))["listen galera_writer"]
-        default = next(line.split() for line in lst if line.startswith("default-server "))
+        secs = sections(render_template("dbwriter/dbwriter.cfg", ctx))
+        default = next(line.split() for line in secs["listen galera_writer"] if line.startswith("default-server "))
         opts = dict(zip(default[1::2], default[2::2], strict=False))
-        inter = float(opts["inter"].removesuffix("s"))
-        assert inter == 1 and int(opts["fall"]) == 2 and int(opts["rise"]) == 2, host
-        assert inter * int(opts["fall"]) <= 2
-        defaults = sections(render_template("dbwriter/dbwriter.cfg", ctx))["defaults"]
-        check = next(line.split()[-1] for line in defaults if line.startswith("timeout check "))
-        # a hung node fails a check within min(timeout connect, inter) + timeout check
-        assert inter + float(check.removesuffix("s")) <= 3, host
+        inter, fast, fall = seconds(opts["inter"]), seconds(opts["fastinter"]), int(opts["fall"])
+        check = seconds(next(line.split()[-1] for line in secs["defaults"] if line.startswith("timeout check ")))
+        assert fall == 2 and int(opts["rise"]) == 2, host
+        data = ctx_of(stack, ctx["galera"]["nodes"][0]["name"])
+        unit = render_template("data/hpc-clustercheck.service", data)
+        cache = float(re.search(r"^ExecStart=.* --cache (\S+)", unit, re.M).group(1))  # type: ignore[union-attr]
+        assert cache + inter + (fall - 1) * fast <= 1.5, (host, cache, inter, fast)
+        shortest_hung = fall * check + (fall - 1) * fast
+        assert shortest_hung == pytest.approx(gray.DETECT_S["galera"]), host
+        assert shortest_hung + inter <= 3, host
+        checked += 1
+    assert checked == len(DB_CLIENTS) > 0
 
 
 # Two keepalived peers with the rendered configs: lb-1 in the test's namespace, lb-2 in a

@@ -26,7 +26,9 @@ from .base import ALL_KINDS, TARGETS, DrillBase, Result, epoch_of, frozen, histo
 DETECT_S = {
     "lb": 1.8,      # VRRPv3 advert_int 0.5: 3 missed adverts + skew
     "redis": 2.0,   # Sentinel down-after-milliseconds 2000
-    "galera": 2.0,  # the DB writer's check: inter 1s fall 2 (evs.suspect_timeout PT2S behind it)
+    # the DB writer's checks of a frozen writer: fall 2 checks of 1 s, fastinter 250ms
+    # between (evs.suspect_timeout PT2S behind it)
+    "galera": 2.25,
     "app": 1.25,    # the LBs' HAProxy checks of a web/app host: fall 2 checks of 500 ms, fastinter 250ms between
 }
 FREEZE_S = {"lb": 10.0, "redis": 12.0, "galera": 15.0, "app": 10.0}
