@@ -801,7 +801,7 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
     w = portal_slurm.PingWatcher(order)
     out["ping"] = ("Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
                    "Slurmctld(backup2) at slurm-3 is UP\n")
-    tally.check(w.ping() == "ok" and order.first() == "slurm-3" and w.pause("ok") == w.INTERVAL_DOWN)
+    tally.check(w.ping() == "ok" and order.first() == "slurm-3" and w.pause("ok") == w.INTERVAL)
     env = order.env()
     assert env is not None
     copy = Path(env["SLURM_CONF"])
@@ -821,7 +821,8 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
                         else pytest.fail("scontrol ping ran with the reordered slurm.conf"))
     # Every controller silent: nothing to prefer, the order stays; the first back: slurm.conf's.
     out["ping"] = "Slurmctld(primary) at slurm-1 is DOWN\nSlurmctld(backup1) at slurm-2 is DOWN\n"
-    tally.check(w.ping().startswith("error: no slurmctld answers") and order.first() == "slurm-3")
+    tally.check(w.ping().startswith("error: no slurmctld answers") and order.first() == "slurm-3"
+                and w.pause("error") == w.INTERVAL_DOWN)
     out["ping"] = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup1) at slurm-2 is DOWN\n"
     tally.check(w.ping() == "ok" and order.first() is None and order.env() is None)
     out["ping"] = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup1) at slurm-2 is UP\n"

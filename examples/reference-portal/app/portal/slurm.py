@@ -424,27 +424,30 @@ PING_LINE = re.compile(r"^Slurmctld\([^)]*\) at (\S+) is (UP|DOWN)", re.M)
 
 
 class PingWatcher:
-    """`scontrol ping` every 15 s in a background thread, every 2 s while a controller
-    does not answer: the health check reads the last answer (a dead primary controller
-    makes scontrol wait; the health check must not), and ControllerOrder follows it."""
+    """`scontrol ping` every 15 s in a background thread, every 2 s while none answers,
+    and at once when a client command found no controller (ControllerOrder.trouble): the
+    health check reads the last answer (a dead primary controller makes scontrol wait;
+    the health check must not), and ControllerOrder follows it. Not faster while one
+    controller stays down: every portal process pings, and each ping of a dead
+    controller waits out its connect time-out."""
 
     INTERVAL = 15.0
     INTERVAL_DOWN = 2.0
 
     def __init__(self, order: ControllerOrder | None = None) -> None:
         self.order = order or ORDER
-        self.all_up = False
+        self.any_up = False
         self.answers: Background[str] = Background(self.ping, self.pause, "slurm-ping")
         self.order.on_trouble.append(self.answers.wake)
 
     def pause(self, _value: str) -> float:
-        return self.INTERVAL if self.all_up else self.INTERVAL_DOWN
+        return self.INTERVAL if self.any_up else self.INTERVAL_DOWN
 
     def ping(self) -> str:
         # With slurm.conf's own order: "primary" in the answer is its first SlurmctldHost.
         rc, out = run(["scontrol", "ping"], ordered=False)
         status = [(m.group(1), m.group(2) == "UP") for m in PING_LINE.finditer(out)]
-        self.all_up = bool(status) and all(ok for _n, ok in status)
+        self.any_up = any(ok for _n, ok in status)
         if status:
             # Each controller is asked whatever the order, so this sees the first one return.
             self.order.update(status)
