@@ -284,6 +284,47 @@ def test_a_paused_master_times_out_within_the_socket_timeout(tally: Tally) -> No
     tally.expect(5)
 
 
+def test_threads_that_waited_for_a_failed_discovery_fail_with_it_instead_of_queueing(tally: Tally) -> None:
+    """During a failover a discovery takes up to twice the socket time-out; 40 threads
+    asking at once must not run 40 of them one after another: those that waited for a
+    failed one fail with it (NoMaster, a redis error: a 503), the next call tries again."""
+    from portal.redisha import NoMaster
+
+    sm = SentinelMaster((("127.0.0.1", 1),), MASTER, PW, PW, timeout=1.0)
+    runs: list[float] = []
+
+    def slow_failure() -> redis.Redis:
+        runs.append(time.monotonic())
+        time.sleep(0.5)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    sm.discover = slow_failure  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            sm.master()
+        except redis.RedisError as e:
+            errors.append(e)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    took = time.monotonic() - t0
+    tally.check(len(errors) == 40 and all(isinstance(e, redis.RedisError) for e in errors), str(errors[:3]))
+    # the first runs one; those that queued meanwhile fail with it; a straggler may run one more
+    tally.check(1 <= len(runs) <= 3 and took < 3, f"{len(runs)} discoveries, {took:.2f} s for 40 threads")
+    tally.check(sum(isinstance(e, NoMaster) and "waited for" in str(e) for e in errors) >= 37, str(errors[-1]))
+    # a call after the failure tries again (no back-off): the master is found once it is there
+    master = redis.Redis(port=1)
+    sm.discover = lambda: master  # type: ignore[method-assign]
+    tally.check(sm.master() is master)
+    tally.expect(4)
+
+
 @pytest.mark.daemons
 def test_after_a_sentinel_failover_the_client_finds_the_new_master_and_fails_fast_meanwhile(tally: Tally) -> None:
     rl = RedisLab()
