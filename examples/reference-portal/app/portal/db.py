@@ -115,7 +115,7 @@ class Database:
             return r.rowcount, rows
 
     def pool_status(self) -> dict[str, int]:
-        """The pool's size, connections in use and idle ones (for /health and the tests)."""
+        """The pool's size, connections in use and idle ones (the tests read it)."""
         p: Any = self.engine.pool
         return {"size": self.pool_size, "in_use": p.checkedout(), "idle": p.checkedin()}
 

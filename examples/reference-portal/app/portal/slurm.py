@@ -160,11 +160,12 @@ class ControllerOrder:
         with open(src) as f:
             text = f.read()
         lines = text.splitlines(keepends=True)
-        idx = [i for i, line in enumerate(lines) if self.HOST_LINE.match(line)]
-        names = [self.HOST_LINE.match(lines[i]).group(1) for i in idx]  # type: ignore[union-attr]
-        if first not in names:
+        hosts = [(i, m.group(1)) for i, m in enumerate(map(self.HOST_LINE.match, lines)) if m]
+        idx = [i for i, _name in hosts]
+        if first not in (name for _i, name in hosts):
             raise OSError(f"{src} has no SlurmctldHost={first}")
-        ordered = sorted(idx, key=lambda i: names[idx.index(i)] != first)  # stable: the rest keep their order
+        # `first` in the first slot, the rest in their order
+        ordered = [i for i, name in hosts if name == first] + [i for i, name in hosts if name != first]
         new = list(lines)
         for slot, i in zip(idx, ordered, strict=True):
             new[slot] = lines[i]
@@ -436,18 +437,17 @@ class PingWatcher:
 
     def __init__(self, order: ControllerOrder | None = None) -> None:
         self.order = order or ORDER
-        self.any_up = False
         self.answers: Background[str] = Background(self.ping, self.pause, "slurm-ping")
         self.order.on_trouble.append(self.answers.wake)
 
-    def pause(self, _value: str) -> float:
-        return self.INTERVAL if self.any_up else self.INTERVAL_DOWN
+    def pause(self, value: str) -> float:
+        """After a ping: "ok" when at least one controller answered."""
+        return self.INTERVAL if value == "ok" else self.INTERVAL_DOWN
 
     def ping(self) -> str:
         # With slurm.conf's own order: "primary" in the answer is its first SlurmctldHost.
         rc, out = run(["scontrol", "ping"], ordered=False)
         status = [(m.group(1), m.group(2) == "UP") for m in PING_LINE.finditer(out)]
-        self.any_up = any(ok for _n, ok in status)
         if status:
             # Each controller is asked whatever the order, so this sees the first one return.
             self.order.update(status)
