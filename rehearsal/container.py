@@ -487,18 +487,23 @@ def cleanup_leftovers(prefix: str, timeout: float = 10) -> dict[str, list[str]]:
     found = leftovers(prefix)
     names = {Path(c).name for c in found["cgroups"]} | {Path(r).stem for r in found["records"]}
     for name in sorted(names):
-        rec_file = STATE_DIR / f"{name}.json"
-        hostdir = None
-        if rec_file.exists():
-            try:
-                hostdir = Path(json.loads(rec_file.read_text())["hostdir"])
-            except (OSError, ValueError, KeyError):
-                pass
-        if cgroup_dirs(name)["unified"].exists():
-            _kill_cgroup(name, timeout)
-        if hostdir is not None:
-            _release(name, hostdir)
-        else:
-            _remove_cgroups(name)
-            rec_file.unlink(missing_ok=True)
+        cleanup_host(name, timeout)
     return found
+
+
+def cleanup_host(name: str, timeout: float = 10) -> None:
+    """Kill, unmount and remove the one host `name`: its cgroups, overlay root, record."""
+    rec_file = STATE_DIR / f"{name}.json"
+    hostdir = None
+    if rec_file.exists():
+        try:
+            hostdir = Path(json.loads(rec_file.read_text())["hostdir"])
+        except (OSError, ValueError, KeyError):
+            pass
+    if cgroup_dirs(name)["unified"].exists():
+        _kill_cgroup(name, timeout)
+    if hostdir is not None:
+        _release(name, hostdir)
+    else:
+        _remove_cgroups(name)
+        rec_file.unlink(missing_ok=True)

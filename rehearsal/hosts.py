@@ -520,6 +520,32 @@ def running_in(prefix: str) -> list[str]:
     return out
 
 
+def reclaim_dead(prefix: str) -> list[str]:
+    """Records (and cgroups, overlay roots) of hosts in a namespace starting with `prefix`
+    that are not alive: what a rehearsal killed mid-run leaves. Returns their names."""
+    out = []
+    workdirs: set[Path] = set()
+    if C.STATE_DIR.exists():
+        for rec in sorted(C.STATE_DIR.glob("*.json")):
+            try:
+                d = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            if not str(d.get("netns", "")).startswith(prefix) or C.alive(rec.stem):
+                continue
+            C.cleanup_host(rec.stem)
+            out.append(rec.stem)
+            hostdir = Path(str(d.get("hostdir", "")))
+            if hostdir.name == rec.stem and hostdir.parent.name == "hosts":
+                if (hostdir / LAZY_DIR).is_dir() and _lazy_mounted(hostdir):
+                    volume_stop(hostdir)
+                workdirs.add(hostdir.parent.parent)
+    for workdir in workdirs:
+        for name in STALLABLE_SHARES:
+            efs_stop(workdir, name)
+    return out
+
+
 def leftovers(workdir: Path) -> list[str]:
     """Hosts of a rehearsal in `workdir` that a crashed run left running or mounted."""
     out = []

@@ -80,10 +80,19 @@ class Lock:
                 if now != seen:
                     seen, idle_since = now, time.monotonic()
                 elif time.monotonic() - idle_since >= stale_after:
-                    os.close(fd)
-                    raise RehearsalError(f"leftovers of a rehearsal that no longer runs (no process, no packet in "
-                                         f"{stale_after:.0f}s): {', '.join(in_use[:6])}; "
-                                         "`make rehearse-down` removes them")
+                    # A rehearsal whose runner was killed (a CI job cancelled, a session
+                    # ended) leaves namespaces that nobody uses: remove them, as
+                    # `make rehearse-down` would, rather than fail every later run.
+                    gone = reclaim_leftovers()
+                    if not gone or machine_in_use() == in_use:
+                        os.close(fd)
+                        raise RehearsalError(f"leftovers of a rehearsal that no longer runs (no process, no packet in "
+                                             f"{stale_after:.0f}s): {', '.join(in_use[:6])}; could not remove them; "
+                                             "`make rehearse-down` removes them")
+                    say(f"removed the leftovers of a rehearsal that no longer runs (no process, no packet in "
+                        f"{stale_after:.0f}s): {', '.join(gone)}")
+                    seen, idle_since = None, time.monotonic()
+                    continue
             except BlockingIOError:
                 holder = self.path.read_text().strip() if self.path.exists() else "?"
                 why = f"another rehearsal is running ({holder})"
@@ -112,6 +121,16 @@ def machine_in_use() -> list[str]:
     # A container of a rehearsal (in an rh- namespace) whose record is here.
     found += [f"host {name}" for name in H.running_in("rh-")]
     return found
+
+
+def reclaim_leftovers() -> list[str]:
+    """Remove what machine_in_use() reports for a rehearsal that no longer runs: its
+    namespaces that hold no process, and the records and cgroups of its hosts that are
+    not alive. Called only once nothing has moved in them for the stale time-out."""
+    gone = [f"host {n}" for n in H.reclaim_dead("rh-")]
+    idle = [n for n in netns.existing_namespaces()
+            if n.startswith("rh-") and not netns.sh(["ip", "netns", "pids", n], check=False).stdout.split()]
+    return gone + netns.destroy(idle)
 
 
 def machine_activity() -> tuple[Any, ...]:
@@ -404,6 +423,8 @@ def down(workdir: Path = DEFAULT_WORKDIR, quiet: bool = False) -> list[str]:
             except (ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
             done.append(f"{key.split('_')[0]}: killed pid {pid}")
+    # Hosts of a rehearsal killed mid-run in another workdir (a test's temporary one).
+    done += [f"host {n}: leftover of a rehearsal that no longer runs, removed" for n in H.reclaim_dead("rh-")]
     names = st.get("namespaces") or [n for n in netns.existing_namespaces() if n.startswith("rh-")]
     gone = netns.destroy(names)
     if gone:

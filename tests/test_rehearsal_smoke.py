@@ -240,10 +240,30 @@ def test_a_second_rehearsal_refuses_or_waits(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(stack, "machine_activity", lambda: (("rh-vpc",), next(counters), 0))
     with pytest.raises(stack.RehearsalError, match=r"another rehearsal exist: rh-vpc after waiting 600s"):
         stack.Lock(lock_file).acquire(wait=600, stale_after=60)
-    # Namespaces where nothing moves for stale_after are leftovers: no waiting them out.
+    # Namespaces where nothing moves for stale_after are leftovers of a rehearsal whose
+    # runner was killed: removed (not waited out), and the lock is taken.
     monkeypatch.setattr(stack, "machine_activity", lambda: (("rh-vpc",), 1234, 0))
+    present = ["rh-vpc"]
+    reclaimed: list[list[str]] = []
+
+    def reclaim() -> list[str]:
+        reclaimed.append(list(present))
+        gone = list(present)
+        present.clear()
+        return gone
+
+    monkeypatch.setattr(stack, "machine_in_use", lambda: list(present))
+    monkeypatch.setattr(stack, "reclaim_leftovers", reclaim)
+    taker = stack.Lock(lock_file)
+    taker.acquire(wait=3600, stale_after=60)
+    assert taker.fd is not None and reclaimed == [["rh-vpc"]]
+    taker.release()
+    # Leftovers that cannot be removed (a process in them): an error naming them.
+    monkeypatch.setattr(stack, "machine_in_use", lambda: ["rh-vpc"])
+    monkeypatch.setattr(stack, "reclaim_leftovers", lambda: [])
     with pytest.raises(stack.RehearsalError,
-                       match=r"leftovers of a rehearsal that no longer runs \(no process, no packet in 60s\).*rehearse-down"):
+                       match=r"leftovers of a rehearsal that no longer runs \(no process, no packet in 60s\): "
+                             r"rh-vpc; could not remove them.*rehearse-down"):
         stack.Lock(lock_file).acquire(wait=3600, stale_after=60)
 
 
@@ -265,6 +285,43 @@ def test_only_a_rehearsals_running_hosts_count_as_a_running_rehearsal(tmp_path: 
         cmd, 0, links if "link" in cmd else "4242\n", ""))
     assert stack.machine_in_use() == ["rh-vpc", "host app-1"]
     assert stack.machine_activity() == (("rh-vpc",), 18, 1)
+
+
+def test_leftovers_of_a_killed_rehearsal_are_reclaimed_by_exact_name(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts of a rehearsal in an rh- namespace that are not alive are removed, each by its
+    own name (app-1 dead must not take app-10, alive, with it); running hosts and hosts of
+    other tools stay; the namespaces removed are only those without a process."""
+    from rehearsal import container, hosts, netns, stack
+
+    for name, ns in (("app-1", "rh-app-1"), ("app-10", "rh-app-10"), ("hs-t1-a", "hs-t1")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"netns": ns, "hostdir": str(tmp_path / "w" / "hosts" / name)}))
+    monkeypatch.setattr(container, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(container, "alive", lambda name: name == "app-10")
+    cleaned: list[str] = []
+    monkeypatch.setattr(container, "cleanup_host", lambda name, timeout=10: cleaned.append(name))
+    stopped: list[str] = []
+
+    def efs_stop(workdir: Path, name: str) -> bool:
+        stopped.append(f"{workdir.name}/{name}")
+        return False
+
+    monkeypatch.setattr(hosts, "efs_stop", efs_stop)
+    assert hosts.reclaim_dead("rh-") == ["app-1"]
+    assert cleaned == ["app-1"] and stopped == ["w/slurm"]
+    monkeypatch.setattr(hosts, "reclaim_dead", lambda prefix: ["app-1"])
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: ["rh-vpc", "rh-app-10", "other-ns"])
+    monkeypatch.setattr(netns, "sh", lambda cmd, check=True: subprocess.CompletedProcess(
+        cmd, 0, "4242\n" if cmd[-1] == "rh-app-10" else "", ""))
+    deleted: list[str] = []
+
+    def destroy(names: list[str]) -> list[str]:
+        deleted.extend(names)
+        return list(names)
+
+    monkeypatch.setattr(netns, "destroy", destroy)
+    assert stack.reclaim_leftovers() == ["host app-1", "rh-vpc"]
+    assert deleted == ["rh-vpc"]
 
 
 # ------------------------------------------------------------------ the smoke rehearsal
