@@ -32,11 +32,14 @@ class FakeSlow(slow.SlowDrills):
     def galera_writer(self) -> str:
         return "data-1"
 
+    def redis_master(self) -> str:
+        return "data-2"
+
     def flow_control(self, host: str) -> dict[str, int]:
         if self.throttles and (self.cg / "cpu.cfs_quota_us").read_text() != "-1":
             (self.cg / "cpu.stat").write_text("nr_periods 90\nnr_throttled 80\n")
             self.paused += 7_000_000_000
-        return {"wsrep_flow_control_paused_ns": self.paused, "wsrep_flow_control_sent": 3 if host == "data-2" else 0}
+        return {"wsrep_flow_control_paused_ns": self.paused, "wsrep_flow_control_sent": 3 if host == "data-3" else 0}
 
     def _under_load(self, name: str, inject: Any, restore: Any, kinds: Any, rto: Any, alerts: Any, match: Any,
                     extra: Any = None) -> Result:
@@ -72,7 +75,7 @@ def test_the_quota_goes_on_a_replica_and_comes_off(tmp_path: Path, patched: None
 
     monkeypatch.setattr(slow, "cpu_dir", cpu_dir)
     res = d.drill_slow_galera()
-    assert set(victims) == {"data-2"}  # not the writer
+    assert set(victims) == {"data-3"}  # neither the writer nor the Redis master
     # The cause's alert or the users' errors at the LBs (measured: with the node evicted
     # rather than pausing the cluster, no flow-control pause at all, writes still failed).
     assert d.alerts_asked == ["GaleraFlowControl", "PortalErrors"]

@@ -357,6 +357,28 @@ def test_every_data_host_renders_and_no_file_holds_a_secret() -> None:
     assert non_data and all("/etc/hpc/galera.json" not in [f.path for f in render_host(c).files] for c in non_data)
 
 
+def test_the_redis_master_and_the_galera_writer_start_and_stay_on_different_hosts() -> None:
+    """One data host's failure fails over one tier, not both: the initial Redis master is
+    not the preferred Galera writer (dbwriter.cfg's first server), and Sentinel promotes
+    that host last (the highest replica-priority)."""
+    checked = 0
+    for stack in ("prod", "dev"):
+        hosts = data_hosts(stack)
+        for name, ctx in hosts.items():
+            writer = ctx["galera"]["nodes"][0]["name"]
+            dbwriter = render_template("dbwriter/dbwriter.cfg", ctx)
+            assert re.search(rf"^    server {writer} \S+ check rise 40 ", dbwriter, re.M), (stack, writer)
+            prio = int(re.search(r"^replica-priority (\d+)$", render_template("data/redis.conf", ctx),
+                                 re.M).group(1))  # type: ignore[union-attr]
+            if len(hosts) > 1:
+                assert ctx["redis"]["initial_master"]["name"] != writer, stack
+                assert prio == (150 if name == writer else 100), (stack, name)
+                checked += 1
+            else:
+                assert prio == 100
+    assert checked == 3  # prod's three data hosts (dev has one)
+
+
 def test_redis_topology_follows_the_context() -> None:
     for stack in ("prod", "dev"):
         hosts = data_hosts(stack)
