@@ -336,19 +336,30 @@ def set_eip_target(public_ip: str, private_ip: str | None) -> None:
     if private_ip:
         script += f"add element ip {NFT_ROUTER_TABLE} eip {{ {public_ip} : {private_ip} }}\n"
     nft(NS_ROUTER, script)
-    forget_connections(NS_ROUTER, public_ip)
+    forget_connections(NS_ROUTER, public_ip, keep=private_ip)
 
 
-def forget_connections(ns: str, dst: str) -> int:
-    """Delete `ns`'s conntrack entries of connections to `dst` (conntrack-tools): their
-    next packet is NATed afresh (conntrack picks a connection up mid-stream). The
-    number deleted."""
-    cp = sh(in_ns(ns, ["conntrack", "-D", "--orig-dst", dst]), check=False)
-    # conntrack -D says "N flow entries have been deleted." and exits 1 when N is 0.
-    m = re.search(r"(\d+) flow entr", cp.stdout + cp.stderr)
-    if m is None:
-        raise NetError(f"conntrack -D --orig-dst {dst} in {ns}: {cp.stderr.strip() or cp.stdout.strip()}")
-    return int(m.group(1))
+def forget_connections(ns: str, dst: str, keep: str | None = None) -> int:
+    """Delete `ns`'s conntrack entries of connections to `dst` (conntrack-tools) that
+    were NATed to another address than `keep`: their next packet is NATed afresh
+    (conntrack picks a connection up mid-stream). Those NATed to `keep` stay: they were
+    made after the move, and without their entry the new target's answers would leave
+    from its private address, not `dst` (AWS's NAT has no such state to lose; a browser's
+    TLS handshake made in that instant hung until its 30 s time-out). The number deleted."""
+    cp = sh(in_ns(ns, ["conntrack", "-L", "--orig-dst", dst]), check=False)
+    # Each entry: the original direction's src=, dst=, ... then the reply's src= (where
+    # the connection was NATed to).
+    targets = {m.group(1) for m in re.finditer(r"src=\S+ dst=\S+ .*?src=(\S+) ", cp.stdout)}
+    deleted = 0
+    for target in sorted(targets - {keep}):
+        cp = sh(in_ns(ns, ["conntrack", "-D", "--orig-dst", dst, "--reply-src", target]), check=False)
+        # conntrack -D says "N flow entries have been deleted." and exits 1 when N is 0.
+        m = re.search(r"(\d+) flow entr", cp.stdout + cp.stderr)
+        if m is None:
+            raise NetError(f"conntrack -D --orig-dst {dst} --reply-src {target} in {ns}: "
+                           f"{cp.stderr.strip() or cp.stdout.strip()}")
+        deleted += int(m.group(1))
+    return deleted
 
 
 def group_addresses(layout: Layout) -> dict[str, list[str]]:

@@ -99,11 +99,13 @@ def test_a_port_the_matrix_forgot_is_dropped_between_hosts() -> None:
 
 
 ECHO_SERVER = """
-import socket, sys, threading
+import socket, sys, threading, time
 name = sys.argv[1].encode()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 443)); s.listen()
 def serve(c):
-    while c.recv(64):
+    while (got := c.recv(64)):
+        if got == b"slow":  # the answer is still to come when the connections are forgotten
+            time.sleep(1.5)
         c.sendall(name)
 while True:
     threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
@@ -122,7 +124,14 @@ except ConnectionResetError:
 except TimeoutError:
     print("timeout")
 n = socket.create_connection((sys.argv[1], 443), timeout=2)
-n.sendall(b"x"); print(n.recv(16).decode())
+n.sendall(b"x"); print(n.recv(16).decode(), flush=True)
+sys.stdin.readline()  # the connections made before the move are forgotten (again) meanwhile
+try:
+    n.sendall(b"slow"); print(n.recv(16).decode() or "closed")
+except ConnectionResetError:
+    print("reset")
+except TimeoutError:
+    print("timeout")
 """
 
 
@@ -130,8 +139,13 @@ n.sendall(b"x"); print(n.recv(16).decode())
 def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Elastic IP stand-in behaves as AWS's one-to-one NAT: after a re-association, a
     connection made before it reaches the new target (which resets it), not the old one;
-    a new connection reaches the new target. Negative control: with conntrack's entries
-    kept (the stand-in before), the old connection still reaches the old target."""
+    a new connection reaches the new target, and forgetting the connections made before
+    the move leaves it alone (its answers still come from the Elastic IP). Negative
+    controls: with conntrack's entries kept (the stand-in before), the old connection
+    still reaches the old target; forgetting every connection to the Elastic IP (the
+    stand-in before) also forgets one made after the move, whose answers then come from
+    the new target's private address: the client drops them and waits (a browser's TLS
+    handshake hung 30 s on this in the lb drill)."""
     from rehearsal import netns
     from rehearsal.layout import EIP_PUBLIC_IP
 
@@ -145,7 +159,9 @@ def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch:
     def sh(*cmd: str) -> None:
         subprocess.run(list(cmd), check=True)
 
-    def attempt(forget: bool) -> list[str]:
+    real_forget = netns.forget_connections
+
+    def attempt(forget: bool, keep: bool = True) -> list[str]:
         procs: list[subprocess.Popen[str]] = []
         for ns in names:
             _ns(ns)
@@ -162,7 +178,7 @@ def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch:
             sh("nsenter", f"--net=/run/netns/{r}", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
             netns.nft(r, netns.router_rules())
             if not forget:
-                monkeypatch.setattr(netns, "forget_connections", lambda ns, dst: 0)
+                monkeypatch.setattr(netns, "forget_connections", lambda ns, dst, keep=None: 0)
             netns.set_eip_target(EIP_PUBLIC_IP, "10.9.1.10")
             for ns, name in ((l1, "L1"), (l2, "L2")):
                 procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", ECHO_SERVER,
@@ -176,6 +192,11 @@ def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch:
             netns.set_eip_target(EIP_PUBLIC_IP, "10.9.2.10")
             client.stdin.write("\n")
             client.stdin.flush()
+            seen += [client.stdout.readline().strip() for _ in range(2)]
+            client.stdin.write("\n")
+            client.stdin.flush()
+            time.sleep(0.5)  # the request is at the new target, its answer 1.5 s away
+            real_forget(r, EIP_PUBLIC_IP, keep="10.9.2.10" if keep else None)
             out, _ = client.communicate(timeout=30)
             return seen + out.split()
         finally:
@@ -187,8 +208,9 @@ def test_a_moved_elastic_ip_resets_connections_made_before_the_move(monkeypatch:
             monkeypatch.undo()
             monkeypatch.setattr(netns, "NS_ROUTER", r)
 
-    assert attempt(forget=True) == ["L1", "reset", "L2"]
-    assert attempt(forget=False) == ["L1", "L1", "L2"]
+    assert attempt(forget=True) == ["L1", "reset", "L2", "L2"]
+    assert attempt(forget=False) == ["L1", "L1", "L2", "L2"]
+    assert attempt(forget=True, keep=False) == ["L1", "reset", "L2", "timeout"]
 
 
 # ------------------------------------------------------------------ measurements
