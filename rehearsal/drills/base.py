@@ -707,6 +707,13 @@ class DrillBase:
                 return self.host_by_ip(out.split()[0])
         return None
 
+    def galera_only_node(self, writer: str) -> str:
+        """A data host that is neither the Galera writer nor the Redis master, when there is
+        one (else any but the writer): a Galera fault on it measures Galera alone."""
+        others = [n for n in self.layout.topo.role_hosts["data"] if n != writer]
+        master = self.redis_master()
+        return next((n for n in others if n != master), others[0])
+
     def galera_writer(self) -> str:
         # Every DB client's writer HAProxy prefers the first Synced node in galera.nodes order.
         for n in self.layout.topo.role_hosts["data"]:

@@ -85,7 +85,7 @@ class DataDrills(DrillBase):
                                or writer in json.dumps(a.get("labels", {})))
         res.checks["writer_rejoined"] = self.wait_synced(writer, len(data), 60)
         # Partition: cut one non-writer node's link, it must refuse writes; heal, it resyncs.
-        victim = [n for n in data if n != writer][0]
+        victim = self.galera_only_node(writer)
         say(f"    partition: cut {victim}'s link at the router")
         netns.set_link(self.layout, victim, False)
         try:

@@ -78,12 +78,9 @@ class SlowDrills(DrillBase):
 
     @register("slow-galera")
     def drill_slow_galera(self) -> Result:
-        data = self.layout.topo.role_hosts["data"]
         writer = self.galera_writer()
-        # A node that is only a Galera node: throttling the Redis master too would
-        # measure Redis's slowness in the same breath.
-        others = [n for n in data if n != writer]
-        victim = next((n for n in others if n != self.redis_master()), others[0])
+        # Throttling the Redis master too would measure Redis's slowness in the same breath.
+        victim = self.galera_only_node(writer)
         seen: dict[str, float] = {}
         before: dict[str, dict[str, int]] = {}
 
