@@ -306,6 +306,40 @@ def test_clustercheck_serves_http_from_a_fake_status_source() -> None:
         srv.server_close()
 
 
+def test_clustercheck_is_silent_about_a_check_that_resets_before_its_answer(capfd: pytest.CaptureFixture[str]) -> None:
+    """HAProxy's checks close with a reset once they have the status line; a client gone
+    before the answer is counted, not logged as a traceback."""
+    import socket
+    import struct
+
+    def source() -> dict[str, str] | None:
+        time.sleep(0.3)  # the client resets meanwhile
+        return _st("4")
+
+    srv = cc.make_server("127.0.0.1", 0, cc.Checker(source, available_when_donor=False, cache=0))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        host, port = str(srv.server_address[0]), int(srv.server_address[1])
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset, as HAProxy's check closes
+        deadline = time.time() + 10
+        while srv.clients_gone == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert srv.clients_gone == 1
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 200  # and it goes on serving
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
 def test_clustercheck_caches_the_status_between_checks() -> None:
     calls = {"n": 0}
 
