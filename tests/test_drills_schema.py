@@ -433,6 +433,47 @@ def test_alert_latency_is_prometheus_firing_time_not_when_the_drill_looked(monke
         assert any("before the fault" in n for n in res.notes) == note, res.notes
 
 
+def test_an_alert_resolved_before_the_drill_looked_is_still_seen_by_the_alert_watch() -> None:
+    """slow-galera: GaleraFlowControl fired 30 s after the slowdown and was resolved 20 s
+    later, before the drill (busy reading flow-control counters) first looked; it reported
+    no such alert and a later PortalErrors at 88 s. The watch looks every 2 s from the
+    fault on; the earliest alert to start is the one judged."""
+    from rehearsal.drills import base as B
+
+    t0 = B.epoch_of("2026-12-03T21:51:21.000Z")
+    assert t0 is not None
+    fc = {"labels": {"alertname": "GaleraFlowControl", "host": "data-1"}, "startsAt": "2026-12-03T21:51:51.000Z"}
+    pe = {"labels": {"alertname": "PortalErrors", "proxy": "be_api"}, "startsAt": "2026-12-03T21:52:50.000Z"}
+    answers = iter([[], [fc], [fc, pe]])
+    looks: list[int] = []
+
+    def fetch() -> list[dict[str, Any]]:
+        looks.append(1)
+        return next(answers, [pe])
+
+    d = B.DrillBase.__new__(B.DrillBase)
+    d.ceiling = 1.0
+    d.alerts = lambda: [pe]  # type: ignore[method-assign]  # what the drill's own look finds, late
+    watch = B.AlertWatch(fetch, every_s=0.01)
+    with watch:
+        deadline = time.time() + 10
+        while len(looks) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+    assert len(looks) >= 3 and not watch._thread.is_alive()
+    d.alert_watch = watch
+    res = Result("slow-galera")
+    res.alert_target_s = 60.0
+    assert d.alert_seen(["GaleraFlowControl", "PortalErrors"], t0, lambda a: True, res)
+    assert res.alert == "GaleraFlowControl" and res.alert_latency_s == 30.0 and res.checks["alert"], res
+    assert any("resolved before this look" in n for n in res.notes), res.notes
+    # Without the watch (the drill before): only the late PortalErrors, past the target.
+    d.alert_watch = None
+    res = Result("slow-galera")
+    res.alert_target_s = 60.0
+    assert d.alert_seen(["GaleraFlowControl", "PortalErrors"], t0, lambda a: True, res)
+    assert res.alert == "PortalErrors" and res.alert_latency_s == 89.0 and not res.checks["alert"], res
+
+
 def test_the_return_of_a_thawed_node_is_its_own_outage_against_the_same_target() -> None:
     """A full run's freeze-lb: the service was back 2.8 s after the freeze; after the thaw
     at 10 s the thawed LB, the higher VRRP priority, took the Elastic IP back at 11.9 s and

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -171,7 +172,41 @@ def haproxy_active(stat_csv: str, backend: str = "galera_writer") -> str | None:
     return None
 
 
+class AlertWatch:
+    """Alertmanager's active alerts, looked at every 2 s from a fault on, each kept as first
+    seen. A drill busy measuring after its fault (the flow-control counters, the RTO) looked
+    only once that was done: slow-galera's GaleraFlowControl fired 30 s after the
+    slowdown and was resolved 20 s later, just before the drill's first look, and the
+    drill reported no such alert."""
+
+    def __init__(self, fetch: Callable[[], list[dict[str, Any]]], every_s: float = 2.0):
+        self.fetch, self.every_s = fetch, every_s
+        self.seen: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alert-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.look()
+            self._stop.wait(self.every_s)
+
+    def look(self) -> None:
+        for a in self.fetch():
+            key = a.get("fingerprint") or json.dumps(a.get("labels", {}), sort_keys=True)
+            self.seen.setdefault(f"{key} {a.get('startsAt', '')}", a)
+
+    def __enter__(self) -> AlertWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 class DrillBase:
+    alert_watch: AlertWatch | None = None  # set while a fault is on (_under_load)
+
     def __init__(self, layout: Layout, out_dir: Path, ceiling: float = 1.0, alert_checks: int | None = None):
         self.layout = layout
         self.wd = layout.workdir
@@ -558,13 +593,31 @@ class DrillBase:
         res.checks["alert"] = False
         res.notes.append(f"no {' or '.join(names)} alert within {target:.0f}s")
 
+    @contextlib.contextmanager
+    def watching_alerts(self) -> Iterator[AlertWatch]:
+        """The alert watch for the block (alert_seen consults what it saw)."""
+        with AlertWatch(self.alerts) as watch:
+            self.alert_watch = watch
+            try:
+                yield watch
+            finally:
+                self.alert_watch = None
+
     def alert_seen(self, names: list[str], t0: float, match: Callable[[dict[str, Any]], bool], res: Result) -> bool:
         """One look at Alertmanager: True (and the alert recorded in `res`, judged against
-        res.alert_target_s) when one of `names` matching `match` is active."""
-        for a in self.alerts():
+        res.alert_target_s) when one of `names` matching `match` is active, or was at any
+        look of the alert watch since the fault (the earliest to start is the one judged)."""
+        now = self.alerts()
+        earlier = list(self.alert_watch.seen.values()) if self.alert_watch is not None else []
+        live = {json.dumps(a.get("labels", {}), sort_keys=True) for a in now}
+        found = [a for a in now + earlier if a.get("labels", {}).get("alertname") in names and match(a)]
+        found.sort(key=lambda a: epoch_of(a.get("startsAt")) or float("inf"))
+        for a in found[:1]:
             name = a.get("labels", {}).get("alertname")
             if name in names and match(a):
                 res.alert = name
+                if json.dumps(a.get("labels", {}), sort_keys=True) not in live:
+                    res.notes.append(f"alert {name} was resolved before this look (seen by the alert watch)")
                 # Prometheus's own firing time (Alertmanager's startsAt), not when this drill
                 # looked: a drill busy meanwhile (the browser's 60 s wait) measured its own
                 # delay (50.9 s seen for an alert that fired 22.8 s after the fault). An alert
@@ -627,19 +680,20 @@ class DrillBase:
             time.sleep(5)
             # >>> a browser logged in before the fault, measured after it (rehearsal/browser.py)
             from ..browser import around_fault
-            with around_fault(self, name, res) if name in ("app", "lb", "redis") else contextlib.nullcontext():
-                t0 = time.time()
-                inject()
-            # <<< browser
-            res.fault_window = (t0, t0)
-            ceiling = max(60.0, (rto_target or 20.0) * 3 * max(1.0, self.ceiling))
-            res.rto_s = self.rto(path, t0, kinds, ceiling) if kinds else None
-            if res.rto_s is not None:
-                res.rto_s = round(res.rto_s, 2)
-            if extra:
-                extra(res)
-            if alert_names:
-                self.wait_alert(alert_names, t0, alert_match, res)
+            with self.watching_alerts() if alert_names else contextlib.nullcontext():
+                with around_fault(self, name, res) if name in ("app", "lb", "redis") else contextlib.nullcontext():
+                    t0 = time.time()
+                    inject()
+                # <<< browser
+                res.fault_window = (t0, t0)
+                ceiling = max(60.0, (rto_target or 20.0) * 3 * max(1.0, self.ceiling))
+                res.rto_s = self.rto(path, t0, kinds, ceiling) if kinds else None
+                if res.rto_s is not None:
+                    res.rto_s = round(res.rto_s, 2)
+                if extra:
+                    extra(res)
+                if alert_names:
+                    self.wait_alert(alert_names, t0, alert_match, res)
             # The window's load is checked (acked_in_fault_window): when no alert wait kept
             # it open (the smoke run checks one alert only), keep it open MIN_WINDOW_S.
             time.sleep(max(0.0, t0 + MIN_WINDOW_S - time.time()))
