@@ -850,6 +850,11 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
                 "SlurmctldHost=slurm-1(10.0.0.1)\nSlurmctldHost=slurm-2(10.0.0.2)\nMessageTimeout=5\n", copy.read_text())
     tally.check((copy.parent / "cgroup.conf").resolve() == (etc / "cgroup.conf").resolve(), "files beside it are linked")
     tally.check(conf.read_text().startswith("ClusterName=hpc\nSlurmctldHost=slurm-1"), "slurm.conf itself untouched")
+    # slurm.conf changes while the primary is down (a node added): the copy follows it.
+    conf.write_text(conf.read_text() + "NodeName=cn005 CPUs=4\n")
+    env = order.env()
+    tally.check(env is not None and Path(env["SLURM_CONF"]).read_text().startswith("ClusterName=hpc\nslurmctldhost = slurm-3")
+                and Path(env["SLURM_CONF"]).read_text().endswith("NodeName=cn005 CPUs=4\n"), copy.read_text())
     # A client command runs with it; one that finds no controller wakes the watcher.
     monkeypatch.setattr(portal_slurm, "run", real_run)
     monkeypatch.setattr(portal_slurm, "ORDER", order)
@@ -868,7 +873,7 @@ def test_client_commands_ask_the_controller_that_answers_first_while_the_primary
     tally.check(w.ping() == "ok" and order.first() is None and order.env() is None)
     out["ping"] = "Slurmctld(primary) at slurm-1 is UP\nSlurmctld(backup1) at slurm-2 is UP\n"
     tally.check(w.ping() == "ok" and w.pause("ok") == w.INTERVAL)
-    tally.expect(9)
+    tally.expect(10)
 
 
 def test_a_fresh_submission_makes_four_controller_calls_and_releases_only_a_recorded_job(

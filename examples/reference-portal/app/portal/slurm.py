@@ -106,7 +106,9 @@ class ControllerOrder:
     DOWN and another UP, commands run with SLURM_CONF naming a copy of slurm.conf whose
     SlurmctldHost lines put the one that answers first: the same file otherwise, in a
     directory of its own whose other entries link to those beside slurm.conf (anything
-    Slurm looks up next to it is found). Once the first one answers again, the original."""
+    Slurm looks up next to it is found). Once the first one answers again, the original.
+    A slurm.conf changed meanwhile (a node added by the next `pulumi up`) is copied
+    again before the next command."""
 
     HOST_LINE = re.compile(r"^\s*SlurmctldHost\s*=\s*([^(\s#]+)", re.I | re.M)
 
@@ -114,6 +116,7 @@ class ControllerOrder:
         self._lock = threading.Lock()
         self._first: str | None = None  # the controller put first, None: slurm.conf's order
         self._dir: str | None = None
+        self._copied: tuple[int, int, int] | None = None  # slurm.conf's (inode, size, mtime) when copied
         self.on_trouble: list[Callable[[], None]] = []  # PingWatcher: look again now
 
     def trouble(self) -> None:
@@ -130,7 +133,23 @@ class ControllerOrder:
         with self._lock:
             if self._first is None or self._dir is None:
                 return None
+            if self._stat() != self._copied:
+                try:
+                    self._write(self._first)
+                except OSError as e:
+                    # The controller gone from slurm.conf, or slurm.conf unreadable: its own order.
+                    print(f"hpc-portal slurm: cannot copy the changed slurm.conf with {self._first} first: {e}",
+                          file=sys.stderr, flush=True)
+                    self._first = None
+                    return None
             return {**os.environ, "SLURM_CONF": os.path.join(self._dir, "slurm.conf")}
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.source())
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def first(self) -> str | None:
         with self._lock:
@@ -157,6 +176,7 @@ class ControllerOrder:
 
     def _write(self, first: str) -> None:
         src = self.source()
+        copied = self._stat()
         with open(src) as f:
             text = f.read()
         lines = text.splitlines(keepends=True)
@@ -180,6 +200,7 @@ class ControllerOrder:
         with open(tmp, "w") as f:
             f.write("".join(new))
         os.replace(tmp, os.path.join(self._dir, "slurm.conf"))
+        self._copied = copied
 
 
 ORDER = ControllerOrder()
