@@ -508,15 +508,17 @@ def remove_cgroups(host: str, timeout: float = 10) -> bool:
 def running_in(prefix: str) -> list[str]:
     """Hosts running on this machine whose network namespace starts with `prefix` (a
     rehearsal's hosts, whoever started them)."""
+    return [name for name, d in _records() if str(d.get("netns", "")).startswith(prefix) and C.alive(name)]
+
+
+def _records() -> list[tuple[str, dict[str, Any]]]:
+    """(host name, record) of every readable container record on this machine."""
     out = []
-    if C.STATE_DIR.exists():
-        for rec in sorted(C.STATE_DIR.glob("*.json")):
-            try:
-                ns = str(json.loads(rec.read_text()).get("netns", ""))
-            except (OSError, ValueError):
-                continue
-            if ns.startswith(prefix) and C.alive(rec.stem):
-                out.append(rec.stem)
+    for rec in sorted(C.STATE_DIR.glob("*.json")) if C.STATE_DIR.exists() else []:
+        try:
+            out.append((rec.stem, json.loads(rec.read_text())))
+        except (OSError, ValueError):
+            continue
     return out
 
 
@@ -525,21 +527,16 @@ def reclaim_dead(prefix: str) -> list[str]:
     that are not alive: what a rehearsal killed mid-run leaves. Returns their names."""
     out = []
     workdirs: set[Path] = set()
-    if C.STATE_DIR.exists():
-        for rec in sorted(C.STATE_DIR.glob("*.json")):
-            try:
-                d = json.loads(rec.read_text())
-            except (OSError, ValueError):
-                continue
-            if not str(d.get("netns", "")).startswith(prefix) or C.alive(rec.stem):
-                continue
-            C.cleanup_host(rec.stem)
-            out.append(rec.stem)
-            hostdir = Path(str(d.get("hostdir", "")))
-            if hostdir.name == rec.stem and hostdir.parent.name == "hosts":
-                if (hostdir / LAZY_DIR).is_dir() and _lazy_mounted(hostdir):
-                    volume_stop(hostdir)
-                workdirs.add(hostdir.parent.parent)
+    for name, d in _records():
+        if not str(d.get("netns", "")).startswith(prefix) or C.alive(name):
+            continue
+        C.cleanup_host(name)
+        out.append(name)
+        hostdir = Path(str(d.get("hostdir", "")))
+        if hostdir.name == name and hostdir.parent.name == "hosts":
+            if (hostdir / LAZY_DIR).is_dir() and _lazy_mounted(hostdir):
+                volume_stop(hostdir)
+            workdirs.add(hostdir.parent.parent)
     for workdir in workdirs:
         for name in STALLABLE_SHARES:
             efs_stop(workdir, name)
@@ -548,16 +545,7 @@ def reclaim_dead(prefix: str) -> list[str]:
 
 def leftovers(workdir: Path) -> list[str]:
     """Hosts of a rehearsal in `workdir` that a crashed run left running or mounted."""
-    out = []
-    if C.STATE_DIR.exists():
-        for rec in sorted(C.STATE_DIR.glob("*.json")):
-            try:
-                d = json.loads(rec.read_text())
-            except (OSError, ValueError):
-                continue
-            if str(d.get("hostdir", "")).startswith(str(workdir) + "/"):
-                out.append(rec.stem)
-    return out
+    return [name for name, d in _records() if str(d.get("hostdir", "")).startswith(str(workdir) + "/")]
 
 
 def cleanup(workdir: Path) -> list[str]:

@@ -612,28 +612,28 @@ class DrillBase:
         live = {json.dumps(a.get("labels", {}), sort_keys=True) for a in now}
         found = [a for a in now + earlier if a.get("labels", {}).get("alertname") in names and match(a)]
         found.sort(key=lambda a: epoch_of(a.get("startsAt")) or float("inf"))
-        for a in found[:1]:
-            name = a.get("labels", {}).get("alertname")
-            if name in names and match(a):
-                res.alert = name
-                if json.dumps(a.get("labels", {}), sort_keys=True) not in live:
-                    res.notes.append(f"alert {name} was resolved before this look (seen by the alert watch)")
-                # Prometheus's own firing time (Alertmanager's startsAt), not when this drill
-                # looked: a drill busy meanwhile (the browser's 60 s wait) measured its own
-                # delay (50.9 s seen for an alert that fired 22.8 s after the fault). An alert
-                # active since before the fault has no latency of its own: the look's time then.
-                started = epoch_of(a.get("startsAt"))
-                if started is not None and started >= t0:
-                    res.alert_latency_s = round(started - t0, 1)
-                else:
-                    res.alert_latency_s = round(time.time() - t0, 1)
-                    if started is not None:
-                        res.notes.append(f"alert {name} active since before the fault")
-                res.checks["alert"] = res.alert_latency_s <= (res.alert_target_s or ALERT_TARGET_S) * self.ceiling
-                res.notes.append(f"alert {name} {a.get('labels', {}).get('instance', '')} "
-                                 f"startsAt {a.get('startsAt', '')}")
-                return True
-        return False
+        if not found:
+            return False
+        a = found[0]
+        name = a.get("labels", {}).get("alertname")
+        res.alert = name
+        if json.dumps(a.get("labels", {}), sort_keys=True) not in live:
+            res.notes.append(f"alert {name} was resolved before this look (seen by the alert watch)")
+        # Prometheus's own firing time (Alertmanager's startsAt), not when this drill
+        # looked: a drill busy meanwhile (the browser's 60 s wait) measured its own
+        # delay (50.9 s seen for an alert that fired 22.8 s after the fault). An alert
+        # active since before the fault has no latency of its own: the look's time then.
+        started = epoch_of(a.get("startsAt"))
+        if started is not None and started >= t0:
+            res.alert_latency_s = round(started - t0, 1)
+        else:
+            res.alert_latency_s = round(time.time() - t0, 1)
+            if started is not None:
+                res.notes.append(f"alert {name} active since before the fault")
+        res.checks["alert"] = res.alert_latency_s <= (res.alert_target_s or ALERT_TARGET_S) * self.ceiling
+        res.notes.append(f"alert {name} {a.get('labels', {}).get('instance', '')} "
+                         f"startsAt {a.get('startsAt', '')}")
+        return True
 
     def finish(self, res: Result, rto_target: float | None) -> Result:
         return finish(res, rto_target, self.ceiling)
