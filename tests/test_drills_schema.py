@@ -505,3 +505,61 @@ def test_the_return_of_a_thawed_node_is_its_own_outage_against_the_same_target()
     quiet = Result("freeze-lb", rto_s=2.8, fault_window=(100.0, 125.0))
     recovery_outage(quiet, recs[:85], ("write",), 110.0, "thaw", 3.0)
     assert "rto_after_thaw" not in quiet.checks and quiet.notes == ["after the thaw: no failed request"]
+
+
+def test_a_galera_wait_that_times_out_leaves_what_the_nodes_said_in_the_drills_notes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CI smoke run's galera drill failed with 'writer_rejoined: False' and nothing else:
+    CI keeps no part of the run. A wait_synced that times out now records every data
+    host's Galera state, its unit's state and the waited-for host's last WSREP lines, and
+    drill() adds them to the notes (the first thing the smoke test's assertion prints)."""
+    from types import SimpleNamespace
+
+    from rehearsal.drills import base as B
+
+    d = B.DrillBase.__new__(B.DrillBase)
+    d.diagnoses = []
+    d.layout = SimpleNamespace(topo=SimpleNamespace(role_hosts={"data": ["data-1", "data-2"], "lb": []}))  # type: ignore[assignment]
+    status = {"data-1": {"wsrep_local_state": "1", "wsrep_local_state_comment": "Joining",
+                         "wsrep_cluster_status": "Primary", "wsrep_cluster_size": "2"},
+              "data-2": {"wsrep_local_state": "2", "wsrep_local_state_comment": "Donor/Desynced",
+                         "wsrep_cluster_status": "Primary", "wsrep_cluster_size": "2"}}
+    asked: list[str] = []
+
+    def global_status(host: str, names: tuple[str, ...], timeout: float = 15) -> dict[str, str]:
+        asked.append(host)
+        return {k: v for k, v in status[host].items() if k in names}
+
+    def run(host: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
+        if cmd.startswith("systemctl is-active"):
+            return 0 if host == "data-2" else 3, "active\n" if host == "data-2" else "activating\n"
+        assert "journalctl" in cmd and host == "data-1", (host, cmd)
+        return 0, "WSREP: Requesting state transfer failed: -11(Resource temporarily unavailable)\n"
+
+    monkeypatch.setattr(d, "global_status", global_status, raising=False)
+    monkeypatch.setattr(d, "run", run, raising=False)
+    monkeypatch.setattr(B, "frozen", lambda host: False)
+    clock = [1000.0]
+    monkeypatch.setattr(B.time, "time", lambda: clock[0])
+    monkeypatch.setattr(B.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(d, "lb_pair_settled", lambda: True, raising=False)
+    monkeypatch.setattr(d, "settle", lambda check, timeout: 0.0, raising=False)
+
+    def fake(self: Any) -> Result:
+        ok = self.wait_synced("data-1", 2, 10)
+        return Result("fake", passed=ok, checks={"writer_rejoined": ok})
+
+    monkeypatch.setitem(B.REGISTRY, "fake", fake)
+    res = d.drill("fake")
+    assert not res.passed and len(res.notes) == 1, res.notes
+    note = res.notes[0]
+    for part in ("data-1 not Synced in a cluster of 2 after 10s", "data-1: unit activating",
+                 "local_state_comment=Joining", "data-2: unit active", "local_state_comment=Donor/Desynced",
+                 "data-1's journal: WSREP: Requesting state transfer failed"):
+        assert part in note, (part, note)
+    # The waits polled data-1 every 2 s; the diagnosis asked both nodes once more.
+    assert asked.count("data-2") == 1 and asked.count("data-1") >= 5, asked
+    # A drill whose waits succeed adds nothing.
+    status["data-1"].update(wsrep_local_state="4", wsrep_local_state_comment="Synced")
+    res = d.drill("fake")
+    assert res.passed and res.notes == [], res.notes

@@ -217,6 +217,9 @@ class DrillBase:
         self._secrets: dict[str, str] = {}
         self.effect: str | None = None  # what a drill's inject() observed of its fault
         self.held_attempts: dict[str, set[str]] = {}  # the last job read-back's, see jobs_by_request_id
+        # What a wait that timed out saw (wait_synced): added to the drill's notes, so a
+        # failure in CI, where nothing of the run is kept, says what state the nodes were in.
+        self.diagnoses: list[str] = []
 
     def killed(self, *hosts: str) -> None:
         """After kill -9 of whole hosts: the effect when none of their processes is left."""
@@ -655,7 +658,9 @@ class DrillBase:
             waited = 0.0
         if waited:
             say(f"    waited {waited}s for one MASTER LB holding the Elastic IP")
+        self.diagnoses = []
         res: Result = fn(self)
+        res.notes.extend(self.diagnoses)
         if waited is None:
             res.checks["lb_pair_settled_before"] = False
             res.passed = False
@@ -861,7 +866,30 @@ class DrillBase:
             if s.get("wsrep_local_state") == "4" and (size is None or s.get("wsrep_cluster_size") == str(size)):
                 return True
             time.sleep(2)
+        self.diagnoses.append(f"{host} not Synced in a cluster of {size or 'any size'} after {timeout:.0f}s: "
+                              + self.galera_diagnosis(host))
         return False
+
+    def galera_diagnosis(self, host: str) -> str:
+        """Every data host's Galera state and mariadb.service state, and the last WSREP and
+        error lines of `host`'s MariaDB journal since its boot: what a failed wait leaves."""
+        parts = []
+        for n in self.layout.topo.role_hosts["data"]:
+            if frozen(n):
+                parts.append(f"{n}: frozen")
+                continue
+            s = self.global_status(n, ("wsrep_local_state_comment", "wsrep_cluster_status", "wsrep_cluster_size",
+                                       "wsrep_connected", "wsrep_ready"), timeout=10)
+            _rc, unit = self.run(n, "systemctl is-active mariadb.service", timeout=10)
+            parts.append(f"{n}: unit {unit.strip() or '?'}, " + (", ".join(
+                f"{k.removeprefix('wsrep_')}={v}" for k, v in sorted(s.items())) or "no answer"))
+        if not frozen(host):
+            _rc, log = self.run(host, "journalctl -b -u mariadb.service -o cat --no-pager 2>/dev/null "
+                                      "| grep -E 'WSREP|ERROR|SST|IST' | tail -n 8", timeout=20)
+            lines = [ln.strip()[:200] for ln in log.splitlines() if ln.strip()]
+            if lines:
+                parts.append(f"{host}'s journal: " + " | ".join(lines))
+        return "; ".join(parts)
 
 
 History = tuple[float, float, str, bool, int, str, str, str]
