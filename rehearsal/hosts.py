@@ -204,6 +204,22 @@ def volume_power_off(layout: Layout, host: str) -> dict[str, Any]:
     return out
 
 
+def volume_status(layout: Layout, host: str) -> str:
+    """One line on the host's power-loss layer for a failure's notes: its dirty files and
+    saved bytes, "no layer", or that it does not answer (a stuck layer blocks MariaDB)."""
+    from . import lazyfs
+
+    d = layout.hostdir(host)
+    if not lazyfs.mounted(d / LAZY_DIR):
+        return "no power-loss layer mounted"
+    try:
+        st = lazyfs.call(d / LAZY_SOCK, "status", 5)
+    except (OSError, ValueError) as e:
+        return f"power-loss layer does not answer its control socket: {e}"
+    return (f"power-loss layer: {st.get('dirty_files')} dirty files, {st.get('saved_bytes')} bytes saved for undo, "
+            f"{st.get('waiting')} operations waiting, stalled {st.get('stalled')}")
+
+
 def volume_stop(d: Path) -> None:
     """Unmount the layer cleanly (nothing dropped), when there is one."""
     from . import lazyfs

@@ -539,6 +539,7 @@ def test_a_galera_wait_that_times_out_leaves_what_the_nodes_said_in_the_drills_n
     monkeypatch.setattr(d, "global_status", global_status, raising=False)
     monkeypatch.setattr(d, "run", run, raising=False)
     monkeypatch.setattr(B, "frozen", lambda host: False)
+    monkeypatch.setattr(B.H, "volume_status", lambda layout, host: f"power-loss layer of {host}: 3 operations waiting")
     clock = [1000.0]
     monkeypatch.setattr(B.time, "time", lambda: clock[0])
     monkeypatch.setattr(B.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
@@ -555,7 +556,8 @@ def test_a_galera_wait_that_times_out_leaves_what_the_nodes_said_in_the_drills_n
     note = res.notes[0]
     for part in ("data-1 not Synced in a cluster of 2 after 10s", "data-1: unit activating",
                  "local_state_comment=Joining", "data-2: unit active", "local_state_comment=Donor/Desynced",
-                 "data-1's journal: WSREP: Requesting state transfer failed"):
+                 "data-1's journal: WSREP: Requesting state transfer failed",
+                 "data-1's data volume: power-loss layer of data-1: 3 operations waiting"):
         assert part in note, (part, note)
     # The waits polled data-1 every 2 s; the diagnosis asked both nodes once more.
     assert asked.count("data-2") == 1 and asked.count("data-1") >= 5, asked

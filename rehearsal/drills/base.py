@@ -889,6 +889,7 @@ class DrillBase:
             lines = [ln.strip()[:200] for ln in log.splitlines() if ln.strip()]
             if lines:
                 parts.append(f"{host}'s journal: " + " | ".join(lines))
+        parts.append(f"{host}'s data volume: " + H.volume_status(self.layout, host))
         return "; ".join(parts)
 
 
