@@ -533,6 +533,8 @@ def test_a_galera_wait_that_times_out_leaves_what_the_nodes_said_in_the_drills_n
     def run(host: str, cmd: str, timeout: float = 30) -> tuple[int, str]:
         if cmd.startswith("systemctl is-active"):
             return 0 if host == "data-2" else 3, "active\n" if host == "data-2" else "activating\n"
+        if cmd.startswith("systemctl list-jobs"):
+            return 0, "7 mariadb.service start running\n"
         assert "journalctl" in cmd and host == "data-1", (host, cmd)
         return 0, "WSREP: Requesting state transfer failed: -11(Resource temporarily unavailable)\n"
 
@@ -557,6 +559,7 @@ def test_a_galera_wait_that_times_out_leaves_what_the_nodes_said_in_the_drills_n
     for part in ("data-1 not Synced in a cluster of 2 after 10s", "data-1: unit activating",
                  "local_state_comment=Joining", "data-2: unit active", "local_state_comment=Donor/Desynced",
                  "data-1's journal: WSREP: Requesting state transfer failed",
+                 "data-1's pending jobs: 7 mariadb.service start running",
                  "data-1's data volume: power-loss layer of data-1: 3 operations waiting"):
         assert part in note, (part, note)
     # The waits polled data-1 every 2 s; the diagnosis asked both nodes once more.

@@ -889,6 +889,10 @@ class DrillBase:
             lines = [ln.strip()[:200] for ln in log.splitlines() if ln.strip()]
             if lines:
                 parts.append(f"{host}'s journal: " + " | ".join(lines))
+            # What the host's systemd still waits for (a unit held by another's start).
+            _rc, jobs = self.run(host, "systemctl list-jobs --no-legend --no-pager | head -n 6", timeout=10)
+            if jobs.strip():
+                parts.append(f"{host}'s pending jobs: " + " | ".join(" ".join(j.split()) for j in jobs.splitlines()))
         parts.append(f"{host}'s data volume: " + H.volume_status(self.layout, host))
         return "; ".join(parts)
 
