@@ -35,3 +35,9 @@ def test_this_process_is_a_stand_in_not_a_host(tally) -> None:
     b = _bench()
     tally.check(b.in_container(os.getpid()) is False)
     tally.check(b.in_container(2**22 + 7) is False)  # gone: not in a container
+
+
+def test_the_cgroup_parent_is_the_one_the_rehearsal_puts_its_hosts_in(tally) -> None:
+    from rehearsal import container
+
+    tally.check(_bench().CGROUP_MEMORY == container.CGROUP_ROOT / "memory" / container.CGROUP_PARENT)

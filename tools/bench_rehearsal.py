@@ -76,13 +76,15 @@ def pss(pids: list[int]) -> tuple[int, int]:
     return total, anon
 
 
-CGROUP_MEMORY = Path("/sys/fs/cgroup/memory/hpc-containers")  # rehearsal/container.py's parent
+# rehearsal/container.py's CGROUP_ROOT / "memory" / CGROUP_PARENT (tools/ may not import
+# rehearsal/: tests/test_bench_rehearsal.py holds the two equal).
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory/hpc-containers")
 
 
 def in_container(pid: int) -> bool:
     """The process runs inside a rehearsal host (its memory cgroup is under hpc-containers/)."""
     try:
-        return any("hpc-containers/" in line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+        return any(f"/{CGROUP_MEMORY.name}/" in line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
     except OSError:
         return False
 
@@ -135,8 +137,13 @@ def main() -> int:
     def sample() -> None:
         while not stop.is_set():
             pids = descendants(p.pid)
-            now, anon = pss(pids)
-            peak["standins"] = max(peak["standins"], pss([q for q in pids if not in_container(q)])[0])
+            inside: list[int] = []
+            outside: list[int] = []
+            for q in pids:
+                (inside if in_container(q) else outside).append(q)
+            (in_all, in_anon), (out_all, out_anon) = pss(inside), pss(outside)
+            now, anon = in_all + out_all, in_anon + out_anon
+            peak["standins"] = max(peak["standins"], out_all)
             for host, b in cgroup_peaks().items():
                 host_peaks[host] = max(host_peaks.get(host, 0), b)
             peak["together"] = max(peak["together"], read_int(CGROUP_MEMORY / "memory.max_usage_in_bytes"))
